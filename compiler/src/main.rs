@@ -1,0 +1,30 @@
+//! `dlo-compile`: turn a Llama-family checkpoint into a DLO model and deploy it.
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "dlo-compile", version, about = "Turn Llama-family checkpoints into DLO models and engines")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Convert a checkpoint (HF directory or GGUF) into an HF directory.
+    Import(dlo_compiler::import::ImportArgs),
+}
+
+fn main() -> std::process::ExitCode {
+    let cli = Cli::parse();
+    let result = match &cli.command {
+        Command::Import(a) => dlo_compiler::import::run(a),
+    };
+    match result {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,71 @@
+//! The runtime's error type: every variant names the file (and tensor or key) it is about.
+
+use std::path::PathBuf;
+
+/// Result alias for the runtime.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// Errors from loading checkpoints, tokenizers and engines, and from running models.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// config.json (or GGUF metadata translated into a config) is missing keys or contradicts itself.
+    #[error(transparent)]
+    Config(#[from] dlo_passes::ConfigError),
+    /// A file could not be read or written.
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    /// A file is not in the format it claims (truncated, corrupt header, offsets past the end, ...).
+    #[error("{path}: {problem}")]
+    Format { path: PathBuf, problem: String },
+    /// A tensor the model needs is absent.
+    #[error("{path}: missing tensor `{name}`")]
+    MissingTensor { path: PathBuf, name: String },
+    /// A tensor's shape disagrees with the config.
+    #[error("{path}: tensor `{name}` has shape {found:?}, the config implies {expected:?}")]
+    ShapeMismatch {
+        path: PathBuf,
+        name: String,
+        expected: Vec<usize>,
+        found: Vec<usize>,
+    },
+    /// A dtype or quantization type we cannot read.
+    #[error("{path}: tensor `{name}`: unsupported type {dtype}")]
+    UnsupportedDtype { path: PathBuf, name: String, dtype: String },
+    /// Tokenizer construction, encoding or decoding failed.
+    #[error("tokenizer ({path}): {problem}")]
+    Tokenizer { path: PathBuf, problem: String },
+    /// The operation needs a tokenizer and the model has none.
+    #[error("{path}: no tokenizer (no tokenizer.json, tokenizer.model or GGUF vocabulary); use --token-ids")]
+    NoTokenizer { path: PathBuf },
+    /// Chat-template rendering failed.
+    #[error("chat template: {0}")]
+    Template(String),
+    /// A caller-supplied argument is out of range.
+    #[error("invalid argument: {0}")]
+    InvalidArgument(String),
+    /// A tensor operation failed.
+    #[error("tensor operation failed: {0}")]
+    Candle(#[from] candle_core::Error),
+}
+
+impl Error {
+    /// Builds an [`Error::Format`] for `path`.
+    pub fn format(path: impl Into<PathBuf>, problem: impl Into<String>) -> Self {
+        Error::Format {
+            path: path.into(),
+            problem: problem.into(),
+        }
+    }
+    /// Builds an [`Error::Io`] for `path`.
+    pub fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
+        Error::Io {
+            path: path.into(),
+            source,
+        }
+    }
+}

@@ -1,0 +1,23 @@
+//! The DLO runtime: load a checkpoint, run the one model definition (with DLO routing), generate text.
+//!
+//! | module | what it is for |
+//! |---|---|
+//! | [`checkpoint`] | open HF directories and GGUF files |
+//! | [`weights`] | named tensors behind one interface |
+//! | [`tokenizer`], [`chat`] | text ↔ ids, chat templates |
+//! | [`model`] | the Llama/DLO model definition: eval and training routing, KV caches |
+//! | [`generate`] | sampling and the generation loop |
+
+pub mod chat;
+pub mod checkpoint;
+pub mod error;
+pub mod generate;
+pub mod model;
+pub mod tokenizer;
+pub mod weights;
+
+pub use checkpoint::{Checkpoint, SourceFormat};
+pub use error::{Error, Result};
+pub use model::Model;
+pub use tokenizer::Tokenizer;
+pub use weights::Weights;

@@ -1,0 +1,119 @@
+//! KV caches: one per layer, each with its own length (ragged across layers).
+//!
+//! A layer's cache holds K/V for the tokens that **executed** attention at that layer, at their original
+//! positions. For dense layers and `mlp` skipping that is every token; for `layer` skipping it is only the
+//! routed-in tokens (`dlo-method.md` §8.2), so cached decoding equals full recomputation.
+//!
+//! Storage is a growable `[batch, kv_heads, capacity, head_dim]` buffer written in place. Every sequence of a
+//! batch shares the slot count; a slot a sequence did not fill (padding, or a token it skipped while another
+//! sequence executed) is marked invalid and masked out of attention.
+
+use candle_core::{DType, Device, Result, Tensor};
+
+/// Additive mask value for a hidden slot: finite, so that a query with no visible key (padding) gets a
+/// uniform average instead of NaN, which could otherwise leak into other rows through later layers.
+pub const MASKED: f32 = -1e30;
+
+/// K/V and slot metadata for one layer.
+#[derive(Debug, Default)]
+pub struct LayerCache {
+    k: Option<Tensor>,
+    v: Option<Tensor>,
+    len: usize,
+    /// Position id of each slot, `[batch][slot]`.
+    pos: Vec<Vec<u32>>,
+    /// Whether each slot holds a real token, `[batch][slot]`.
+    valid: Vec<Vec<bool>>,
+}
+
+impl LayerCache {
+    /// Number of slots in use.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Whether the cache holds no slots.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Number of valid (attendable) tokens of sequence `b`.
+    pub fn valid_tokens(&self, b: usize) -> usize {
+        self.valid.get(b).map_or(0, |v| v.iter().filter(|x| **x).count())
+    }
+
+    /// Appends `k`, `v: [b, kv_heads, t, head_dim]` with per-slot positions and validity (`b*t`, row-major),
+    /// and returns the full K and V (`[b, kv_heads, len, head_dim]`).
+    pub fn append(&mut self, k: &Tensor, v: &Tensor, pos: &[u32], valid: &[bool]) -> Result<(Tensor, Tensor)> {
+        let (b, kvh, t, hd) = k.dims4()?;
+        let need = self.len + t;
+        let cap = self.k.as_ref().map_or(0, |k| k.dim(2).unwrap_or(0));
+        if need > cap {
+            let new_cap = need.max(2 * cap).max(64);
+            let grow = |old: &Option<Tensor>, like: &Tensor| -> Result<Tensor> {
+                let buf = Tensor::zeros((b, kvh, new_cap, hd), like.dtype(), like.device())?;
+                if let Some(old) = old {
+                    if self.len > 0 {
+                        buf.slice_set(&old.narrow(2, 0, self.len)?.contiguous()?, 2, 0)?;
+                    }
+                }
+                Ok(buf)
+            };
+            self.k = Some(grow(&self.k, k)?);
+            self.v = Some(grow(&self.v, v)?);
+        }
+        let (kb, vb) = (self.k.as_ref().expect("allocated"), self.v.as_ref().expect("allocated"));
+        kb.slice_set(&k.contiguous()?, 2, self.len)?;
+        vb.slice_set(&v.contiguous()?, 2, self.len)?;
+        if self.pos.len() != b {
+            self.pos = vec![Vec::new(); b];
+            self.valid = vec![Vec::new(); b];
+        }
+        for i in 0..b {
+            self.pos[i].extend_from_slice(&pos[i * t..(i + 1) * t]);
+            self.valid[i].extend_from_slice(&valid[i * t..(i + 1) * t]);
+        }
+        self.len = need;
+        Ok((kb.narrow(2, 0, self.len)?, vb.narrow(2, 0, self.len)?))
+    }
+
+    /// Additive attention mask `[b, 1, 1, t, len]` (0 or [`MASKED`]) for queries at `q_pos` (`b*t`): a query sees
+    /// valid slots at positions ≤ its own.
+    pub fn mask(&self, q_pos: &[u32], b: usize, t: usize, dtype: DType, dev: &Device) -> Result<Tensor> {
+        let n = self.len;
+        let mut m = vec![0f32; b * t * n];
+        for bi in 0..b {
+            for qi in 0..t {
+                let qp = q_pos[bi * t + qi];
+                let row = &mut m[(bi * t + qi) * n..(bi * t + qi + 1) * n];
+                for (s, slot) in row.iter_mut().enumerate() {
+                    if !self.valid[bi][s] || self.pos[bi][s] > qp {
+                        *slot = MASKED;
+                    }
+                }
+            }
+        }
+        Tensor::from_vec(m, (b, 1, 1, t, n), dev)?.to_dtype(dtype)
+    }
+}
+
+/// The KV caches of all layers of a model, for one batch of sequences.
+#[derive(Debug)]
+pub struct Cache {
+    /// One cache per decoder layer.
+    pub layers: Vec<LayerCache>,
+}
+
+impl Cache {
+    /// Empty caches for `n_layers` layers.
+    pub fn new(n_layers: usize) -> Self {
+        Cache {
+            layers: (0..n_layers).map(|_| LayerCache::default()).collect(),
+        }
+    }
+
+    /// Tokens held per layer for sequence `b` (differs across layers under `layer` skipping).
+    pub fn lengths(&self, b: usize) -> Vec<usize> {
+        self.layers.iter().map(|l| l.valid_tokens(b)).collect()
+    }
+}

@@ -1,0 +1,252 @@
+//! The building blocks of a Llama decoder layer, named as the checkpoint tensors are.
+//!
+//! Every block has an inference form (candle's fused kernels) and a differentiable form for training,
+//! chosen by [`Exec::differentiable`]; they compute the same function (tests compare them).
+
+use super::cache::LayerCache;
+use super::rope;
+use crate::error::Result;
+use crate::weights::Weights;
+use candle_core::{DType, Device, Module, Tensor, D};
+use dlo_passes::ModelConfig;
+
+/// How a forward pass executes its blocks.
+#[derive(Debug, Clone, Copy)]
+pub struct Exec {
+    /// Use only ops with a backward pass (training); otherwise fused inference kernels.
+    pub differentiable: bool,
+}
+
+/// A dense projection `y = x Wᵀ (+ b)` with `W: [out, in]`.
+#[derive(Debug, Clone)]
+pub struct Linear {
+    /// `[out, in]`.
+    pub weight: Tensor,
+    /// `[out]`, if the projection has a bias.
+    pub bias: Option<Tensor>,
+}
+
+impl Linear {
+    /// Loads `{name}.weight` (and `{name}.bias` when `bias`).
+    pub fn load(w: &Weights, name: &str, out: usize, inp: usize, bias: bool, dt: DType, dev: &Device) -> Result<Self> {
+        let weight = w.get(&format!("{name}.weight"), &[out, inp], dt, dev)?;
+        let bias = if bias {
+            Some(w.get(&format!("{name}.bias"), &[out], dt, dev)?)
+        } else {
+            None
+        };
+        Ok(Linear { weight, bias })
+    }
+
+    /// `x: [.., in]` → `[.., out]`.
+    pub fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        let dims = x.dims().to_vec();
+        let inp = dims[dims.len() - 1];
+        let rows: usize = dims[..dims.len() - 1].iter().product();
+        let y = x.reshape((rows, inp))?.matmul(&self.weight.t()?)?;
+        let y = match &self.bias {
+            Some(b) => y.broadcast_add(b)?,
+            None => y,
+        };
+        let mut out_dims = dims;
+        let last = out_dims.len() - 1;
+        out_dims[last] = self.weight.dim(0)?;
+        y.reshape(out_dims)
+    }
+}
+
+/// RMSNorm with a learned scale.
+#[derive(Debug, Clone)]
+pub struct RmsNorm {
+    /// `[d]`.
+    pub weight: Tensor,
+    eps: f64,
+}
+
+impl RmsNorm {
+    /// Loads `{name}.weight`.
+    pub fn load(w: &Weights, name: &str, d: usize, eps: f64, dt: DType, dev: &Device) -> Result<Self> {
+        Ok(RmsNorm {
+            weight: w.get(&format!("{name}.weight"), &[d], dt, dev)?,
+            eps,
+        })
+    }
+
+    /// Normalises over the last dimension (in f32, as HF does, then back to the input dtype).
+    pub fn forward(&self, x: &Tensor, ex: Exec) -> candle_core::Result<Tensor> {
+        if !ex.differentiable {
+            return candle_nn::ops::rms_norm(&x.contiguous()?, &self.weight, self.eps as f32);
+        }
+        let dt = x.dtype();
+        let xf = x.to_dtype(DType::F32)?;
+        let var = xf.sqr()?.mean_keepdim(D::Minus1)?;
+        let normed = xf.broadcast_div(&(var + self.eps)?.sqrt()?)?;
+        normed.to_dtype(dt)?.broadcast_mul(&self.weight)
+    }
+}
+
+/// SwiGLU MLP: `down(silu(gate(x)) ⊙ up(x))`.
+#[derive(Debug, Clone)]
+pub struct Mlp {
+    /// W_gate.
+    pub gate_proj: Linear,
+    /// W_up.
+    pub up_proj: Linear,
+    /// W_down.
+    pub down_proj: Linear,
+}
+
+impl Mlp {
+    fn load(w: &Weights, p: &str, cfg: &ModelConfig, dt: DType, dev: &Device) -> Result<Self> {
+        let (d, f) = (cfg.hidden_size, cfg.intermediate_size);
+        Ok(Mlp {
+            gate_proj: Linear::load(w, &format!("{p}.gate_proj"), f, d, false, dt, dev)?,
+            up_proj: Linear::load(w, &format!("{p}.up_proj"), f, d, false, dt, dev)?,
+            down_proj: Linear::load(w, &format!("{p}.down_proj"), d, f, false, dt, dev)?,
+        })
+    }
+
+    /// `x: [.., d]` → `[.., d]`.
+    pub fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        let g = candle_nn::Activation::Silu.forward(&self.gate_proj.forward(x)?)?;
+        self.down_proj.forward(&(g * self.up_proj.forward(x)?)?)
+    }
+}
+
+/// Per-token step context shared by every layer of one forward pass.
+pub struct Step<'a> {
+    /// Batch size.
+    pub b: usize,
+    /// Tokens per sequence in this step.
+    pub t: usize,
+    /// Position id of each token, `b*t` row-major.
+    pub pos: &'a [u32],
+    /// Whether each token is real (not padding), `b*t`.
+    pub valid: &'a [bool],
+    /// RoPE cos for these positions, `[b, t, hd/2]`.
+    pub cos: Tensor,
+    /// RoPE sin, `[b, t, hd/2]`.
+    pub sin: Tensor,
+}
+
+/// Grouped-query self-attention.
+#[derive(Debug, Clone)]
+pub struct Attention {
+    /// W_q.
+    pub q_proj: Linear,
+    /// W_k.
+    pub k_proj: Linear,
+    /// W_v.
+    pub v_proj: Linear,
+    /// W_o.
+    pub o_proj: Linear,
+    n_heads: usize,
+    n_kv: usize,
+    head_dim: usize,
+}
+
+impl Attention {
+    fn load(w: &Weights, p: &str, cfg: &ModelConfig, dt: DType, dev: &Device) -> Result<Self> {
+        let (d, h, kv, hd) = (cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim);
+        let bias = cfg.attention_bias;
+        Ok(Attention {
+            q_proj: Linear::load(w, &format!("{p}.q_proj"), h * hd, d, bias, dt, dev)?,
+            k_proj: Linear::load(w, &format!("{p}.k_proj"), kv * hd, d, bias, dt, dev)?,
+            v_proj: Linear::load(w, &format!("{p}.v_proj"), kv * hd, d, bias, dt, dev)?,
+            o_proj: Linear::load(w, &format!("{p}.o_proj"), d, h * hd, false, dt, dev)?,
+            n_heads: h,
+            n_kv: kv,
+            head_dim: hd,
+        })
+    }
+
+    /// `x: [b, t, d]` (already normalised) → attention output `[b, t, d]`; appends this step's K/V to `cache`.
+    pub fn forward(&self, x: &Tensor, st: &Step, cache: &mut LayerCache, ex: Exec) -> candle_core::Result<Tensor> {
+        let (b, t, hd, g) = (st.b, st.t, self.head_dim, self.n_heads / self.n_kv);
+        let q = self.q_proj.forward(x)?.reshape((b, t, self.n_heads, hd))?.transpose(1, 2)?;
+        let k = self.k_proj.forward(x)?.reshape((b, t, self.n_kv, hd))?.transpose(1, 2)?;
+        let v = self.v_proj.forward(x)?.reshape((b, t, self.n_kv, hd))?.transpose(1, 2)?;
+        let q = rope::apply(&q, &st.cos, &st.sin, ex.differentiable)?;
+        let k = rope::apply(&k, &st.cos, &st.sin, ex.differentiable)?;
+        let (k, v) = cache.append(&k, &v.contiguous()?, st.pos, st.valid)?;
+        let n = k.dim(2)?;
+        let mask = cache.mask(st.pos, b, t, DType::F32, x.device())?;
+        // Query heads sharing a KV head are stacked along the row axis: no K/V repetition needed.
+        let q = q.contiguous()?.reshape((b, self.n_kv, g * t, hd))?;
+        let scale = 1.0 / (hd as f64).sqrt();
+        let scores = (q.matmul(&k.t()?)? * scale)?;
+        let scores = scores
+            .to_dtype(DType::F32)?
+            .reshape((b, self.n_kv, g, t, n))?
+            .broadcast_add(&mask)?;
+        let probs = if ex.differentiable {
+            candle_nn::ops::softmax(&scores, D::Minus1)?
+        } else {
+            candle_nn::ops::softmax_last_dim(&scores)?
+        };
+        let probs = probs.to_dtype(x.dtype())?.reshape((b, self.n_kv, g * t, n))?;
+        let out = probs.matmul(&v.contiguous()?)?; // [b, kv, g*t, hd]
+        let out = out.reshape((b, self.n_heads, t, hd))?.transpose(1, 2)?.reshape((b, t, self.n_heads * hd))?;
+        self.o_proj.forward(&out)
+    }
+}
+
+/// One decoder layer: attention unit then MLP unit, both residual.
+#[derive(Debug, Clone)]
+pub struct DecoderLayer {
+    /// RMSNorm₁.
+    pub input_layernorm: RmsNorm,
+    /// Attention.
+    pub self_attn: Attention,
+    /// RMSNorm₂.
+    pub post_attention_layernorm: RmsNorm,
+    /// MLP.
+    pub mlp: Mlp,
+}
+
+impl DecoderLayer {
+    /// Loads `model.layers.{i}`.
+    pub fn load(w: &Weights, i: usize, cfg: &ModelConfig, dt: DType, dev: &Device) -> Result<Self> {
+        let p = format!("model.layers.{i}");
+        let (d, eps) = (cfg.hidden_size, cfg.rms_norm_eps);
+        Ok(DecoderLayer {
+            input_layernorm: RmsNorm::load(w, &format!("{p}.input_layernorm"), d, eps, dt, dev)?,
+            self_attn: Attention::load(w, &format!("{p}.self_attn"), cfg, dt, dev)?,
+            post_attention_layernorm: RmsNorm::load(w, &format!("{p}.post_attention_layernorm"), d, eps, dt, dev)?,
+            mlp: Mlp::load(w, &format!("{p}.mlp"), cfg, dt, dev)?,
+        })
+    }
+
+    /// The attention unit: `a = h + Attn(RMSNorm₁(h))`.
+    pub fn attn_unit(&self, h: &Tensor, st: &Step, cache: &mut LayerCache, ex: Exec) -> candle_core::Result<Tensor> {
+        let x = self.input_layernorm.forward(h, ex)?;
+        h + self.self_attn.forward(&x, st, cache, ex)?
+    }
+
+    /// The MLP's contribution `MLP(RMSNorm₂(a))` (without the residual).
+    pub fn mlp_delta(&self, a: &Tensor, ex: Exec) -> candle_core::Result<Tensor> {
+        self.mlp.forward(&self.post_attention_layernorm.forward(a, ex)?)
+    }
+}
+
+/// A DLO router: one logit `z = wᵀh` per token, no bias, on the layer-input residual.
+#[derive(Debug, Clone)]
+pub struct Router {
+    /// `[1, d]`, as `model.routers.{l}.weight`.
+    pub weight: Tensor,
+}
+
+impl Router {
+    /// Loads `model.routers.{l}.weight`.
+    pub fn load(w: &Weights, l: usize, d: usize, dt: DType, dev: &Device) -> Result<Self> {
+        Ok(Router {
+            weight: w.get(&format!("model.routers.{l}.weight"), &[1, d], dt, dev)?,
+        })
+    }
+
+    /// `h: [b, t, d]` → logits `[b, t]`, in the model dtype (as the reference computes them).
+    pub fn logits(&self, h: &Tensor) -> candle_core::Result<Tensor> {
+        let (b, t, d) = h.dims3()?;
+        h.reshape((b * t, d))?.matmul(&self.weight.t()?)?.reshape((b, t))
+    }
+}

@@ -1,0 +1,440 @@
+//! The one Llama/DLO model definition, for inference and training alike.
+//!
+//! A forward pass takes a [`Batch`] (token ids, per-token positions and padding flags), an optional
+//! [`Cache`], and a [`Routing`] rule, and returns logits plus a routing [`LayerTrace`] per routed layer.
+//! Routed layers follow the reference implementation's eval semantics (`dlo-method.md` §4.2–4.4, §8):
+//!
+//! - the router logit `z = wᵀh` is taken on the residual that enters the layer;
+//! - `mlp` skipping: attention runs for every token; the MLP runs only for executed tokens (gathered into a
+//!   dense tile, then scattered back), its output scaled by the gate `g = 0.5α + β(σ(z) − 0.5)`;
+//! - `layer` skipping: executed tokens of each sequence are packed (original positions kept), attend only
+//!   to the layer's earlier executed tokens (its own ragged KV cache), and skipped tokens pass unchanged.
+
+pub mod cache;
+pub mod layers;
+pub mod rope;
+
+use crate::error::{Error, Result};
+use crate::weights::Weights;
+use cache::{Cache, LayerCache};
+use candle_core::{DType, Device, IndexOp, Tensor, D};
+use dlo_passes::{DloConfig, ModelConfig, SkipKind};
+use layers::{DecoderLayer, Exec, Linear, RmsNorm, Router, Step};
+
+/// A batch of token sequences for one forward step.
+#[derive(Debug, Clone)]
+pub struct Batch {
+    /// Token ids, `b*t` row-major.
+    pub ids: Vec<u32>,
+    /// Sequences.
+    pub b: usize,
+    /// Tokens per sequence in this step.
+    pub t: usize,
+    /// Position id of each token, `b*t`.
+    pub pos: Vec<u32>,
+    /// False for padding tokens, `b*t`.
+    pub valid: Vec<bool>,
+}
+
+impl Batch {
+    /// One sequence whose first token sits at position `start`.
+    pub fn single(ids: &[u32], start: u32) -> Self {
+        Batch {
+            ids: ids.to_vec(),
+            b: 1,
+            t: ids.len(),
+            pos: (start..start + ids.len() as u32).collect(),
+            valid: vec![true; ids.len()],
+        }
+    }
+
+    /// Several sequences, left-padded with `pad_id` to the longest; positions count from each sequence's
+    /// first real token. Returns the batch and each sequence's length.
+    pub fn left_padded(seqs: &[Vec<u32>], pad_id: u32) -> Self {
+        let t = seqs.iter().map(Vec::len).max().unwrap_or(0);
+        let mut batch = Batch {
+            ids: Vec::with_capacity(seqs.len() * t),
+            b: seqs.len(),
+            t,
+            pos: Vec::with_capacity(seqs.len() * t),
+            valid: Vec::with_capacity(seqs.len() * t),
+        };
+        for s in seqs {
+            let pad = t - s.len();
+            for i in 0..t {
+                let real = i >= pad;
+                batch.ids.push(if real { s[i - pad] } else { pad_id });
+                batch.pos.push(i.saturating_sub(pad) as u32);
+                batch.valid.push(real);
+            }
+        }
+        batch
+    }
+
+    /// One new token per sequence at the given positions (a decode step).
+    pub fn next_tokens(ids: &[u32], pos: &[u32]) -> Self {
+        Batch {
+            ids: ids.to_vec(),
+            b: ids.len(),
+            t: 1,
+            pos: pos.to_vec(),
+            valid: vec![true; ids.len()],
+        }
+    }
+}
+
+/// How routed layers decide which tokens execute.
+#[derive(Debug, Clone, Default)]
+pub enum Routing {
+    /// The reference's eval rule: execute iff `z > 0` (strict).
+    #[default]
+    Reference,
+    /// Execute iff `z > threshold[l]` (calibrated compute budget); one entry per layer.
+    Thresholds(Vec<f32>),
+    /// Every routed unit executes (`true`) or is skipped (`false`), whatever the router says.
+    Force(bool),
+}
+
+impl Routing {
+    fn decide(&self, l: usize, z: f32) -> bool {
+        match self {
+            Routing::Reference => z > 0.0,
+            Routing::Thresholds(t) => z > t.get(l).copied().unwrap_or(0.0),
+            Routing::Force(on) => *on,
+        }
+    }
+}
+
+/// Which positions get logits.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogitsFor {
+    /// Only the last position of each sequence: `[b, 1, vocab]`.
+    Last,
+    /// Every position: `[b, t, vocab]`.
+    All,
+}
+
+/// Routing of one routed layer during one forward pass.
+#[derive(Debug, Clone)]
+pub struct LayerTrace {
+    /// Router logits `z`, `b*t` (f32).
+    pub logits: Vec<f32>,
+    /// Whether each token executed the routed unit, `b*t` (padding never executes).
+    pub exec: Vec<bool>,
+}
+
+impl LayerTrace {
+    /// Fraction of real tokens that executed.
+    pub fn rate(&self, valid: &[bool]) -> f64 {
+        let n = valid.iter().filter(|v| **v).count();
+        let e = self.exec.iter().zip(valid).filter(|(e, v)| **e && **v).count();
+        if n == 0 {
+            0.0
+        } else {
+            e as f64 / n as f64
+        }
+    }
+}
+
+/// Result of a forward pass.
+#[derive(Debug)]
+pub struct ForwardOutput {
+    /// Logits in f32, `[b, t or 1, vocab]`.
+    pub logits: Tensor,
+    /// Per layer: the routing trace of routed layers, `None` for dense ones.
+    pub trace: Vec<Option<LayerTrace>>,
+}
+
+/// Options of a forward pass.
+#[derive(Debug, Clone, Default)]
+pub struct Forward {
+    /// The routing rule.
+    pub routing: Routing,
+    /// Logits for every position (otherwise only the last).
+    pub all_logits: bool,
+}
+
+/// A loaded Llama-family model, dense or DLO-routed.
+#[derive(Debug, Clone)]
+pub struct Model {
+    cfg: ModelConfig,
+    /// `model.embed_tokens.weight`, `[vocab, d]`.
+    pub embed_tokens: Tensor,
+    /// The decoder layers.
+    pub layers: Vec<DecoderLayer>,
+    /// Routers, `Some` for routed layers.
+    pub routers: Vec<Option<Router>>,
+    /// Final norm.
+    pub norm: RmsNorm,
+    /// `lm_head`; `None` when tied to the embeddings.
+    pub lm_head: Option<Linear>,
+    rope: rope::Rope,
+    dtype: DType,
+    device: Device,
+}
+
+impl Model {
+    /// Builds the model from weights in HF naming, converting them to `dtype` on `device`.
+    pub fn load(cfg: &ModelConfig, w: &Weights, dtype: DType, device: &Device) -> Result<Self> {
+        let (v, d) = (cfg.vocab_size, cfg.hidden_size);
+        let embed_tokens = w.get("model.embed_tokens.weight", &[v, d], dtype, device)?;
+        let layers = (0..cfg.num_hidden_layers)
+            .map(|i| DecoderLayer::load(w, i, cfg, dtype, device))
+            .collect::<Result<Vec<_>>>()?;
+        let routers = (0..cfg.num_hidden_layers)
+            .map(|l| {
+                if cfg.is_routed(l) {
+                    Router::load(w, l, d, dtype, device).map(Some)
+                } else {
+                    Ok(None)
+                }
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let norm = RmsNorm::load(w, "model.norm", d, cfg.rms_norm_eps, dtype, device)?;
+        let lm_head = if cfg.tie_word_embeddings {
+            None
+        } else {
+            Some(Linear::load(w, "lm_head", v, d, false, dtype, device)?)
+        };
+        Ok(Model {
+            cfg: cfg.clone(),
+            embed_tokens,
+            layers,
+            routers,
+            norm,
+            lm_head,
+            rope: rope::Rope::new(cfg),
+            dtype,
+            device: device.clone(),
+        })
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &ModelConfig {
+        &self.cfg
+    }
+
+    /// The compute dtype.
+    pub fn dtype(&self) -> DType {
+        self.dtype
+    }
+
+    /// The device.
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    /// A fresh KV cache for this model.
+    pub fn new_cache(&self) -> Cache {
+        Cache::new(self.layers.len())
+    }
+
+    /// Runs the model over `batch`, appending to `cache` (a fresh one is used when `None`).
+    ///
+    /// # Shapes
+    /// logits: `[b, t, vocab]` with `all_logits`, else `[b, 1, vocab]` (the last position).
+    pub fn forward(&self, batch: &Batch, cache: Option<&mut Cache>, opts: &Forward) -> Result<ForwardOutput> {
+        let (b, t) = (batch.b, batch.t);
+        if batch.ids.len() != b * t || batch.pos.len() != b * t || batch.valid.len() != b * t || t == 0 {
+            return Err(Error::InvalidArgument(format!(
+                "batch of {b}×{t} has {} ids, {} positions, {} flags",
+                batch.ids.len(),
+                batch.pos.len(),
+                batch.valid.len()
+            )));
+        }
+        if let Some(&bad) = batch.ids.iter().find(|&&i| i as usize >= self.cfg.vocab_size) {
+            return Err(Error::InvalidArgument(format!(
+                "token id {bad} is outside the vocabulary (size {})",
+                self.cfg.vocab_size
+            )));
+        }
+        let mut own_cache;
+        let cache = match cache {
+            Some(c) => c,
+            None => {
+                own_cache = self.new_cache();
+                &mut own_cache
+            }
+        };
+        let ex = Exec { differentiable: false };
+        let ids = Tensor::from_vec(batch.ids.clone(), b * t, &self.device)?;
+        let mut h = self.embed_tokens.index_select(&ids, 0)?.reshape((b, t, self.cfg.hidden_size))?;
+        let (cos, sin) = self.rope.cos_sin(&batch.pos, b, t, self.dtype, &self.device)?;
+        let step = Step {
+            b,
+            t,
+            pos: &batch.pos,
+            valid: &batch.valid,
+            cos,
+            sin,
+        };
+        let mut trace = Vec::with_capacity(self.layers.len());
+        for (l, layer) in self.layers.iter().enumerate() {
+            let lc = &mut cache.layers[l];
+            let (next, tr) = match (&self.routers[l], &self.cfg.dlo) {
+                (Some(router), Some(dlo)) => {
+                    let z = router.logits(&h)?;
+                    let zs: Vec<f32> = z.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
+                    let exec: Vec<bool> = zs
+                        .iter()
+                        .zip(&batch.valid)
+                        .map(|(&z, &v)| v && opts.routing.decide(l, z))
+                        .collect();
+                    let gate = gate(&z, dlo)?;
+                    let next = match dlo.skip {
+                        SkipKind::Mlp => mlp_skip(layer, &h, &step, lc, &exec, &gate, ex)?,
+                        SkipKind::Layer => layer_skip(layer, &h, &step, lc, &exec, &gate, ex)?,
+                    };
+                    (next, Some(LayerTrace { logits: zs, exec }))
+                }
+                _ => {
+                    let a = layer.attn_unit(&h, &step, lc, ex)?;
+                    let y = (&a + layer.mlp_delta(&a, ex)?)?;
+                    (y, None)
+                }
+            };
+            h = next;
+            trace.push(tr);
+        }
+        let h = if opts.all_logits { h } else { h.i((.., t - 1..t, ..))? };
+        let h = self.norm.forward(&h, ex)?;
+        let logits = match &self.lm_head {
+            Some(head) => head.forward(&h)?,
+            None => Linear {
+                weight: self.embed_tokens.clone(),
+                bias: None,
+            }
+            .forward(&h)?,
+        };
+        Ok(ForwardOutput {
+            logits: logits.to_dtype(DType::F32)?,
+            trace,
+        })
+    }
+}
+
+/// The gate `g = 0.5α + β(σ(z) − 0.5)` per token, `[b, t, 1]` in z's dtype (1 when rescaling is off).
+fn gate(z: &Tensor, dlo: &DloConfig) -> candle_core::Result<Tensor> {
+    let (b, t) = z.dims2()?;
+    if !dlo.rescale_hidden_states {
+        return Tensor::ones((b, t, 1), z.dtype(), z.device());
+    }
+    let r = candle_nn::ops::sigmoid(z)?;
+    ((r - 0.5)? * dlo.scale_gap)?
+        .affine(1.0, 0.5 * dlo.scale_factor)?
+        .reshape((b, t, 1))
+}
+
+/// Row indices (into the flattened `b*t` axis) of executed tokens.
+fn exec_rows(exec: &[bool]) -> Vec<u32> {
+    exec.iter().enumerate().filter(|(_, e)| **e).map(|(i, _)| i as u32).collect()
+}
+
+/// `base` with rows `rows` (of the flattened `[b*t, d]` view) replaced by `vals`.
+fn scatter_rows(base: &Tensor, rows: &[u32], vals: &Tensor, exec: &[bool]) -> candle_core::Result<Tensor> {
+    let (b, t, d) = base.dims3()?;
+    let dev = base.device();
+    let idx = Tensor::from_slice(rows, rows.len(), dev)?;
+    let placed = Tensor::zeros((b * t, d), base.dtype(), dev)?.index_add(&idx, vals, 0)?;
+    let mask: Vec<u8> = exec.iter().map(|&e| e as u8).collect();
+    let mask = Tensor::from_vec(mask, (b * t, 1), dev)?.broadcast_as((b * t, d))?;
+    mask.where_cond(&placed, &base.reshape((b * t, d))?)?.reshape((b, t, d))
+}
+
+/// `mlp` skipping: attention for every token, the MLP only on executed rows.
+fn mlp_skip(
+    layer: &DecoderLayer,
+    h: &Tensor,
+    st: &Step,
+    cache: &mut LayerCache,
+    exec: &[bool],
+    gate: &Tensor,
+    ex: Exec,
+) -> candle_core::Result<Tensor> {
+    let a = layer.attn_unit(h, st, cache, ex)?;
+    let rows = exec_rows(exec);
+    if rows.is_empty() {
+        return Ok(a);
+    }
+    if rows.len() == exec.len() {
+        return &a + layer.mlp_delta(&a, ex)?.broadcast_mul(gate)?;
+    }
+    let (b, t, d) = a.dims3()?;
+    let idx = Tensor::from_slice(&rows, rows.len(), a.device())?;
+    let a_rows = a.reshape((b * t, d))?.index_select(&idx, 0)?;
+    let g_rows = gate.reshape((b * t, 1))?.index_select(&idx, 0)?;
+    let y_rows = (&a_rows + layer.mlp_delta(&a_rows, ex)?.broadcast_mul(&g_rows)?)?;
+    scatter_rows(&a, &rows, &y_rows, exec)
+}
+
+/// `layer` skipping: executed tokens are packed per sequence and run the whole layer; the rest pass.
+fn layer_skip(
+    layer: &DecoderLayer,
+    h: &Tensor,
+    st: &Step,
+    cache: &mut LayerCache,
+    exec: &[bool],
+    gate: &Tensor,
+    ex: Exec,
+) -> candle_core::Result<Tensor> {
+    let (b, t, d) = h.dims3()?;
+    let rows = exec_rows(exec);
+    if rows.is_empty() {
+        return Ok(h.clone());
+    }
+    let per_seq: Vec<Vec<u32>> = (0..b)
+        .map(|bi| rows.iter().copied().filter(|&r| r as usize / t == bi).collect())
+        .collect();
+    let k = per_seq.iter().map(Vec::len).max().unwrap_or(0);
+    // Packed layout [b, k]: sequence bi's executed rows first (order kept), then invalid filler slots.
+    let mut gather = Vec::with_capacity(b * k);
+    let mut pos = Vec::with_capacity(b * k);
+    let mut valid = Vec::with_capacity(b * k);
+    let mut packed_src = Vec::with_capacity(rows.len());
+    for (bi, seq) in per_seq.iter().enumerate() {
+        for j in 0..k {
+            match seq.get(j) {
+                Some(&r) => {
+                    gather.push(r);
+                    pos.push(st.pos[r as usize]);
+                    valid.push(true);
+                    packed_src.push((bi * k + j) as u32);
+                }
+                None => {
+                    gather.push(seq.first().copied().unwrap_or(rows[0]));
+                    pos.push(0);
+                    valid.push(false);
+                }
+            }
+        }
+    }
+    let dev = h.device();
+    let gidx = Tensor::from_slice(&gather, b * k, dev)?;
+    let hp = h.reshape((b * t, d))?.index_select(&gidx, 0)?.reshape((b, k, d))?;
+    let gp = gate.reshape((b * t, 1))?.index_select(&gidx, 0)?.reshape((b, k, 1))?;
+    let (cos, sin) = {
+        // Gather this layer's packed cos/sin from the step's tables.
+        let half = st.cos.dim(D::Minus1)?;
+        let c = st.cos.reshape((b * t, half))?.index_select(&gidx, 0)?.reshape((b, k, half))?;
+        let s = st.sin.reshape((b * t, half))?.index_select(&gidx, 0)?.reshape((b, k, half))?;
+        (c, s)
+    };
+    let pst = Step {
+        b,
+        t: k,
+        pos: &pos,
+        valid: &valid,
+        cos,
+        sin,
+    };
+    let a = layer.attn_unit(&hp, &pst, cache, ex)?;
+    let y = (&a + layer.mlp_delta(&a, ex)?.broadcast_mul(&gp)?)?;
+    let src = Tensor::from_slice(&packed_src, packed_src.len(), dev)?;
+    let y_rows = y.reshape((b * k, d))?.index_select(&src, 0)?;
+    let dst: Vec<u32> = per_seq.concat();
+    scatter_rows(h, &dst, &y_rows, exec)
+}
+
+#[cfg(test)]
+pub(crate) mod tests;

@@ -1,0 +1,217 @@
+//! Model tests on small random checkpoints: cached decoding equals recomputation, padding is inert,
+//! routed layers follow the reference rule.
+
+use super::*;
+use dlo_passes::{Arch, Capacity, LossType};
+use std::collections::HashMap;
+
+/// A small Llama config with GQA (4 query heads, 2 KV heads); `tied` ties lm_head to the embeddings.
+pub(crate) fn tiny_config(tied: bool) -> ModelConfig {
+    ModelConfig {
+        arch: Arch::Llama,
+        vocab_size: 97,
+        hidden_size: 32,
+        intermediate_size: 64,
+        num_hidden_layers: 3,
+        num_attention_heads: 4,
+        num_key_value_heads: 2,
+        head_dim: 8,
+        rms_norm_eps: 1e-5,
+        rope_theta: 10000.0,
+        rope_scaling: None,
+        max_position_embeddings: 256,
+        tie_word_embeddings: tied,
+        attention_bias: false,
+        bos_token_id: Some(1),
+        eos_token_ids: vec![2],
+        torch_dtype: None,
+        dlo: None,
+        extra: Default::default(),
+    }
+}
+
+/// `cfg` with routers on every layer but the first.
+pub(crate) fn routed(mut cfg: ModelConfig, skip: SkipKind) -> ModelConfig {
+    let n = cfg.num_hidden_layers;
+    cfg.dlo = Some(DloConfig {
+        skip,
+        is_dlo: (0..n).map(|l| l > 0).collect(),
+        capacity: Capacity::Scalar(0.9),
+        loss_coefficient: 1.0,
+        loss_type: LossType::CosGlobal,
+        rescale_hidden_states: true,
+        scale_factor: 2.0,
+        scale_gap: 0.05,
+        gate_init_method: "random".into(),
+    });
+    cfg
+}
+
+/// Random weights (seeded through candle's CPU RNG) matching `cfg`, routers scaled so that roughly half
+/// the tokens execute.
+pub(crate) fn random_weights(cfg: &ModelConfig, seed: u64) -> Weights {
+    let dev = Device::Cpu;
+    dev.set_seed(seed).unwrap();
+    let (v, d, f) = (cfg.vocab_size, cfg.hidden_size, cfg.intermediate_size);
+    let (h, kv, hd) = (cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim);
+    let mut m = HashMap::new();
+    let mut put = |name: String, shape: &[usize], std: f64| {
+        m.insert(name, Tensor::randn(0f32, std as f32, shape, &dev).unwrap());
+    };
+    put("model.embed_tokens.weight".into(), &[v, d], 1.0);
+    for l in 0..cfg.num_hidden_layers {
+        let p = format!("model.layers.{l}");
+        put(format!("{p}.self_attn.q_proj.weight"), &[h * hd, d], 0.2);
+        put(format!("{p}.self_attn.k_proj.weight"), &[kv * hd, d], 0.2);
+        put(format!("{p}.self_attn.v_proj.weight"), &[kv * hd, d], 0.2);
+        put(format!("{p}.self_attn.o_proj.weight"), &[d, h * hd], 0.2);
+        put(format!("{p}.mlp.gate_proj.weight"), &[f, d], 0.2);
+        put(format!("{p}.mlp.up_proj.weight"), &[f, d], 0.2);
+        put(format!("{p}.mlp.down_proj.weight"), &[d, f], 0.2);
+        put(format!("{p}.input_layernorm.weight"), &[d], 0.1);
+        put(format!("{p}.post_attention_layernorm.weight"), &[d], 0.1);
+        if cfg.is_routed(l) {
+            put(format!("model.routers.{l}.weight"), &[1, d], 0.5);
+        }
+    }
+    put("model.norm.weight".into(), &[d], 0.1);
+    if !cfg.tie_word_embeddings {
+        put("lm_head.weight".into(), &[v, d], 0.2);
+    }
+    // Norm weights around 1, not 0.
+    for (k, t) in m.iter_mut() {
+        if k.ends_with("norm.weight") {
+            *t = (t.clone() + 1.0).unwrap();
+        }
+    }
+    Weights::from_tensors(m, "random")
+}
+
+fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
+    (a - b).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap()
+}
+
+fn ids(n: usize, seed: u32) -> Vec<u32> {
+    (0..n as u32).map(|i| (i * 31 + seed * 7 + 3) % 97).collect()
+}
+
+/// Full recomputation of all positions vs prefill of a prefix then one-token decode steps.
+fn check_decode_equals_recompute(cfg: &ModelConfig) {
+    let m = Model::load(cfg, &random_weights(cfg, 7), DType::F32, &Device::Cpu).unwrap();
+    let seq = ids(12, 1);
+    let all = Forward { all_logits: true, ..Default::default() };
+    let full = m.forward(&Batch::single(&seq, 0), None, &all).unwrap();
+    let mut cache = m.new_cache();
+    let pre = m.forward(&Batch::single(&seq[..5], 0), Some(&mut cache), &all).unwrap();
+    assert!(max_diff(&pre.logits, &full.logits.narrow(1, 0, 5).unwrap()) < 1e-5);
+    for (i, &tok) in seq.iter().enumerate().skip(5) {
+        let out = m
+            .forward(&Batch::next_tokens(&[tok], &[i as u32]), Some(&mut cache), &Forward::default())
+            .unwrap();
+        let want = full.logits.narrow(1, i, 1).unwrap();
+        let d = max_diff(&out.logits, &want);
+        assert!(d < 1e-5, "position {i}: decode differs from recomputation by {d}");
+        for (l, tr) in out.trace.iter().enumerate() {
+            if let (Some(tr), Some(ftr)) = (tr, &full.trace[l]) {
+                assert_eq!(tr.exec[0], ftr.exec[i], "layer {l} position {i}: routing decision differs");
+            }
+        }
+    }
+}
+
+#[test]
+fn dense_decode_equals_recompute() {
+    check_decode_equals_recompute(&tiny_config(false));
+    check_decode_equals_recompute(&tiny_config(true));
+}
+
+#[test]
+fn mlp_skip_decode_equals_recompute() {
+    check_decode_equals_recompute(&routed(tiny_config(false), SkipKind::Mlp));
+}
+
+#[test]
+fn layer_skip_decode_equals_recompute_with_ragged_caches() {
+    let cfg = routed(tiny_config(false), SkipKind::Layer);
+    check_decode_equals_recompute(&cfg);
+    // The per-layer caches really are ragged: routed layers hold fewer tokens than dense ones.
+    let m = Model::load(&cfg, &random_weights(&cfg, 7), DType::F32, &Device::Cpu).unwrap();
+    let mut cache = m.new_cache();
+    let out = m.forward(&Batch::single(&ids(40, 3), 0), Some(&mut cache), &Forward::default()).unwrap();
+    let lens = cache.lengths(0);
+    assert_eq!(lens[0], 40);
+    for l in 1..cfg.num_hidden_layers {
+        let executed = out.trace[l].as_ref().unwrap().exec.iter().filter(|e| **e).count();
+        assert_eq!(lens[l], executed, "layer {l}");
+        assert!(executed > 0 && executed < 40, "layer {l} executed {executed} of 40: routers are degenerate");
+    }
+}
+
+/// Padding a sequence inside a batch does not change any of its tokens' logits or routing.
+fn check_padding_is_inert(cfg: &ModelConfig) {
+    let m = Model::load(cfg, &random_weights(cfg, 11), DType::F32, &Device::Cpu).unwrap();
+    let a = ids(9, 1);
+    let b = ids(4, 2);
+    let all = Forward { all_logits: true, ..Default::default() };
+    let batch = Batch::left_padded(&[a.clone(), b.clone()], 0);
+    let mut cache = m.new_cache();
+    let both = m.forward(&batch, Some(&mut cache), &all).unwrap();
+    for (bi, s) in [a.clone(), b.clone()].iter().enumerate() {
+        let alone = m.forward(&Batch::single(s, 0), None, &all).unwrap();
+        let pad = 9 - s.len();
+        let got = both.logits.get(bi).unwrap().narrow(0, pad, s.len()).unwrap();
+        let d = max_diff(&got, &alone.logits.get(0).unwrap());
+        assert!(d < 1e-5, "sequence {bi}: padding changed logits by {d}");
+        for (l, tr) in both.trace.iter().enumerate() {
+            if let (Some(tr), Some(at)) = (tr, &alone.trace[l]) {
+                assert_eq!(&tr.exec[bi * 9 + pad..(bi + 1) * 9], &at.exec[..], "layer {l}");
+            }
+        }
+    }
+    // Batched decode continues both sequences independently.
+    let next = m
+        .forward(&Batch::next_tokens(&[5, 6], &[9, 4]), Some(&mut cache), &Forward::default())
+        .unwrap();
+    for (bi, (s, tok)) in [(a, 5u32), (b, 6u32)].into_iter().enumerate() {
+        let mut s = s;
+        s.push(tok);
+        let alone = m.forward(&Batch::single(&s, 0), None, &Forward::default()).unwrap();
+        let d = max_diff(&next.logits.get(bi).unwrap(), &alone.logits.get(0).unwrap());
+        assert!(d < 1e-5, "sequence {bi}: batched decode differs by {d}");
+    }
+}
+
+#[test]
+fn padding_is_inert_dense_and_routed() {
+    check_padding_is_inert(&tiny_config(true));
+    check_padding_is_inert(&routed(tiny_config(false), SkipKind::Mlp));
+    check_padding_is_inert(&routed(tiny_config(false), SkipKind::Layer));
+}
+
+#[test]
+fn forced_routing_bounds_the_routed_model() {
+    // Forcing every routed unit on gives the dense computation with the gate applied; forcing them off
+    // makes routed `layer`-skip layers identities.
+    let cfg = routed(tiny_config(false), SkipKind::Layer);
+    let w = random_weights(&cfg, 5);
+    let m = Model::load(&cfg, &w, DType::F32, &Device::Cpu).unwrap();
+    let seq = ids(6, 4);
+    let off = m
+        .forward(&Batch::single(&seq, 0), None, &Forward { routing: Routing::Force(false), all_logits: true })
+        .unwrap();
+    let mut one_layer = cfg.clone();
+    one_layer.num_hidden_layers = 1;
+    one_layer.dlo = None;
+    let m1 = Model::load(&one_layer, &w, DType::F32, &Device::Cpu).unwrap();
+    let dense1 = m1.forward(&Batch::single(&seq, 0), None, &Forward { all_logits: true, ..Default::default() }).unwrap();
+    assert!(max_diff(&off.logits, &dense1.logits) < 1e-5);
+    assert!(off.trace[1].as_ref().unwrap().exec.iter().all(|e| !e));
+}
+
+#[test]
+fn out_of_vocabulary_ids_are_an_error() {
+    let cfg = tiny_config(true);
+    let m = Model::load(&cfg, &random_weights(&cfg, 1), DType::F32, &Device::Cpu).unwrap();
+    let e = m.forward(&Batch::single(&[1, 500], 0), None, &Forward::default()).unwrap_err();
+    assert!(e.to_string().contains("token id 500"), "{e}");
+}
