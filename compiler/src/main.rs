@@ -3,7 +3,11 @@
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
-#[command(name = "dlo-compile", version, about = "Turn Llama-family checkpoints into DLO models and engines")]
+#[command(
+    name = "dlo-compile",
+    version,
+    about = "Turn Llama-family checkpoints into DLO models and engines"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,

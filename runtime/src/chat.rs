@@ -16,7 +16,10 @@ pub struct Message {
 impl Message {
     /// A message with this role and content.
     pub fn new(role: &str, content: &str) -> Self {
-        Message { role: role.into(), content: content.into() }
+        Message {
+            role: role.into(),
+            content: content.into(),
+        }
     }
 }
 

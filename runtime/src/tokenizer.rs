@@ -32,10 +32,10 @@ impl Tokenizer {
 
     /// Encodes text; adds BOS when `add_bos` is set and `add_special` is true.
     pub fn encode(&self, text: &str, add_special: bool) -> Result<Vec<u32>> {
-        let enc = self
-            .inner
-            .encode(text, false)
-            .map_err(|e| Error::Tokenizer { path: self.path.clone(), problem: e.to_string() })?;
+        let enc = self.inner.encode(text, false).map_err(|e| Error::Tokenizer {
+            path: self.path.clone(),
+            problem: e.to_string(),
+        })?;
         let mut ids = Vec::new();
         if add_special && self.add_bos {
             ids.extend(self.bos_token_id);
@@ -46,9 +46,10 @@ impl Tokenizer {
 
     /// Decodes ids to text.
     pub fn decode(&self, ids: &[u32], skip_special: bool) -> Result<String> {
-        self.inner
-            .decode(ids, skip_special)
-            .map_err(|e| Error::Tokenizer { path: self.path.clone(), problem: e.to_string() })
+        self.inner.decode(ids, skip_special).map_err(|e| Error::Tokenizer {
+            path: self.path.clone(),
+            problem: e.to_string(),
+        })
     }
 
     /// The underlying `tokenizers` tokenizer.

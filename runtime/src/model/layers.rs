@@ -147,7 +147,12 @@ pub struct Attention {
 
 impl Attention {
     fn load(w: &Weights, p: &str, cfg: &ModelConfig, dt: DType, dev: &Device) -> Result<Self> {
-        let (d, h, kv, hd) = (cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim);
+        let (d, h, kv, hd) = (
+            cfg.hidden_size,
+            cfg.num_attention_heads,
+            cfg.num_key_value_heads,
+            cfg.head_dim,
+        );
         let bias = cfg.attention_bias;
         Ok(Attention {
             q_proj: Linear::load(w, &format!("{p}.q_proj"), h * hd, d, bias, dt, dev)?,
@@ -163,9 +168,21 @@ impl Attention {
     /// `x: [b, t, d]` (already normalised) → attention output `[b, t, d]`; appends this step's K/V to `cache`.
     pub fn forward(&self, x: &Tensor, st: &Step, cache: &mut LayerCache, ex: Exec) -> candle_core::Result<Tensor> {
         let (b, t, hd, g) = (st.b, st.t, self.head_dim, self.n_heads / self.n_kv);
-        let q = self.q_proj.forward(x)?.reshape((b, t, self.n_heads, hd))?.transpose(1, 2)?;
-        let k = self.k_proj.forward(x)?.reshape((b, t, self.n_kv, hd))?.transpose(1, 2)?;
-        let v = self.v_proj.forward(x)?.reshape((b, t, self.n_kv, hd))?.transpose(1, 2)?;
+        let q = self
+            .q_proj
+            .forward(x)?
+            .reshape((b, t, self.n_heads, hd))?
+            .transpose(1, 2)?;
+        let k = self
+            .k_proj
+            .forward(x)?
+            .reshape((b, t, self.n_kv, hd))?
+            .transpose(1, 2)?;
+        let v = self
+            .v_proj
+            .forward(x)?
+            .reshape((b, t, self.n_kv, hd))?
+            .transpose(1, 2)?;
         let q = rope::apply(&q, &st.cos, &st.sin, ex.differentiable)?;
         let k = rope::apply(&k, &st.cos, &st.sin, ex.differentiable)?;
         let (k, v) = cache.append(&k, &v.contiguous()?, st.pos, st.valid)?;
@@ -186,7 +203,10 @@ impl Attention {
         };
         let probs = probs.to_dtype(x.dtype())?.reshape((b, self.n_kv, g * t, n))?;
         let out = probs.matmul(&v.contiguous()?)?; // [b, kv, g*t, hd]
-        let out = out.reshape((b, self.n_heads, t, hd))?.transpose(1, 2)?.reshape((b, t, self.n_heads * hd))?;
+        let out = out
+            .reshape((b, self.n_heads, t, hd))?
+            .transpose(1, 2)?
+            .reshape((b, t, self.n_heads * hd))?;
         self.o_proj.forward(&out)
     }
 }

@@ -259,7 +259,10 @@ impl Model {
         };
         let ex = Exec { differentiable: false };
         let ids = Tensor::from_vec(batch.ids.clone(), b * t, &self.device)?;
-        let mut h = self.embed_tokens.index_select(&ids, 0)?.reshape((b, t, self.cfg.hidden_size))?;
+        let mut h = self
+            .embed_tokens
+            .index_select(&ids, 0)?
+            .reshape((b, t, self.cfg.hidden_size))?;
         let (cos, sin) = self.rope.cos_sin(&batch.pos, b, t, self.dtype, &self.device)?;
         let step = Step {
             b,
@@ -328,7 +331,11 @@ fn gate(z: &Tensor, dlo: &DloConfig) -> candle_core::Result<Tensor> {
 
 /// Row indices (into the flattened `b*t` axis) of executed tokens.
 fn exec_rows(exec: &[bool]) -> Vec<u32> {
-    exec.iter().enumerate().filter(|(_, e)| **e).map(|(i, _)| i as u32).collect()
+    exec.iter()
+        .enumerate()
+        .filter(|(_, e)| **e)
+        .map(|(i, _)| i as u32)
+        .collect()
 }
 
 /// `base` with rows `rows` (of the flattened `[b*t, d]` view) replaced by `vals`.
@@ -416,8 +423,16 @@ fn layer_skip(
     let (cos, sin) = {
         // Gather this layer's packed cos/sin from the step's tables.
         let half = st.cos.dim(D::Minus1)?;
-        let c = st.cos.reshape((b * t, half))?.index_select(&gidx, 0)?.reshape((b, k, half))?;
-        let s = st.sin.reshape((b * t, half))?.index_select(&gidx, 0)?.reshape((b, k, half))?;
+        let c = st
+            .cos
+            .reshape((b * t, half))?
+            .index_select(&gidx, 0)?
+            .reshape((b, k, half))?;
+        let s = st
+            .sin
+            .reshape((b * t, half))?
+            .index_select(&gidx, 0)?
+            .reshape((b, k, half))?;
         (c, s)
     };
     let pst = Step {
