@@ -13,6 +13,7 @@
 pub mod cache;
 pub mod layers;
 pub mod rope;
+pub mod train;
 
 use crate::error::{Error, Result};
 use crate::weights::Weights;
