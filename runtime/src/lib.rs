@@ -12,6 +12,7 @@ pub mod chat;
 pub mod checkpoint;
 pub mod error;
 pub mod generate;
+pub mod kernels;
 pub mod model;
 pub mod tokenizer;
 pub mod weights;
