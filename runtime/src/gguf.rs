@@ -364,7 +364,9 @@ impl<'a> Meta<'a> {
     fn float_opt(&self, key: &str) -> Result<Option<f64>> {
         let Some(v) = self.md.get(key) else { return Ok(None) };
         let x = match v {
-            Value::F32(x) => f64::from(*x),
+            // The shortest decimal that rounds to this f32 (1e-5, not 9.999999747378752e-6): GGUF stores
+            // f32 what config.json wrote as a decimal.
+            Value::F32(x) => x.to_string().parse::<f64>().unwrap_or(f64::from(*x)),
             Value::F64(x) => *x,
             _ => match self.uint_opt(key) {
                 Ok(Some(n)) => n as f64,
