@@ -79,6 +79,12 @@ pub fn import_checkpoint(ck: &Checkpoint, out: &Path, dtype: DType) -> Result<()
         cfg.torch_dtype = Some(torch_dtype(dtype).to_string());
         write_weights(ck, &cfg, dtype, &dir.join("model.safetensors"))?;
         write_json(&dir.join("config.json"), &cfg.to_hf_json())?;
+        // The safetensors writer creates its file owner-only; give it the same mode as our other files.
+        let mode = std::fs::metadata(dir.join("config.json"))
+            .map_err(|e| Error::io(dir, e))?
+            .permissions();
+        let st = dir.join("model.safetensors");
+        std::fs::set_permissions(&st, mode).map_err(|e| Error::io(&st, e))?;
         write_generation_config(&cfg, dir)?;
         if let Some(tok) = &ck.tokenizer {
             write_tokenizer_files(tok, cfg.max_position_embeddings, dir)?;
