@@ -516,6 +516,8 @@ fn write_gguf(path: &Path, md: &[(String, Value)], tensors: &[(String, QTensor)]
 fn tiny_gguf(path: &Path, tied: bool) -> (ModelConfig, Tensors) {
     let mut v = tiny_config_json();
     v["tie_word_embeddings"] = json!(tied);
+    // head_dim 8, not 4: with head_dim/2 == 2 the permutation is its own inverse and a mix-up would pass.
+    v["head_dim"] = json!(8);
     let cfg = config_of(&v);
     let t = random_tensors(&cfg);
     write_gguf(path, &llama_metadata(&cfg), &to_gguf_tensors(&cfg, &t, GgmlDType::F32));
@@ -535,6 +537,52 @@ fn gguf_round_trip_undoes_the_qk_permutation() {
         assert_eq!(ck.config, cfg);
         assert_tensors(&ck, &t, 0.0);
     }
+}
+
+#[test]
+fn gguf_qwen2_keeps_qk_order_and_reads_biases() {
+    let tmp = tempfile::tempdir().unwrap();
+    let path = tmp.path().join("qwen.gguf");
+    let mut v = tiny_config_json();
+    v["model_type"] = json!("qwen2");
+    v["tie_word_embeddings"] = json!(true);
+    let cfg = config_of(&v);
+    assert!(cfg.attention_bias);
+    let t = random_tensors(&cfg);
+    let mut ts: Vec<(String, QTensor)> = Vec::new();
+    for (name, x) in &t {
+        // Qwen2 GGUFs are not permuted: map names only (inverse of `hf_name`).
+        let g = name
+            .replace("model.embed_tokens", "token_embd")
+            .replace("model.norm", "output_norm")
+            .replace("model.layers.", "blk.")
+            .replace("self_attn.q_proj", "attn_q")
+            .replace("self_attn.k_proj", "attn_k")
+            .replace("self_attn.v_proj", "attn_v")
+            .replace("self_attn.o_proj", "attn_output")
+            .replace("mlp.gate_proj", "ffn_gate")
+            .replace("mlp.up_proj", "ffn_up")
+            .replace("mlp.down_proj", "ffn_down")
+            .replace("post_attention_layernorm", "ffn_norm")
+            .replace("input_layernorm", "attn_norm");
+        assert_eq!(crate::gguf::hf_name(&g).as_deref(), Some(name.as_str()));
+        ts.push((g, QTensor::quantize(x, GgmlDType::F32).unwrap()));
+    }
+    let md: Vec<(String, Value)> = llama_metadata(&cfg)
+        .into_iter()
+        .map(|(k, v)| (k.replacen("llama.", "qwen2.", 1), v))
+        .map(|(k, v)| {
+            if k == "general.architecture" {
+                (k, Value::String("qwen2".into()))
+            } else {
+                (k, v)
+            }
+        })
+        .collect();
+    write_gguf(&path, &md, &ts);
+    let ck = Checkpoint::open(&path).unwrap();
+    assert_eq!(ck.config, cfg);
+    assert_tensors(&ck, &t, 0.0);
 }
 
 #[test]
