@@ -7,6 +7,7 @@ while IFS='=' read -r k v; do export "$k=$v"; done < <(bash scripts/fetch-assets
 while IFS='=' read -r k v; do export "$k=$v"; done < <(bash scripts/setup-python.sh)
 cargo fmt --all --check
 cargo clippy --release --workspace --all-targets -- -D warnings
+cargo build --release --workspace --bins
 cargo test --release --workspace
 for check in scripts/check-header.sh; do
   if [ -x "$check" ]; then bash "$check"; fi
