@@ -1,0 +1,185 @@
+//! Where the writer reads base tensors from: the [`TensorSource`] trait, and [`SafetensorsDir`], a
+//! memory-mapped HF safetensors checkpoint (single file or sharded with an index).
+
+use crate::error::{Error, Result};
+use safetensors::Dtype;
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+/// A read-only set of named tensors in HF naming and layout, read one tensor at a time as `f32`.
+pub trait TensorSource {
+    /// All tensor names.
+    fn names(&self) -> Vec<String>;
+    /// The shape of `name`, if present.
+    fn shape(&self, name: &str) -> Option<Vec<usize>>;
+    /// Reads `name` as row-major `f32` (converting from the stored dtype).
+    fn read_f32(&self, name: &str) -> Result<Vec<f32>>;
+    /// The file or directory these tensors come from, for error messages.
+    fn origin(&self) -> &Path;
+}
+
+struct Entry {
+    file: usize,
+    dtype: Dtype,
+    shape: Vec<usize>,
+    /// Absolute byte range in the mapped file.
+    start: usize,
+    end: usize,
+}
+
+/// Memory-mapped safetensors files of one checkpoint. Reading a tensor touches only its pages.
+pub struct SafetensorsDir {
+    origin: PathBuf,
+    maps: Vec<memmap2::Mmap>,
+    files: Vec<PathBuf>,
+    entries: HashMap<String, Entry>,
+}
+
+/// The safetensors files of a checkpoint: a `.safetensors` file itself; a directory's
+/// `model.safetensors.index.json` shards; or every `*.safetensors` in the directory.
+pub fn safetensors_files(path: &Path) -> Result<Vec<PathBuf>> {
+    if path.is_file() {
+        return Ok(vec![path.to_path_buf()]);
+    }
+    if !path.is_dir() {
+        return Err(Error::io(
+            path,
+            std::io::Error::new(std::io::ErrorKind::NotFound, "no such file or directory"),
+        ));
+    }
+    let index = path.join("model.safetensors.index.json");
+    if index.is_file() {
+        let text = std::fs::read_to_string(&index).map_err(|e| Error::io(&index, e))?;
+        let v: serde_json::Value =
+            serde_json::from_str(&text).map_err(|e| Error::format(&index, format!("not valid JSON: {e}")))?;
+        let map = v
+            .get("weight_map")
+            .and_then(|m| m.as_object())
+            .ok_or_else(|| Error::format(&index, "no `weight_map` object"))?;
+        let mut files: Vec<PathBuf> = Vec::new();
+        for (name, f) in map {
+            let f = f
+                .as_str()
+                .ok_or_else(|| Error::format(&index, format!("weight_map[{name}] is not a file name")))?;
+            let p = path.join(f);
+            if !files.contains(&p) {
+                files.push(p);
+            }
+        }
+        files.sort();
+        return Ok(files);
+    }
+    let mut files: Vec<PathBuf> = std::fs::read_dir(path)
+        .map_err(|e| Error::io(path, e))?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|x| x == "safetensors"))
+        .collect();
+    files.sort();
+    if files.is_empty() {
+        return Err(Error::format(path, "no .safetensors files in this directory"));
+    }
+    Ok(files)
+}
+
+impl SafetensorsDir {
+    /// Maps the checkpoint at `path` (a directory or one `.safetensors` file) and reads its headers.
+    pub fn open(path: &Path) -> Result<Self> {
+        let files = safetensors_files(path)?;
+        let mut maps = Vec::with_capacity(files.len());
+        let mut entries = HashMap::new();
+        for (fi, f) in files.iter().enumerate() {
+            let file = std::fs::File::open(f).map_err(|e| Error::io(f, e))?;
+            // SAFETY: mapped read-only and never handed out mutably; truncation by another process while
+            // mapped is outside what an mmap-based reader can defend against.
+            let map = unsafe { memmap2::Mmap::map(&file) }.map_err(|e| Error::io(f, e))?;
+            let (n, meta) = safetensors::SafeTensors::read_metadata(&map)
+                .map_err(|e| Error::format(f, format!("invalid safetensors: {e}")))?;
+            let base = 8 + n;
+            for (name, info) in meta.tensors() {
+                let (s, e) = info.data_offsets;
+                if base + e > map.len() || s > e {
+                    return Err(Error::format(f, format!("tensor `{name}` lies outside the file")));
+                }
+                if entries.contains_key(&name) {
+                    return Err(Error::format(
+                        f,
+                        format!("tensor `{name}` appears in more than one shard"),
+                    ));
+                }
+                entries.insert(
+                    name,
+                    Entry {
+                        file: fi,
+                        dtype: info.dtype,
+                        shape: info.shape.clone(),
+                        start: base + s,
+                        end: base + e,
+                    },
+                );
+            }
+            maps.push(map);
+        }
+        Ok(SafetensorsDir {
+            origin: path.to_path_buf(),
+            maps,
+            files,
+            entries,
+        })
+    }
+}
+
+/// Decodes little-endian `f32`/`f16`/`bf16` bytes.
+pub fn decode_f32(dtype: Dtype, bytes: &[u8]) -> Option<Vec<f32>> {
+    Some(match dtype {
+        Dtype::F32 => bytes
+            .chunks_exact(4)
+            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+            .collect(),
+        Dtype::F16 => bytes
+            .chunks_exact(2)
+            .map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32())
+            .collect(),
+        Dtype::BF16 => bytes
+            .chunks_exact(2)
+            .map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32())
+            .collect(),
+        _ => return None,
+    })
+}
+
+impl TensorSource for SafetensorsDir {
+    fn names(&self) -> Vec<String> {
+        let mut v: Vec<String> = self.entries.keys().cloned().collect();
+        v.sort();
+        v
+    }
+    fn shape(&self, name: &str) -> Option<Vec<usize>> {
+        self.entries.get(name).map(|e| e.shape.clone())
+    }
+    fn read_f32(&self, name: &str) -> Result<Vec<f32>> {
+        let e = self.entries.get(name).ok_or_else(|| Error::MissingTensor {
+            origin: self.origin.clone(),
+            name: name.into(),
+        })?;
+        let bytes = &self.maps[e.file][e.start..e.end];
+        let n: usize = e.shape.iter().product();
+        let v = decode_f32(e.dtype, bytes).ok_or_else(|| {
+            Error::tensor_read(
+                &self.files[e.file],
+                name,
+                format!("unsupported dtype {:?} (supported: F32, F16, BF16)", e.dtype),
+            )
+        })?;
+        if v.len() != n {
+            return Err(Error::tensor_read(
+                &self.files[e.file],
+                name,
+                format!("holds {} values but its shape {:?} needs {n}", v.len(), e.shape),
+            ));
+        }
+        Ok(v)
+    }
+    fn origin(&self) -> &Path {
+        &self.origin
+    }
+}
