@@ -20,7 +20,7 @@ enum Command {
     /// Per-layer, per-token similarity of unit input vs output on sample text (JSON + heatmap).
     Analyze(dlo_compiler::analyze::AnalyzeArgs),
     /// Deepen a base model into a DLO model (layer expansion, routers, DLO hyper-parameters).
-    Expand(dlo_compiler::expand::ExpandArgs),
+    Expand(Box<dlo_compiler::expand::ExpandArgs>),
 }
 
 fn main() -> std::process::ExitCode {

@@ -212,7 +212,7 @@ pub fn layer_map(method: &ExpandMethod, base: usize, target: usize) -> Result<Ve
         }
         ExpandMethod::StackSide => {
             let m = target - base;
-            if m % 2 != 0 {
+            if !m.is_multiple_of(2) {
                 return Err(count_err(format!("the {m} added layers must be an even number")));
             }
             if m > base {

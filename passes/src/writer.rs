@@ -371,7 +371,7 @@ fn header(tensors: &[PlannedTensor], dtype: OutDtype) -> (Vec<u8>, u64) {
         off += bytes;
     }
     let mut h = Value::Object(m).to_string().into_bytes();
-    while h.len() % 8 != 0 {
+    while !h.len().is_multiple_of(8) {
         h.push(b' ');
     }
     (h, off)
