@@ -183,3 +183,92 @@ impl TensorSource for SafetensorsDir {
         &self.origin
     }
 }
+
+/// A [`TensorSource`] that synthesises a Llama checkpoint's tensors on demand from their names (nothing is
+/// stored), for memory benchmarks and tests at any scale. Values are deterministic, distinct per tensor,
+/// and roughly in [-0.05, 0.05); norms are near 1.
+pub struct SyntheticSource {
+    origin: PathBuf,
+    shapes: std::collections::BTreeMap<String, Vec<usize>>,
+}
+
+impl SyntheticSource {
+    /// The tensors a Llama-family checkpoint with `cfg` holds (lm_head only when embeddings are untied,
+    /// q/k/v biases when `attention_bias`).
+    pub fn llama(cfg: &crate::ModelConfig) -> Self {
+        let (d, f, v) = (cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size);
+        let q = cfg.num_attention_heads * cfg.head_dim;
+        let kv = cfg.num_key_value_heads * cfg.head_dim;
+        let mut shapes = std::collections::BTreeMap::new();
+        shapes.insert("model.embed_tokens.weight".to_string(), vec![v, d]);
+        shapes.insert("model.norm.weight".to_string(), vec![d]);
+        if !cfg.tie_word_embeddings {
+            shapes.insert("lm_head.weight".to_string(), vec![v, d]);
+        }
+        for l in 0..cfg.num_hidden_layers {
+            let mut add = |s: &str, shape: Vec<usize>| {
+                shapes.insert(format!("model.layers.{l}.{s}"), shape);
+            };
+            add("input_layernorm.weight", vec![d]);
+            add("post_attention_layernorm.weight", vec![d]);
+            add("self_attn.q_proj.weight", vec![q, d]);
+            add("self_attn.k_proj.weight", vec![kv, d]);
+            add("self_attn.v_proj.weight", vec![kv, d]);
+            add("self_attn.o_proj.weight", vec![d, q]);
+            add("mlp.gate_proj.weight", vec![f, d]);
+            add("mlp.up_proj.weight", vec![f, d]);
+            add("mlp.down_proj.weight", vec![d, f]);
+            if cfg.attention_bias {
+                add("self_attn.q_proj.bias", vec![q]);
+                add("self_attn.k_proj.bias", vec![kv]);
+                add("self_attn.v_proj.bias", vec![kv]);
+            }
+        }
+        SyntheticSource {
+            origin: PathBuf::from("<synthetic>"),
+            shapes,
+        }
+    }
+
+    /// Element `i` of tensor `name`.
+    pub fn value(name: &str, i: usize) -> f32 {
+        Self::value_with(crate::init::name_hash(name), name.contains("norm"), i)
+    }
+
+    fn value_with(h: u64, norm: bool, i: usize) -> f32 {
+        let mut z = h ^ (i as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+        z = (z ^ (z >> 31)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        let u = ((z >> 40) as f32) / (1u64 << 24) as f32 - 0.5;
+        if norm {
+            1.0 + 0.1 * u
+        } else {
+            0.1 * u
+        }
+    }
+
+    /// Total number of elements.
+    pub fn numel(&self) -> usize {
+        self.shapes.values().map(|s| s.iter().product::<usize>()).sum()
+    }
+}
+
+impl TensorSource for SyntheticSource {
+    fn names(&self) -> Vec<String> {
+        self.shapes.keys().cloned().collect()
+    }
+    fn shape(&self, name: &str) -> Option<Vec<usize>> {
+        self.shapes.get(name).cloned()
+    }
+    fn read_f32(&self, name: &str) -> Result<Vec<f32>> {
+        let shape = self.shapes.get(name).ok_or_else(|| Error::MissingTensor {
+            origin: self.origin.clone(),
+            name: name.into(),
+        })?;
+        let n: usize = shape.iter().product();
+        let (h, norm) = (crate::init::name_hash(name), name.contains("norm"));
+        Ok((0..n).map(|i| Self::value_with(h, norm, i)).collect())
+    }
+    fn origin(&self) -> &Path {
+        &self.origin
+    }
+}
