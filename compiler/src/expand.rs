@@ -236,10 +236,13 @@ pub fn run(args: &ExpandArgs) -> anyhow::Result<()> {
     }
     let routed = spec.is_dlo().iter().filter(|&&r| r).count();
     println!(
-        "routers: {routed}/{l_out} layers ({} init); skip {}; capacity {:?}; loss {} λ={}; gate α={} β={}; rescale {}",
+        "routers: {routed}/{l_out} layers ({} init); skip {}; capacity {}; loss {} λ={}; gate α={} β={}; rescale {}",
         spec.gate_init_method(),
         spec.dlo.skip.as_str(),
-        spec.dlo.capacity,
+        match &spec.dlo.capacity {
+            dlo_passes::Capacity::Scalar(c) => c.to_string(),
+            dlo_passes::Capacity::PerLayer(v) => format!("{v:?}"),
+        },
         spec.dlo.loss_type.as_str(),
         spec.dlo.loss_coefficient,
         spec.dlo.scale_factor,
