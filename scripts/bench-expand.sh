@@ -13,8 +13,13 @@ TARGET_DIR="${CARGO_TARGET_DIR:-target}"
 BASE_LAYERS="${BASE_LAYERS:-32}"
 TARGET_LAYERS="${TARGET_LAYERS:-40}"
 SYNTH_DTYPE="${SYNTH_DTYPE:-bf16}"
-cargo build -q --release -p dlo-passes --example expand_synthetic
-cargo build -q --release -p dlo-compiler
+# Prebuilt binaries may be given (EXPAND_SYNTHETIC, DLO_COMPILE); otherwise build them.
+if [ -z "${EXPAND_SYNTHETIC:-}" ] || [ -z "${DLO_COMPILE:-}" ]; then
+    cargo build -q --release -p dlo-passes --example expand_synthetic
+    cargo build -q --release -p dlo-compiler
+fi
+EXPAND_SYNTHETIC="${EXPAND_SYNTHETIC:-$TARGET_DIR/release/examples/expand_synthetic}"
+DLO_COMPILE="${DLO_COMPILE:-$TARGET_DIR/release/dlo-compile}"
 work="$(mktemp -d)"
 trap 'rm -rf "$work"' EXIT
 
@@ -27,7 +32,7 @@ report() {
 }
 
 echo "== synthetic 7B-class (d 4096, f 11008, vocab 32000) ${BASE_LAYERS}→${TARGET_LAYERS}, ${SYNTH_DTYPE}"
-/usr/bin/time -v -o "$work/synth.time" "$TARGET_DIR/release/examples/expand_synthetic" \
+/usr/bin/time -v -o "$work/synth.time" "$EXPAND_SYNTHETIC" \
     "$BASE_LAYERS" "$TARGET_LAYERS" "$SYNTH_DTYPE" zeros | tee "$work/synth.out"
 report "synthetic-7b ${BASE_LAYERS}->${TARGET_LAYERS} ${SYNTH_DTYPE}" \
     "$(sed -n 's/^OUTPUT_BYTES=//p' "$work/synth.out")" "$work/synth.time"
@@ -35,7 +40,7 @@ report "synthetic-7b ${BASE_LAYERS}->${TARGET_LAYERS} ${SYNTH_DTYPE}" \
 smol() { # LABEL SRC DTYPE INIT
     local out="$work/out-$RANDOM"
     echo "== $1"
-    if /usr/bin/time -v -o "$work/smol.time" "$TARGET_DIR/release/dlo-compile" expand "$2" -o "$out" \
+    if /usr/bin/time -v -o "$work/smol.time" "$DLO_COMPILE" expand "$2" -o "$out" \
         --layers 36 --dtype "$3" --init "$4" >"$work/smol.out" 2>&1; then
         tail -n 1 "$work/smol.out"
         report "$1" "$(du -sb "$out" | cut -f1)" "$work/smol.time"
