@@ -161,9 +161,16 @@ impl TensorSource for SafetensorsDir {
             origin: self.origin.clone(),
             name: name.into(),
         })?;
-        let bytes = &self.maps[e.file][e.start..e.end];
+        let map = &self.maps[e.file];
         let n: usize = e.shape.iter().product();
-        let v = decode_f32(e.dtype, bytes).ok_or_else(|| {
+        let decoded = decode_f32(e.dtype, &map[e.start..e.end]);
+        // Streaming: drop the tensor's mapped pages from our resident set once decoded, so reading a whole
+        // checkpoint does not grow RSS by the file size (the kernel re-reads them if ever touched again).
+        #[cfg(unix)]
+        // SAFETY: the mapping is read-only and file-backed; no slice into this range outlives this point
+        // (the data was copied into `decoded`), so discarding the pages cannot invalidate any borrow.
+        let _ = unsafe { map.unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, e.start, e.end - e.start) };
+        let v = decoded.ok_or_else(|| {
             Error::tensor_read(
                 &self.files[e.file],
                 name,
