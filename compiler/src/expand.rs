@@ -142,17 +142,29 @@ pub fn open_source(path: &Path) -> anyhow::Result<OpenedBase> {
     let ckpt = dlo_runtime::Checkpoint::open(path).with_context(|| format!("opening {}", path.display()))?;
     let mut extra_files = Vec::new();
     if let Some(tok) = &ckpt.tokenizer {
-        let json = tok
-            .inner()
-            .to_string(false)
-            .map_err(|e| anyhow::anyhow!("{}: cannot serialise the tokenizer: {e}", path.display()))?;
-        extra_files.push(ExtraFile::Bytes {
-            name: "tokenizer.json".into(),
-            data: json.into_bytes(),
-        });
+        // The importer's tokenizer files (tokenizer.json + tokenizer_config.json with the chat template),
+        // written to a scratch directory and carried as bytes.
+        let scratch = std::env::temp_dir().join(format!("dlo-expand-tokenizer-{}", std::process::id()));
+        std::fs::create_dir_all(&scratch).with_context(|| format!("creating {}", scratch.display()))?;
+        let written = crate::import::write_tokenizer_files(tok, ckpt.config.max_position_embeddings, &scratch)
+            .map_err(anyhow::Error::from)
+            .and_then(|()| {
+                let mut files = Vec::new();
+                for name in ["tokenizer.json", "tokenizer_config.json"] {
+                    let p = scratch.join(name);
+                    if p.is_file() {
+                        let data = std::fs::read(&p).with_context(|| format!("reading {}", p.display()))?;
+                        files.push(ExtraFile::Bytes {
+                            name: name.into(),
+                            data,
+                        });
+                    }
+                }
+                Ok(files)
+            });
+        let _ = std::fs::remove_dir_all(&scratch);
+        extra_files.extend(written?);
     }
-    // TODO(lead): also write tokenizer_config.json (chat template, special tokens) for GGUF bases, as
-    // `import` does, e.g. by pushing an ExtraFile::Bytes built by the importer.
     Ok(OpenedBase {
         config: ckpt.config,
         source: Box::new(RuntimeSource {
