@@ -318,3 +318,27 @@ impl Pass for Expand {
         Ok(map.iter().any(|&(_, n)| n) || map.len() != spec.base_layers())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn suggested_interleave_targets_are_reachable() {
+        // 32 → 45 is not reachable; the suggestions are, and are the nearest ones.
+        let near = interleave_targets_near(32, 45);
+        assert_eq!(near, [40, 42, 48]);
+        for t in near {
+            assert!(layer_map(&ExpandMethod::Interleave, 32, t).is_ok(), "{t}");
+        }
+    }
+
+    #[test]
+    fn ranges_accept_spaces_and_reject_missing_dash() {
+        assert_eq!(parse_ranges(" 0-2 , 1-3 ").unwrap(), [0..2, 1..3]);
+        assert!(parse_ranges("0:2")
+            .unwrap_err()
+            .to_string()
+            .contains("expected START-END"));
+    }
+}

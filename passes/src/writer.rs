@@ -532,3 +532,38 @@ pub fn write_model(
         files,
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn header_is_padded_to_8_bytes_and_offsets_are_contiguous() {
+        let t = |name: &str, shape: Vec<usize>| PlannedTensor {
+            name: name.into(),
+            shape,
+            recipe: TensorRecipe::Zeros,
+        };
+        let plan = [t("a", vec![3]), t("bb", vec![2, 5])];
+        let (h, data) = header(&plan, OutDtype::Bf16);
+        assert_eq!(h.len() % 8, 0);
+        assert_eq!(data, (3 + 10) * 2);
+        let v: Value = serde_json::from_slice(&h).unwrap();
+        assert_eq!(v["a"]["data_offsets"], json!([0, 6]));
+        assert_eq!(v["bb"]["data_offsets"], json!([6, 26]));
+        assert_eq!(v["bb"]["dtype"], "BF16");
+    }
+
+    #[test]
+    fn layer_names_split_and_zeroed_suffixes() {
+        assert_eq!(
+            split_layer_name("model.layers.12.mlp.up_proj.weight"),
+            Some((12, "mlp.up_proj.weight"))
+        );
+        assert_eq!(split_layer_name("model.norm.weight"), None);
+        assert_eq!(split_layer_name("model.layers.x.mlp"), None);
+        assert!(is_zeroed_by_zeros_init("self_attn.o_proj.weight"));
+        assert!(is_zeroed_by_zeros_init("mlp.down_proj.bias"));
+        assert!(!is_zeroed_by_zeros_init("mlp.up_proj.weight"));
+    }
+}
