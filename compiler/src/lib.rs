@@ -4,10 +4,12 @@
 //! |---|---|
 //! | import a checkpoint to an HF directory | [`import`] |
 //! | per-layer similarity analysis on real text | [`analyze`] |
+//! | deepen a base model into a DLO model | [`expand`] |
 //!
 //! Shared pieces: [`corpus`] (reading sample text), [`plot`] (PNG/SVG charts).
 
 pub mod analyze;
 pub mod corpus;
+pub mod expand;
 pub mod import;
 pub mod plot;
