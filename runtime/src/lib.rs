@@ -13,11 +13,12 @@ pub mod checkpoint;
 pub mod error;
 pub mod generate;
 pub mod model;
+pub mod sentencepiece;
 pub mod tokenizer;
 pub mod weights;
 
 pub use checkpoint::{Checkpoint, SourceFormat};
 pub use error::{Error, Result};
 pub use model::Model;
-pub use tokenizer::Tokenizer;
+pub use tokenizer::{TextStream, Tokenizer};
 pub use weights::Weights;
