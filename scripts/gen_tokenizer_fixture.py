@@ -1,11 +1,17 @@
 #!/usr/bin/env python3
-"""Reference token ids for the SmolLM2 GGUF tokenizer, computed with HF `tokenizers` + transformers.
+"""Reference token ids for our tokenizers, computed with the reference Python libraries.
+
+1. SmolLM2 (GGUF byte-level BPE), with HF `tokenizers` + transformers:
 
 Builds the byte-level BPE tokenizer described in docs/assets.md directly from the GGUF metadata (read with the
 `gguf` package, or llama.cpp's gguf-py from the llama-cpp-python sdist): vocab + merges, control tokens as
 special added tokens, pre-tokenizer Digits(individual) + ByteLevel(regex), ByteLevel decoder. Encodes a set of
 varied strings and renders the GGUF's chat template with transformers' `apply_chat_template`, and writes
 tests/fixtures/tokenizer/smollm2_ids.json, which runtime/tests/tokenizer.rs compares against.
+
+2. SentencePiece `tokenizer.model` files (BPE with byte fallback, and unigram), trained on the chatterbot
+corpus with the `sentencepiece` library itself, and the ids that library gives for a set of strings:
+tests/fixtures/tokenizer/spm_{bpe,unigram}.model + spm_ids.json.
 
 Run: ~/.cache/dlo/venv/bin/python scripts/gen_tokenizer_fixture.py   (after scripts/fetch-assets.sh)
 """
@@ -61,7 +67,71 @@ def import_gguf():
     return gguf
 
 
+SPM_TEXTS = [
+    "Hello world",
+    " Hello  world ",
+    "   leading and trailing   ",
+    "What is your favorite food? I like pizza and ice cream.",
+    "Numbers 12345 and 3.14, plus symbols #@!",
+    "unicode: naïve café Ωμέγα 日本",
+    "emoji 🦙 here",
+    "tab\tand\nnewline",
+    "",
+    "I'm sure you're right; they'll see.",
+]
+
+
+def gen_spm(out_dir):
+    import io
+
+    import sentencepiece as spm
+
+    corpus_dir = f"{CACHE}/pkgs/chatterbot/chatterbot_corpus/data/english"
+    files = sorted(glob.glob(f"{corpus_dir}/*.yml"))
+    if not files:
+        sys.exit(f"{corpus_dir} missing: run scripts/fetch-assets.sh")
+    lines = []
+    for f in files:
+        with open(f, encoding="utf-8") as fh:
+            for line in fh:
+                line = line.strip().lstrip("- ").strip()
+                if line and not line.endswith(":"):
+                    lines.append(line)
+    cases = {}
+    for kind, extra in [
+        ("bpe", dict(model_type="bpe", vocab_size=400, byte_fallback=True)),
+        ("unigram", dict(model_type="unigram", vocab_size=300)),
+    ]:
+        model = io.BytesIO()
+        spm.SentencePieceTrainer.train(
+            sentence_iterator=iter(lines),
+            model_writer=model,
+            normalization_rule_name="identity",
+            num_threads=1,
+            minloglevel=2,
+            **extra,
+        )
+        path = os.path.join(out_dir, f"spm_{kind}.model")
+        with open(path + ".tmp", "wb") as fh:
+            fh.write(model.getvalue())
+        os.replace(path + ".tmp", path)
+        sp = spm.SentencePieceProcessor(model_file=path)
+        cases[kind] = [{"text": t, "ids": sp.encode(t), "decoded": sp.decode(sp.encode(t))} for t in SPM_TEXTS]
+        print(f"wrote {os.path.normpath(path)} ({len(model.getvalue())} bytes)")
+    write_json(os.path.join(out_dir, "spm_ids.json"), {"source": "sentencepiece " + spm.__version__, **cases})
+
+
+def write_json(path, obj):
+    tmp = path + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(obj, f, ensure_ascii=False, indent=1)
+        f.write("\n")
+    os.replace(tmp, path)
+
+
 def main():
+    os.makedirs(os.path.dirname(OUT), exist_ok=True)
+    gen_spm(os.path.dirname(OUT))
     if not os.path.exists(GGUF):
         sys.exit(f"{GGUF} missing: run scripts/fetch-assets.sh")
     gguf = import_gguf()
@@ -117,12 +187,7 @@ def main():
         "cases": cases,
         "chats": chats,
     }
-    os.makedirs(os.path.dirname(OUT), exist_ok=True)
-    tmp = OUT + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(out, f, ensure_ascii=False, indent=1)
-        f.write("\n")
-    os.replace(tmp, OUT)
+    write_json(OUT, out)
     print(f"wrote {os.path.normpath(OUT)}: {len(cases)} texts, {len(chats)} chats")
 
 

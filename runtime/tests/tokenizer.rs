@@ -572,3 +572,43 @@ fn malformed_gguf_metadata_names_file_and_key() {
         "{err}"
     );
 }
+
+/// `tokenizer.model` files trained by the `sentencepiece` library (scripts/gen_tokenizer_fixture.py) and the
+/// ids that library gives: BPE with byte fallback, and unigram (both with `remove_extra_whitespaces`).
+#[test]
+fn sentencepiece_models_match_the_sentencepiece_library() {
+    let fixtures = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/tokenizer");
+    let expected: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(fixtures.join("spm_ids.json")).unwrap()).unwrap();
+    for kind in ["bpe", "unigram"] {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::copy(
+            fixtures.join(format!("spm_{kind}.model")),
+            dir.path().join("tokenizer.model"),
+        )
+        .unwrap();
+        let tok = Tokenizer::from_hf_dir(dir.path()).unwrap().unwrap();
+        assert!(tok.add_bos);
+        assert_eq!(tok.bos_token.as_deref(), Some("<s>"));
+        let cases = expected[kind].as_array().unwrap();
+        assert!(cases.len() >= 10);
+        for c in cases {
+            let text = c["text"].as_str().unwrap();
+            let ids: Vec<u32> = c["ids"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|v| v.as_u64().unwrap() as u32)
+                .collect();
+            assert_eq!(tok.encode(text, false).unwrap(), ids, "{kind}: {text:?}");
+            // sentencepiece shows <unk> as " ⁇ "; HF tokenizers (and we) show the piece, "<unk>".
+            if !ids.contains(&0) {
+                assert_eq!(
+                    tok.decode(&ids, false).unwrap(),
+                    c["decoded"].as_str().unwrap(),
+                    "{kind}: decode {ids:?}"
+                );
+            }
+        }
+    }
+}
