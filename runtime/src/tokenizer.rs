@@ -190,25 +190,21 @@ impl Tokenizer {
         specials: Specials,
         default_add_bos: Option<bool>,
     ) -> Result<Self> {
+        let mut specials = specials;
+        // tokenizer.json without a config flag: BOS iff its post-processor puts it in front.
+        let probed = match specials.add_bos.or(default_add_bos) {
+            Some(_) => None,
+            None => leading_special(&inner),
+        };
+        if specials.bos.is_none() {
+            specials.bos = probed.and_then(|id| inner.id_to_token(id));
+        }
         let bos_token_id = specials.bos.as_deref().and_then(|b| inner.token_to_id(b));
-        let add_bos = match specials.add_bos {
-            Some(b) => b,
-            None => match default_add_bos {
-                Some(b) => b,
-                // tokenizer.json without a config flag: BOS iff its post-processor adds it.
-                None => bos_token_id.is_some_and(|bos| {
-                    let with = inner
-                        .encode("a", true)
-                        .map(|e| e.get_ids().to_vec())
-                        .unwrap_or_default();
-                    let without = inner
-                        .encode("a", false)
-                        .map(|e| e.get_ids().to_vec())
-                        .unwrap_or_default();
-                    with.first() == Some(&bos) && without.first() != Some(&bos)
-                }),
-            },
-        } && bos_token_id.is_some();
+        let add_bos = specials
+            .add_bos
+            .or(default_add_bos)
+            .unwrap_or(probed.is_some() && probed == bos_token_id)
+            && bos_token_id.is_some();
         let mut eos_token_ids = Vec::new();
         if let Some(id) = specials.eos.as_deref().and_then(|e| inner.token_to_id(e)) {
             eos_token_ids.push(id);
@@ -257,6 +253,16 @@ impl Tokenizer {
         }
         ids.extend_from_slice(enc.get_ids());
         Ok(ids)
+    }
+
+    /// Renders `messages` with the chat template and encodes the result without adding BOS (templates write
+    /// their own special tokens, as HF's `apply_chat_template(tokenize=True)` assumes).
+    pub fn encode_chat(&self, messages: &[crate::chat::Message], add_generation_prompt: bool) -> Result<Vec<u32>> {
+        let tmpl = self
+            .chat_template
+            .as_ref()
+            .ok_or_else(|| Error::Template(format!("{}: the tokenizer has no chat template", self.path.display())))?;
+        self.encode(&tmpl.render(messages, add_generation_prompt)?, false)
     }
 
     /// Decodes ids to text.
@@ -438,6 +444,14 @@ impl<'a> TextStream<'a> {
         self.read_offset = self.ids.len();
         Ok(full.strip_prefix(prefix.as_str()).unwrap_or(&full).to_string())
     }
+}
+
+/// The id a tokenizer's post-processor puts in front of a single sequence, if any.
+fn leading_special(inner: &tokenizers::Tokenizer) -> Option<u32> {
+    let with = inner.encode("a", true).ok()?.get_ids().to_vec();
+    let without = inner.encode("a", false).ok()?.get_ids().to_vec();
+    let first = *with.first()?;
+    (with.len() > without.len() && with.get(1..=without.len()) == Some(without.as_slice())).then_some(first)
 }
 
 fn tok_err(path: &Path, problem: impl Into<String>) -> Error {

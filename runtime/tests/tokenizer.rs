@@ -186,6 +186,16 @@ fn smollm2_chat_template_matches_transformers() {
         let gen = chat["add_generation_prompt"].as_bool().unwrap();
         assert_eq!(tmpl.render(&msgs, gen).unwrap(), chat["rendered"].as_str().unwrap());
     }
+    let ids = tok.encode_chat(&[Message::new("user", "Hi")], true).unwrap();
+    assert_eq!(ids[0], 1, "starts with <|im_start|>");
+    let tail = tok.encode("<|im_start|>assistant\n", false).unwrap();
+    assert_eq!(tail.len(), 4);
+    assert!(ids.ends_with(&tail), "{ids:?}");
+    assert_eq!(
+        ids.iter().filter(|&&i| i == 1).count(),
+        3,
+        "system, user and assistant turns: {ids:?}"
+    );
 }
 
 #[test]
@@ -227,6 +237,8 @@ fn smollm2_tokenizer_json_round_trip() {
     let raw = dir.path().join("raw.json");
     std::fs::write(&raw, tok.inner().to_string(false).unwrap()).unwrap();
     let raw_tok = Tokenizer::from_tokenizer_json(&raw).unwrap();
+    assert!(!raw_tok.add_bos, "SmolLM2 adds no BOS");
+    assert!(raw_tok.chat_template.is_none());
     for (text, ids, _) in &cases {
         assert_eq!(
             &raw_tok.encode(text, false).unwrap(),
@@ -300,6 +312,38 @@ fn llama_spm_gguf_matches_llama_cpp_vectors() {
     for (text, ids) in &vectors {
         assert_eq!(&tok.decode(ids, false).unwrap(), text, "decode of {ids:?}");
     }
+
+    // Streaming: the first token's dummy-prefix space is dropped, later spaces kept; a context keeps it;
+    // byte-fallback pieces of one character are held back until it is complete.
+    let hello = tok.encode("Hello world", false).unwrap();
+    assert_eq!(hello.len(), 2);
+    let mut s = tok.stream(false);
+    assert_eq!(s.push(hello[0]).unwrap(), "Hello");
+    assert_eq!(s.push(hello[1]).unwrap(), " world");
+    let mut s = TextStream::with_context(&tok, false, &hello[..1]);
+    assert_eq!(s.push(hello[1]).unwrap(), " world");
+    let text = " this is 🦙.cpp";
+    let ids = tok.encode(text, false).unwrap();
+    let mut s = tok.stream(false);
+    let mut pieces = Vec::new();
+    for &id in &ids {
+        pieces.push(s.push(id).unwrap());
+    }
+    assert!(pieces.iter().all(|p| !p.contains('\u{FFFD}')), "{pieces:?}");
+    assert!(
+        pieces.iter().filter(|p| p.is_empty()).count() >= 3,
+        "4 byte pieces, 3 held back: {pieces:?}"
+    );
+    assert_eq!(pieces.concat(), tok.decode(&ids, false).unwrap());
+
+    // A tokenizer.json exported from it and loaded without any config still adds BOS (post-processor).
+    let dir = tempfile::tempdir().unwrap();
+    let json = dir.path().join("tokenizer.json");
+    std::fs::write(&json, tok.to_hf_tokenizer_json().unwrap()).unwrap();
+    let bare = Tokenizer::from_tokenizer_json(&json).unwrap();
+    assert!(bare.add_bos);
+    assert_eq!(bare.bos_token.as_deref(), Some("<s>"));
+    assert_eq!(bare.encode("Hello world", true).unwrap(), with_bos);
 }
 
 #[test]
