@@ -5,6 +5,7 @@
 //! | [`checkpoint`] | open HF directories and GGUF files |
 //! | [`weights`] | named tensors behind one interface |
 //! | [`tokenizer`], [`chat`] | text ↔ ids, chat templates |
+//! | [`sentencepiece`] | `tokenizer.model` files and SentencePiece → `tokenizers` conversion |
 //! | [`model`] | the Llama/DLO model definition: eval and training routing, KV caches |
 //! | [`generate`] | sampling and the generation loop |
 

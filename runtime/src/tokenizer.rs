@@ -860,6 +860,13 @@ fn gguf_sentencepiece(
     path: &Path,
     tokens: &[String],
 ) -> Result<tokenizers::Tokenizer> {
+    // BOS post-processing is attached by the caller once add_bos is known.
+    spm_vocab_from_gguf(md, path, tokens)?
+        .build(None)
+        .map_err(|p| tok_err(path, p))
+}
+
+fn spm_vocab_from_gguf(md: &HashMap<String, GgufValue>, path: &Path, tokens: &[String]) -> Result<SpmVocab> {
     const SCORES: &str = "tokenizer.ggml.scores";
     let scores = gguf_f32_array(md, SCORES, path)?
         .ok_or_else(|| Error::format(path, format!("GGUF metadata lacks `{SCORES}` (needed for llama)")))?;
@@ -878,53 +885,30 @@ fn gguf_sentencepiece(
         Some(id) if (id as usize) < tokens.len() => Some(id),
         _ => types.iter().position(|t| *t == PieceType::Unknown).map(|i| i as u32),
     };
-    let vocab = SpmVocab {
+    Ok(SpmVocab {
+        byte_fallback: types.contains(&PieceType::Byte),
         pieces: tokens
             .iter()
-            .zip(&scores)
-            .zip(&types)
-            .map(|((t, s), ty)| (t.clone(), *s, *ty))
+            .zip(scores)
+            .zip(types)
+            .map(|((t, s), ty)| (t.clone(), s, ty))
             .collect(),
         kind: SpmKind::Bpe,
         add_dummy_prefix: gguf_bool(md, "tokenizer.ggml.add_space_prefix", path)?.unwrap_or(true),
-        byte_fallback: types.contains(&PieceType::Byte),
-        unk_id,
+        // llama.cpp does not collapse whitespace.
         remove_extra_whitespaces: false,
+        unk_id,
         precompiled_charsmap: None,
-    };
-    // BOS post-processing is attached by the caller once add_bos is known.
-    vocab.build(None).map_err(|p| tok_err(path, p))
+    })
 }
 
 /// The SentencePiece view of a GGUF `llama` vocabulary (pieces, scores, types), e.g. to write a
-/// `tokenizer.model`. `Ok(None)` for other tokenizer kinds.
+/// `tokenizer.model` with [`SpmVocab::to_proto`]. `Ok(None)` for other tokenizer kinds.
 pub fn gguf_spm_vocab(md: &HashMap<String, GgufValue>, path: &Path) -> Result<Option<SpmVocab>> {
     if gguf_string(md, "tokenizer.ggml.model", path)?.as_deref() != Some("llama") {
         return Ok(None);
     }
     let tokens = gguf_string_array(md, "tokenizer.ggml.tokens", path)?
         .ok_or_else(|| Error::format(path, "GGUF metadata lacks `tokenizer.ggml.tokens`"))?;
-    let scores = gguf_f32_array(md, "tokenizer.ggml.scores", path)?
-        .ok_or_else(|| Error::format(path, "GGUF metadata lacks `tokenizer.ggml.scores`"))?;
-    if scores.len() != tokens.len() {
-        return Err(Error::format(
-            path,
-            "GGUF metadata `tokenizer.ggml.scores` and `tokens` differ in length",
-        ));
-    }
-    let types = gguf_token_types(md, path, tokens.len())?;
-    Ok(Some(SpmVocab {
-        unk_id: types.iter().position(|t| *t == PieceType::Unknown).map(|i| i as u32),
-        byte_fallback: types.contains(&PieceType::Byte),
-        pieces: tokens
-            .into_iter()
-            .zip(scores)
-            .zip(types)
-            .map(|((t, s), ty)| (t, s, ty))
-            .collect(),
-        kind: SpmKind::Bpe,
-        add_dummy_prefix: gguf_bool(md, "tokenizer.ggml.add_space_prefix", path)?.unwrap_or(true),
-        remove_extra_whitespaces: false,
-        precompiled_charsmap: None,
-    }))
+    spm_vocab_from_gguf(md, path, &tokens).map(Some)
 }
