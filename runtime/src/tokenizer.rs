@@ -135,7 +135,8 @@ impl Tokenizer {
             "none" | "no_vocab" => return Ok(None),
             "gpt2" => {
                 let tokens = tokens()?;
-                (gguf_byte_level_bpe(md, path, &tokens)?, tokens, false)
+                let (inner, add_bos) = gguf_byte_level_bpe(md, path, &tokens)?;
+                (inner, tokens, add_bos)
             }
             "llama" => {
                 let tokens = tokens()?;
@@ -763,46 +764,82 @@ fn gguf_token_types(md: &HashMap<String, GgufValue>, path: &Path, n: usize) -> R
         .collect()
 }
 
-const GPT2_REGEX_LLAMA3: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
-const GPT2_REGEX_QWEN2: &str =
+/// llama.cpp's pre-tokenizer regexes (`llm_tokenizer_bpe`), each applied in turn like an HF `Split(Isolated)`;
+/// where HF's own `tokenizer.json` writes a regex differently (`(?i:'s|…)`), HF's form is used.
+const RE_GPT2: &str = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)";
+const RE_LLAMA3: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+const RE_QWEN2: &str =
     r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+const RE_QWEN35: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?[\p{L}\p{M}]+|\p{N}| ?[^\s\p{L}\p{M}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+const RE_DEFAULT: &[&str] = &[r"[\p{P}\$\+<=>\^~\|]+", RE_GPT2, r"\p{N}+", r"[0-9][0-9][0-9]"];
+const RE_FALCON: &[&str] = &[r"[\p{P}\$\+<=>\^~\|`]+", RE_GPT2, r"[0-9][0-9][0-9]"];
+const RE_DEEPSEEK_CODER: &[&str] = &["[\r\n]", r"\s?\p{L}+", r"\s?\p{P}+", "[一-龥ࠀ-一가-퟿]+", r"\p{N}"];
+const RE_DEEPSEEK_LLM: &[&str] = &[
+    "[\r\n]",
+    "\\s?[A-Za-zµÀ-ÖØ-öø-ƺƼ-ƿǄ-ʓʕ-ʯͰ-ͳͶͷͻ-ͽͿΆΈ-ΊΌΎ-ΡΣ-ϵϷ-ҁҊ-ԯԱ-ՖႠ-ჅᎠ-Ᏽᏸ-ᏽᲐ-ᲺᲽ-Ჿᴀ-ᴫᵫ-ᵷᵹ-ᶚḀ-ἕἘ-Ἕἠ-ὅὈ-Ὅὐ-ὗὙὛὝὟ-ώᾀ-ᾴᾶ-ᾼιῂ-ῄῆ-ῌῐ-ΐῖ-Ίῠ-Ῥῲ-ῴῶ-ῼℂℇℊ-ℓℕℙ-ℝℤΩℨK-ℭℯ-ℴℹℼ-ℿⅅ-ⅉⅎↃↄⰀ-ⱻⱾ-ⳤⳫ-ⳮⳲⳳꙀ-ꙭꚀ-ꚛꜢ-ꝯꝱ-ꞇꞋ-ꞎꭰ-ꮿﬀ-ﬆﬓ-ﬗＡ-Ｚａ-ｚ𐐀-𐑏𐒰-𐓓𐓘-𐓻𐲀-𐲲𐳀-𐳲𑢠-𑣟𞤀-𞥃]+",
+    "\\s?[!-/:-~！-／：-～‘-‟　-。]+",
+    "\\s+$",
+    "[一-龥ࠀ-一가-퟿]+",
+    "\\p{N}+",
+];
 
-/// The pre-tokenizer llama.cpp uses for `tokenizer.ggml.pre`, and whether merges are ignored for whole words.
-fn gguf_pre_tokenizer(pre: Option<&str>, path: &Path) -> Result<(PreTokenizerWrapper, bool)> {
-    let byte_level = |use_regex| ByteLevel::new(false, true, use_regex);
-    let split = |re: &str| -> Result<PreTokenizerWrapper> {
-        let s = Split::new(SplitPattern::Regex(re.into()), SplitDelimiterBehavior::Isolated, false)
-            .map_err(|e| tok_err(path, format!("pre-tokenizer regex: {e}")))?;
-        Ok(PreSequence::new(vec![s.into(), byte_level(false).into()]).into())
+/// How llama.cpp splits text for `tokenizer.ggml.pre`: the pre-tokenizer, whether whole words in the
+/// vocabulary skip the merges (`ignore_merges`), and whether BOS is added when the GGUF does not say.
+fn gguf_pre_tokenizer(pre: Option<&str>, path: &Path) -> Result<(PreTokenizerWrapper, bool, bool)> {
+    let splits = |res: &[&str]| -> Result<PreTokenizerWrapper> {
+        let mut seq: Vec<PreTokenizerWrapper> = Vec::with_capacity(res.len() + 1);
+        for re in res {
+            let s = Split::new(
+                SplitPattern::Regex((*re).into()),
+                SplitDelimiterBehavior::Isolated,
+                false,
+            )
+            .map_err(|e| tok_err(path, format!("pre-tokenizer regex {re:?}: {e}")))?;
+            seq.push(s.into());
+        }
+        seq.push(ByteLevel::new(false, true, false).into());
+        Ok(PreSequence::new(seq).into())
     };
+    // GPT-2's regex is ByteLevel's own (plus a trailing `\s+`, which changes nothing when splitting).
+    let gpt2 = || -> PreTokenizerWrapper { ByteLevel::new(false, true, true).into() };
     Ok(match pre.unwrap_or("default") {
-        "default" | "gpt2" | "gpt-2" => (byte_level(true).into(), false),
-        "smollm" | "starcoder" | "refact" | "command-r" | "codeshell" | "exaone" | "minerva-7b" => (
-            PreSequence::new(vec![Digits::new(true).into(), byte_level(true).into()]).into(),
+        "default" => (splits(RE_DEFAULT)?, false, false),
+        "gpt-2" | "phi-2" | "mpt" | "olmo" | "jais" | "exaone4" => (gpt2(), false, false),
+        "smollm" | "starcoder" | "refact" | "command-r" | "codeshell" | "exaone" => (
+            PreSequence::new(vec![Digits::new(true).into(), gpt2()]).into(),
+            false,
             false,
         ),
-        "llama3" | "llama-v3" | "llama-bpe" | "falcon3" => (split(GPT2_REGEX_LLAMA3)?, true),
-        "dbrx" | "smaug-bpe" => (split(GPT2_REGEX_LLAMA3)?, false),
-        "qwen2" | "deepseek-r1-qwen" => (split(GPT2_REGEX_QWEN2)?, false),
+        "llama3" | "llama-v3" | "llama-bpe" | "falcon3" | "falcon-h1" | "pixtral" => {
+            (splits(&[RE_LLAMA3])?, true, true)
+        }
+        "dbrx" | "smaug-bpe" => (splits(&[RE_LLAMA3])?, false, false),
+        "qwen2" | "deepseek-r1-qwen" | "stablelm2" => (splits(&[RE_QWEN2])?, false, false),
+        "qwen35" => (splits(&[RE_QWEN35])?, false, false),
+        "falcon" => (splits(RE_FALCON)?, false, false),
+        "deepseek-coder" => (splits(RE_DEEPSEEK_CODER)?, false, false),
+        "deepseek-llm" => (splits(RE_DEEPSEEK_LLM)?, false, false),
         other => {
             return Err(tok_err(
                 path,
                 format!(
-                    "unsupported GGUF pre-tokenizer `tokenizer.ggml.pre` = {other:?} (supported: default, gpt2, \
-                     smollm, starcoder, refact, command-r, codeshell, exaone, minerva-7b, llama-bpe, llama3, \
-                     falcon3, dbrx, smaug-bpe, qwen2, deepseek-r1-qwen)"
+                    "unsupported GGUF pre-tokenizer `tokenizer.ggml.pre` = {other:?} (supported: default, gpt-2, \
+                     phi-2, mpt, olmo, jais, exaone4, smollm, starcoder, refact, command-r, codeshell, exaone, \
+                     llama3, llama-v3, llama-bpe, falcon3, falcon-h1, pixtral, dbrx, smaug-bpe, qwen2, \
+                     deepseek-r1-qwen, stablelm2, qwen35, falcon, deepseek-coder, deepseek-llm)"
                 ),
             ))
         }
     })
 }
 
-/// `tokenizer.ggml.model = gpt2`: byte-level BPE, control tokens special, user-defined tokens added.
+/// `tokenizer.ggml.model = gpt2`: byte-level BPE, control tokens special, user-defined tokens added. Also
+/// returns whether llama.cpp adds BOS for this pre-tokenizer when `tokenizer.ggml.add_bos_token` is absent.
 fn gguf_byte_level_bpe(
     md: &HashMap<String, GgufValue>,
     path: &Path,
     tokens: &[String],
-) -> Result<tokenizers::Tokenizer> {
+) -> Result<(tokenizers::Tokenizer, bool)> {
     let merges_raw = gguf_string_array(md, "tokenizer.ggml.merges", path)?
         .ok_or_else(|| Error::format(path, "GGUF metadata lacks `tokenizer.ggml.merges` (needed for gpt2)"))?;
     let types = gguf_token_types(md, path, tokens.len())?;
@@ -827,7 +864,7 @@ fn gguf_byte_level_bpe(
         merges.push((a.to_string(), b.to_string()));
     }
     let pre = gguf_string(md, "tokenizer.ggml.pre", path)?;
-    let (pre_tok, ignore_merges) = gguf_pre_tokenizer(pre.as_deref(), path)?;
+    let (pre_tok, ignore_merges, add_bos) = gguf_pre_tokenizer(pre.as_deref(), path)?;
     let bpe = BPE::builder()
         .vocab_and_merges(vocab, merges)
         .ignore_merges(ignore_merges)
@@ -851,7 +888,7 @@ fn gguf_byte_level_bpe(
         .add_special_tokens(special)
         .map_err(|e| tok_err(path, e.to_string()))?;
     inner.add_tokens(user).map_err(|e| tok_err(path, e.to_string()))?;
-    Ok(inner)
+    Ok((inner, add_bos))
 }
 
 /// `tokenizer.ggml.model = llama`: a SentencePiece BPE vocabulary with scores.

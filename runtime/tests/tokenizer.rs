@@ -656,3 +656,52 @@ fn sentencepiece_models_match_the_sentencepiece_library() {
         }
     }
 }
+
+/// Every vocabulary in llama.cpp's `models/` that has test vectors and a tokenizer kind we support
+/// (byte-level BPE with its pre-tokenizer, SentencePiece BPE) encodes all its vectors exactly.
+#[test]
+fn llama_cpp_vocabularies_match_their_test_vectors() {
+    let Some((spm, _, _)) = llama_spm_paths() else { return };
+    let models = spm.parent().unwrap();
+    let names = [
+        "command-r",
+        "deepseek-coder",
+        "deepseek-llm",
+        "falcon",
+        "gpt-2",
+        "llama-bpe",
+        "llama-spm",
+        "mpt",
+        "phi-3",
+        "qwen2",
+        "qwen35",
+        "refact",
+        "starcoder",
+    ];
+    let mut report = Vec::new();
+    let mut total_bad = 0;
+    for name in names {
+        let vocab = models.join(format!("ggml-vocab-{name}.gguf"));
+        let inp = models.join(format!("ggml-vocab-{name}.gguf.inp"));
+        let out = models.join(format!("ggml-vocab-{name}.gguf.out"));
+        let tok = Tokenizer::from_gguf(&read_metadata(&vocab), &vocab).unwrap().unwrap();
+        if name == "llama-bpe" {
+            // llama.cpp adds BOS for Llama 3 when the GGUF does not say.
+            assert!(tok.add_bos);
+            assert_eq!(tok.bos_token.as_deref(), Some("<|begin_of_text|>"));
+        }
+        let vectors = llama_vectors(&inp, &out);
+        let mut bad = 0;
+        for (text, ids) in &vectors {
+            let got = tok.encode(text, false).unwrap();
+            if &got != ids {
+                bad += 1;
+                eprintln!("{name}: {text:?}\n  expected {ids:?}\n  got      {got:?}");
+            }
+        }
+        total_bad += bad;
+        report.push(format!("{name}: {}/{}", vectors.len() - bad, vectors.len()));
+    }
+    eprintln!("{}", report.join(", "));
+    assert_eq!(total_bad, 0, "{}", report.join(", "));
+}
