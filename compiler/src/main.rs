@@ -3,7 +3,11 @@
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
-#[command(name = "dlo-compile", version, about = "Turn Llama-family checkpoints into DLO models and engines")]
+#[command(
+    name = "dlo-compile",
+    version,
+    about = "Turn Llama-family checkpoints into DLO models and engines"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -13,12 +17,15 @@ struct Cli {
 enum Command {
     /// Convert a checkpoint (HF directory or GGUF) into an HF directory.
     Import(dlo_compiler::import::ImportArgs),
+    /// Per-layer, per-token similarity of unit input vs output on sample text (JSON + heatmap).
+    Analyze(dlo_compiler::analyze::AnalyzeArgs),
 }
 
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     let result = match &cli.command {
         Command::Import(a) => dlo_compiler::import::run(a),
+        Command::Analyze(a) => dlo_compiler::analyze::run(a),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

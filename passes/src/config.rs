@@ -26,7 +26,9 @@ pub enum ConfigError {
     #[error("{path}: contradictory config: {problem}")]
     Contradiction { path: PathBuf, problem: String },
     /// `model_type` / `architectures` names something we cannot run.
-    #[error("{path}: unsupported architecture `{arch}` (supported: llama, mistral, qwen2, llama_dlo, llama_dlo_exattn)")]
+    #[error(
+        "{path}: unsupported architecture `{arch}` (supported: llama, mistral, qwen2, llama_dlo, llama_dlo_exattn)"
+    )]
     UnknownArchitecture { path: PathBuf, arch: String },
     /// The file is not JSON.
     #[error("{path}: not valid JSON: {source}")]
@@ -526,7 +528,10 @@ impl ModelConfig {
             None => return Err(r.missing("is_dlo")),
             Some(Value::Array(a)) => a
                 .iter()
-                .map(|v| v.as_bool().ok_or_else(|| r.invalid("is_dlo", format!("expected booleans, found {v}"))))
+                .map(|v| {
+                    v.as_bool()
+                        .ok_or_else(|| r.invalid("is_dlo", format!("expected booleans, found {v}")))
+                })
                 .collect::<Result<_, _>>()?,
             Some(v) => return Err(r.invalid("is_dlo", format!("expected a list of booleans, found {v}"))),
         };
@@ -545,17 +550,19 @@ impl ModelConfig {
                 if a.len() != n_layers {
                     return Err(ConfigError::Contradiction {
                         path: r.path.to_path_buf(),
-                        problem: format!("dlo_capacity has {} entries but num_hidden_layers is {n_layers}", a.len()),
+                        problem: format!(
+                            "dlo_capacity has {} entries but num_hidden_layers is {n_layers}",
+                            a.len()
+                        ),
                     });
                 }
                 Capacity::PerLayer(
                     a.iter()
                         .map(|v| match v {
                             Value::Null => Ok(None),
-                            v => v
-                                .as_f64()
-                                .map(Some)
-                                .ok_or_else(|| r.invalid("dlo_capacity", format!("expected numbers or null, found {v}"))),
+                            v => v.as_f64().map(Some).ok_or_else(|| {
+                                r.invalid("dlo_capacity", format!("expected numbers or null, found {v}"))
+                            }),
                         })
                         .collect::<Result<_, _>>()?,
                 )
@@ -567,8 +574,12 @@ impl ModelConfig {
         };
         let loss_type = match r.str_opt("dlo_loss_type")? {
             None => LossType::SelfTopK,
-            Some(s) => LossType::parse(s)
-                .ok_or_else(|| r.invalid("dlo_loss_type", format!("unknown loss type `{s}` (self, cos, cos-global)")))?,
+            Some(s) => LossType::parse(s).ok_or_else(|| {
+                r.invalid(
+                    "dlo_loss_type",
+                    format!("unknown loss type `{s}` (self, cos, cos-global)"),
+                )
+            })?,
         };
         // Defaults are `LlamaDLOExAttnConfig`'s (dlo-method.md §3.6); the writer always records every key.
         Ok(DloConfig {

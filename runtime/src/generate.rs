@@ -1,1 +1,550 @@
 //! Sampling and the generation loop.
+//!
+//! [`Generator`] owns a KV cache and runs prefill then one decode step per token, streaming each token to a
+//! callback that may stop generation. Routing statistics (tokens executed per routed layer) accumulate as it
+//! goes, so callers can report the realised execution rate.
+
+use crate::error::{Error, Result};
+use crate::model::cache::Cache;
+use crate::model::{Batch, Forward, ForwardOutput, Model, Routing};
+use candle_core::{IndexOp, Tensor};
+use rand::{rngs::StdRng, Rng, SeedableRng};
+use std::ops::ControlFlow;
+use std::time::{Duration, Instant};
+
+/// How the next token is chosen from the logits.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SamplingParams {
+    /// Softmax temperature; 0 means greedy (argmax).
+    pub temperature: f32,
+    /// Keep only the k most likely tokens (0 = no limit).
+    pub top_k: usize,
+    /// Keep the smallest set of tokens whose probability mass reaches p (1.0 = no limit).
+    pub top_p: f32,
+    /// RNG seed (sampling is deterministic for a given seed).
+    pub seed: u64,
+}
+
+impl Default for SamplingParams {
+    fn default() -> Self {
+        SamplingParams {
+            temperature: 0.0,
+            top_k: 0,
+            top_p: 1.0,
+            seed: 42,
+        }
+    }
+}
+
+impl SamplingParams {
+    /// Checks ranges.
+    pub fn validate(&self) -> Result<()> {
+        if !(self.temperature >= 0.0 && self.temperature.is_finite()) {
+            return Err(Error::InvalidArgument(format!(
+                "temperature must be ≥ 0, got {}",
+                self.temperature
+            )));
+        }
+        if !(self.top_p > 0.0 && self.top_p <= 1.0) {
+            return Err(Error::InvalidArgument(format!(
+                "top-p must be in (0, 1], got {}",
+                self.top_p
+            )));
+        }
+        Ok(())
+    }
+}
+
+/// A seeded token sampler.
+#[derive(Debug, Clone)]
+pub struct Sampler {
+    params: SamplingParams,
+    rng: StdRng,
+}
+
+impl Sampler {
+    /// A sampler with its own RNG seeded from `params.seed`.
+    pub fn new(params: SamplingParams) -> Self {
+        let rng = StdRng::seed_from_u64(params.seed);
+        Sampler { params, rng }
+    }
+
+    /// Picks a token from one row of logits.
+    pub fn sample(&mut self, logits: &[f32]) -> u32 {
+        let p = &self.params;
+        if p.temperature == 0.0 {
+            return argmax(logits);
+        }
+        let mut cand: Vec<(u32, f32)> = logits.iter().enumerate().map(|(i, &l)| (i as u32, l)).collect();
+        cand.sort_unstable_by(|a, b| b.1.total_cmp(&a.1));
+        if p.top_k > 0 {
+            cand.truncate(p.top_k);
+        }
+        let max = cand[0].1;
+        let mut probs: Vec<f32> = cand.iter().map(|(_, l)| ((l - max) / p.temperature).exp()).collect();
+        let sum: f32 = probs.iter().sum();
+        probs.iter_mut().for_each(|x| *x /= sum);
+        if p.top_p < 1.0 {
+            let mut acc = 0.0;
+            let mut keep = probs.len();
+            for (i, x) in probs.iter().enumerate() {
+                acc += x;
+                if acc >= p.top_p {
+                    keep = i + 1;
+                    break;
+                }
+            }
+            probs.truncate(keep);
+            let s: f32 = probs.iter().sum();
+            probs.iter_mut().for_each(|x| *x /= s);
+        }
+        let u: f32 = self.rng.random();
+        let mut acc = 0.0;
+        for (i, x) in probs.iter().enumerate() {
+            acc += x;
+            if u < acc {
+                return cand[i].0;
+            }
+        }
+        cand[probs.len() - 1].0
+    }
+}
+
+/// Index of the largest value (the first one on ties).
+pub fn argmax(xs: &[f32]) -> u32 {
+    let mut best = 0;
+    for (i, &x) in xs.iter().enumerate() {
+        if x > xs[best] {
+            best = i;
+        }
+    }
+    best as u32
+}
+
+/// Settings of one generation.
+#[derive(Debug, Clone)]
+pub struct GenerateParams {
+    /// At most this many new tokens.
+    pub max_tokens: usize,
+    /// Token ids that end generation (not emitted).
+    pub stop_tokens: Vec<u32>,
+    /// Sampling.
+    pub sampling: SamplingParams,
+    /// Routing rule for routed layers.
+    pub routing: Routing,
+}
+
+impl Default for GenerateParams {
+    fn default() -> Self {
+        GenerateParams {
+            max_tokens: 256,
+            stop_tokens: vec![],
+            sampling: SamplingParams::default(),
+            routing: Routing::Reference,
+        }
+    }
+}
+
+/// Why generation ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StopReason {
+    /// A stop token was produced.
+    StopToken,
+    /// `max_tokens` reached.
+    MaxTokens,
+    /// The callback asked to stop.
+    Callback,
+    /// The model's context length was reached.
+    ContextFull,
+}
+
+/// Per-layer routing counters over a generation.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct RoutingStats {
+    /// Per layer: (executed tokens, routed tokens); `None` for dense layers.
+    pub layers: Vec<Option<(u64, u64)>>,
+}
+
+impl RoutingStats {
+    /// Adds one forward pass's trace (real tokens only).
+    pub fn add(&mut self, out: &ForwardOutput, valid: &[bool]) {
+        self.add_rows(out, valid, 0..valid.len());
+    }
+
+    /// Adds the tokens `rows` (indices into the flattened batch) of one forward pass's trace.
+    pub fn add_rows(&mut self, out: &ForwardOutput, valid: &[bool], rows: std::ops::Range<usize>) {
+        let exec_of = |tr: &crate::model::LayerTrace| rows.clone().filter(|&r| valid[r] && tr.exec[r]).count() as u64;
+        let n = rows.clone().filter(|&r| valid[r]).count() as u64;
+        if self.layers.len() < out.trace.len() {
+            self.layers.resize(out.trace.len(), None);
+        }
+        for (slot, tr) in self.layers.iter_mut().zip(&out.trace) {
+            if let Some(tr) = tr {
+                let (se, sn) = slot.unwrap_or((0, 0));
+                *slot = Some((se + exec_of(tr), sn + n));
+            }
+        }
+    }
+
+    /// Per-layer execution rate (`None` for dense layers).
+    pub fn rates(&self) -> Vec<Option<f64>> {
+        self.layers
+            .iter()
+            .map(|s| s.map(|(e, n)| if n == 0 { 0.0 } else { e as f64 / n as f64 }))
+            .collect()
+    }
+
+    /// Mean execution rate over routed layers (1.0 when there are none).
+    pub fn mean_rate(&self) -> f64 {
+        let r: Vec<f64> = self.rates().into_iter().flatten().collect();
+        if r.is_empty() {
+            1.0
+        } else {
+            r.iter().sum::<f64>() / r.len() as f64
+        }
+    }
+}
+
+/// What a generation produced.
+#[derive(Debug, Clone)]
+pub struct Generation {
+    /// New tokens (without the prompt and without the stop token).
+    pub tokens: Vec<u32>,
+    /// Why it ended.
+    pub stop: StopReason,
+    /// Prompt tokens processed.
+    pub prompt_tokens: usize,
+    /// Wall time of the prefill.
+    pub prefill_time: Duration,
+    /// Wall time of the decode steps.
+    pub decode_time: Duration,
+    /// Routing counters over prompt and generated tokens.
+    pub routing: RoutingStats,
+}
+
+impl Generation {
+    /// Decode steps run (the first new token comes from the prefill, the last one is not fed back).
+    pub fn decode_steps(&self) -> usize {
+        self.tokens.len().saturating_sub(1)
+    }
+}
+
+/// Generates text for one sequence with a KV cache.
+pub struct Generator<'m> {
+    model: &'m Model,
+    cache: Cache,
+    sampler: Sampler,
+    params: GenerateParams,
+    pos: u32,
+    last_logits: Option<Tensor>,
+}
+
+impl<'m> Generator<'m> {
+    /// A generator with an empty cache.
+    pub fn new(model: &'m Model, params: GenerateParams) -> Result<Self> {
+        params.sampling.validate()?;
+        Ok(Generator {
+            model,
+            cache: model.new_cache(),
+            sampler: Sampler::new(params.sampling.clone()),
+            params,
+            pos: 0,
+            last_logits: None,
+        })
+    }
+
+    /// Logits of the last processed position (`[vocab]`, f32), if any.
+    pub fn last_logits(&self) -> Option<&Tensor> {
+        self.last_logits.as_ref()
+    }
+
+    fn step(&mut self, ids: &[u32], stats: &mut RoutingStats) -> Result<u32> {
+        let ctx = self.model.config().max_position_embeddings;
+        if self.pos as usize + ids.len() > ctx {
+            return Err(Error::InvalidArgument(format!(
+                "{} tokens exceed the context length {ctx}",
+                self.pos as usize + ids.len()
+            )));
+        }
+        let batch = Batch::single(ids, self.pos);
+        let fwd = Forward {
+            routing: self.params.routing.clone(),
+            all_logits: false,
+        };
+        let out = self.model.forward(&batch, Some(&mut self.cache), &fwd)?;
+        stats.add(&out, &batch.valid);
+        self.pos += ids.len() as u32;
+        let logits = out.logits.i((0, 0))?;
+        let row: Vec<f32> = logits.to_vec1()?;
+        self.last_logits = Some(logits);
+        Ok(self.sampler.sample(&row))
+    }
+
+    /// Runs prefill on `prompt` and decodes until a stop condition; `on_token` sees each new token and may
+    /// return `ControlFlow::Break(())` to stop.
+    pub fn generate(&mut self, prompt: &[u32], mut on_token: impl FnMut(u32) -> ControlFlow<()>) -> Result<Generation> {
+        if prompt.is_empty() {
+            return Err(Error::InvalidArgument("empty prompt".into()));
+        }
+        let mut stats = RoutingStats::default();
+        let ctx = self.model.config().max_position_embeddings;
+        let t0 = Instant::now();
+        let mut next = self.step(prompt, &mut stats)?;
+        let prefill_time = t0.elapsed();
+        let t1 = Instant::now();
+        let mut tokens = Vec::new();
+        let stop = loop {
+            if self.params.stop_tokens.contains(&next) {
+                break StopReason::StopToken;
+            }
+            tokens.push(next);
+            if on_token(next).is_break() {
+                break StopReason::Callback;
+            }
+            if tokens.len() >= self.params.max_tokens {
+                break StopReason::MaxTokens;
+            }
+            if self.pos as usize >= ctx {
+                break StopReason::ContextFull;
+            }
+            next = self.step(&[next], &mut stats)?;
+        };
+        Ok(Generation {
+            tokens,
+            stop,
+            prompt_tokens: prompt.len(),
+            prefill_time,
+            decode_time: t1.elapsed(),
+            routing: stats,
+        })
+    }
+}
+
+/// Generates for several prompts at once: one left-padded prefill, then batched decode steps in which each
+/// sequence routes its own tokens. Finished sequences stop contributing (their slots are padding).
+/// Sequence i samples with its own sampler seeded from `params.sampling.seed`, so each result equals
+/// a single-sequence [`Generator`] run with the same parameters.
+pub fn generate_batch(model: &Model, prompts: &[Vec<u32>], params: &GenerateParams) -> Result<Vec<Generation>> {
+    params.sampling.validate()?;
+    if prompts.is_empty() || prompts.iter().any(Vec::is_empty) {
+        return Err(Error::InvalidArgument("every prompt needs at least one token".into()));
+    }
+    let ctx = model.config().max_position_embeddings;
+    if let Some(p) = prompts.iter().find(|p| p.len() > ctx) {
+        return Err(Error::InvalidArgument(format!(
+            "{} tokens exceed the context length {ctx}",
+            p.len()
+        )));
+    }
+    let n = prompts.len();
+    let mut cache = model.new_cache();
+    let mut samplers: Vec<Sampler> = (0..n).map(|_| Sampler::new(params.sampling.clone())).collect();
+    let mut stats: Vec<RoutingStats> = vec![RoutingStats::default(); n];
+    let fwd = Forward {
+        routing: params.routing.clone(),
+        all_logits: false,
+    };
+    let t0 = Instant::now();
+    let batch = Batch::left_padded(prompts, 0);
+    let out = model.forward(&batch, Some(&mut cache), &fwd)?;
+    let t = batch.t;
+    for (i, st) in stats.iter_mut().enumerate() {
+        st.add_rows(&out, &batch.valid, i * t..(i + 1) * t);
+    }
+    let prefill_time = t0.elapsed();
+    let t1 = Instant::now();
+    let mut next: Vec<u32> = (0..n)
+        .map(|i| Ok(samplers[i].sample(&out.logits.i((i, 0))?.to_vec1::<f32>()?)))
+        .collect::<Result<_>>()?;
+    let mut pos: Vec<u32> = prompts.iter().map(|p| p.len() as u32).collect();
+    let mut tokens: Vec<Vec<u32>> = vec![Vec::new(); n];
+    let mut stop: Vec<Option<StopReason>> = vec![None; n];
+    loop {
+        for i in 0..n {
+            if stop[i].is_some() {
+                continue;
+            }
+            if params.stop_tokens.contains(&next[i]) {
+                stop[i] = Some(StopReason::StopToken);
+                continue;
+            }
+            tokens[i].push(next[i]);
+            if tokens[i].len() >= params.max_tokens {
+                stop[i] = Some(StopReason::MaxTokens);
+            } else if pos[i] as usize >= ctx {
+                stop[i] = Some(StopReason::ContextFull);
+            }
+        }
+        if stop.iter().all(Option::is_some) {
+            break;
+        }
+        let step = Batch {
+            ids: next.clone(),
+            b: n,
+            t: 1,
+            pos: pos.clone(),
+            valid: stop.iter().map(Option::is_none).collect(),
+        };
+        let out = model.forward(&step, Some(&mut cache), &fwd)?;
+        for i in 0..n {
+            if stop[i].is_none() {
+                stats[i].add_rows(&out, &step.valid, i..i + 1);
+                next[i] = samplers[i].sample(&out.logits.i((i, 0))?.to_vec1::<f32>()?);
+                pos[i] += 1;
+            }
+        }
+    }
+    let decode_time = t1.elapsed();
+    Ok((0..n)
+        .map(|i| Generation {
+            tokens: std::mem::take(&mut tokens[i]),
+            stop: stop[i].unwrap_or(StopReason::MaxTokens),
+            prompt_tokens: prompts[i].len(),
+            prefill_time,
+            decode_time,
+            routing: std::mem::take(&mut stats[i]),
+        })
+        .collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::tests::{random_weights, tiny_config};
+    use candle_core::{DType, Device};
+
+    #[test]
+    fn greedy_is_argmax_and_sampling_is_seeded() {
+        let logits = [0.1, 2.0, -1.0, 1.9];
+        assert_eq!(Sampler::new(SamplingParams::default()).sample(&logits), 1);
+        let p = SamplingParams {
+            temperature: 1.0,
+            seed: 3,
+            ..Default::default()
+        };
+        let a: Vec<u32> = (0..20)
+            .map({
+                let mut s = Sampler::new(p.clone());
+                move |_| s.sample(&logits)
+            })
+            .collect();
+        let b: Vec<u32> = (0..20)
+            .map({
+                let mut s = Sampler::new(p.clone());
+                move |_| s.sample(&logits)
+            })
+            .collect();
+        assert_eq!(a, b);
+        assert!(
+            a.iter().any(|&x| x != 1),
+            "temperature 1 should sometimes pick another token: {a:?}"
+        );
+        // top-k 1 is greedy whatever the temperature.
+        let mut s = Sampler::new(SamplingParams { top_k: 1, ..p.clone() });
+        assert!((0..20).all(|_| s.sample(&logits) == 1));
+        // top-p small keeps only the most likely token.
+        let mut s = Sampler::new(SamplingParams { top_p: 0.01, ..p });
+        assert!((0..20).all(|_| s.sample(&logits) == 1));
+    }
+
+    #[test]
+    fn generation_matches_full_recompute_greedy_and_stops() {
+        let cfg = tiny_config(false);
+        let m = Model::load(&cfg, &random_weights(&cfg, 3), DType::F32, &Device::Cpu).unwrap();
+        let prompt = [3u32, 14, 15, 92, 65];
+        let mut g = Generator::new(
+            &m,
+            GenerateParams {
+                max_tokens: 8,
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        let mut streamed = vec![];
+        let out = g
+            .generate(&prompt, |t| {
+                streamed.push(t);
+                ControlFlow::Continue(())
+            })
+            .unwrap();
+        assert_eq!(out.stop, StopReason::MaxTokens);
+        assert_eq!(out.tokens, streamed);
+        // Each greedy token is the argmax of a full recomputation over prompt + previous tokens.
+        let mut seq = prompt.to_vec();
+        for &tok in &out.tokens {
+            let full = m.forward(&Batch::single(&seq, 0), None, &Forward::default()).unwrap();
+            assert_eq!(argmax(&full.logits.i((0, 0)).unwrap().to_vec1::<f32>().unwrap()), tok);
+            seq.push(tok);
+        }
+        // A callback can stop generation; a stop token ends it without being emitted.
+        let mut g = Generator::new(
+            &m,
+            GenerateParams {
+                max_tokens: 8,
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        let out2 = g.generate(&prompt, |_| ControlFlow::Break(())).unwrap();
+        assert_eq!((out2.stop, out2.tokens.len()), (StopReason::Callback, 1));
+        let stop = out.tokens[2];
+        let mut g = Generator::new(
+            &m,
+            GenerateParams {
+                max_tokens: 8,
+                stop_tokens: vec![stop],
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        let out3 = g.generate(&prompt, |_| ControlFlow::Continue(())).unwrap();
+        assert_eq!(out3.stop, StopReason::StopToken);
+        assert!(!out3.tokens.contains(&stop));
+    }
+
+    #[test]
+    fn context_length_is_enforced() {
+        let mut cfg = tiny_config(true);
+        cfg.max_position_embeddings = 8;
+        let m = Model::load(&cfg, &random_weights(&cfg, 3), DType::F32, &Device::Cpu).unwrap();
+        let mut g = Generator::new(&m, GenerateParams::default()).unwrap();
+        let out = g.generate(&[1, 2, 3, 4, 5], |_| ControlFlow::Continue(())).unwrap();
+        assert_eq!(out.stop, StopReason::ContextFull);
+        assert_eq!(out.tokens.len(), 4);
+        let mut g = Generator::new(&m, GenerateParams::default()).unwrap();
+        let e = g.generate(&[1; 9], |_| ControlFlow::Continue(())).unwrap_err();
+        assert!(e.to_string().contains("exceed the context length 8"), "{e}");
+    }
+}
+
+#[cfg(test)]
+mod batch_tests {
+    use super::*;
+    use crate::model::tests::{random_weights, routed, tiny_config};
+    use candle_core::{DType, Device};
+    use dlo_passes::SkipKind;
+
+    #[test]
+    fn batched_generation_equals_one_sequence_at_a_time() {
+        for cfg in [
+            tiny_config(true),
+            routed(tiny_config(false), SkipKind::Mlp),
+            routed(tiny_config(false), SkipKind::Layer),
+        ] {
+            let m = Model::load(&cfg, &random_weights(&cfg, 21), DType::F32, &Device::Cpu).unwrap();
+            let prompts = vec![vec![3u32, 14, 15, 92, 65, 35], vec![8, 9], vec![27, 18, 28, 18]];
+            let params = GenerateParams {
+                max_tokens: 6,
+                stop_tokens: vec![],
+                ..Default::default()
+            };
+            let batched = generate_batch(&m, &prompts, &params).unwrap();
+            for (p, b) in prompts.iter().zip(&batched) {
+                let mut g = Generator::new(&m, params.clone()).unwrap();
+                let single = g.generate(p, |_| ControlFlow::Continue(())).unwrap();
+                assert_eq!(b.tokens, single.tokens, "prompt {p:?}");
+                assert_eq!(b.routing, single.routing, "prompt {p:?}: routing counters differ");
+            }
+        }
+    }
+}

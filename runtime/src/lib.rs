@@ -4,6 +4,7 @@
 //! |---|---|
 //! | [`checkpoint`] | open HF directories and GGUF files |
 //! | [`weights`] | named tensors behind one interface |
+//! | [`gguf`] | GGUF files → config + dequantized weights |
 //! | [`tokenizer`], [`chat`] | text ↔ ids, chat templates |
 //! | [`sentencepiece`] | `tokenizer.model` files and SentencePiece → `tokenizers` conversion |
 //! | [`model`] | the Llama/DLO model definition: eval and training routing, KV caches |
@@ -13,6 +14,8 @@ pub mod chat;
 pub mod checkpoint;
 pub mod error;
 pub mod generate;
+pub mod gguf;
+pub mod kernels;
 pub mod model;
 pub mod sentencepiece;
 pub mod tokenizer;

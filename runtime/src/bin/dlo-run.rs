@@ -1,1 +1,264 @@
-fn main() {}
+//! `dlo-run`: load a checkpoint and generate text, dump one forward pass, or benchmark.
+
+use anyhow::{bail, Context, Result};
+use candle_core::{DType, Device, IndexOp, Tensor};
+use clap::Parser;
+use dlo_runtime::chat::Message;
+use dlo_runtime::generate::{GenerateParams, Generator, SamplingParams};
+use dlo_runtime::model::{Batch, Forward, Routing};
+use dlo_runtime::{Checkpoint, Model};
+use std::collections::HashMap;
+use std::io::Write;
+use std::ops::ControlFlow;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+#[derive(Parser)]
+#[command(name = "dlo-run", version, about = "Run a Llama-family or DLO checkpoint")]
+struct Args {
+    /// Checkpoint: an HF directory or a GGUF file.
+    model: PathBuf,
+    /// Prompt text.
+    #[arg(long)]
+    prompt: Option<String>,
+    /// Wrap the prompt in the model's chat template (as one user turn).
+    #[arg(long)]
+    chat: bool,
+    /// System message for --chat.
+    #[arg(long)]
+    system: Option<String>,
+    /// Comma-separated prompt token ids instead of text (no tokenizer needed).
+    #[arg(long, value_delimiter = ',')]
+    token_ids: Option<Vec<u32>>,
+    /// With --token-ids: run one forward pass and write logits and routing to this safetensors file.
+    #[arg(long)]
+    dump: Option<PathBuf>,
+    /// Maximum new tokens.
+    #[arg(long, default_value_t = 256)]
+    max_tokens: usize,
+    /// Sampling temperature (0 = greedy).
+    #[arg(long, default_value_t = 0.0)]
+    temperature: f32,
+    /// Top-k (0 = off).
+    #[arg(long, default_value_t = 0)]
+    top_k: usize,
+    /// Top-p (1 = off).
+    #[arg(long, default_value_t = 1.0)]
+    top_p: f32,
+    /// RNG seed.
+    #[arg(long, default_value_t = 42)]
+    seed: u64,
+    /// Compute dtype.
+    #[arg(long, default_value = "f32", value_parser = ["f32", "bf16"])]
+    dtype: String,
+    /// Worker threads (default: all cores).
+    #[arg(long)]
+    threads: Option<usize>,
+    /// Force every routed unit on (`on`) or off (`off`) instead of following the routers.
+    #[arg(long, value_parser = ["on", "off"])]
+    force_routing: Option<String>,
+    /// Print timing and routing statistics to stderr after generating.
+    #[arg(long)]
+    stats: bool,
+    /// Benchmark prefill and decode speed on synthetic token ids; prints `prefill_tok_s=X decode_tok_s=Y`.
+    #[arg(long)]
+    bench: bool,
+    /// Prompt length for --bench.
+    #[arg(long, default_value_t = 128)]
+    prompt_tokens: usize,
+    /// Generated tokens for --bench.
+    #[arg(long, default_value_t = 64)]
+    gen_tokens: usize,
+}
+
+fn main() -> std::process::ExitCode {
+    match run(Args::parse()) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(args: Args) -> Result<()> {
+    if let Some(n) = args.threads {
+        if n == 0 {
+            bail!("--threads must be at least 1");
+        }
+        // candle's CPU kernels size their parallelism from RAYON_NUM_THREADS.
+        std::env::set_var("RAYON_NUM_THREADS", n.to_string());
+        rayon::ThreadPoolBuilder::new().num_threads(n).build_global().ok();
+    }
+    let dtype = match args.dtype.as_str() {
+        "bf16" => DType::BF16,
+        _ => DType::F32,
+    };
+    let device = Device::Cpu;
+    let t0 = Instant::now();
+    let ckpt = Checkpoint::open(&args.model)?;
+    let model = Model::load(&ckpt.config, &ckpt.weights, dtype, &device)
+        .with_context(|| format!("building the model from {}", args.model.display()))?;
+    let load_time = t0.elapsed();
+    let routing = match args.force_routing.as_deref() {
+        Some("on") => Routing::Force(true),
+        Some("off") => Routing::Force(false),
+        _ => Routing::Reference,
+    };
+
+    if args.bench {
+        return bench(&model, &args, routing);
+    }
+    if let Some(path) = &args.dump {
+        let ids = args.token_ids.as_ref().context("--dump needs --token-ids")?;
+        return dump(&model, ids, path, routing);
+    }
+
+    let tok = ckpt.tokenizer.as_ref();
+    let prompt: Vec<u32> = match (&args.token_ids, &args.prompt) {
+        (Some(ids), None) => ids.clone(),
+        (None, Some(text)) => {
+            let tok = tok.with_context(|| format!("{}: no tokenizer; use --token-ids", args.model.display()))?;
+            let text = if args.chat {
+                let tmpl = tok
+                    .chat_template
+                    .as_ref()
+                    .with_context(|| format!("{}: no chat template for --chat", args.model.display()))?;
+                let mut msgs = vec![];
+                if let Some(s) = &args.system {
+                    msgs.push(Message::new("system", s));
+                }
+                msgs.push(Message::new("user", text));
+                tmpl.render(&msgs, true)?
+            } else {
+                text.clone()
+            };
+            tok.encode(&text, !args.chat)?
+        }
+        (Some(_), Some(_)) => bail!("give either --prompt or --token-ids, not both"),
+        (None, None) => bail!("nothing to do: give --prompt TEXT or --token-ids IDS"),
+    };
+    let mut stop_tokens = ckpt.config.eos_token_ids.clone();
+    if let Some(t) = tok {
+        stop_tokens.extend(&t.eos_token_ids);
+    }
+    let params = GenerateParams {
+        max_tokens: args.max_tokens,
+        stop_tokens,
+        sampling: SamplingParams {
+            temperature: args.temperature,
+            top_k: args.top_k,
+            top_p: args.top_p,
+            seed: args.seed,
+        },
+        routing,
+    };
+    let mut gen = Generator::new(&model, params)?;
+    let mut out = std::io::stdout().lock();
+    let mut ids = Vec::new();
+    let mut printed = 0usize;
+    let mut failure = None;
+    let result = gen.generate(&prompt, |t| {
+        ids.push(t);
+        let r = match tok {
+            // Print the newly completed text: decode all and diff, holding back an incomplete UTF-8 tail.
+            Some(tok) => match tok.decode(&ids, true) {
+                Ok(text) if !text.ends_with('\u{fffd}') && text.len() >= printed => {
+                    let r = write!(out, "{}", &text[printed..]);
+                    printed = text.len();
+                    r
+                }
+                Ok(_) => Ok(()),
+                Err(e) => {
+                    failure = Some(e);
+                    return ControlFlow::Break(());
+                }
+            },
+            None => write!(out, "{t} "),
+        };
+        if r.is_err() || out.flush().is_err() {
+            return ControlFlow::Break(());
+        }
+        ControlFlow::Continue(())
+    })?;
+    writeln!(out)?;
+    if let Some(e) = failure {
+        return Err(e.into());
+    }
+    if args.stats {
+        let pre = result.prompt_tokens as f64 / result.prefill_time.as_secs_f64();
+        let dec = result.decode_steps() as f64 / result.decode_time.as_secs_f64().max(1e-9);
+        eprintln!(
+            "load {:.2}s, prompt {} tokens ({pre:.1} tok/s), generated {} tokens ({dec:.1} tok/s), stop: {:?}",
+            load_time.as_secs_f64(),
+            result.prompt_tokens,
+            result.tokens.len(),
+            result.stop
+        );
+        if ckpt.config.dlo.is_some() {
+            eprintln!(
+                "mean execution rate of routed layers: {:.3}",
+                result.routing.mean_rate()
+            );
+        }
+    }
+    Ok(())
+}
+
+/// One forward pass over `ids`; writes `logits` [n, vocab] and, per routed layer, `exec.{l}` (u8) and
+/// `router_logit.{l}` (f32) to a safetensors file (temp file + rename).
+fn dump(model: &Model, ids: &[u32], path: &Path, routing: Routing) -> Result<()> {
+    let out = model.forward(
+        &Batch::single(ids, 0),
+        None,
+        &Forward {
+            routing,
+            all_logits: true,
+        },
+    )?;
+    let n = ids.len();
+    let mut tensors: HashMap<String, Tensor> = HashMap::new();
+    tensors.insert("logits".into(), out.logits.i(0)?);
+    for (l, tr) in out.trace.iter().enumerate() {
+        if let Some(tr) = tr {
+            let exec: Vec<u8> = tr.exec.iter().map(|&e| e as u8).collect();
+            tensors.insert(format!("exec.{l}"), Tensor::from_vec(exec, n, &Device::Cpu)?);
+            tensors.insert(
+                format!("router_logit.{l}"),
+                Tensor::from_vec(tr.logits.clone(), n, &Device::Cpu)?,
+            );
+        }
+    }
+    let tmp = path.with_extension("tmp");
+    candle_core::safetensors::save(&tensors, &tmp).with_context(|| format!("writing {}", tmp.display()))?;
+    std::fs::rename(&tmp, path).with_context(|| format!("renaming {} to {}", tmp.display(), path.display()))?;
+    Ok(())
+}
+
+/// Prefill `--prompt-tokens` synthetic ids, then decode `--gen-tokens` greedily; prints tokens/s.
+fn bench(model: &Model, args: &Args, routing: Routing) -> Result<()> {
+    let v = model.config().vocab_size as u32;
+    let prompt: Vec<u32> = (0..args.prompt_tokens as u32).map(|i| (i * 7919 + 13) % v).collect();
+    // Warm-up: one short pass so that thread pools and allocations are primed.
+    model.forward(
+        &Batch::single(&prompt[..8.min(prompt.len())], 0),
+        None,
+        &Forward::default(),
+    )?;
+    let params = GenerateParams {
+        max_tokens: args.gen_tokens,
+        routing,
+        ..Default::default()
+    };
+    let mut gen = Generator::new(model, params)?;
+    let r = gen.generate(&prompt, |_| ControlFlow::Continue(()))?;
+    let pre = r.prompt_tokens as f64 / r.prefill_time.as_secs_f64();
+    let dec = r.decode_steps() as f64 / r.decode_time.as_secs_f64().max(1e-9);
+    println!(
+        "prefill_tok_s={pre:.2} decode_tok_s={dec:.2} prompt_tokens={} gen_tokens={} exec_rate={:.3}",
+        r.prompt_tokens,
+        r.tokens.len(),
+        r.routing.mean_rate()
+    );
+    Ok(())
+}

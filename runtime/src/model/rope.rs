@@ -51,7 +51,14 @@ impl Rope {
     }
 
     /// cos and sin for the given positions, each `[b, t, head_dim/2]` in `dtype`.
-    pub fn cos_sin(&self, positions: &[u32], b: usize, t: usize, dtype: DType, dev: &Device) -> Result<(Tensor, Tensor)> {
+    pub fn cos_sin(
+        &self,
+        positions: &[u32],
+        b: usize,
+        t: usize,
+        dtype: DType,
+        dev: &Device,
+    ) -> Result<(Tensor, Tensor)> {
         let half = self.inv_freq.len();
         let mut cos = Vec::with_capacity(positions.len() * half);
         let mut sin = Vec::with_capacity(positions.len() * half);
@@ -102,7 +109,14 @@ mod tests {
         let (c, s) = rope.cos_sin(&pos, b, t, DType::F32, &dev).unwrap();
         let a = apply(&x, &c, &s, false).unwrap();
         let d = apply(&x, &c, &s, true).unwrap();
-        let diff = (a - d).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+        let diff = (a - d)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
         assert!(diff < 1e-5, "{diff}");
     }
 }

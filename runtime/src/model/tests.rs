@@ -47,48 +47,67 @@ pub(crate) fn routed(mut cfg: ModelConfig, skip: SkipKind) -> ModelConfig {
     cfg
 }
 
-/// Random weights (seeded through candle's CPU RNG) matching `cfg`, routers scaled so that roughly half
-/// the tokens execute.
+/// Deterministic standard-normal samples (xorshift + Box–Muller), independent of any RNG crate.
+pub(crate) fn normal_vec(n: usize, std: f32, seed: &mut u64) -> Vec<f32> {
+    let mut uniform = || {
+        *seed ^= *seed << 13;
+        *seed ^= *seed >> 7;
+        *seed ^= *seed << 17;
+        ((*seed >> 11) as f64 + 0.5) / (1u64 << 53) as f64
+    };
+    (0..n)
+        .map(|_| {
+            let (u1, u2) = (uniform(), uniform());
+            ((-2.0 * u1.ln()).sqrt() * (2.0 * std::f64::consts::PI * u2).cos()) as f32 * std
+        })
+        .collect()
+}
+
+/// Random weights matching `cfg` (norm scales around 1), routers scaled so that roughly half the
+/// tokens execute.
 pub(crate) fn random_weights(cfg: &ModelConfig, seed: u64) -> Weights {
     let dev = Device::Cpu;
-    dev.set_seed(seed).unwrap();
+    let mut state = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
     let (v, d, f) = (cfg.vocab_size, cfg.hidden_size, cfg.intermediate_size);
     let (h, kv, hd) = (cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim);
     let mut m = HashMap::new();
-    let mut put = |name: String, shape: &[usize], std: f64| {
-        m.insert(name, Tensor::randn(0f32, std as f32, shape, &dev).unwrap());
+    let mut put = |name: String, shape: &[usize], std: f32, mean: f32| {
+        let n = shape.iter().product();
+        let data: Vec<f32> = normal_vec(n, std, &mut state).into_iter().map(|x| x + mean).collect();
+        m.insert(name, Tensor::from_vec(data, shape, &dev).unwrap());
     };
-    put("model.embed_tokens.weight".into(), &[v, d], 1.0);
+    put("model.embed_tokens.weight".into(), &[v, d], 1.0, 0.0);
     for l in 0..cfg.num_hidden_layers {
         let p = format!("model.layers.{l}");
-        put(format!("{p}.self_attn.q_proj.weight"), &[h * hd, d], 0.2);
-        put(format!("{p}.self_attn.k_proj.weight"), &[kv * hd, d], 0.2);
-        put(format!("{p}.self_attn.v_proj.weight"), &[kv * hd, d], 0.2);
-        put(format!("{p}.self_attn.o_proj.weight"), &[d, h * hd], 0.2);
-        put(format!("{p}.mlp.gate_proj.weight"), &[f, d], 0.2);
-        put(format!("{p}.mlp.up_proj.weight"), &[f, d], 0.2);
-        put(format!("{p}.mlp.down_proj.weight"), &[d, f], 0.2);
-        put(format!("{p}.input_layernorm.weight"), &[d], 0.1);
-        put(format!("{p}.post_attention_layernorm.weight"), &[d], 0.1);
+        put(format!("{p}.self_attn.q_proj.weight"), &[h * hd, d], 0.2, 0.0);
+        put(format!("{p}.self_attn.k_proj.weight"), &[kv * hd, d], 0.2, 0.0);
+        put(format!("{p}.self_attn.v_proj.weight"), &[kv * hd, d], 0.2, 0.0);
+        put(format!("{p}.self_attn.o_proj.weight"), &[d, h * hd], 0.2, 0.0);
+        put(format!("{p}.mlp.gate_proj.weight"), &[f, d], 0.2, 0.0);
+        put(format!("{p}.mlp.up_proj.weight"), &[f, d], 0.2, 0.0);
+        put(format!("{p}.mlp.down_proj.weight"), &[d, f], 0.2, 0.0);
+        put(format!("{p}.input_layernorm.weight"), &[d], 0.1, 1.0);
+        put(format!("{p}.post_attention_layernorm.weight"), &[d], 0.1, 1.0);
         if cfg.is_routed(l) {
-            put(format!("model.routers.{l}.weight"), &[1, d], 0.5);
+            put(format!("model.routers.{l}.weight"), &[1, d], 0.5, 0.0);
         }
     }
-    put("model.norm.weight".into(), &[d], 0.1);
+    put("model.norm.weight".into(), &[d], 0.1, 1.0);
     if !cfg.tie_word_embeddings {
-        put("lm_head.weight".into(), &[v, d], 0.2);
-    }
-    // Norm weights around 1, not 0.
-    for (k, t) in m.iter_mut() {
-        if k.ends_with("norm.weight") {
-            *t = (t.clone() + 1.0).unwrap();
-        }
+        put("lm_head.weight".into(), &[v, d], 0.2, 0.0);
     }
     Weights::from_tensors(m, "random")
 }
 
 fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
-    (a - b).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap()
+    (a - b)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap()
 }
 
 fn ids(n: usize, seed: u32) -> Vec<u32> {
@@ -99,21 +118,32 @@ fn ids(n: usize, seed: u32) -> Vec<u32> {
 fn check_decode_equals_recompute(cfg: &ModelConfig) {
     let m = Model::load(cfg, &random_weights(cfg, 7), DType::F32, &Device::Cpu).unwrap();
     let seq = ids(12, 1);
-    let all = Forward { all_logits: true, ..Default::default() };
+    let all = Forward {
+        all_logits: true,
+        ..Default::default()
+    };
     let full = m.forward(&Batch::single(&seq, 0), None, &all).unwrap();
     let mut cache = m.new_cache();
     let pre = m.forward(&Batch::single(&seq[..5], 0), Some(&mut cache), &all).unwrap();
     assert!(max_diff(&pre.logits, &full.logits.narrow(1, 0, 5).unwrap()) < 1e-5);
     for (i, &tok) in seq.iter().enumerate().skip(5) {
         let out = m
-            .forward(&Batch::next_tokens(&[tok], &[i as u32]), Some(&mut cache), &Forward::default())
+            .forward(
+                &Batch::next_tokens(&[tok], &[i as u32]),
+                Some(&mut cache),
+                &Forward::default(),
+            )
             .unwrap();
         let want = full.logits.narrow(1, i, 1).unwrap();
         let d = max_diff(&out.logits, &want);
-        assert!(d < 1e-5, "position {i}: decode differs from recomputation by {d}");
+        // Decode runs the matvec kernel, recomputation runs GEMM: same math, different summation order.
+        assert!(d < 1e-4, "position {i}: decode differs from recomputation by {d}");
         for (l, tr) in out.trace.iter().enumerate() {
             if let (Some(tr), Some(ftr)) = (tr, &full.trace[l]) {
-                assert_eq!(tr.exec[0], ftr.exec[i], "layer {l} position {i}: routing decision differs");
+                assert_eq!(
+                    tr.exec[0], ftr.exec[i],
+                    "layer {l} position {i}: routing decision differs"
+                );
             }
         }
     }
@@ -137,13 +167,18 @@ fn layer_skip_decode_equals_recompute_with_ragged_caches() {
     // The per-layer caches really are ragged: routed layers hold fewer tokens than dense ones.
     let m = Model::load(&cfg, &random_weights(&cfg, 7), DType::F32, &Device::Cpu).unwrap();
     let mut cache = m.new_cache();
-    let out = m.forward(&Batch::single(&ids(40, 3), 0), Some(&mut cache), &Forward::default()).unwrap();
+    let out = m
+        .forward(&Batch::single(&ids(40, 3), 0), Some(&mut cache), &Forward::default())
+        .unwrap();
     let lens = cache.lengths(0);
     assert_eq!(lens[0], 40);
-    for l in 1..cfg.num_hidden_layers {
-        let executed = out.trace[l].as_ref().unwrap().exec.iter().filter(|e| **e).count();
-        assert_eq!(lens[l], executed, "layer {l}");
-        assert!(executed > 0 && executed < 40, "layer {l} executed {executed} of 40: routers are degenerate");
+    for (l, (len, tr)) in lens.iter().zip(&out.trace).enumerate().skip(1) {
+        let executed = tr.as_ref().unwrap().exec.iter().filter(|e| **e).count();
+        assert_eq!(*len, executed, "layer {l}");
+        assert!(
+            executed > 0 && executed < 40,
+            "layer {l} executed {executed} of 40: routers are degenerate"
+        );
     }
 }
 
@@ -152,7 +187,10 @@ fn check_padding_is_inert(cfg: &ModelConfig) {
     let m = Model::load(cfg, &random_weights(cfg, 11), DType::F32, &Device::Cpu).unwrap();
     let a = ids(9, 1);
     let b = ids(4, 2);
-    let all = Forward { all_logits: true, ..Default::default() };
+    let all = Forward {
+        all_logits: true,
+        ..Default::default()
+    };
     let batch = Batch::left_padded(&[a.clone(), b.clone()], 0);
     let mut cache = m.new_cache();
     let both = m.forward(&batch, Some(&mut cache), &all).unwrap();
@@ -161,7 +199,8 @@ fn check_padding_is_inert(cfg: &ModelConfig) {
         let pad = 9 - s.len();
         let got = both.logits.get(bi).unwrap().narrow(0, pad, s.len()).unwrap();
         let d = max_diff(&got, &alone.logits.get(0).unwrap());
-        assert!(d < 1e-5, "sequence {bi}: padding changed logits by {d}");
+        // Batched matmuls block differently from single-sequence ones: allow f32 summation-order noise.
+        assert!(d < 1e-4, "sequence {bi}: padding changed logits by {d}");
         for (l, tr) in both.trace.iter().enumerate() {
             if let (Some(tr), Some(at)) = (tr, &alone.trace[l]) {
                 assert_eq!(&tr.exec[bi * 9 + pad..(bi + 1) * 9], &at.exec[..], "layer {l}");
@@ -170,14 +209,18 @@ fn check_padding_is_inert(cfg: &ModelConfig) {
     }
     // Batched decode continues both sequences independently.
     let next = m
-        .forward(&Batch::next_tokens(&[5, 6], &[9, 4]), Some(&mut cache), &Forward::default())
+        .forward(
+            &Batch::next_tokens(&[5, 6], &[9, 4]),
+            Some(&mut cache),
+            &Forward::default(),
+        )
         .unwrap();
     for (bi, (s, tok)) in [(a, 5u32), (b, 6u32)].into_iter().enumerate() {
         let mut s = s;
         s.push(tok);
         let alone = m.forward(&Batch::single(&s, 0), None, &Forward::default()).unwrap();
         let d = max_diff(&next.logits.get(bi).unwrap(), &alone.logits.get(0).unwrap());
-        assert!(d < 1e-5, "sequence {bi}: batched decode differs by {d}");
+        assert!(d < 1e-4, "sequence {bi}: batched decode differs by {d}");
     }
 }
 
@@ -197,13 +240,29 @@ fn forced_routing_bounds_the_routed_model() {
     let m = Model::load(&cfg, &w, DType::F32, &Device::Cpu).unwrap();
     let seq = ids(6, 4);
     let off = m
-        .forward(&Batch::single(&seq, 0), None, &Forward { routing: Routing::Force(false), all_logits: true })
+        .forward(
+            &Batch::single(&seq, 0),
+            None,
+            &Forward {
+                routing: Routing::Force(false),
+                all_logits: true,
+            },
+        )
         .unwrap();
     let mut one_layer = cfg.clone();
     one_layer.num_hidden_layers = 1;
     one_layer.dlo = None;
     let m1 = Model::load(&one_layer, &w, DType::F32, &Device::Cpu).unwrap();
-    let dense1 = m1.forward(&Batch::single(&seq, 0), None, &Forward { all_logits: true, ..Default::default() }).unwrap();
+    let dense1 = m1
+        .forward(
+            &Batch::single(&seq, 0),
+            None,
+            &Forward {
+                all_logits: true,
+                ..Default::default()
+            },
+        )
+        .unwrap();
     assert!(max_diff(&off.logits, &dense1.logits) < 1e-5);
     assert!(off.trace[1].as_ref().unwrap().exec.iter().all(|e| !e));
 }
@@ -212,6 +271,8 @@ fn forced_routing_bounds_the_routed_model() {
 fn out_of_vocabulary_ids_are_an_error() {
     let cfg = tiny_config(true);
     let m = Model::load(&cfg, &random_weights(&cfg, 1), DType::F32, &Device::Cpu).unwrap();
-    let e = m.forward(&Batch::single(&[1, 500], 0), None, &Forward::default()).unwrap_err();
+    let e = m
+        .forward(&Batch::single(&[1, 500], 0), None, &Forward::default())
+        .unwrap_err();
     assert!(e.to_string().contains("token id 500"), "{e}");
 }
