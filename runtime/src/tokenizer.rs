@@ -70,12 +70,11 @@ impl Tokenizer {
     pub fn from_hf_dir(dir: &Path) -> Result<Option<Self>> {
         let json_path = dir.join("tokenizer.json");
         let model_path = dir.join("tokenizer.model");
-        let specials = read_hf_specials(dir)?;
         if json_path.is_file() {
             let inner = load_tokenizer_json(&json_path)?;
-            Self::finish(inner, json_path, specials, None).map(Some)
+            Self::finish(inner, json_path, read_hf_specials(dir)?, None).map(Some)
         } else if model_path.is_file() {
-            Self::from_sentencepiece_file(&model_path, dir, specials).map(Some)
+            Self::from_sentencepiece_file(&model_path, dir, read_hf_specials(dir)?).map(Some)
         } else {
             Ok(None)
         }

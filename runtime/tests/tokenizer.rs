@@ -492,6 +492,9 @@ fn malformed_tokenizer_json_names_the_file() {
 fn directory_without_tokenizer_is_none() {
     let dir = tempfile::tempdir().unwrap();
     assert!(Tokenizer::from_hf_dir(dir.path()).unwrap().is_none());
+    // A config without a tokenizer is not a tokenizer (and not an error).
+    std::fs::write(dir.path().join("tokenizer_config.json"), "{}").unwrap();
+    assert!(Tokenizer::from_hf_dir(dir.path()).unwrap().is_none());
     assert!(Tokenizer::from_gguf(&HashMap::new(), Path::new("x.gguf"))
         .unwrap()
         .is_none());
