@@ -482,10 +482,22 @@ fn malformed_tokenizer_json_names_the_file() {
     assert!(matches!(err, Error::Format { .. }), "{err}");
     assert!(err.to_string().contains("tokenizer.json"), "{err}");
 
-    std::fs::write(dir.path().join("tokenizer.json"), "{}").unwrap();
+    // A valid tokenizer.json with a broken tokenizer_config.json: the error names the config.
+    let tiny = Tokenizer::from_gguf(&tiny_gguf_md(), Path::new("tiny.gguf"))
+        .unwrap()
+        .unwrap();
+    std::fs::write(dir.path().join("tokenizer.json"), tiny.to_hf_tokenizer_json().unwrap()).unwrap();
+    assert!(Tokenizer::from_hf_dir(dir.path()).unwrap().is_some());
     std::fs::write(dir.path().join("tokenizer_config.json"), "{not json").unwrap();
     let err = Tokenizer::from_hf_dir(dir.path()).unwrap_err();
+    assert!(matches!(err, Error::Format { .. }), "{err}");
     assert!(err.to_string().contains("tokenizer_config.json"), "{err}");
+    std::fs::write(dir.path().join("tokenizer_config.json"), r#"{"chat_template": 5}"#).unwrap();
+    let err = Tokenizer::from_hf_dir(dir.path()).unwrap_err();
+    assert!(
+        err.to_string().contains("tokenizer_config.json") && err.to_string().contains("chat_template"),
+        "{err}"
+    );
 }
 
 #[test]
