@@ -3,5 +3,7 @@
 //! | stage | module |
 //! |---|---|
 //! | import a checkpoint to an HF directory | [`import`] |
+//! | lower to ONNX (prefill + decode, `If` for routed layers) | [`onnx`] |
 
 pub mod import;
+pub mod onnx;
