@@ -387,8 +387,10 @@ impl<'a> Lower<'a> {
     // ---- prefill -------------------------------------------------------------------------------
 
     /// The prefill graph: `input_ids [1, seq]` at positions `0..seq`, no past; logits for every position,
-    /// each layer's K/V (`[1, kv, seq, hd]`), and the routing of routed layers.
-    pub fn prefill(mut self) -> LoweredGraph {
+    /// each layer's K/V (`[1, kv, seq, hd]`), and the routing of routed layers. Routed layers use the
+    /// gather/scatter form, or with `masked` a dense form that computes every row and selects with `Where`
+    /// (no data-dependent shapes, nothing saved).
+    pub fn prefill(mut self, masked: bool) -> LoweredGraph {
         let c = self.cfg;
         let (v, kv, hd) = (c.vocab_size, c.num_key_value_heads, c.head_dim);
         self.inputs.push(value_info(
@@ -436,13 +438,17 @@ impl<'a> Lower<'a> {
                 self.b
                     .node("Reshape", &[&z, &row], &[&format!("router_logit.{l}")], vec![]);
                 self.b.node("Reshape", &[&exec, &row], &[&format!("exec.{l}")], vec![]);
-                let flat = self.reshape(&exec, &[-1]);
-                let nz = self.op("NonZero", &[&flat]); // [1, K]
-                let idx = self.transpose(&nz, &[1, 0]); // [K, 1]
-                Some((g, idx))
+                let idx = if masked {
+                    None
+                } else {
+                    let flat = self.reshape(&exec, &[-1]);
+                    let nz = self.op("NonZero", &[&flat]); // [1, K]
+                    Some(self.transpose(&nz, &[1, 0])) // [K, 1]
+                };
+                Some((g, exec, idx))
             };
             match (kind, routing) {
-                (LayerKind::SkipLayer, Some((g, idx))) => {
+                (LayerKind::SkipLayer, Some((g, _, Some(idx)))) => {
                     // Gather the executed rows, run the whole layer on them (attending among themselves,
                     // causally by original position), scatter back; skipped rows pass unchanged.
                     let h_e = self.op("GatherND", &[&h, &idx]);
@@ -465,6 +471,27 @@ impl<'a> Lower<'a> {
                     self.b
                         .node("Identity", &[&exec_out], &[&format!("present_valid.{l}")], vec![]);
                 }
+                (LayerKind::SkipLayer, Some((g, exec, None))) => {
+                    // Masked dense form: every row runs the layer, keys of skipped rows are hidden, and
+                    // skipped rows keep their input (their K/V slots are zeroed, as the gather form leaves them).
+                    let x = self.rms(&h, &format!("model.layers.{l}.input_layernorm"));
+                    let Qkv { q, k, v } = self.qkv(l, &x, &cos, &sin);
+                    let exec_out = format!("exec.{l}");
+                    let key_mask = self.additive_mask(&exec_out); // [1, T]
+                    let mask_l = self.op("Add", &[&mask, &key_mask]);
+                    let (ka, _) = self.kv_layouts(&k);
+                    let (va, _) = self.kv_layouts(&v);
+                    let o = self.attend(l, &q, &ka, &va, &mask_l);
+                    let a = self.op("Add", &[&h, &o]);
+                    let y = self.gated_mlp_residual(l, &a, g.as_deref());
+                    h = self.op("Where", &[&exec, &y, &h]);
+                    let exec3 = self.unsqueeze(&exec, &[2]); // [T, 1, 1]
+                    let zero_f = self.b.scalar_f32(0.0);
+                    k_rows = self.op("Where", &[&exec3, &k, &zero_f]);
+                    v_rows = self.op("Where", &[&exec3, &v, &zero_f]);
+                    self.b
+                        .node("Identity", &[&exec_out], &[&format!("present_valid.{l}")], vec![]);
+                }
                 (kind, routing) => {
                     let x = self.rms(&h, &format!("model.layers.{l}.input_layernorm"));
                     let Qkv { q, k, v } = self.qkv(l, &x, &cos, &sin);
@@ -473,12 +500,17 @@ impl<'a> Lower<'a> {
                     let o = self.attend(l, &q, &ka, &va, &mask);
                     let a = self.op("Add", &[&h, &o]);
                     h = match (kind, routing) {
-                        (LayerKind::SkipMlp, Some((g, idx))) => {
+                        (LayerKind::SkipMlp, Some((g, _, Some(idx)))) => {
                             // MLP only on the executed rows: gather, run, scatter back.
                             let a_e = self.op("GatherND", &[&a, &idx]);
                             let g_e = g.as_ref().map(|g| self.op("GatherND", &[g, &idx]));
                             let y_e = self.gated_mlp_residual(l, &a_e, g_e.as_deref());
                             self.op("ScatterND", &[&a, &idx, &y_e])
+                        }
+                        (LayerKind::SkipMlp, Some((g, exec, None))) => {
+                            // Masked dense form: the MLP runs on every row, skipped rows keep `a`.
+                            let y = self.gated_mlp_residual(l, &a, g.as_deref());
+                            self.op("Where", &[&exec, &y, &a])
                         }
                         _ => self.gated_mlp_residual(l, &a, None),
                     };

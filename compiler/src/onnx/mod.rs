@@ -44,7 +44,8 @@
 //!   then-branch runs the whole layer, writes K/V into slot `p` and sets `valid[p]`; the else-branch
 //!   returns `h`, K, V and the mask unchanged (`Identity`). Branch outputs have identical types and
 //!   shapes and distinct names, as TensorRT requires; skipped work is really skipped.
-//! - **prefill** (many tokens): gather/scatter. The router runs on every row; `NonZero` gives the
+//! - **prefill** (many tokens): gather/scatter ([`PrefillForm::GatherScatter`], the default; a masked dense
+//!   form, [`PrefillForm::Masked`], computes every row and selects with `Where` instead). The router runs on every row; `NonZero` gives the
 //!   executed rows; `mlp` skipping gathers their post-attention rows (`GatherND`), runs the MLP on that
 //!   dense tile and scatters the results back (`ScatterND`). `layer` skipping gathers the executed rows
 //!   of the layer input, runs the whole layer on them (they attend only among themselves, causally by
@@ -95,11 +96,24 @@ pub enum ExternalData {
     Never,
 }
 
+/// How `prefill.onnx` lowers routed layers.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum PrefillForm {
+    /// `NonZero` + `GatherND`/`ScatterND`: skipped rows cost nothing (data-dependent shapes).
+    #[default]
+    GatherScatter,
+    /// Every row computed, results selected with `Where`: static shapes, no savings; for backends without
+    /// data-dependent shapes (TensorRT-RTX without a GPU driver lacks its `NonZero` plugin).
+    Masked,
+}
+
 /// Options of [`export_onnx`].
 #[derive(Debug, Clone, Default)]
 pub struct OnnxOptions {
     /// Inline or external tensors.
     pub external_data: ExternalData,
+    /// Lowering of routed layers in prefill.
+    pub prefill: PrefillForm,
     /// Positions covered by the RoPE tables (the longest context the models accept); default
     /// `max_position_embeddings`.
     pub max_positions: Option<usize>,
@@ -173,7 +187,7 @@ pub fn export_onnx(
     }
     let mut reg = Registry::default();
     lower::register_rope_tables(cfg, &mut reg, max_pos)?;
-    let prefill = lower::Lower::new(cfg, &mut reg).prefill();
+    let prefill = lower::Lower::new(cfg, &mut reg).prefill(opts.prefill == PrefillForm::Masked);
     let decode = lower::Lower::new(cfg, &mut reg).decode();
     for spec in &reg.specs {
         if let Source::Checkpoint = spec.source {

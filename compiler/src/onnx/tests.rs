@@ -164,7 +164,7 @@ fn if_branches(g: &GraphProto) -> Vec<(GraphProto, GraphProto)> {
 fn export(cfg: &ModelConfig, w: &Weights, dir: &Path, external: ExternalData) -> OnnxReport {
     let opts = OnnxOptions {
         external_data: external,
-        max_positions: None,
+        ..Default::default()
     };
     export_onnx(cfg, w, dir, &opts).unwrap()
 }
@@ -359,12 +359,27 @@ fn check_weights_with_onnxruntime(
     prefill: usize,
     extra_args: &[&str],
 ) {
+    let opts = OnnxOptions {
+        external_data: external,
+        ..Default::default()
+    };
+    check_options_with_onnxruntime(cfg, w, &opts, n, prefill, extra_args);
+}
+
+fn check_options_with_onnxruntime(
+    cfg: &ModelConfig,
+    w: &Weights,
+    opts: &OnnxOptions,
+    n: usize,
+    prefill: usize,
+    extra_args: &[&str],
+) {
     let Some(py) = python() else {
         eprintln!("skipped: no Python with onnxruntime (set DLO_PYTHON or create ~/.cache/dlo/venv)");
         return;
     };
     let dir = tempfile::tempdir().unwrap();
-    export(cfg, w, dir.path(), external);
+    export_onnx(cfg, w, dir.path(), opts).unwrap();
     let reference = dir.path().join("reference.safetensors");
     write_reference(cfg, w, &token_ids(n), &reference);
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/check_onnx.py");
@@ -405,6 +420,26 @@ fn onnxruntime_matches_runtime_layer_skip() {
         24,
         8,
     );
+}
+
+#[test]
+fn masked_prefill_has_no_data_dependent_shapes_and_matches_runtime() {
+    for skip in [SkipKind::Mlp, SkipKind::Layer] {
+        let cfg = tiny_config(Some(skip), false);
+        let w = weights(&cfg, 10);
+        let opts = OnnxOptions {
+            prefill: PrefillForm::Masked,
+            ..Default::default()
+        };
+        let dir = tempfile::tempdir().unwrap();
+        export_onnx(&cfg, &w, dir.path(), &opts).unwrap();
+        let g = load_model(&dir.path().join("prefill.onnx")).graph.unwrap();
+        for op in ["NonZero", "GatherND", "ScatterND"] {
+            assert!(!g.node.iter().any(|n| n.op_type == op), "masked prefill has {op}");
+        }
+        assert!(g.node.iter().any(|n| n.op_type == "Where"));
+        check_options_with_onnxruntime(&cfg, &w, &opts, 20, 9, &[]);
+    }
 }
 
 #[test]
@@ -553,6 +588,7 @@ fn smollm2_onnx_matches_runtime() {
         let opts = OnnxOptions {
             external_data: ExternalData::Always,
             max_positions: Some(256),
+            ..Default::default()
         };
         let rep = export_onnx(&cfg, w, dir.path(), &opts).unwrap();
         assert!(rep.external_data && rep.files.len() == 3);
