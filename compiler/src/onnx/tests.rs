@@ -556,15 +556,7 @@ fn smollm2_onnx_matches_runtime() {
         eprintln!("skipped: no Python with onnxruntime (set DLO_PYTHON or create ~/.cache/dlo/venv)");
         return;
     };
-    let ckpt = match dlo_runtime::Checkpoint::open(&gguf) {
-        Ok(c) => c,
-        // Until the GGUF loader (issue 2) is merged, `Checkpoint::open` is a stub.
-        Err(e) if e.to_string().contains("not implemented") => {
-            eprintln!("skipped: {e}");
-            return;
-        }
-        Err(e) => panic!("{e}"),
-    };
+    let ckpt = dlo_runtime::Checkpoint::open(&gguf).unwrap();
     let ids: Vec<u32> = (0..20u32)
         .map(|i| (i * 2371 + 17) % ckpt.config.vocab_size as u32)
         .collect();
@@ -577,43 +569,82 @@ fn smollm2_onnx_matches_runtime() {
         cfg.dlo = Some(dlo);
         variants.push((cfg, Some(skip)));
     }
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/check_onnx.py");
     for (cfg, skip) in variants {
         let w = match skip {
             None => None,
             Some(_) => Some(with_random_routers(&ckpt.weights, &cfg, 99)),
         };
         let w = w.as_ref().unwrap_or(&ckpt.weights);
-        let dir = tempfile::tempdir().unwrap();
-        let opts = OnnxOptions {
-            external_data: ExternalData::Always,
-            max_positions: Some(256),
+        check_real_model(&py, &format!("SmolLM2 {skip:?}"), &cfg, w, &ids);
+    }
+}
+
+/// Exports a real (large) model with external data and checks it with onnxruntime against the runtime.
+///
+/// Real models' f32 logits (SmolLM2: up to ~30, from a large residual stream) move by more than 1e-4 with
+/// summation order alone: the runtime's own prefill + cached decode differs from its one-pass forward by
+/// ~6e-5 (dense SmolLM2) to ~1e-3 (random layer-skip routers). ONNX must agree with the runtime as closely as
+/// the runtime agrees with itself (within 3x), and never looser than needed: at least 1e-4.
+fn check_real_model(py: &Path, label: &str, cfg: &ModelConfig, w: &Weights, ids: &[u32]) {
+    let dir = tempfile::tempdir().unwrap();
+    let opts = OnnxOptions {
+        external_data: ExternalData::Always,
+        max_positions: Some(256),
+        ..Default::default()
+    };
+    let rep = export_onnx(cfg, w, dir.path(), &opts).unwrap();
+    assert!(rep.external_data && rep.files.len() == 3);
+    let reference = dir.path().join("reference.safetensors");
+    write_reference(cfg, w, ids, &reference);
+    let floor = runtime_noise_floor(cfg, w, ids, 8);
+    let tol = (3.0 * floor).max(1e-4);
+    eprintln!("{label}: runtime self-discrepancy {floor:.3e}, tolerance {tol:.3e}");
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/check_onnx.py");
+    let out = std::process::Command::new(py)
+        .arg(&script)
+        .arg(dir.path())
+        .arg(&reference)
+        .args(["--prefill", "8", "--tol", &format!("{tol:e}")])
+        .output()
+        .unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    eprintln!("{label}:\n{text}");
+    assert!(out.status.success(), "{label}: check_onnx.py failed:\n{text}");
+}
+
+/// SmolLM2-DLO: SmolLM2 expanded 30 → 36 layers by `dlo-compile expand` (interleave, zero-initialised new
+/// layers, random routers on every layer so that decisions split both ways), both skip kinds.
+#[test]
+fn smollm2_dlo_expanded_onnx_matches_runtime() {
+    let Some(gguf) = smollm2_gguf() else {
+        eprintln!("skipped: asset missing, run scripts/fetch-assets.sh");
+        return;
+    };
+    let Some(py) = python() else {
+        eprintln!("skipped: no Python with onnxruntime (set DLO_PYTHON or create ~/.cache/dlo/venv)");
+        return;
+    };
+    let ids: Vec<u32> = (0..20u32).map(|i| (i * 2371 + 17) % 49152).collect();
+    for skip in ["mlp", "layer"] {
+        let tmp = tempfile::tempdir().unwrap();
+        let model = tmp.path().join("smollm2-dlo");
+        let args = crate::expand::ExpandArgs {
+            base: gguf.clone(),
+            output: model.clone(),
+            layers: Some(36),
+            skip: Some(skip.into()),
+            router_init: Some("random".into()),
+            seed: Some(1),
             ..Default::default()
         };
-        let rep = export_onnx(&cfg, w, dir.path(), &opts).unwrap();
-        assert!(rep.external_data && rep.files.len() == 3);
-        let reference = dir.path().join("reference.safetensors");
-        write_reference(&cfg, w, &ids, &reference);
-        // SmolLM2's f32 logits (up to ~30, from a large residual stream) move by more than 1e-4 with
-        // summation order alone: the runtime's own prefill + cached decode differs from its one-pass
-        // forward by ~6e-5 (dense) to ~1e-3 (random layer-skip routers). ONNX must agree with the runtime
-        // as closely as the runtime agrees with itself (within 3x), and never worse than needed: 1e-4.
-        let floor = runtime_noise_floor(&cfg, w, &ids, 8);
-        let tol = (3.0 * floor).max(1e-4);
-        eprintln!("SmolLM2 {skip:?}: runtime self-discrepancy {floor:.3e}, tolerance {tol:.3e}");
-        let out = std::process::Command::new(&py)
-            .arg(&script)
-            .arg(dir.path())
-            .arg(&reference)
-            .args(["--prefill", "8", "--tol", &format!("{tol:e}")])
-            .output()
-            .unwrap();
-        let text = format!(
-            "{}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-        eprintln!("SmolLM2 {skip:?}:\n{text}");
-        assert!(out.status.success(), "SmolLM2 {skip:?}: check_onnx.py failed:\n{text}");
+        crate::expand::run(&args).unwrap();
+        let ck = dlo_runtime::Checkpoint::open(&model).unwrap();
+        assert_eq!(ck.config.num_hidden_layers, 36);
+        assert!((0..36).all(|l| ck.config.is_routed(l)));
+        check_real_model(&py, &format!("SmolLM2-DLO {skip}"), &ck.config, &ck.weights, &ids);
     }
 }
