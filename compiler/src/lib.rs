@@ -5,6 +5,7 @@
 //! | import a checkpoint to an HF directory | [`import`] |
 //! | per-layer similarity analysis on real text | [`analyze`] |
 //! | deepen a base model into a DLO model | [`expand`] |
+//! | lower to ONNX (prefill + decode, `If` for routed layers) | [`onnx`] |
 //!
 //! Shared pieces: [`corpus`] (reading sample text), [`plot`] (PNG/SVG charts).
 
@@ -12,4 +13,5 @@ pub mod analyze;
 pub mod corpus;
 pub mod expand;
 pub mod import;
+pub mod onnx;
 pub mod plot;
