@@ -4,7 +4,7 @@
 set -euo pipefail
 CACHE="${DLO_CACHE:-$HOME/.cache/dlo}"
 VENV="$CACHE/venv-check"
-PKGS=(numpy==1.26.4 onnx==1.17.0 onnxruntime==1.19.2 safetensors==0.4.5)
+PKGS=(numpy==1.26.4 onnx==1.17.0 onnxruntime==1.32.0 safetensors==0.8.0)
 if [ "${1:-}" = "--fixtures" ]; then
   VENV="$CACHE/venv"
   PKGS+=(torch==2.3.0 transformers==4.40.1 sentencepiece protobuf)
