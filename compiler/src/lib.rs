@@ -3,5 +3,7 @@
 //! | stage | module |
 //! |---|---|
 //! | import a checkpoint to an HF directory | [`import`] |
+//! | fine-tune with DLO routing | [`train`] |
 
 pub mod import;
+pub mod train;

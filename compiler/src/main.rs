@@ -17,12 +17,15 @@ struct Cli {
 enum Command {
     /// Convert a checkpoint (HF directory or GGUF) into an HF directory.
     Import(dlo_compiler::import::ImportArgs),
+    /// Fine-tune a (DLO) model on chat data with the routing losses.
+    Train(Box<dlo_compiler::train::TrainArgs>),
 }
 
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     let result = match &cli.command {
         Command::Import(a) => dlo_compiler::import::run(a),
+        Command::Train(a) => dlo_compiler::train::run(a),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,
