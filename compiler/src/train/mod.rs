@@ -269,7 +269,7 @@ impl TrainModel for Model {
         trainable: &dyn Fn(&str) -> bool,
         device: &Device,
     ) -> dlo_runtime::Result<(Self, Vec<(String, Var)>)> {
-        Model::load_trainable(cfg, w, trainable, device)
+        Model::load_trainable(cfg, w, trainable, DType::F32, device)
     }
     fn forward_train(&self, batch: &Batch, routing: &TrainRouting) -> dlo_runtime::Result<TrainOutput> {
         Model::forward_train(self, batch, routing)

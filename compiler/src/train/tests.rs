@@ -544,3 +544,289 @@ fn dynamic_lr_scales_layers_by_their_capacity() {
         assert!((g - w).abs() < 1e-12, "{:?} vs {want:?}", t.lr_ratios);
     }
 }
+
+// ---- the real Llama/DLO model (Model::forward_train) ----
+
+fn fixture_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/train_step")
+}
+
+fn fixture_model() -> (ModelConfig, Weights) {
+    let dir = fixture_dir();
+    let cfg = ModelConfig::from_hf_file(&dir.join("config.json")).unwrap();
+    let f = dir.join("model.safetensors");
+    let w = Weights::from_safetensors(std::slice::from_ref(&f), &f).unwrap();
+    (cfg, w)
+}
+
+fn json_f64s(v: &serde_json::Value) -> Vec<f64> {
+    v.as_array().unwrap().iter().map(|x| x.as_f64().unwrap()).collect()
+}
+
+fn close(got: &[f64], want: &[f64], rel: f64, what: &str) {
+    assert_eq!(got.len(), want.len(), "{what}");
+    let scale = want.iter().fold(0f64, |a, x| a.max(x.abs()));
+    for (i, (g, w)) in got.iter().zip(want).enumerate() {
+        assert!(
+            (g - w).abs() <= rel * scale.max(1e-6),
+            "{what}[{i}]: {g} vs {w} (scale {scale})"
+        );
+    }
+}
+
+/// `scripts/train_step_reference.py` computed one step in PyTorch (float64); we reproduce it in f32.
+#[test]
+fn one_training_step_reproduces_the_pytorch_reference() {
+    let dir = fixture_dir();
+    let batch_j: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("batch.json")).unwrap()).unwrap();
+    let exp: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("expected.json")).unwrap()).unwrap();
+    let pad = batch_j["pad_id"].as_u64().unwrap() as u32;
+    let rows: Vec<Row> = batch_j["rows"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| Row {
+            ids: r["ids"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|x| x.as_u64().unwrap() as u32)
+                .collect(),
+            labels: r["labels"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|x| x.as_bool().unwrap())
+                .collect(),
+        })
+        .collect();
+    let o = &batch_j["optimizer"];
+    let (cfg, w) = fixture_model();
+    let examples: Vec<Example> = rows
+        .iter()
+        .map(|r| Example {
+            ids: r.ids.clone(),
+            labels: r.labels.clone(),
+        })
+        .collect();
+    let mut t: Trainer<Model> = Trainer::new(
+        cfg,
+        w,
+        examples,
+        pad,
+        Options {
+            batch: rows.len(),
+            grad_accum: 1,
+            lr: o["lr"].as_f64().unwrap(),
+            warmup: 0.0,
+            schedule: Schedule::Constant,
+            adamw: AdamWConfig {
+                weight_decay: o["weight_decay"].as_f64().unwrap(),
+                ..Default::default()
+            },
+            max_grad_norm: o["max_grad_norm"].as_f64().unwrap(),
+            anneal_steps: 0,
+            ..opts(1)
+        },
+    )
+    .unwrap();
+    // forward, labels, losses and gradients of the micro-batch
+    let refs: Vec<&Row> = rows.iter().collect();
+    let (batch, targets) = data::make_batch(&refs, pad);
+    let caps = t.caps.clone();
+    let mo = t.micro(&batch, &targets).unwrap();
+    t.caps = caps;
+    assert!(
+        (mo.ce - exp["ce"].as_f64().unwrap()).abs() < 1e-4,
+        "CE {} vs {}",
+        mo.ce,
+        exp["ce"]
+    );
+    assert!(
+        (mo.route - exp["route_loss"].as_f64().unwrap()).abs() < 1e-4,
+        "BCE {} vs {}",
+        mo.route,
+        exp["route_loss"]
+    );
+    let labels = mo.labels.as_ref().unwrap();
+    let grads = mo.total.backward().unwrap();
+    let grad_of = |name: &str| -> Vec<f64> {
+        let p = t.opt.params.iter().find(|p| p.name == name).unwrap();
+        grads
+            .get(p.var.as_tensor())
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap()
+            .iter()
+            .map(|x| *x as f64)
+            .collect()
+    };
+    for le in exp["layers"].as_array().unwrap() {
+        let l = le["layer"].as_u64().unwrap() as usize;
+        let want_z = json_f64s(&le["labels"]);
+        let got_z: Vec<f64> = labels.z[l].as_ref().unwrap().iter().map(|x| *x as f64).collect();
+        assert_eq!(got_z, want_z, "labels of layer {l}");
+        let want_exec: Vec<bool> = le["exec"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|x| x.as_bool().unwrap())
+            .collect();
+        let rate = want_exec.iter().filter(|e| **e).count() as f64 / exp["n_real"].as_f64().unwrap();
+        assert!(
+            (mo.exec[l].unwrap() - rate).abs() < 1e-12,
+            "selection size of layer {l}"
+        );
+        close(
+            &grad_of(&format!("model.routers.{l}.weight")),
+            &json_f64s(&le["router_grad"]),
+            2e-3,
+            "router grad",
+        );
+    }
+    let lm: Vec<f64> = grad_of("lm_head.weight")[..cfg_hidden(&t)].to_vec();
+    close(&lm, &json_f64s(&exp["lm_head_grad_row0"]), 2e-3, "lm_head grad row 0");
+    let d = cfg_hidden(&t);
+    let emb: Vec<f64> = grad_of("model.embed_tokens.weight")[d..2 * d].to_vec();
+    close(&emb, &json_f64s(&exp["embed_grad_row1"]), 2e-3, "embedding grad row 1");
+    // the optimizer step: grad norm, clipped AdamW update of the routers, re-allocated capacities
+    let (m, _) = t.step_on(&[rows.clone()]).unwrap();
+    let gn = exp["grad_norm"].as_f64().unwrap();
+    assert!(
+        (m.grad_norm - gn).abs() < 1e-3 * gn,
+        "grad norm {} vs {gn}",
+        m.grad_norm
+    );
+    let caps = t.caps.as_ref().unwrap().capacity_list();
+    for le in exp["layers"].as_array().unwrap() {
+        let l = le["layer"].as_u64().unwrap() as usize;
+        let p = t
+            .opt
+            .params
+            .iter()
+            .find(|p| p.name == format!("model.routers.{l}.weight"))
+            .unwrap();
+        let after: Vec<f64> = p
+            .var
+            .as_tensor()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap()
+            .iter()
+            .map(|x| *x as f64)
+            .collect();
+        let want = json_f64s(&le["router_after"]);
+        for (g, w) in after.iter().zip(&want) {
+            assert!((g - w).abs() < 2e-6, "router {l} after the step: {g} vs {w}");
+        }
+        assert!((caps[l].unwrap() - le["realised_capacity"].as_f64().unwrap()).abs() < 1e-12);
+    }
+}
+
+fn cfg_hidden(t: &Trainer<Model>) -> usize {
+    t.cfg.hidden_size
+}
+
+#[test]
+fn every_trainable_tensor_receives_a_gradient() {
+    for skip in [dlo_passes::SkipKind::Mlp, dlo_passes::SkipKind::Layer] {
+        for lt in ["self", "cos", "cos-global"] {
+            let (mut cfg, w) = fixture_model();
+            if let Some(d) = cfg.dlo.as_mut() {
+                d.skip = skip;
+            }
+            let ex: Vec<Example> = toy_examples(8);
+            let mut t: Trainer<Model> = Trainer::new(
+                cfg,
+                w,
+                ex,
+                2,
+                Options {
+                    loss_type: dlo_passes::LossType::parse(lt),
+                    ..opts(1)
+                },
+            )
+            .unwrap();
+            let rows: Vec<Row> = toy_examples(3)
+                .into_iter()
+                .map(|e| Row {
+                    ids: e.ids,
+                    labels: e.labels,
+                })
+                .collect();
+            let refs: Vec<&Row> = rows.iter().collect();
+            let (batch, tg) = data::make_batch(&refs, 2);
+            let mo = t.micro(&batch, &tg).unwrap();
+            let grads = mo.total.backward().unwrap();
+            let n_layers = t.cfg.num_hidden_layers;
+            assert!(t.opt.params.len() >= 9 * n_layers + 3);
+            for p in &t.opt.params {
+                let g = grads
+                    .get(p.var.as_tensor())
+                    .unwrap_or_else(|| panic!("{skip:?} {lt}: no gradient for {}", p.name));
+                let n = g.sqr().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap();
+                assert!(n > 0.0 && n.is_finite(), "{skip:?} {lt}: zero gradient for {}", p.name);
+            }
+        }
+    }
+}
+
+#[test]
+fn real_model_resume_continues_exactly() {
+    let d = tempfile::tempdir().unwrap();
+    let (cfg, _) = fixture_model();
+    let mk = |out: &Path, resume: Option<PathBuf>, o: Options| {
+        let (cfg, w) = fixture_model();
+        let ex = toy_examples(14);
+        RunSetup {
+            cfg,
+            weights: w,
+            tokenizer_dir: None,
+            train: ex[..12].to_vec(),
+            eval: ex[12..].to_vec(),
+            pad_id: 2,
+            output: out.to_path_buf(),
+            resume,
+            opts: o,
+            data_stats: Default::default(),
+        }
+    };
+    let o = Options {
+        save_every: 2,
+        eval_every: 2,
+        lr: 5e-3,
+        ..opts(4)
+    };
+    let (a, b) = (d.path().join("a"), d.path().join("b"));
+    train_run::<Model>(mk(&a, None, o.clone()), &mut Fs).unwrap();
+    train_run::<Model>(
+        mk(
+            &b,
+            None,
+            Options {
+                stop_after: Some(3),
+                ..o.clone()
+            },
+        ),
+        &mut Fs,
+    )
+    .unwrap();
+    train_run::<Model>(mk(&b, Some(b.join("checkpoint-2")), o), &mut Fs).unwrap();
+    assert_eq!(curve(&a), curve(&b));
+    assert_eq!(
+        std::fs::read(a.join("final/model.safetensors")).unwrap(),
+        std::fs::read(b.join("final/model.safetensors")).unwrap()
+    );
+    // the written checkpoint loads as a model again, with the per-layer capacity list
+    let back = ModelConfig::from_hf_file(&a.join("final/config.json")).unwrap();
+    assert!(matches!(back.dlo.as_ref().unwrap().capacity, Capacity::PerLayer(_)));
+    assert_eq!(back.num_hidden_layers, cfg.num_hidden_layers);
+    let f = a.join("final/model.safetensors");
+    let w = Weights::from_safetensors(std::slice::from_ref(&f), &f).unwrap();
+    Model::load(&back, &w, DType::F32, &Device::Cpu).unwrap();
+}
