@@ -694,7 +694,7 @@ fn one_training_step_reproduces_the_pytorch_reference() {
     let emb: Vec<f64> = grad_of("model.embed_tokens.weight")[d..2 * d].to_vec();
     close(&emb, &json_f64s(&exp["embed_grad_row1"]), 2e-3, "embedding grad row 1");
     // the optimizer step: grad norm, clipped AdamW update of the routers, re-allocated capacities
-    let (m, _) = t.step_on(&[rows.clone()]).unwrap();
+    let (m, _) = t.step_on(std::slice::from_ref(&rows)).unwrap();
     let gn = exp["grad_norm"].as_f64().unwrap();
     assert!(
         (m.grad_norm - gn).abs() < 1e-3 * gn,
