@@ -363,7 +363,14 @@ impl Example {
 }
 
 /// Renders and tokenizes one conversation with the assistant-only mask (see the module docs).
-pub fn encode_conversation(enc: &dyn ChatEncoder, messages: &[Message]) -> Result<Example> {
+///
+/// The inner error says why assistant tokens cannot be located in this conversation (the template renders
+/// a prefix of it as something that is not a prefix of the whole, e.g. a default system prompt that only
+/// appears before a first user turn); the outer one is a template or tokenizer failure.
+pub fn encode_conversation(
+    enc: &dyn ChatEncoder,
+    messages: &[Message],
+) -> Result<std::result::Result<Example, String>> {
     let full = enc.render(messages, false)?;
     // (start, end, is_label) cuts of `full`
     let mut cuts: Vec<(usize, bool)> = vec![(0, false)];
@@ -375,9 +382,9 @@ pub fn encode_conversation(enc: &dyn ChatEncoder, messages: &[Message]) -> Resul
         let post = enc.render(&messages[..=i], false)?;
         let last = cuts.last().map_or(0, |c| c.0);
         if !full.starts_with(&pre) || !full.starts_with(&post) || pre.len() > post.len() || pre.len() < last {
-            return Err(TrainError::Invalid(format!(
-                "the chat template is not prefix-stable at message {i} (rendering a prefix of the conversation \
-                 does not give a prefix of the full rendering), so assistant tokens cannot be located"
+            return Ok(Err(format!(
+                "the chat template is not prefix-stable at message {i} (rendering the conversation up to it \
+                 does not give a prefix of the full rendering), so its assistant tokens cannot be located"
             )));
         }
         cuts.push((pre.len(), true));
@@ -396,7 +403,7 @@ pub fn encode_conversation(enc: &dyn ChatEncoder, messages: &[Message]) -> Resul
         labels.extend(std::iter::repeat_n(label, t.len()));
         ids.extend(t);
     }
-    Ok(Example { ids, labels })
+    Ok(Ok(Example { ids, labels }))
 }
 
 /// Counts from tokenizing a data set.
@@ -410,6 +417,10 @@ pub struct DataStats {
     pub no_assistant: usize,
     /// Truncated to the length limit (and kept).
     pub truncated: usize,
+    /// Skipped: the chat template does not let assistant tokens be located (see [`encode_conversation`]).
+    pub unlocatable: usize,
+    /// The first such conversation and why, for the warning.
+    pub first_unlocatable: Option<String>,
     /// Tokens in kept examples.
     pub tokens: usize,
     /// Target (assistant) tokens in kept examples.
@@ -431,10 +442,15 @@ pub fn tokenize_all(
     };
     let mut out = Vec::with_capacity(convs.len());
     for c in convs {
-        let mut ex = encode_conversation(enc, &c.messages).map_err(|e| match e {
-            TrainError::Invalid(p) => TrainError::Invalid(format!("{}: {p}", c.origin)),
-            e => e,
-        })?;
+        let mut ex = match encode_conversation(enc, &c.messages)? {
+            Ok(ex) => ex,
+            Err(why) => {
+                st.unlocatable += 1;
+                st.first_unlocatable
+                    .get_or_insert_with(|| format!("{}: {why}", c.origin));
+                continue;
+            }
+        };
         let mut truncated = false;
         if ex.ids.len() > max_len {
             ex.ids.truncate(max_len);
@@ -681,7 +697,7 @@ pub(crate) mod tests {
             Message::new("user", "more"),
             Message::new("assistant", "ok!"),
         ];
-        let ex = encode_conversation(&ByteChatml, &msgs).unwrap();
+        let ex = encode_conversation(&ByteChatml, &msgs).unwrap().unwrap();
         let enc = |s: &str| ByteChatml.encode(s).unwrap();
         // the whole conversation tokenizes to the same ids as the full rendering
         assert_eq!(ex.ids, enc(&ByteChatml.render(&msgs, false).unwrap()));
@@ -734,6 +750,43 @@ pub(crate) mod tests {
         assert!(ex.iter().all(|e| e.ids.len() <= 40 && e.ids.len() == e.labels.len()));
         assert_eq!(ex[1].ids.len(), 40);
         assert_eq!(st.target_tokens, ex.iter().map(Example::n_targets).sum::<usize>());
+        assert_eq!(st.unlocatable, 0);
+    }
+
+    /// A template that adds a default system prompt only when the first message is not a system one (as
+    /// SmolLM2's does) cannot locate an assistant turn that opens the conversation: skipped and counted.
+    struct DefaultSystem;
+    impl ChatEncoder for DefaultSystem {
+        fn render(&self, m: &[Message], gen: bool) -> Result<String> {
+            let mut s = String::new();
+            if m.first().is_some_and(|f| f.role != "system") {
+                s.push_str("<|im_start|>system\nDefault<|im_end|>\n");
+            }
+            s.push_str(&ByteChatml.render(m, gen)?);
+            Ok(s)
+        }
+        fn encode(&self, text: &str) -> Result<Vec<u32>> {
+            ByteChatml.encode(text)
+        }
+    }
+
+    #[test]
+    fn conversations_whose_assistant_tokens_cannot_be_located_are_skipped_and_counted() {
+        let conv = |m: Vec<Message>, o: &str| Conversation {
+            messages: m,
+            origin: o.into(),
+        };
+        let convs = vec![
+            conv(vec![Message::new("assistant", "hello first")], "f.jsonl:1"),
+            conv(
+                vec![Message::new("user", "q"), Message::new("assistant", "a")],
+                "f.jsonl:2",
+            ),
+        ];
+        let (ex, st) = tokenize_all(&DefaultSystem, &convs, 512).unwrap();
+        assert_eq!((ex.len(), st.kept, st.unlocatable), (1, 1, 1));
+        let why = st.first_unlocatable.unwrap();
+        assert!(why.starts_with("f.jsonl:1: ") && why.contains("prefix-stable"), "{why}");
     }
 
     #[test]

@@ -1046,6 +1046,12 @@ pub fn run(args: &TrainArgs) -> anyhow::Result<()> {
         "data: {} conversations, {} kept, {} skipped without assistant tokens, {} truncated to {} tokens",
         stats.conversations, stats.kept, stats.no_assistant, stats.truncated, opts.seq_len
     );
+    if let Some(first) = &stats.first_unlocatable {
+        eprintln!(
+            "warning: {} conversations skipped because the chat template hides their assistant turns; first: {first}",
+            stats.unlocatable
+        );
+    }
     let (ti, ei) = data::split_indices(examples.len(), opts.eval_split, opts.seed);
     let train: Vec<Example> = ti.iter().map(|&i| examples[i].clone()).collect();
     let eval: Vec<Example> = ei.iter().map(|&i| examples[i].clone()).collect();
