@@ -1057,10 +1057,18 @@ pub fn run(args: &TrainArgs) -> anyhow::Result<()> {
     let eval: Vec<Example> = ei.iter().map(|&i| examples[i].clone()).collect();
     eprintln!("split: {} train, {} held out", train.len(), eval.len());
     let pad_id = ck.config.eos_token_ids.first().copied().unwrap_or(0);
+    // HF directories: copy their tokenizer files; otherwise (GGUF) export the tokenizer once.
+    let tokenizer_dir = if args.model.is_dir() {
+        args.model.clone()
+    } else {
+        let d = args.output.join(".tokenizer");
+        checkpoint::export_tokenizer(tok, &d)?;
+        d
+    };
     let setup = RunSetup {
         cfg: ck.config,
         weights: ck.weights,
-        tokenizer_dir: args.model.is_dir().then(|| args.model.clone()),
+        tokenizer_dir: Some(tokenizer_dir),
         train,
         eval,
         pad_id,
