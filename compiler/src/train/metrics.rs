@@ -50,6 +50,20 @@ pub struct StepMetrics {
     pub target_tokens: u64,
     /// Tokens per second (wall clock; not reproducible).
     pub tokens_per_s: f64,
+    /// Where the step's time went (wall clock; not reproducible).
+    #[serde(default)]
+    pub timing: Timing,
+}
+
+/// Seconds spent in the parts of one optimizer step.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Timing {
+    /// Training forward and losses, all micro-batches.
+    pub forward_s: f64,
+    /// Backward passes and gradient accumulation.
+    pub backward_s: f64,
+    /// Clipping and the AdamW update.
+    pub optimizer_s: f64,
 }
 
 /// A held-out evaluation under the inference routing rule.
@@ -307,6 +321,7 @@ mod tests {
             tokens: 10,
             target_tokens: 5,
             tokens_per_s: 100.0,
+            timing: Timing::default(),
         }
     }
 

@@ -522,17 +522,23 @@ impl<M: TrainModel> Trainer<M> {
         let k = micro_batches.len().max(1) as f64;
         let mut acc = GradAccum::new(self.opt.params.len());
         let mut outs = Vec::new();
+        let mut timing = metrics::Timing::default();
         for rows in micro_batches {
             if let Some(c) = self.caps.as_mut() {
                 c.anneal(self.step);
             }
             let refs: Vec<&Row> = rows.iter().collect();
             let (batch, targets) = data::make_batch(&refs, self.pad_id);
+            let t0 = Instant::now();
             let mo = self.micro(&batch, &targets)?;
+            let t1 = Instant::now();
             let grads = (&mo.total / k)?.backward()?;
             acc.add(&grads, &self.opt.params)?;
+            timing.forward_s += (t1 - t0).as_secs_f64();
+            timing.backward_s += t1.elapsed().as_secs_f64();
             outs.push(mo);
         }
+        let t2 = Instant::now();
         let mut grads = acc.grads;
         let grad_norm = optim::clip_grad_norm(&mut grads, self.opts.max_grad_norm)?;
         let lr = self.opts.lr * optim::lr_factor(self.opts.schedule, self.step, self.warmup_steps, self.total_steps);
@@ -544,6 +550,7 @@ impl<M: TrainModel> Trainer<M> {
         self.opt.step(&grads, |p| {
             lr * p.layer.and_then(|l| ratios.get(l).copied()).unwrap_or(1.0)
         })?;
+        timing.optimizer_s = t2.elapsed().as_secs_f64();
         if let Some(c) = &self.caps {
             self.lr_ratios = c.lr_ratios();
         }
@@ -582,6 +589,7 @@ impl<M: TrainModel> Trainer<M> {
             tokens: tokens as u64,
             target_tokens: outs.iter().map(|o| o.targets as u64).sum(),
             tokens_per_s: tokens as f64 / secs.max(1e-9),
+            timing,
         };
         Ok((m, outs))
     }

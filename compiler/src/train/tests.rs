@@ -244,6 +244,7 @@ fn curve(dir: &Path) -> Vec<Record> {
         .map(|r| match r {
             Record::Train(mut s) => {
                 s.tokens_per_s = 0.0;
+                s.timing = Default::default();
                 Record::Train(s)
             }
             e => e,
