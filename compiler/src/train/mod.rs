@@ -539,15 +539,16 @@ impl<M: TrainModel> Trainer<M> {
             outs.push(mo);
         }
         let t2 = Instant::now();
-        let mut grads = acc.grads;
-        let grad_norm = optim::clip_grad_norm(&mut grads, self.opts.max_grad_norm)?;
+        let grads = acc.grads;
+        let grad_norm = optim::global_norm(&grads);
+        let clip = optim::clip_factor(grad_norm, self.opts.max_grad_norm);
         let lr = self.opts.lr * optim::lr_factor(self.opts.schedule, self.step, self.warmup_steps, self.total_steps);
         let ratios = if self.opts.dynamic_lr {
             self.lr_ratios.clone()
         } else {
             vec![1.0; self.cfg.num_hidden_layers]
         };
-        self.opt.step(&grads, |p| {
+        self.opt.step(&grads, clip, |p| {
             lr * p.layer.and_then(|l| ratios.get(l).copied()).unwrap_or(1.0)
         })?;
         timing.optimizer_s = t2.elapsed().as_secs_f64();

@@ -137,12 +137,12 @@ pub fn decays(name: &str) -> bool {
 pub struct Param {
     /// HF name.
     pub name: String,
-    /// The variable the model computes with.
+    /// The variable the model computes with (f32, updated in place).
     pub var: Var,
-    /// First moment (f32).
-    pub m: Tensor,
+    /// First moment (f32, row-major like the tensor).
+    pub m: Vec<f32>,
     /// Second moment (f32).
-    pub v: Tensor,
+    pub v: Vec<f32>,
     /// Steps taken by this tensor (bias correction).
     pub steps: u64,
     /// Whether weight decay applies.
@@ -184,18 +184,77 @@ pub struct AdamW {
     pub params: Vec<Param>,
 }
 
+/// The fused AdamW update of one f32 tensor, applied in place to the variable's storage.
+struct FusedUpdate<'a> {
+    g: &'a [f32],
+    m: std::cell::RefCell<&'a mut [f32]>,
+    v: std::cell::RefCell<&'a mut [f32]>,
+    /// Gradient scale (clipping).
+    scale: f32,
+    /// 1 − lr·wd.
+    keep: f32,
+    b1: f32,
+    b2: f32,
+    eps: f32,
+    step_size: f32,
+    bc2_sqrt: f32,
+}
+
+impl FusedUpdate<'_> {
+    fn apply(&self, p: &mut [f32]) {
+        let mut m = self.m.borrow_mut();
+        let mut v = self.v.borrow_mut();
+        for i in 0..p.len() {
+            let g = self.g[i] * self.scale;
+            let mi = self.b1 * m[i] + (1.0 - self.b1) * g;
+            let vi = self.b2 * v[i] + (1.0 - self.b2) * g * g;
+            m[i] = mi;
+            v[i] = vi;
+            let denom = vi.sqrt() / self.bc2_sqrt + self.eps;
+            p[i] = p[i] * self.keep - self.step_size * mi / denom;
+        }
+    }
+}
+
+impl candle_core::InplaceOp1 for FusedUpdate<'_> {
+    fn name(&self) -> &'static str {
+        "dlo-adamw"
+    }
+    fn cpu_fwd(&self, storage: &mut candle_core::CpuStorage, layout: &candle_core::Layout) -> candle_core::Result<()> {
+        let candle_core::CpuStorage::F32(data) = storage else {
+            return Err(candle_core::Error::Msg("AdamW: parameter is not f32".into()));
+        };
+        let Some((lo, hi)) = layout.contiguous_offsets() else {
+            return Err(candle_core::Error::Msg("AdamW: parameter is not contiguous".into()));
+        };
+        if hi - lo != self.g.len() {
+            return Err(candle_core::Error::Msg(
+                "AdamW: gradient size differs from the parameter".into(),
+            ));
+        }
+        self.apply(&mut data[lo..hi]);
+        Ok(())
+    }
+}
+
 impl AdamW {
-    /// Fresh state (zero moments) for `vars`.
+    /// Fresh state (zero moments) for `vars`, which must be f32.
     pub fn new(vars: Vec<(String, Var)>, cfg: AdamWConfig) -> Result<Self> {
         let params = vars
             .into_iter()
             .map(|(name, var)| {
-                let z = var.as_tensor().zeros_like()?.to_dtype(DType::F32)?;
+                if var.dtype() != DType::F32 {
+                    return Err(TrainError::Invalid(format!(
+                        "trainable tensor `{name}` is {:?}, the optimizer needs f32",
+                        var.dtype()
+                    )));
+                }
+                let n = var.elem_count();
                 Ok(Param {
                     decay: decays(&name),
                     layer: layer_of(&name),
-                    m: z.clone(),
-                    v: z,
+                    m: vec![0.0; n],
+                    v: vec![0.0; n],
                     steps: 0,
                     name,
                     var,
@@ -206,8 +265,9 @@ impl AdamW {
     }
 
     /// One update. `grads[i]` is the gradient of `params[i]` (`None`: the tensor is left alone, as torch
-    /// skips parameters without a gradient); `lr_of(param)` its learning rate for this step.
-    pub fn step(&mut self, grads: &[Option<Tensor>], lr_of: impl Fn(&Param) -> f64) -> Result<()> {
+    /// skips parameters without a gradient), multiplied by `scale` (the clipping factor) before use;
+    /// `lr_of(param)` is its learning rate for this step.
+    pub fn step(&mut self, grads: &[Option<Vec<f32>>], scale: f64, lr_of: impl Fn(&Param) -> f64) -> Result<()> {
         if grads.len() != self.params.len() {
             return Err(TrainError::Invalid(
                 "gradient list does not match the parameters".into(),
@@ -221,35 +281,56 @@ impl AdamW {
         } = self.cfg;
         for (p, g) in self.params.iter_mut().zip(grads) {
             let Some(g) = g else { continue };
-            let lr = lr_of(p);
-            let g = g.to_dtype(DType::F32)?;
-            p.steps += 1;
-            let mut w = p.var.as_tensor().detach();
-            if p.decay && weight_decay != 0.0 {
-                w = (w * (1.0 - lr * weight_decay))?;
+            if g.len() != p.m.len() {
+                return Err(TrainError::Invalid(format!(
+                    "gradient of `{}` has the wrong size",
+                    p.name
+                )));
             }
-            p.m = ((&p.m * beta1)? + (&g * (1.0 - beta1))?)?;
-            p.v = ((&p.v * beta2)? + (g.sqr()? * (1.0 - beta2))?)?;
+            let lr = lr_of(p);
+            p.steps += 1;
             let bc1 = 1.0 - beta1.powi(p.steps as i32);
             let bc2 = 1.0 - beta2.powi(p.steps as i32);
-            let denom = ((p.v.sqrt()? / bc2.sqrt())? + eps)?;
-            let upd = ((&p.m / denom)? * (lr / bc1))?;
-            p.var.set(&(w - upd)?)?;
+            let keep = if p.decay { 1.0 - lr * weight_decay } else { 1.0 };
+            let upd = FusedUpdate {
+                g,
+                m: std::cell::RefCell::new(&mut p.m),
+                v: std::cell::RefCell::new(&mut p.v),
+                scale: scale as f32,
+                keep: keep as f32,
+                b1: beta1 as f32,
+                b2: beta2 as f32,
+                eps: eps as f32,
+                step_size: (lr / bc1) as f32,
+                bc2_sqrt: bc2.sqrt() as f32,
+            };
+            let t = p.var.as_tensor();
+            if t.device().is_cpu() && t.is_contiguous() {
+                t.inplace_op1(&upd)?;
+            } else {
+                // other devices or layouts: update a host copy and write it back
+                let mut host: Vec<f32> = t.flatten_all()?.to_vec1()?;
+                upd.apply(&mut host);
+                drop(upd);
+                p.var.set(&Tensor::from_vec(host, t.shape(), t.device())?)?;
+            }
         }
         Ok(())
     }
 
-    /// Moments and step counts by name, for checkpoints: `m.{name}`, `v.{name}` and `steps`.
+    /// Moments by name, for checkpoints: `m.{name}`, `v.{name}` (shaped like the tensors).
     pub fn state_tensors(&self) -> Result<HashMap<String, Tensor>> {
         let mut out = HashMap::new();
         for p in &self.params {
-            out.insert(format!("m.{}", p.name), p.m.clone());
-            out.insert(format!("v.{}", p.name), p.v.clone());
+            let shape = p.var.shape();
+            let dev = candle_core::Device::Cpu;
+            out.insert(format!("m.{}", p.name), Tensor::from_slice(&p.m, shape, &dev)?);
+            out.insert(format!("v.{}", p.name), Tensor::from_slice(&p.v, shape, &dev)?);
         }
         Ok(out)
     }
 
-    /// Restores moments and step counts saved by [`AdamW::state_tensors`].
+    /// Restores moments saved by [`AdamW::state_tensors`] and the step counts.
     pub fn load_state(&mut self, t: &HashMap<String, Tensor>, steps: &HashMap<String, u64>) -> Result<()> {
         for p in &mut self.params {
             let get = |k: String| {
@@ -267,38 +348,38 @@ impl AdamW {
                     p.var.dims()
                 )));
             }
-            p.m = m.to_dtype(DType::F32)?.to_device(p.var.device())?;
-            p.v = v.to_dtype(DType::F32)?.to_device(p.var.device())?;
+            p.m = m.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
+            p.v = v.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
             p.steps = steps.get(&p.name).copied().unwrap_or(0);
         }
         Ok(())
     }
 }
 
-/// Global L2 norm of all gradients; when above `max_norm`, scales them by `max_norm / (norm + 1e-6)`
-/// (`torch.nn.utils.clip_grad_norm_`). Returns the norm before clipping.
-pub fn clip_grad_norm(grads: &mut [Option<Tensor>], max_norm: f64) -> Result<f64> {
-    let mut sq = 0f64;
-    for g in grads.iter().flatten() {
-        sq += g.to_dtype(DType::F32)?.sqr()?.sum_all()?.to_scalar::<f32>()? as f64;
-    }
-    let norm = sq.sqrt();
-    if max_norm > 0.0 {
-        let coef = max_norm / (norm + 1e-6);
-        if coef < 1.0 {
-            for g in grads.iter_mut().flatten() {
-                *g = (&*g * coef)?;
-            }
-        }
-    }
-    Ok(norm)
+/// Global L2 norm of all gradients (accumulated in f64).
+pub fn global_norm(grads: &[Option<Vec<f32>>]) -> f64 {
+    grads
+        .iter()
+        .flatten()
+        .map(|g| g.iter().map(|x| (*x as f64) * (*x as f64)).sum::<f64>())
+        .sum::<f64>()
+        .sqrt()
 }
 
-/// Sums gradients over the micro-batches of one optimizer step.
+/// `torch.nn.utils.clip_grad_norm_`'s factor: `max_norm / (norm + 1e-6)` when that is below 1, else 1
+/// (and 1 when clipping is off, `max_norm ≤ 0`).
+pub fn clip_factor(norm: f64, max_norm: f64) -> f64 {
+    if max_norm <= 0.0 {
+        return 1.0;
+    }
+    (max_norm / (norm + 1e-6)).min(1.0)
+}
+
+/// Sums gradients over the micro-batches of one optimizer step (host f32 vectors).
 #[derive(Debug, Default)]
 pub struct GradAccum {
     /// Summed gradient of each parameter, `None` until one arrives.
-    pub grads: Vec<Option<Tensor>>,
+    pub grads: Vec<Option<Vec<f32>>>,
 }
 
 impl GradAccum {
@@ -311,11 +392,11 @@ impl GradAccum {
     pub fn add(&mut self, store: &candle_core::backprop::GradStore, params: &[Param]) -> Result<()> {
         for (slot, p) in self.grads.iter_mut().zip(params) {
             if let Some(g) = store.get(p.var.as_tensor()) {
-                let g = g.to_dtype(DType::F32)?;
-                *slot = Some(match slot.take() {
-                    Some(s) => (s + g)?,
-                    None => g,
-                });
+                let g: Vec<f32> = g.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
+                match slot {
+                    Some(s) => s.iter_mut().zip(&g).for_each(|(a, b)| *a += b),
+                    None => *slot = Some(g),
+                }
             }
         }
         Ok(())
@@ -364,8 +445,7 @@ mod tests {
         let mut p = [1.0f64, -2.0];
         let (mut m, mut v) = ([0f64; 2], [0f64; 2]);
         for (t, g) in [[0.5f64, -0.25], [0.1, 0.3]].iter().enumerate() {
-            let gt = Tensor::from_slice(&[g[0] as f32, g[1] as f32], 2, &dev).unwrap();
-            opt.step(&[Some(gt)], |_| lr).unwrap();
+            opt.step(&[Some(vec![g[0] as f32, g[1] as f32])], 1.0, |_| lr).unwrap();
             let t = t as i32 + 1;
             for i in 0..2 {
                 p[i] *= 1.0 - lr * wd;
@@ -381,30 +461,35 @@ mod tests {
         }
         // None gradient: untouched
         let before = var.as_tensor().to_vec1::<f32>().unwrap();
-        opt.step(&[None], |_| lr).unwrap();
+        opt.step(&[None], 1.0, |_| lr).unwrap();
         assert_eq!(var.as_tensor().to_vec1::<f32>().unwrap(), before);
         assert_eq!(opt.params[0].steps, 2);
     }
 
     #[test]
     fn grad_clipping_scales_to_the_max_norm() {
+        let g = vec![Some(vec![3f32, 0.0]), None, Some(vec![4f32])];
+        let n = global_norm(&g);
+        assert!((n - 5.0).abs() < 1e-12);
+        assert!((clip_factor(n, 1.0) - 1.0 / (5.0 + 1e-6)).abs() < 1e-15);
+        assert_eq!(clip_factor(0.5, 1.0), 1.0);
+        assert_eq!(clip_factor(50.0, 0.0), 1.0);
+        // the factor scales the gradient the optimizer sees: with clipping, a step of AdamW on a gradient
+        // g·c equals the unclipped step on g·c
         let dev = Device::Cpu;
-        let mut g = vec![
-            Some(Tensor::new(&[3f32, 0.0], &dev).unwrap()),
-            None,
-            Some(Tensor::new(&[4f32], &dev).unwrap()),
-        ];
-        let n = clip_grad_norm(&mut g, 1.0).unwrap();
-        assert!((n - 5.0).abs() < 1e-6);
-        let a = g[0].as_ref().unwrap().to_vec1::<f32>().unwrap();
-        let b = g[2].as_ref().unwrap().to_vec1::<f32>().unwrap();
-        let c = 1.0 / (5.0 + 1e-6);
-        assert!((a[0] as f64 - 3.0 * c).abs() < 1e-6 && (b[0] as f64 - 4.0 * c).abs() < 1e-6);
-        // below the limit: unchanged
-        let mut g = vec![Some(Tensor::new(&[0.3f32, 0.4], &dev).unwrap())];
-        let n = clip_grad_norm(&mut g, 1.0).unwrap();
-        assert!((n - 0.5).abs() < 1e-6);
-        assert_eq!(g[0].as_ref().unwrap().to_vec1::<f32>().unwrap(), vec![0.3, 0.4]);
+        let a = Var::from_slice(&[1.0f32, 1.0], 2, &dev).unwrap();
+        let b = Var::from_slice(&[1.0f32, 1.0], 2, &dev).unwrap();
+        let mut oa = AdamW::new(vec![("w".into(), a.clone())], AdamWConfig::default()).unwrap();
+        let mut ob = AdamW::new(vec![("w".into(), b.clone())], AdamWConfig::default()).unwrap();
+        for _ in 0..3 {
+            oa.step(&[Some(vec![3.0, -4.0])], 0.2, |_| 0.1).unwrap();
+            ob.step(&[Some(vec![0.6, -0.8])], 1.0, |_| 0.1).unwrap();
+        }
+        assert_eq!(
+            a.as_tensor().to_vec1::<f32>().unwrap(),
+            b.as_tensor().to_vec1::<f32>().unwrap()
+        );
+        assert_ne!(a.as_tensor().to_vec1::<f32>().unwrap(), vec![1.0, 1.0]);
     }
 
     #[test]
