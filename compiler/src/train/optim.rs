@@ -311,7 +311,6 @@ impl AdamW {
                 // other devices or layouts: update a host copy and write it back
                 let mut host: Vec<f32> = t.flatten_all()?.to_vec1()?;
                 upd.apply(&mut host);
-                drop(upd);
                 p.var.set(&Tensor::from_vec(host, t.shape(), t.device())?)?;
             }
         }
