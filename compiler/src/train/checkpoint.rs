@@ -225,7 +225,8 @@ pub fn load(dir: &Path, fingerprint: &str, summary: &str) -> Result<Loaded> {
     }
     if state.model_fingerprint != fingerprint {
         return Err(err(format!(
-            "it was trained from a different model ({}; this model is {})",
+            "it was trained from a different model ({}; this model is {}); pass the MODEL the interrupted \
+             run started from",
             state.model_summary, summary
         )));
     }

@@ -83,22 +83,33 @@ pub struct EvalMetrics {
 
 /// Reads `metrics.jsonl`.
 pub fn read_log(path: &Path) -> Result<Vec<Record>> {
+    read_log_inner(path, false)
+}
+
+/// Reads `metrics.jsonl`; with `tolerate_torn_tail`, a malformed **last** line (a write cut short by a
+/// killed process) is dropped instead of being an error.
+fn read_log_inner(path: &Path, tolerate_torn_tail: bool) -> Result<Vec<Record>> {
     let text = match std::fs::read_to_string(path) {
         Ok(t) => t,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(vec![]),
         Err(e) => return Err(TrainError::io(path, e)),
     };
-    text.lines()
-        .enumerate()
-        .filter(|(_, l)| !l.trim().is_empty())
-        .map(|(i, l)| {
-            serde_json::from_str(l).map_err(|e| TrainError::Data {
-                path: path.into(),
-                line: i + 1,
-                problem: e.to_string(),
-            })
-        })
-        .collect()
+    let lines: Vec<(usize, &str)> = text.lines().enumerate().filter(|(_, l)| !l.trim().is_empty()).collect();
+    let mut out = Vec::with_capacity(lines.len());
+    for (k, (i, l)) in lines.iter().enumerate() {
+        match serde_json::from_str(l) {
+            Ok(r) => out.push(r),
+            Err(_) if tolerate_torn_tail && k + 1 == lines.len() && !text.ends_with('\n') => {}
+            Err(e) => {
+                return Err(TrainError::Data {
+                    path: path.into(),
+                    line: i + 1,
+                    problem: e.to_string(),
+                })
+            }
+        }
+    }
+    Ok(out)
 }
 
 /// Appends to `metrics.jsonl`.
@@ -114,7 +125,7 @@ impl MetricsLog {
         let keep: Vec<Record> = if keep_until == 0 {
             vec![]
         } else {
-            read_log(path)?
+            read_log_inner(path, true)?
                 .into_iter()
                 .filter(|r| match r {
                     Record::Train(s) => s.step <= keep_until,
@@ -356,5 +367,16 @@ mod tests {
         let svg = plot_svg(&r);
         assert!(svg.starts_with("<svg") && svg.contains("polyline") && svg.contains("layer 1"));
         assert!(!svg.contains("layer 0"), "dense layers have no rate curve");
+        // a torn last line (killed mid-write) is dropped on resume, but is an error anywhere else
+        let mut text = std::fs::read_to_string(&p).unwrap();
+        text.push_str("{\"kind\":\"train\",\"st");
+        std::fs::write(&p, &text).unwrap();
+        assert!(read_log(&p).is_err());
+        drop(log);
+        MetricsLog::open(&p, 4).unwrap();
+        assert_eq!(read_log(&p).unwrap().len(), 4);
+        std::fs::write(&p, text.replace("\"step\":2,", "\"step\":2,,") + "\n").unwrap();
+        let e = MetricsLog::open(&p, 4).err().unwrap().to_string();
+        assert!(e.contains("metrics.jsonl:2"), "{e}");
     }
 }
