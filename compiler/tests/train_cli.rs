@@ -343,12 +343,16 @@ fn killed_run_resumes_to_the_same_curve() {
         .arg("train")
         .args([m, "-o", b.to_str().unwrap()])
         .args(common)
-        .stderr(std::process::Stdio::null())
+        .stderr(std::fs::File::create(d.path().join("killed.log")).unwrap())
         .spawn()
         .unwrap();
     let started = std::time::Instant::now();
     while !b.join("checkpoint-20").is_dir() {
-        assert!(started.elapsed().as_secs() < 120, "no checkpoint-20");
+        let log = || std::fs::read_to_string(d.path().join("killed.log")).unwrap_or_default();
+        assert!(started.elapsed().as_secs() < 120, "no checkpoint-20: {}", log());
+        if let Ok(Some(st)) = child.try_wait() {
+            panic!("the run ended ({st}) before checkpoint-20: {}", log());
+        }
         std::thread::sleep(std::time::Duration::from_millis(2));
     }
     child.kill().unwrap();
