@@ -53,13 +53,22 @@ pub fn cross_entropy(logits: &Tensor, targets: &[Option<u32>]) -> Result<(Tensor
 }
 
 /// `nn.BCELoss` (mean): `−[z·log r + (1−z)·log(1−r)]` with both logs clamped at −100, over every entry.
+///
+/// The gradient is torch's, `(r − z) / max(r(1−r), 1e-12)` per entry (divided by the count), so a
+/// saturated score (σ(z) rounding to exactly 0 or 1 in f32) gives a large but finite gradient instead of the
+/// NaN that differentiating the clamped logarithms would give. Built as `value + grad·(r − detach(r))`, which
+/// has the clamped value forward and exactly that gradient backward.
 pub fn bce(scores: &Tensor, labels: &Tensor) -> Result<Tensor> {
     let r = scores.to_dtype(DType::F32)?;
-    let log_r = r.log()?.maximum(-100f64)?;
-    let log_1mr = r.affine(-1.0, 1.0)?.log()?.maximum(-100f64)?;
-    let pos = labels.mul(&log_r)?;
-    let neg = labels.affine(-1.0, 1.0)?.mul(&log_1mr)?;
-    Ok((pos + neg)?.neg()?.mean_all()?)
+    let rd = r.detach();
+    let z = labels.to_dtype(DType::F32)?.detach();
+    let log_r = rd.log()?.maximum(-100f64)?;
+    let log_1mr = rd.affine(-1.0, 1.0)?.log()?.maximum(-100f64)?;
+    let value = (z.mul(&log_r)? + z.affine(-1.0, 1.0)?.mul(&log_1mr)?)?.neg()?;
+    let denom = rd.mul(&rd.affine(-1.0, 1.0)?)?.maximum(1e-12f64)?;
+    let grad = (rd.sub(&z)? / denom)?;
+    let surrogate = (value + grad.mul(&(&r - &rd)?)?)?;
+    Ok(surrogate.mean_all()?)
 }
 
 /// Tokens selected by top-k for capacity `c` over `n` real tokens: `max(1, ⌈n·min(1, c)⌉)` (reference).
@@ -505,6 +514,26 @@ mod tests {
         // r = 1e-50 underflows to 0 in f32: −log 0 is clamped to 100, as nn.BCELoss does.
         let want = (-(0.8f64.ln()) - (0.7f64).ln() - (0.5f64).ln() + 100.0) / 4.0;
         assert!((got as f64 - want).abs() < 1e-5, "{got} vs {want}");
+    }
+
+    #[test]
+    fn bce_gradient_is_torchs_and_finite_when_scores_saturate() {
+        let dev = Device::Cpu;
+        let r = candle_core::Var::new(&[0.8f32, 0.3, 1.0, 0.0, 1.0], &dev).unwrap();
+        let z = Tensor::new(&[1f32, 0.0, 0.0, 1.0, 1.0], &dev).unwrap();
+        let l = bce(r.as_tensor(), &z).unwrap();
+        // saturated entries cost 100 each when wrong, 0 when right
+        let want = (-(0.8f64.ln()) - 0.7f64.ln() + 100.0 + 100.0 + 0.0) / 5.0;
+        assert!((l.to_scalar::<f32>().unwrap() as f64 - want).abs() < 1e-4);
+        let g: Vec<f32> = l.backward().unwrap().get(r.as_tensor()).unwrap().to_vec1().unwrap();
+        let want = [(0.8 - 1.0) / (0.8 * 0.2), 0.3 / (0.3 * 0.7), 1e12, -1e12, 0.0];
+        for (a, b) in g.iter().zip(want) {
+            let b = b / 5.0;
+            assert!(
+                a.is_finite() && ((*a as f64) - b).abs() <= 1e-4 * b.abs().max(1.0),
+                "{g:?}"
+            );
+        }
     }
 
     #[test]
