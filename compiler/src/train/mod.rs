@@ -366,7 +366,9 @@ impl<M: TrainModel> Trainer<M> {
             )));
         }
         let opt = AdamW::new(vars, opts.adamw)?;
-        let (caps, loss_type, lambda) = match &cfg.dlo {
+        // a DLO config without any routed layer trains as a dense model
+        let routed = cfg.dlo.as_ref().filter(|d| d.is_dlo.iter().any(|r| *r));
+        let (caps, loss_type, lambda) = match routed {
             Some(d) => (
                 Some(CapacityState::new(d, opts.capacity, opts.anneal_steps)?),
                 opts.loss_type.unwrap_or(d.loss_type),
@@ -375,7 +377,8 @@ impl<M: TrainModel> Trainer<M> {
             None => {
                 if opts.loss_type.is_some() || opts.loss_weight.is_some() || opts.capacity.is_some() {
                     return Err(TrainError::Invalid(
-                        "--loss-type, --loss-weight and --capacity need a DLO model (this one has no routers)".into(),
+                        "--loss-type, --loss-weight and --capacity need a DLO model (this one has no routed layer)"
+                            .into(),
                     ));
                 }
                 (None, LossType::SelfTopK, 0.0)

@@ -526,6 +526,31 @@ fn routers_only_training_leaves_everything_else_untouched() {
 }
 
 #[test]
+fn dlo_config_without_routed_layers_trains_as_dense() {
+    let mut cfg = toy_config("cos-global", true);
+    cfg.dlo.as_mut().unwrap().is_dlo = vec![false; 3];
+    let mut t = trainer(&cfg, opts(2));
+    assert!(t.caps.is_none());
+    let m = t.train_step().unwrap();
+    assert_eq!((m.route, m.exec_rate), (0.0, 1.0));
+    assert!(m.exec.iter().all(Option::is_none));
+    let e = Trainer::<Toy>::new(
+        cfg.clone(),
+        toy_weights(&cfg, 3),
+        toy_examples(4),
+        0,
+        Options {
+            loss_weight: Some(1.0),
+            ..opts(2)
+        },
+    )
+    .err()
+    .unwrap()
+    .to_string();
+    assert!(e.contains("no routed layer"), "{e}");
+}
+
+#[test]
 fn dynamic_lr_scales_layers_by_their_capacity() {
     let cfg = toy_config("cos-global", true);
     let mut t = trainer(
