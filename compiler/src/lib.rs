@@ -1,9 +1,19 @@
-//! The `dlo-compile` library: each subcommand is a module that takes a validated plan.
+//! The `dlo-compile` library: each subcommand is a module that takes validated arguments.
 //!
 //! | stage | module |
 //! |---|---|
 //! | import a checkpoint to an HF directory | [`import`] |
+//! | per-layer similarity analysis on real text | [`analyze`] |
+//! | deepen a base model into a DLO model | [`expand`] |
 //! | fine-tune with DLO routing | [`train`] |
+//! | lower to ONNX (prefill + decode, `If` for routed layers) | [`onnx`] |
+//!
+//! Shared pieces: [`corpus`] (reading sample text), [`plot`] (PNG/SVG charts).
 
+pub mod analyze;
+pub mod corpus;
+pub mod expand;
 pub mod import;
+pub mod onnx;
+pub mod plot;
 pub mod train;

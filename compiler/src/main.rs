@@ -17,6 +17,10 @@ struct Cli {
 enum Command {
     /// Convert a checkpoint (HF directory or GGUF) into an HF directory.
     Import(dlo_compiler::import::ImportArgs),
+    /// Per-layer, per-token similarity of unit input vs output on sample text (JSON + heatmap).
+    Analyze(dlo_compiler::analyze::AnalyzeArgs),
+    /// Deepen a base model into a DLO model (layer expansion, routers, DLO hyper-parameters).
+    Expand(Box<dlo_compiler::expand::ExpandArgs>),
     /// Fine-tune a (DLO) model on chat data with the routing losses.
     Train(Box<dlo_compiler::train::TrainArgs>),
 }
@@ -25,6 +29,8 @@ fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     let result = match &cli.command {
         Command::Import(a) => dlo_compiler::import::run(a),
+        Command::Analyze(a) => dlo_compiler::analyze::run(a),
+        Command::Expand(a) => dlo_compiler::expand::run(a),
         Command::Train(a) => dlo_compiler::train::run(a),
     };
     match result {

@@ -52,7 +52,17 @@ impl Linear {
         let dims = x.dims().to_vec();
         let inp = dims[dims.len() - 1];
         let rows: usize = dims[..dims.len() - 1].iter().product();
-        let y = x.reshape((rows, inp))?.matmul(&self.weight.t()?)?;
+        let y = match self.matvec(x, rows, inp)? {
+            Some(y) => y,
+            // candle's CPU bf16 GEMM is slow; widening to f32 (as PyTorch's CPU kernels accumulate anyway)
+            // is several times faster for prefill-sized inputs.
+            None if x.device().is_cpu() && x.dtype() == DType::BF16 && !self.weight.track_op() => x
+                .reshape((rows, inp))?
+                .to_dtype(DType::F32)?
+                .matmul(&self.weight.to_dtype(DType::F32)?.t()?)?
+                .to_dtype(DType::BF16)?,
+            None => x.reshape((rows, inp))?.matmul(&self.weight.t()?)?,
+        };
         let y = match &self.bias {
             Some(b) => y.broadcast_add(b)?,
             None => y,
@@ -61,6 +71,40 @@ impl Linear {
         let last = out_dims.len() - 1;
         out_dims[last] = self.weight.dim(0)?;
         y.reshape(out_dims)
+    }
+}
+
+impl Linear {
+    /// The decode fast path ([`crate::kernels::matvec`]) for a few rows on CPU, outside autograd.
+    /// `None` when it does not apply (GPU, many rows, a tracked variable, other dtypes).
+    fn matvec(&self, x: &Tensor, rows: usize, inp: usize) -> candle_core::Result<Option<Tensor>> {
+        use candle_core::{CpuStorage, Storage};
+        if std::env::var_os("DLO_NO_MATVEC").is_some()
+            || rows > crate::kernels::MAX_ROWS
+            || !x.device().is_cpu()
+            || self.weight.track_op()
+            || x.track_op()
+            || !self.weight.is_contiguous()
+            || x.dtype() != self.weight.dtype()
+        {
+            return Ok(None);
+        }
+        let out = self.weight.dim(0)?;
+        let (st, layout) = self.weight.storage_and_layout();
+        let off = layout.start_offset();
+        let y = match (&*st, x.dtype()) {
+            (Storage::Cpu(CpuStorage::F32(w)), DType::F32) => {
+                let xs: Vec<f32> = x.flatten_all()?.to_vec1()?;
+                crate::kernels::matvec(&w[off..off + out * inp], &xs, rows, out, inp)
+            }
+            (Storage::Cpu(CpuStorage::BF16(w)), DType::BF16) => {
+                let xs: Vec<f32> = x.flatten_all()?.to_dtype(DType::F32)?.to_vec1()?;
+                crate::kernels::matvec(&w[off..off + out * inp], &xs, rows, out, inp)
+            }
+            _ => return Ok(None),
+        };
+        drop(st);
+        Ok(Some(Tensor::from_vec(y, (rows, out), x.device())?.to_dtype(x.dtype())?))
     }
 }
 

@@ -10,6 +10,7 @@
 //! - `layer` skipping: executed tokens of each sequence are packed (original positions kept), attend only
 //!   to the layer's earlier executed tokens (its own ragged KV cache), and skipped tokens pass unchanged.
 
+pub mod analysis;
 pub mod cache;
 pub mod layers;
 pub mod rope;

@@ -136,7 +136,8 @@ fn check_decode_equals_recompute(cfg: &ModelConfig) {
             .unwrap();
         let want = full.logits.narrow(1, i, 1).unwrap();
         let d = max_diff(&out.logits, &want);
-        assert!(d < 1e-5, "position {i}: decode differs from recomputation by {d}");
+        // Decode runs the matvec kernel, recomputation runs GEMM: same math, different summation order.
+        assert!(d < 1e-4, "position {i}: decode differs from recomputation by {d}");
         for (l, tr) in out.trace.iter().enumerate() {
             if let (Some(tr), Some(ftr)) = (tr, &full.trace[l]) {
                 assert_eq!(

@@ -189,7 +189,7 @@ pub fn top_k(r: &[f32], valid: &[bool], b: usize, t: usize, capacity: f64, per_s
 }
 
 /// Per-row cosine similarity of `[b, t, d]` tensors, in f32, as a flat `b*t` vector.
-fn cosine_rows(x: &Tensor, y: &Tensor) -> candle_core::Result<Vec<f32>> {
+pub(crate) fn cosine_rows(x: &Tensor, y: &Tensor) -> candle_core::Result<Vec<f32>> {
     let x = x.to_dtype(DType::F32)?;
     let y = y.to_dtype(DType::F32)?;
     let dot = (&x * &y)?.sum(D::Minus1)?;
