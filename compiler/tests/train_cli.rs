@@ -1,8 +1,5 @@
 //! `dlo-compile train` end to end on a tiny HF checkpoint with a byte-level tokenizer and a ChatML template:
 //! a run, an interrupted run resumed to the same curve, and bad inputs refused before training starts.
-//!
-//! These need `Checkpoint::open` and `Tokenizer::from_hf_dir` (issue 2); until those are on the branch the
-//! tests are ignored (run with `--ignored`).
 
 use candle_core::{Device, Tensor};
 use serde_json::{json, Value};
@@ -156,7 +153,6 @@ fn curve(dir: &Path) -> Vec<Value> {
 }
 
 #[test]
-#[ignore = "needs Checkpoint::open and Tokenizer::from_hf_dir (issue 2)"]
 fn cli_trains_resumes_identically_and_writes_a_loadable_checkpoint() {
     let d = tempfile::tempdir().unwrap();
     let model = d.path().join("model");
@@ -246,7 +242,6 @@ fn cli_trains_resumes_identically_and_writes_a_loadable_checkpoint() {
 }
 
 #[test]
-#[ignore = "needs Checkpoint::open and Tokenizer::from_hf_dir (issue 2)"]
 fn cli_refuses_bad_data_and_foreign_resume_before_training() {
     let d = tempfile::tempdir().unwrap();
     let model = d.path().join("model");
@@ -310,7 +305,6 @@ fn cli_refuses_bad_data_and_foreign_resume_before_training() {
 /// Kill the process for real (SIGKILL) part-way, resume from its last checkpoint: the curve and the final
 /// model equal an uninterrupted run's.
 #[test]
-#[ignore = "needs Checkpoint::open and Tokenizer::from_hf_dir (issue 2)"]
 fn killed_run_resumes_to_the_same_curve() {
     let d = tempfile::tempdir().unwrap();
     let model = d.path().join("model");
