@@ -5,6 +5,7 @@
 //! | import a checkpoint to an HF directory | [`import`] |
 //! | per-layer similarity analysis on real text | [`analyze`] |
 //! | deepen a base model into a DLO model | [`expand`] |
+//! | fine-tune with DLO routing | [`train`] |
 //! | lower to ONNX (prefill + decode, `If` for routed layers) | [`onnx`] |
 //!
 //! Shared pieces: [`corpus`] (reading sample text), [`plot`] (PNG/SVG charts).
@@ -15,3 +16,4 @@ pub mod expand;
 pub mod import;
 pub mod onnx;
 pub mod plot;
+pub mod train;

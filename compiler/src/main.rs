@@ -21,6 +21,8 @@ enum Command {
     Analyze(dlo_compiler::analyze::AnalyzeArgs),
     /// Deepen a base model into a DLO model (layer expansion, routers, DLO hyper-parameters).
     Expand(Box<dlo_compiler::expand::ExpandArgs>),
+    /// Fine-tune a (DLO) model on chat data with the routing losses.
+    Train(Box<dlo_compiler::train::TrainArgs>),
 }
 
 fn main() -> std::process::ExitCode {
@@ -29,6 +31,7 @@ fn main() -> std::process::ExitCode {
         Command::Import(a) => dlo_compiler::import::run(a),
         Command::Analyze(a) => dlo_compiler::analyze::run(a),
         Command::Expand(a) => dlo_compiler::expand::run(a),
+        Command::Train(a) => dlo_compiler::train::run(a),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,
