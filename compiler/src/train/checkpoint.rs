@@ -244,34 +244,6 @@ pub fn load(dir: &Path, fingerprint: &str, summary: &str) -> Result<Loaded> {
     })
 }
 
-/// Writes `tokenizer.json` and a minimal `tokenizer_config.json` (special tokens, `add_bos_token`, chat
-/// template) for a tokenizer that did not come from an HF directory (GGUF sources), so that checkpoints
-/// carry a tokenizer HF can load.
-pub fn export_tokenizer(tok: &dlo_runtime::Tokenizer, dir: &Path) -> Result<()> {
-    std::fs::create_dir_all(dir).map_err(|e| TrainError::io(dir, e))?;
-    let tj = dir.join("tokenizer.json");
-    tok.inner()
-        .save(&tj, false)
-        .map_err(|e| TrainError::file(&tj, format!("cannot write the tokenizer: {e}")))?;
-    let name = |id: Option<u32>| id.and_then(|i| tok.inner().id_to_token(i));
-    let mut cfg = serde_json::Map::new();
-    cfg.insert("tokenizer_class".into(), "PreTrainedTokenizerFast".into());
-    cfg.insert("add_bos_token".into(), tok.add_bos.into());
-    if let Some(b) = name(tok.bos_token_id) {
-        cfg.insert("bos_token".into(), b.into());
-    }
-    if let Some(e) = name(tok.eos_token_ids.first().copied()) {
-        cfg.insert("eos_token".into(), e.into());
-    }
-    if let Some(t) = &tok.chat_template {
-        cfg.insert("chat_template".into(), t.source.clone().into());
-    }
-    let cp = dir.join("tokenizer_config.json");
-    let text = serde_json::to_string_pretty(&serde_json::Value::Object(cfg))
-        .map_err(|e| TrainError::Invalid(e.to_string()))?;
-    std::fs::write(&cp, text).map_err(|e| TrainError::io(&cp, e))
-}
-
 /// 64-bit FNV-1a, as hex: stable fingerprints of models and data.
 pub fn fingerprint(parts: &[&[u8]]) -> String {
     let mut h: u64 = 0xcbf2_9ce4_8422_2325;

@@ -1074,7 +1074,8 @@ pub fn run(args: &TrainArgs) -> anyhow::Result<()> {
         args.model.clone()
     } else {
         let d = args.output.join(".tokenizer");
-        checkpoint::export_tokenizer(tok, &d)?;
+        std::fs::create_dir_all(&d).map_err(|e| TrainError::io(&d, e))?;
+        crate::import::write_tokenizer_files(tok, ck.config.max_position_embeddings, &d)?;
         d
     };
     let setup = RunSetup {
