@@ -4,12 +4,14 @@
 //! |---|---|
 //! | [`checkpoint`] | open HF directories and GGUF files |
 //! | [`weights`] | named tensors behind one interface |
+//! | [`engine`] | native engine files: format, plan, budget calibration |
 //! | [`tokenizer`], [`chat`] | text ↔ ids, chat templates |
 //! | [`model`] | the Llama/DLO model definition: eval and training routing, KV caches |
 //! | [`generate`] | sampling and the generation loop |
 
 pub mod chat;
 pub mod checkpoint;
+pub mod engine;
 pub mod error;
 pub mod generate;
 pub mod model;

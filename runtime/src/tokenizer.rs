@@ -57,3 +57,29 @@ impl Tokenizer {
         &self.inner
     }
 }
+
+impl Tokenizer {
+    /// Builds a tokenizer from a `tokenizer.json` document held in memory (engines store it this way);
+    /// `path` names its origin in errors.
+    pub fn from_json_str(
+        json: &str,
+        path: &Path,
+        add_bos: bool,
+        bos_token_id: Option<u32>,
+        eos_token_ids: Vec<u32>,
+        chat_template: Option<ChatTemplate>,
+    ) -> Result<Self> {
+        let inner: tokenizers::Tokenizer = json.parse().map_err(|e| Error::Tokenizer {
+            path: path.to_path_buf(),
+            problem: format!("invalid tokenizer.json: {e}"),
+        })?;
+        Ok(Tokenizer {
+            inner,
+            path: path.to_path_buf(),
+            add_bos,
+            bos_token_id,
+            eos_token_ids,
+            chat_template,
+        })
+    }
+}

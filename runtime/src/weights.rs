@@ -18,6 +18,8 @@ enum Store {
     Safetensors(candle_core::safetensors::MmapedSafetensors),
     /// Tensors already materialised (GGUF dequantised at load, tests, passes).
     Loaded(HashMap<String, Tensor>),
+    /// A memory-mapped engine file; tensors are copied out (and checksummed) when first loaded.
+    Engine(std::sync::Arc<crate::engine::format::EngineFile>),
 }
 
 /// A set of named tensors from one checkpoint.
@@ -48,6 +50,15 @@ impl Weights {
         })
     }
 
+    /// Reads tensors from a mapped engine file.
+    pub(crate) fn from_engine(file: std::sync::Arc<crate::engine::format::EngineFile>) -> Self {
+        let path = file.path().to_path_buf();
+        Weights {
+            store: Store::Engine(file),
+            path,
+        }
+    }
+
     /// The checkpoint these weights come from.
     pub fn path(&self) -> &Path {
         &self.path
@@ -58,6 +69,7 @@ impl Weights {
         match &self.store {
             Store::Safetensors(st) => st.get(name).is_ok(),
             Store::Loaded(m) => m.contains_key(name),
+            Store::Engine(e) => e.entry(name).is_some(),
         }
     }
 
@@ -66,6 +78,7 @@ impl Weights {
         let mut v: Vec<String> = match &self.store {
             Store::Safetensors(st) => st.tensors().into_iter().map(|(n, _)| n).collect(),
             Store::Loaded(m) => m.keys().cloned().collect(),
+            Store::Engine(e) => e.tensors().iter().map(|t| t.name.clone()).collect(),
         };
         v.sort();
         v
@@ -76,6 +89,7 @@ impl Weights {
         match &self.store {
             Store::Safetensors(st) => st.get(name).ok().map(|v| v.shape().to_vec()),
             Store::Loaded(m) => m.get(name).map(|t| t.dims().to_vec()),
+            Store::Engine(e) => e.entry(name).map(|t| t.shape.clone()),
         }
     }
 
@@ -98,6 +112,7 @@ impl Weights {
                 .load(name, device)
                 .map_err(|e| Error::format(&self.path, format!("tensor `{name}`: {e}")))?,
             Store::Loaded(m) => m[name].to_device(device)?,
+            Store::Engine(e) => e.load(name, device)?,
         };
         Ok(t.to_dtype(dtype)?)
     }
