@@ -3,5 +3,7 @@
 //! | stage | module |
 //! |---|---|
 //! | import a checkpoint to an HF directory | [`import`] |
+//! | lower a model into a native engine | [`build`] |
 
+pub mod build;
 pub mod import;

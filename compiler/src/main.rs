@@ -17,12 +17,15 @@ struct Cli {
 enum Command {
     /// Convert a checkpoint (HF directory or GGUF) into an HF directory.
     Import(dlo_compiler::import::ImportArgs),
+    /// Lower a checkpoint into a native engine file (optionally calibrated to a compute budget).
+    Build(dlo_compiler::build::BuildArgs),
 }
 
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     let result = match &cli.command {
         Command::Import(a) => dlo_compiler::import::run(a),
+        Command::Build(a) => dlo_compiler::build::run(a),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,
