@@ -22,7 +22,7 @@ pub struct CalibrationOptions {
     pub chunk_len: usize,
     /// Sequences per forward pass.
     pub batch: usize,
-    /// Most forward passes over the calibration text.
+    /// Most threshold re-estimations (each one more forward pass over the calibration text).
     pub max_rounds: usize,
     /// Stop when the measured rate is this close to the budget.
     pub tolerance: f64,

@@ -422,7 +422,7 @@ impl EngineFile {
         let t = &self.tensors[i];
         let b = &self.mmap[t.offset as usize..(t.offset + t.length) as usize];
         if !self.verified[i].load(Ordering::Relaxed) {
-            let found = crc32fast::hash(b);
+            let found = hash_parallel(b);
             if found != self.crcs[i] {
                 return Err(Error::Integrity {
                     path: self.path.clone(),
@@ -445,11 +445,52 @@ impl EngineFile {
         self.bytes_of(i)
     }
 
-    /// Tensor `name` on `device` in its storage dtype (one copy from the mapping into candle storage).
+    /// Tensor `name` on `device` in its storage dtype. On the CPU the bytes are copied from the mapping
+    /// into the tensor's storage in one parallel pass that also computes the crc32 (the copy is the only
+    /// one: candle CPU tensors own their data).
     pub fn load(&self, name: &str, device: &Device) -> Result<Tensor> {
-        let b = self.tensor_bytes(name)?;
-        let t = &self.tensors[self.index[name]];
-        Ok(Tensor::from_raw_buffer(b, t.dtype.dtype(), &t.shape, device)?)
+        let i = *self.index.get(name).ok_or_else(|| Error::MissingTensor {
+            path: self.path.clone(),
+            name: name.into(),
+        })?;
+        let t = &self.tensors[i];
+        if !device.is_cpu() {
+            let b = self.bytes_of(i)?;
+            return Ok(Tensor::from_raw_buffer(b, t.dtype.dtype(), &t.shape, device)?);
+        }
+        let src = &self.mmap[t.offset as usize..(t.offset + t.length) as usize];
+        let n = src.len() / t.dtype.size();
+        let tensor = match t.dtype {
+            StorageDtype::F32 => {
+                let mut v = vec![0f32; n];
+                self.check_crc(i, copy_and_hash(as_bytes_mut(&mut v), src))?;
+                Tensor::from_vec(v, t.shape.as_slice(), device)?
+            }
+            StorageDtype::Bf16 | StorageDtype::F16 => {
+                use half::vec::HalfBitsVecExt;
+                let mut v = vec![0u16; n];
+                self.check_crc(i, copy_and_hash(as_bytes_mut(&mut v), src))?;
+                if t.dtype == StorageDtype::Bf16 {
+                    Tensor::from_vec(v.reinterpret_into::<half::bf16>(), t.shape.as_slice(), device)?
+                } else {
+                    Tensor::from_vec(v.reinterpret_into::<half::f16>(), t.shape.as_slice(), device)?
+                }
+            }
+        };
+        Ok(tensor)
+    }
+
+    fn check_crc(&self, i: usize, found: u32) -> Result<()> {
+        if found != self.crcs[i] {
+            return Err(Error::Integrity {
+                path: self.path.clone(),
+                what: format!("tensor `{}`", self.tensors[i].name),
+                expected: self.crcs[i],
+                found,
+            });
+        }
+        self.verified[i].store(true, Ordering::Relaxed);
+        Ok(())
     }
 
     /// Checks the crc32 of every tensor now (those already verified are skipped).
@@ -459,6 +500,58 @@ impl EngineFile {
         }
         Ok(())
     }
+}
+
+/// Element types whose every bit pattern is valid and that have no padding.
+trait Plain: Copy {}
+impl Plain for f32 {}
+impl Plain for u16 {}
+
+/// The bytes of a slice of plain numbers.
+fn as_bytes_mut<T: Plain>(v: &mut [T]) -> &mut [u8] {
+    // SAFETY: `T` is f32 or u16: initialised, no padding, valid for any bit pattern; u8 has alignment 1
+    // and the length covers exactly the slice's memory.
+    unsafe { std::slice::from_raw_parts_mut(v.as_mut_ptr().cast::<u8>(), std::mem::size_of_val(v)) }
+}
+
+/// Copies `src` into `dst` (same length) in parallel 1 MiB chunks and returns the crc32 of the bytes,
+/// each chunk hashed while it is still in cache.
+fn copy_and_hash(dst: &mut [u8], src: &[u8]) -> u32 {
+    use rayon::prelude::*;
+    const CHUNK: usize = 1 << 20;
+    let hashers: Vec<crc32fast::Hasher> = dst
+        .par_chunks_mut(CHUNK)
+        .zip(src.par_chunks(CHUNK))
+        .map(|(d, s)| {
+            d.copy_from_slice(s);
+            let mut h = crc32fast::Hasher::new();
+            h.update(d);
+            h
+        })
+        .collect();
+    let mut total = crc32fast::Hasher::new();
+    for h in &hashers {
+        total.combine(h);
+    }
+    total.finalize()
+}
+
+/// crc32 of `src`, hashed in parallel 4 MiB chunks.
+fn hash_parallel(src: &[u8]) -> u32 {
+    use rayon::prelude::*;
+    let hashers: Vec<crc32fast::Hasher> = src
+        .par_chunks(4 << 20)
+        .map(|c| {
+            let mut h = crc32fast::Hasher::new();
+            h.update(c);
+            h
+        })
+        .collect();
+    let mut total = crc32fast::Hasher::new();
+    for h in &hashers {
+        total.combine(h);
+    }
+    total.finalize()
 }
 
 /// Removes a temporary file unless disarmed.

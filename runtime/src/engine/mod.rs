@@ -317,6 +317,25 @@ pub struct Opened {
     pub plan: Option<EnginePlan>,
 }
 
+impl Opened {
+    /// The routing rule for an optional budget override: an engine's plan decides (see
+    /// [`EnginePlan::routing`]); a checkpoint follows the reference rule and refuses a budget.
+    pub fn routing(&self, budget: Option<f64>) -> Result<Routing> {
+        match (&self.plan, budget) {
+            (Some(p), b) => p.routing(b),
+            (None, None) => Ok(Routing::Reference),
+            (None, Some(r)) => {
+                plan::check_budget(r)?;
+                Err(Error::InvalidArgument(
+                    "a budget needs an engine (dlo-compile build --calibration FILE); checkpoints follow the \
+                     reference rule"
+                        .into(),
+                ))
+            }
+        }
+    }
+}
+
 /// Opens `path` as an engine when it starts with the engine magic, otherwise as a checkpoint
 /// ([`Checkpoint::open`]: HF directory or GGUF).
 pub fn open_any(path: &Path) -> Result<Opened> {
