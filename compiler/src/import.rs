@@ -2,9 +2,20 @@
 //! tokenizer.json + tokenizer_config.json) that HF transformers can load. Written to a temporary directory
 //! and renamed into place, so a failed import leaves nothing behind.
 //!
+//! The output holds exactly the tensors the config needs ([`expected_tensors`]), in HF names and layout:
+//! GGUF tensors arrive dequantized with llama.cpp's Q/K permutation undone; tied embeddings are written once
+//! (no `lm_head.weight`, `tie_word_embeddings: true`); DLO routers pass through.
+//!
 //! OWNER: loader work (issue 2).
 
-use std::path::PathBuf;
+use anyhow::Context;
+use candle_core::{DType, Device, Tensor};
+use dlo_passes::ModelConfig;
+use dlo_runtime::weights::expected_tensors;
+use dlo_runtime::{Checkpoint, Error, Result, Tokenizer};
+use serde_json::{json, Value};
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
 
 /// Arguments of `dlo-compile import`.
 #[derive(Debug, clap::Args)]
@@ -21,5 +32,213 @@ pub struct ImportArgs {
 
 /// Runs the import.
 pub fn run(args: &ImportArgs) -> anyhow::Result<()> {
-    anyhow::bail!("{}: import is not implemented yet", args.src.display())
+    let dtype = parse_dtype(&args.dtype)?;
+    let ck = Checkpoint::open(&args.src).with_context(|| format!("cannot import {}", args.src.display()))?;
+    for w in ck.report.warnings() {
+        eprintln!("warning: {}: {w} (not written)", ck.path.display());
+    }
+    if ck.tokenizer.is_none() {
+        eprintln!(
+            "warning: {}: no tokenizer; the output will have none",
+            ck.path.display()
+        );
+    }
+    import_checkpoint(&ck, &args.output, dtype)?;
+    eprintln!(
+        "wrote {} ({} tensors, {})",
+        args.output.display(),
+        expected_tensors(&ck.config).len(),
+        args.dtype
+    );
+    Ok(())
 }
+
+/// `f32` / `bf16` / `f16` → the candle dtype.
+pub fn parse_dtype(s: &str) -> anyhow::Result<DType> {
+    match s {
+        "f32" => Ok(DType::F32),
+        "bf16" => Ok(DType::BF16),
+        "f16" => Ok(DType::F16),
+        other => anyhow::bail!("unsupported --dtype `{other}` (f32, bf16, f16)"),
+    }
+}
+
+/// The HF `torch_dtype` name of a storage dtype.
+fn torch_dtype(dtype: DType) -> &'static str {
+    match dtype {
+        DType::BF16 => "bfloat16",
+        DType::F16 => "float16",
+        _ => "float32",
+    }
+}
+
+/// Writes `ck` as an HF directory at `out` (which must not exist), tensors stored as `dtype`.
+pub fn import_checkpoint(ck: &Checkpoint, out: &Path, dtype: DType) -> Result<()> {
+    write_dir_atomically(out, |dir| {
+        let mut cfg: ModelConfig = ck.config.clone();
+        cfg.torch_dtype = Some(torch_dtype(dtype).to_string());
+        write_weights(ck, &cfg, dtype, &dir.join("model.safetensors"))?;
+        write_json(&dir.join("config.json"), &cfg.to_hf_json())?;
+        // The safetensors writer creates its file owner-only; give it the same mode as our other files.
+        let mode = std::fs::metadata(dir.join("config.json"))
+            .map_err(|e| Error::io(dir, e))?
+            .permissions();
+        let st = dir.join("model.safetensors");
+        std::fs::set_permissions(&st, mode).map_err(|e| Error::io(&st, e))?;
+        write_generation_config(&cfg, dir)?;
+        if let Some(tok) = &ck.tokenizer {
+            write_tokenizer_files(tok, cfg.max_position_embeddings, dir)?;
+        }
+        Ok(())
+    })
+}
+
+/// Creates `out` by running `fill` on a fresh temporary directory next to it (`<out>.tmp-<pid>`) and
+/// renaming that into place. Refuses an existing `out`; on any error the temporary directory is removed
+/// and `out` is not created.
+pub fn write_dir_atomically(out: &Path, fill: impl FnOnce(&Path) -> Result<()>) -> Result<()> {
+    if out.symlink_metadata().is_ok() {
+        return Err(already_exists(out));
+    }
+    let name = out
+        .file_name()
+        .ok_or_else(|| Error::InvalidArgument(format!("{}: not a directory name", out.display())))?;
+    let parent = match out.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+        _ => PathBuf::from("."),
+    };
+    let mut tmp_name = name.to_os_string();
+    tmp_name.push(format!(".tmp-{}", std::process::id()));
+    let tmp = parent.join(tmp_name);
+    if tmp.symlink_metadata().is_ok() {
+        // Left over from an earlier run that died with the same pid: it is ours by name.
+        std::fs::remove_dir_all(&tmp).map_err(|e| Error::io(&tmp, e))?;
+    }
+    std::fs::create_dir(&tmp).map_err(|e| Error::io(&tmp, e))?;
+    let guard = RemoveOnDrop(Some(tmp.clone()));
+    fill(&tmp)?;
+    if out.symlink_metadata().is_ok() {
+        return Err(already_exists(out));
+    }
+    std::fs::rename(&tmp, out).map_err(|e| Error::io(out, e))?;
+    guard.disarm();
+    Ok(())
+}
+
+fn already_exists(out: &Path) -> Error {
+    Error::io(
+        out,
+        std::io::Error::new(
+            std::io::ErrorKind::AlreadyExists,
+            "output already exists (refusing to overwrite it)",
+        ),
+    )
+}
+
+/// Removes a directory tree when dropped, unless disarmed.
+struct RemoveOnDrop(Option<PathBuf>);
+
+impl RemoveOnDrop {
+    fn disarm(mut self) {
+        self.0 = None;
+    }
+}
+
+impl Drop for RemoveOnDrop {
+    fn drop(&mut self) {
+        if let Some(p) = self.0.take() {
+            let _ = std::fs::remove_dir_all(p);
+        }
+    }
+}
+
+/// Writes every tensor `cfg` needs, converted to `dtype`, as one safetensors file with the
+/// `{"format": "pt"}` metadata transformers expects.
+fn write_weights(ck: &Checkpoint, cfg: &ModelConfig, dtype: DType, path: &Path) -> Result<()> {
+    let mut tensors: Vec<(String, Tensor)> = Vec::new();
+    for (name, shape) in expected_tensors(cfg) {
+        let t = ck.weights.get(&name, &shape, dtype, &Device::Cpu)?.contiguous()?;
+        tensors.push((name, t));
+    }
+    let meta = HashMap::from([("format".to_string(), "pt".to_string())]);
+    safetensors::serialize_to_file(tensors, Some(meta), path)
+        .map_err(|e| Error::format(path, format!("cannot write safetensors: {e}")))
+}
+
+fn write_json(path: &Path, v: &Value) -> Result<()> {
+    let text = serde_json::to_string_pretty(v).map_err(|e| Error::format(path, e.to_string()))?;
+    std::fs::write(path, text + "\n").map_err(|e| Error::io(path, e))
+}
+
+/// `generation_config.json` with the special-token ids, so `generate` in transformers stops at EOS.
+fn write_generation_config(cfg: &ModelConfig, dir: &Path) -> Result<()> {
+    let mut g = serde_json::Map::new();
+    if let Some(b) = cfg.bos_token_id {
+        g.insert("bos_token_id".into(), json!(b));
+    }
+    match cfg.eos_token_ids.as_slice() {
+        [] => {}
+        [one] => {
+            g.insert("eos_token_id".into(), json!(one));
+        }
+        many => {
+            g.insert("eos_token_id".into(), json!(many));
+        }
+    }
+    write_json(&dir.join("generation_config.json"), &Value::Object(g))
+}
+
+/// Writes `tokenizer.json` and `tokenizer_config.json` for `tok` into `dir`.
+///
+/// `tokenizer_config.json` names the special tokens (`bos_token`, `eos_token`), `add_bos_token`, the chat
+/// template and `model_max_length`, with `tokenizer_class: PreTrainedTokenizerFast` so transformers uses
+/// `tokenizer.json` as is. When BOS is to be added and `tokenizer.json` has no post-processor, one that
+/// prepends BOS is added so that transformers' `encode` matches ours.
+pub fn write_tokenizer_files(tok: &Tokenizer, model_max_length: usize, dir: &Path) -> Result<()> {
+    let tj_path = dir.join("tokenizer.json");
+    let text = tok.inner().to_string(false).map_err(|e| Error::Tokenizer {
+        path: tj_path.clone(),
+        problem: format!("cannot serialize: {e}"),
+    })?;
+    let mut tj: Value = serde_json::from_str(&text).map_err(|e| Error::format(&tj_path, e.to_string()))?;
+    let token = |id: u32| tok.inner().id_to_token(id);
+    let bos = tok.bos_token_id.and_then(|id| token(id).map(|t| (id, t)));
+    if tok.add_bos && tj.get("post_processor").is_none_or(Value::is_null) {
+        if let Some((id, t)) = &bos {
+            tj["post_processor"] = json!({
+                "type": "TemplateProcessing",
+                "single": [{"SpecialToken": {"id": t, "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}}],
+                "pair": [{"SpecialToken": {"id": t, "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}},
+                         {"SpecialToken": {"id": t, "type_id": 1}}, {"Sequence": {"id": "B", "type_id": 1}}],
+                "special_tokens": {t.as_str(): {"id": t, "ids": [id], "tokens": [t]}}
+            });
+        }
+    }
+    write_json(&tj_path, &tj)?;
+
+    let tmpl = tok.chat_template.as_ref();
+    let bos_str = bos
+        .map(|(_, t)| t)
+        .or_else(|| tmpl.map(|c| c.bos_token.clone()).filter(|s| !s.is_empty()));
+    let eos_str = tok
+        .eos_token_ids
+        .first()
+        .and_then(|&id| token(id))
+        .or_else(|| tmpl.map(|c| c.eos_token.clone()).filter(|s| !s.is_empty()));
+    let mut tc = serde_json::Map::new();
+    tc.insert("tokenizer_class".into(), json!("PreTrainedTokenizerFast"));
+    tc.insert("bos_token".into(), json!(bos_str));
+    tc.insert("eos_token".into(), json!(eos_str));
+    tc.insert("add_bos_token".into(), json!(tok.add_bos));
+    tc.insert("add_eos_token".into(), json!(false));
+    tc.insert("clean_up_tokenization_spaces".into(), json!(false));
+    tc.insert("model_max_length".into(), json!(model_max_length));
+    if let Some(t) = tmpl {
+        tc.insert("chat_template".into(), json!(t.source));
+    }
+    write_json(&dir.join("tokenizer_config.json"), &Value::Object(tc))
+}
+
+#[cfg(test)]
+#[path = "import_tests.rs"]
+mod tests;

@@ -1,9 +1,15 @@
-//! The `dlo-compile` library: each subcommand is a module that takes a validated plan.
+//! The `dlo-compile` library: each subcommand is a module that takes validated arguments.
 //!
 //! | stage | module |
 //! |---|---|
 //! | import a checkpoint to an HF directory | [`import`] |
+//! | per-layer similarity analysis on real text | [`analyze`] |
 //! | lower a model into a native engine | [`build`] |
+//!
+//! Shared pieces: [`corpus`] (reading sample text), [`plot`] (PNG/SVG charts).
 
+pub mod analyze;
 pub mod build;
+pub mod corpus;
 pub mod import;
+pub mod plot;

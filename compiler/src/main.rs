@@ -19,6 +19,8 @@ enum Command {
     Import(dlo_compiler::import::ImportArgs),
     /// Lower a checkpoint into a native engine file (optionally calibrated to a compute budget).
     Build(dlo_compiler::build::BuildArgs),
+    /// Per-layer, per-token similarity of unit input vs output on sample text (JSON + heatmap).
+    Analyze(dlo_compiler::analyze::AnalyzeArgs),
 }
 
 fn main() -> std::process::ExitCode {
@@ -26,6 +28,7 @@ fn main() -> std::process::ExitCode {
     let result = match &cli.command {
         Command::Import(a) => dlo_compiler::import::run(a),
         Command::Build(a) => dlo_compiler::build::run(a),
+        Command::Analyze(a) => dlo_compiler::analyze::run(a),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

@@ -293,6 +293,7 @@ const KNOWN_KEYS: &[&str] = &[
     "bos_token_id",
     "eos_token_id",
     "torch_dtype",
+    "hidden_act",
     "is_dlo",
     "dlo_capacity",
     "dlo_loss_coefficient",
@@ -488,6 +489,15 @@ impl ModelConfig {
             }
             Some(v) => return Err(r.invalid("rope_scaling", format!("expected an object, found {v}"))),
         };
+        match r.str_opt("hidden_act")? {
+            None | Some("silu") | Some("swish") => {}
+            Some(other) => {
+                return Err(r.invalid(
+                    "hidden_act",
+                    format!("unsupported activation `{other}` (Llama-family models use silu)"),
+                ))
+            }
+        }
         let eos = r.token_ids("eos_token_id")?;
         let bos = r.token_ids("bos_token_id")?.first().copied();
         let dlo = match skip {
@@ -725,6 +735,10 @@ mod tests {
         v["model_type"] = json!("gpt2");
         let e = ModelConfig::from_hf_json(&v, p).unwrap_err().to_string();
         assert!(e.contains("unsupported architecture `gpt2`"), "{e}");
+        let mut v = base();
+        v["hidden_act"] = json!("gelu");
+        let e = ModelConfig::from_hf_json(&v, p).unwrap_err().to_string();
+        assert!(e.contains("hidden_act") && e.contains("gelu"), "{e}");
         let mut v = base();
         v["hidden_size"] = json!("wide");
         let e = ModelConfig::from_hf_json(&v, p).unwrap_err().to_string();

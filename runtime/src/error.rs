@@ -33,6 +33,12 @@ pub enum Error {
         expected: Vec<usize>,
         found: Vec<usize>,
     },
+    /// Several tensors disagree with the config; the report lists each (and unused tensors).
+    #[error("{path}: the tensors do not match the config:{report}")]
+    Tensors {
+        path: PathBuf,
+        report: Box<crate::weights::LoadReport>,
+    },
     /// A dtype or quantization type we cannot read.
     #[error("{path}: tensor `{name}`: unsupported type {dtype}")]
     UnsupportedDtype { path: PathBuf, name: String, dtype: String },

@@ -168,15 +168,20 @@ pub struct RoutingStats {
 impl RoutingStats {
     /// Adds one forward pass's trace (real tokens only).
     pub fn add(&mut self, out: &ForwardOutput, valid: &[bool]) {
+        self.add_rows(out, valid, 0..valid.len());
+    }
+
+    /// Adds the tokens `rows` (indices into the flattened batch) of one forward pass's trace.
+    pub fn add_rows(&mut self, out: &ForwardOutput, valid: &[bool], rows: std::ops::Range<usize>) {
+        let exec_of = |tr: &crate::model::LayerTrace| rows.clone().filter(|&r| valid[r] && tr.exec[r]).count() as u64;
+        let n = rows.clone().filter(|&r| valid[r]).count() as u64;
         if self.layers.len() < out.trace.len() {
             self.layers.resize(out.trace.len(), None);
         }
         for (slot, tr) in self.layers.iter_mut().zip(&out.trace) {
             if let Some(tr) = tr {
-                let n = valid.iter().filter(|v| **v).count() as u64;
-                let e = tr.exec.iter().zip(valid).filter(|(e, v)| **e && **v).count() as u64;
                 let (se, sn) = slot.unwrap_or((0, 0));
-                *slot = Some((se + e, sn + n));
+                *slot = Some((se + exec_of(tr), sn + n));
             }
         }
     }
@@ -315,6 +320,93 @@ impl<'m> Generator<'m> {
     }
 }
 
+/// Generates for several prompts at once: one left-padded prefill, then batched decode steps in which each
+/// sequence routes its own tokens. Finished sequences stop contributing (their slots are padding).
+/// Sequence i samples with its own sampler seeded from `params.sampling.seed`, so each result equals
+/// a single-sequence [`Generator`] run with the same parameters.
+pub fn generate_batch(model: &Model, prompts: &[Vec<u32>], params: &GenerateParams) -> Result<Vec<Generation>> {
+    params.sampling.validate()?;
+    if prompts.is_empty() || prompts.iter().any(Vec::is_empty) {
+        return Err(Error::InvalidArgument("every prompt needs at least one token".into()));
+    }
+    let ctx = model.config().max_position_embeddings;
+    if let Some(p) = prompts.iter().find(|p| p.len() > ctx) {
+        return Err(Error::InvalidArgument(format!(
+            "{} tokens exceed the context length {ctx}",
+            p.len()
+        )));
+    }
+    let n = prompts.len();
+    let mut cache = model.new_cache();
+    let mut samplers: Vec<Sampler> = (0..n).map(|_| Sampler::new(params.sampling.clone())).collect();
+    let mut stats: Vec<RoutingStats> = vec![RoutingStats::default(); n];
+    let fwd = Forward {
+        routing: params.routing.clone(),
+        all_logits: false,
+    };
+    let t0 = Instant::now();
+    let batch = Batch::left_padded(prompts, 0);
+    let out = model.forward(&batch, Some(&mut cache), &fwd)?;
+    let t = batch.t;
+    for (i, st) in stats.iter_mut().enumerate() {
+        st.add_rows(&out, &batch.valid, i * t..(i + 1) * t);
+    }
+    let prefill_time = t0.elapsed();
+    let t1 = Instant::now();
+    let mut next: Vec<u32> = (0..n)
+        .map(|i| Ok(samplers[i].sample(&out.logits.i((i, 0))?.to_vec1::<f32>()?)))
+        .collect::<Result<_>>()?;
+    let mut pos: Vec<u32> = prompts.iter().map(|p| p.len() as u32).collect();
+    let mut tokens: Vec<Vec<u32>> = vec![Vec::new(); n];
+    let mut stop: Vec<Option<StopReason>> = vec![None; n];
+    loop {
+        for i in 0..n {
+            if stop[i].is_some() {
+                continue;
+            }
+            if params.stop_tokens.contains(&next[i]) {
+                stop[i] = Some(StopReason::StopToken);
+                continue;
+            }
+            tokens[i].push(next[i]);
+            if tokens[i].len() >= params.max_tokens {
+                stop[i] = Some(StopReason::MaxTokens);
+            } else if pos[i] as usize >= ctx {
+                stop[i] = Some(StopReason::ContextFull);
+            }
+        }
+        if stop.iter().all(Option::is_some) {
+            break;
+        }
+        let step = Batch {
+            ids: next.clone(),
+            b: n,
+            t: 1,
+            pos: pos.clone(),
+            valid: stop.iter().map(Option::is_none).collect(),
+        };
+        let out = model.forward(&step, Some(&mut cache), &fwd)?;
+        for i in 0..n {
+            if stop[i].is_none() {
+                stats[i].add_rows(&out, &step.valid, i..i + 1);
+                next[i] = samplers[i].sample(&out.logits.i((i, 0))?.to_vec1::<f32>()?);
+                pos[i] += 1;
+            }
+        }
+    }
+    let decode_time = t1.elapsed();
+    Ok((0..n)
+        .map(|i| Generation {
+            tokens: std::mem::take(&mut tokens[i]),
+            stop: stop[i].unwrap_or(StopReason::MaxTokens),
+            prompt_tokens: prompts[i].len(),
+            prefill_time,
+            decode_time,
+            routing: std::mem::take(&mut stats[i]),
+        })
+        .collect())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -422,5 +514,37 @@ mod tests {
         let mut g = Generator::new(&m, GenerateParams::default()).unwrap();
         let e = g.generate(&[1; 9], |_| ControlFlow::Continue(())).unwrap_err();
         assert!(e.to_string().contains("exceed the context length 8"), "{e}");
+    }
+}
+
+#[cfg(test)]
+mod batch_tests {
+    use super::*;
+    use crate::model::tests::{random_weights, routed, tiny_config};
+    use candle_core::{DType, Device};
+    use dlo_passes::SkipKind;
+
+    #[test]
+    fn batched_generation_equals_one_sequence_at_a_time() {
+        for cfg in [
+            tiny_config(true),
+            routed(tiny_config(false), SkipKind::Mlp),
+            routed(tiny_config(false), SkipKind::Layer),
+        ] {
+            let m = Model::load(&cfg, &random_weights(&cfg, 21), DType::F32, &Device::Cpu).unwrap();
+            let prompts = vec![vec![3u32, 14, 15, 92, 65, 35], vec![8, 9], vec![27, 18, 28, 18]];
+            let params = GenerateParams {
+                max_tokens: 6,
+                stop_tokens: vec![],
+                ..Default::default()
+            };
+            let batched = generate_batch(&m, &prompts, &params).unwrap();
+            for (p, b) in prompts.iter().zip(&batched) {
+                let mut g = Generator::new(&m, params.clone()).unwrap();
+                let single = g.generate(p, |_| ControlFlow::Continue(())).unwrap();
+                assert_eq!(b.tokens, single.tokens, "prompt {p:?}");
+                assert_eq!(b.routing, single.routing, "prompt {p:?}: routing counters differ");
+            }
+        }
     }
 }

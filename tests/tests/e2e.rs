@@ -1,1 +1,4 @@
-//! End-to-end tests.
+//! End-to-end tests: real checkpoints through the libraries and the command-line tools.
+//! One test binary (candle links once); each module is one area.
+
+mod smollm2;

@@ -97,6 +97,9 @@ fn run(args: Args) -> Result<()> {
     let device = Device::Cpu;
     let t0 = Instant::now();
     let ckpt = Checkpoint::open(&args.model)?;
+    for w in ckpt.report.warnings() {
+        eprintln!("warning: {w}");
+    }
     let model = Model::load(&ckpt.config, &ckpt.weights, dtype, &device)
         .with_context(|| format!("building the model from {}", args.model.display()))?;
     let load_time = t0.elapsed();

@@ -122,39 +122,10 @@ pub struct Manifest {
     pub provenance: Provenance,
 }
 
-/// Every tensor a model of `cfg` needs, by HF name, with its shape, in the order engines store them.
+/// Every tensor a model of `cfg` needs, by HF name, with its shape, in the order engines store them
+/// ([`crate::weights::expected_tensors`]).
 pub fn model_tensors(cfg: &ModelConfig) -> Vec<(String, Vec<usize>)> {
-    let (v, d, f) = (cfg.vocab_size, cfg.hidden_size, cfg.intermediate_size);
-    let (q, kv) = (
-        cfg.num_attention_heads * cfg.head_dim,
-        cfg.num_key_value_heads * cfg.head_dim,
-    );
-    let mut out = vec![("model.embed_tokens.weight".to_string(), vec![v, d])];
-    for l in 0..cfg.num_hidden_layers {
-        let p = format!("model.layers.{l}");
-        if cfg.is_routed(l) {
-            out.push((format!("model.routers.{l}.weight"), vec![1, d]));
-        }
-        out.push((format!("{p}.input_layernorm.weight"), vec![d]));
-        out.push((format!("{p}.self_attn.q_proj.weight"), vec![q, d]));
-        out.push((format!("{p}.self_attn.k_proj.weight"), vec![kv, d]));
-        out.push((format!("{p}.self_attn.v_proj.weight"), vec![kv, d]));
-        if cfg.attention_bias {
-            out.push((format!("{p}.self_attn.q_proj.bias"), vec![q]));
-            out.push((format!("{p}.self_attn.k_proj.bias"), vec![kv]));
-            out.push((format!("{p}.self_attn.v_proj.bias"), vec![kv]));
-        }
-        out.push((format!("{p}.self_attn.o_proj.weight"), vec![d, q]));
-        out.push((format!("{p}.post_attention_layernorm.weight"), vec![d]));
-        out.push((format!("{p}.mlp.gate_proj.weight"), vec![f, d]));
-        out.push((format!("{p}.mlp.up_proj.weight"), vec![f, d]));
-        out.push((format!("{p}.mlp.down_proj.weight"), vec![d, f]));
-    }
-    out.push(("model.norm.weight".to_string(), vec![d]));
-    if !cfg.tie_word_embeddings {
-        out.push(("lm_head.weight".to_string(), vec![v, d]));
-    }
-    out
+    crate::weights::expected_tensors(cfg)
 }
 
 /// Lowers a model into an engine at `path`: the tensors `cfg` needs (converted to `dtype`), the plan, the

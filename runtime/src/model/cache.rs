@@ -80,21 +80,42 @@ impl LayerCache {
     /// Additive attention mask `[b, 1, 1, t, len]` (0 or [`MASKED`]) for queries at `q_pos` (`b*t`): a query sees
     /// valid slots at positions ≤ its own.
     pub fn mask(&self, q_pos: &[u32], b: usize, t: usize, dtype: DType, dev: &Device) -> Result<Tensor> {
-        let n = self.len;
-        let mut m = vec![0f32; b * t * n];
-        for bi in 0..b {
-            for qi in 0..t {
-                let qp = q_pos[bi * t + qi];
-                let row = &mut m[(bi * t + qi) * n..(bi * t + qi + 1) * n];
-                for (s, slot) in row.iter_mut().enumerate() {
-                    if !self.valid[bi][s] || self.pos[bi][s] > qp {
-                        *slot = MASKED;
-                    }
+        build_mask(
+            b,
+            t,
+            self.len,
+            q_pos,
+            |bi, s| self.valid[bi][s].then_some(self.pos[bi][s]),
+            dtype,
+            dev,
+        )
+    }
+}
+
+/// Additive attention mask `[b, 1, 1, tq, tk]`: query (bi, i) at `q_pos[bi*tq+i]` sees key slot s iff
+/// `key(bi, s)` is `Some(pos)` with `pos ≤` the query's position.
+pub fn build_mask(
+    b: usize,
+    tq: usize,
+    tk: usize,
+    q_pos: &[u32],
+    key: impl Fn(usize, usize) -> Option<u32>,
+    dtype: DType,
+    dev: &Device,
+) -> Result<Tensor> {
+    let mut m = vec![0f32; b * tq * tk];
+    for bi in 0..b {
+        for qi in 0..tq {
+            let qp = q_pos[bi * tq + qi];
+            let row = &mut m[(bi * tq + qi) * tk..(bi * tq + qi + 1) * tk];
+            for (s, slot) in row.iter_mut().enumerate() {
+                if key(bi, s).is_none_or(|kp| kp > qp) {
+                    *slot = MASKED;
                 }
             }
         }
-        Tensor::from_vec(m, (b, 1, 1, t, n), dev)?.to_dtype(dtype)
     }
+    Tensor::from_vec(m, (b, 1, 1, tq, tk), dev)?.to_dtype(dtype)
 }
 
 /// The KV caches of all layers of a model, for one batch of sequences.

@@ -3,7 +3,7 @@
 //! Every block has an inference form (candle's fused kernels) and a differentiable form for training,
 //! chosen by [`Exec::differentiable`]; they compute the same function (tests compare them).
 
-use super::cache::LayerCache;
+use super::cache::{build_mask, LayerCache};
 use super::rope;
 use crate::error::Result;
 use crate::weights::Weights;
@@ -15,6 +15,15 @@ use dlo_passes::ModelConfig;
 pub struct Exec {
     /// Use only ops with a backward pass (training); otherwise fused inference kernels.
     pub differentiable: bool,
+}
+
+/// The precision of norms and softmax: f32, or f64 for f64 models (gradient checks).
+pub fn wide(dt: DType) -> DType {
+    if dt == DType::F64 {
+        DType::F64
+    } else {
+        DType::F32
+    }
 }
 
 /// A dense projection `y = x Wᵀ (+ b)` with `W: [out, in]`.
@@ -43,7 +52,10 @@ impl Linear {
         let dims = x.dims().to_vec();
         let inp = dims[dims.len() - 1];
         let rows: usize = dims[..dims.len() - 1].iter().product();
-        let y = x.reshape((rows, inp))?.matmul(&self.weight.t()?)?;
+        let y = match self.matvec(x, rows, inp)? {
+            Some(y) => y,
+            None => x.reshape((rows, inp))?.matmul(&self.weight.t()?)?,
+        };
         let y = match &self.bias {
             Some(b) => y.broadcast_add(b)?,
             None => y,
@@ -52,6 +64,40 @@ impl Linear {
         let last = out_dims.len() - 1;
         out_dims[last] = self.weight.dim(0)?;
         y.reshape(out_dims)
+    }
+}
+
+impl Linear {
+    /// The decode fast path ([`crate::kernels::matvec`]) for a few rows on CPU, outside autograd.
+    /// `None` when it does not apply (GPU, many rows, a tracked variable, other dtypes).
+    fn matvec(&self, x: &Tensor, rows: usize, inp: usize) -> candle_core::Result<Option<Tensor>> {
+        use candle_core::{CpuStorage, Storage};
+        if std::env::var_os("DLO_NO_MATVEC").is_some()
+            || rows > crate::kernels::MAX_ROWS
+            || !x.device().is_cpu()
+            || self.weight.track_op()
+            || x.track_op()
+            || !self.weight.is_contiguous()
+            || x.dtype() != self.weight.dtype()
+        {
+            return Ok(None);
+        }
+        let out = self.weight.dim(0)?;
+        let (st, layout) = self.weight.storage_and_layout();
+        let off = layout.start_offset();
+        let y = match (&*st, x.dtype()) {
+            (Storage::Cpu(CpuStorage::F32(w)), DType::F32) => {
+                let xs: Vec<f32> = x.flatten_all()?.to_vec1()?;
+                crate::kernels::matvec(&w[off..off + out * inp], &xs, rows, out, inp)
+            }
+            (Storage::Cpu(CpuStorage::BF16(w)), DType::BF16) => {
+                let xs: Vec<f32> = x.flatten_all()?.to_dtype(DType::F32)?.to_vec1()?;
+                crate::kernels::matvec(&w[off..off + out * inp], &xs, rows, out, inp)
+            }
+            _ => return Ok(None),
+        };
+        drop(st);
+        Ok(Some(Tensor::from_vec(y, (rows, out), x.device())?.to_dtype(x.dtype())?))
     }
 }
 
@@ -78,7 +124,7 @@ impl RmsNorm {
             return candle_nn::ops::rms_norm(&x.contiguous()?, &self.weight, self.eps as f32);
         }
         let dt = x.dtype();
-        let xf = x.to_dtype(DType::F32)?;
+        let xf = x.to_dtype(wide(dt))?;
         let var = xf.sqr()?.mean_keepdim(D::Minus1)?;
         let normed = xf.broadcast_div(&(var + self.eps)?.sqrt()?)?;
         normed.to_dtype(dt)?.broadcast_mul(&self.weight)
@@ -165,8 +211,12 @@ impl Attention {
         })
     }
 
-    /// `x: [b, t, d]` (already normalised) → attention output `[b, t, d]`; appends this step's K/V to `cache`.
-    pub fn forward(&self, x: &Tensor, st: &Step, cache: &mut LayerCache, ex: Exec) -> candle_core::Result<Tensor> {
+    /// `x: [b, t, d]` (already normalised) → attention output `[b, t, d]`.
+    ///
+    /// Keys: with a cache, this step's K/V are appended and attention covers the cache; without one
+    /// (training), only this step's tokens, restricted to those with `keys[i]` when given (layer-skip
+    /// training: only executed tokens produce keys).
+    pub fn forward(&self, x: &Tensor, st: &Step, kv: Kv, ex: Exec) -> candle_core::Result<Tensor> {
         let (b, t, hd, g) = (st.b, st.t, self.head_dim, self.n_heads / self.n_kv);
         let q = self
             .q_proj
@@ -185,15 +235,28 @@ impl Attention {
             .transpose(1, 2)?;
         let q = rope::apply(&q, &st.cos, &st.sin, ex.differentiable)?;
         let k = rope::apply(&k, &st.cos, &st.sin, ex.differentiable)?;
-        let (k, v) = cache.append(&k, &v.contiguous()?, st.pos, st.valid)?;
+        let (k, v, mask) = match kv {
+            Kv::Cache(cache) => {
+                let (k, v) = cache.append(&k, &v.contiguous()?, st.pos, st.valid)?;
+                let mask = cache.mask(st.pos, b, t, wide(x.dtype()), x.device())?;
+                (k, v, mask)
+            }
+            Kv::Local(keys) => {
+                let ok = |bi: usize, s: usize| {
+                    let i = bi * t + s;
+                    (st.valid[i] && keys.is_none_or(|k| k[i])).then_some(st.pos[i])
+                };
+                let mask = build_mask(b, t, t, st.pos, ok, wide(x.dtype()), x.device())?;
+                (k, v, mask)
+            }
+        };
         let n = k.dim(2)?;
-        let mask = cache.mask(st.pos, b, t, DType::F32, x.device())?;
         // Query heads sharing a KV head are stacked along the row axis: no K/V repetition needed.
         let q = q.contiguous()?.reshape((b, self.n_kv, g * t, hd))?;
         let scale = 1.0 / (hd as f64).sqrt();
-        let scores = (q.matmul(&k.t()?)? * scale)?;
+        let scores = (q.matmul(&k.contiguous()?.t()?)? * scale)?;
         let scores = scores
-            .to_dtype(DType::F32)?
+            .to_dtype(wide(x.dtype()))?
             .reshape((b, self.n_kv, g, t, n))?
             .broadcast_add(&mask)?;
         let probs = if ex.differentiable {
@@ -209,6 +272,14 @@ impl Attention {
             .reshape((b, t, self.n_heads * hd))?;
         self.o_proj.forward(&out)
     }
+}
+
+/// Where attention's keys and values come from.
+pub enum Kv<'a> {
+    /// Append to this KV cache and attend over all of it (inference).
+    Cache(&'a mut LayerCache),
+    /// Attend over this step's tokens only; `Some(keys)` restricts keys to the flagged tokens (`b*t`).
+    Local(Option<&'a [bool]>),
 }
 
 /// One decoder layer: attention unit then MLP unit, both residual.
@@ -238,9 +309,14 @@ impl DecoderLayer {
     }
 
     /// The attention unit: `a = h + Attn(RMSNorm₁(h))`.
-    pub fn attn_unit(&self, h: &Tensor, st: &Step, cache: &mut LayerCache, ex: Exec) -> candle_core::Result<Tensor> {
-        let x = self.input_layernorm.forward(h, ex)?;
-        h + self.self_attn.forward(&x, st, cache, ex)?
+    pub fn attn_unit(&self, h: &Tensor, st: &Step, kv: Kv, ex: Exec) -> candle_core::Result<Tensor> {
+        h + self.attn_delta(h, st, kv, ex)?
+    }
+
+    /// The attention unit's contribution `Attn(RMSNorm₁(h))` (without the residual).
+    pub fn attn_delta(&self, h: &Tensor, st: &Step, kv: Kv, ex: Exec) -> candle_core::Result<Tensor> {
+        self.self_attn
+            .forward(&self.input_layernorm.forward(h, ex)?, st, kv, ex)
     }
 
     /// The MLP's contribution `MLP(RMSNorm₂(a))` (without the residual).

@@ -10,6 +10,7 @@
 //! - `layer` skipping: executed tokens of each sequence are packed (original positions kept), attend only
 //!   to the layer's earlier executed tokens (its own ragged KV cache), and skipped tokens pass unchanged.
 
+pub mod analysis;
 pub mod cache;
 pub mod layers;
 pub mod rope;
@@ -20,7 +21,7 @@ use crate::weights::Weights;
 use cache::{Cache, LayerCache};
 use candle_core::{DType, Device, IndexOp, Tensor, D};
 use dlo_passes::{DloConfig, ModelConfig, SkipKind};
-use layers::{DecoderLayer, Exec, Linear, RmsNorm, Router, Step};
+use layers::{DecoderLayer, Exec, Kv, Linear, RmsNorm, Router, Step};
 
 /// A batch of token sequences for one forward step.
 #[derive(Debug, Clone)]
@@ -235,21 +236,7 @@ impl Model {
     /// # Shapes
     /// logits: `[b, t, vocab]` with `all_logits`, else `[b, 1, vocab]` (the last position).
     pub fn forward(&self, batch: &Batch, cache: Option<&mut Cache>, opts: &Forward) -> Result<ForwardOutput> {
-        let (b, t) = (batch.b, batch.t);
-        if batch.ids.len() != b * t || batch.pos.len() != b * t || batch.valid.len() != b * t || t == 0 {
-            return Err(Error::InvalidArgument(format!(
-                "batch of {b}×{t} has {} ids, {} positions, {} flags",
-                batch.ids.len(),
-                batch.pos.len(),
-                batch.valid.len()
-            )));
-        }
-        if let Some(&bad) = batch.ids.iter().find(|&&i| i as usize >= self.cfg.vocab_size) {
-            return Err(Error::InvalidArgument(format!(
-                "token id {bad} is outside the vocabulary (size {})",
-                self.cfg.vocab_size
-            )));
-        }
+        let (mut h, step) = self.embed(batch)?;
         let mut own_cache;
         let cache = match cache {
             Some(c) => c,
@@ -259,20 +246,6 @@ impl Model {
             }
         };
         let ex = Exec { differentiable: false };
-        let ids = Tensor::from_vec(batch.ids.clone(), b * t, &self.device)?;
-        let mut h = self
-            .embed_tokens
-            .index_select(&ids, 0)?
-            .reshape((b, t, self.cfg.hidden_size))?;
-        let (cos, sin) = self.rope.cos_sin(&batch.pos, b, t, self.dtype, &self.device)?;
-        let step = Step {
-            b,
-            t,
-            pos: &batch.pos,
-            valid: &batch.valid,
-            cos,
-            sin,
-        };
         let mut trace = Vec::with_capacity(self.layers.len());
         for (l, layer) in self.layers.iter().enumerate() {
             let lc = &mut cache.layers[l];
@@ -293,7 +266,7 @@ impl Model {
                     (next, Some(LayerTrace { logits: zs, exec }))
                 }
                 _ => {
-                    let a = layer.attn_unit(&h, &step, lc, ex)?;
+                    let a = layer.attn_unit(&h, &step, Kv::Cache(lc), ex)?;
                     let y = (&a + layer.mlp_delta(&a, ex)?)?;
                     (y, None)
                 }
@@ -301,8 +274,51 @@ impl Model {
             h = next;
             trace.push(tr);
         }
+        let t = batch.t;
         let h = if opts.all_logits { h } else { h.i((.., t - 1..t, ..))? };
-        let h = self.norm.forward(&h, ex)?;
+        Ok(ForwardOutput {
+            logits: self.head(&h, ex)?,
+            trace,
+        })
+    }
+
+    /// Checks the batch and embeds it: hidden states `[b, t, d]` and the step context (RoPE tables).
+    fn embed<'b>(&self, batch: &'b Batch) -> Result<(Tensor, Step<'b>)> {
+        let (b, t) = (batch.b, batch.t);
+        if batch.ids.len() != b * t || batch.pos.len() != b * t || batch.valid.len() != b * t || t == 0 {
+            return Err(Error::InvalidArgument(format!(
+                "batch of {b}×{t} has {} ids, {} positions, {} flags",
+                batch.ids.len(),
+                batch.pos.len(),
+                batch.valid.len()
+            )));
+        }
+        if let Some(&bad) = batch.ids.iter().find(|&&i| i as usize >= self.cfg.vocab_size) {
+            return Err(Error::InvalidArgument(format!(
+                "token id {bad} is outside the vocabulary (size {})",
+                self.cfg.vocab_size
+            )));
+        }
+        let ids = Tensor::from_vec(batch.ids.clone(), b * t, &self.device)?;
+        let h = self
+            .embed_tokens
+            .index_select(&ids, 0)?
+            .reshape((b, t, self.cfg.hidden_size))?;
+        let (cos, sin) = self.rope.cos_sin(&batch.pos, b, t, self.dtype, &self.device)?;
+        let step = Step {
+            b,
+            t,
+            pos: &batch.pos,
+            valid: &batch.valid,
+            cos,
+            sin,
+        };
+        Ok((h, step))
+    }
+
+    /// Final norm and lm_head: `[b, t, d]` → logits `[b, t, vocab]` in [`Self::wide_dtype`].
+    fn head(&self, h: &Tensor, ex: Exec) -> Result<Tensor> {
+        let h = self.norm.forward(h, ex)?;
         let logits = match &self.lm_head {
             Some(head) => head.forward(&h)?,
             None => Linear {
@@ -311,10 +327,50 @@ impl Model {
             }
             .forward(&h)?,
         };
-        Ok(ForwardOutput {
-            logits: logits.to_dtype(DType::F32)?,
-            trace,
-        })
+        Ok(logits.to_dtype(self.wide_dtype())?)
+    }
+
+    /// The dtype of logits and router scores: f32, or f64 for an f64 model (gradient checks).
+    pub fn wide_dtype(&self) -> DType {
+        layers::wide(self.dtype)
+    }
+
+    /// All tensors of the model by HF name (a tied lm_head is not repeated), e.g. to save a checkpoint.
+    pub fn named_tensors(&self) -> Vec<(String, Tensor)> {
+        let mut v = vec![("model.embed_tokens.weight".to_string(), self.embed_tokens.clone())];
+        for (i, l) in self.layers.iter().enumerate() {
+            let p = format!("model.layers.{i}");
+            let a = &l.self_attn;
+            for (n, lin) in [
+                ("self_attn.q_proj", &a.q_proj),
+                ("self_attn.k_proj", &a.k_proj),
+                ("self_attn.v_proj", &a.v_proj),
+                ("self_attn.o_proj", &a.o_proj),
+                ("mlp.gate_proj", &l.mlp.gate_proj),
+                ("mlp.up_proj", &l.mlp.up_proj),
+                ("mlp.down_proj", &l.mlp.down_proj),
+            ] {
+                v.push((format!("{p}.{n}.weight"), lin.weight.clone()));
+                if let Some(b) = &lin.bias {
+                    v.push((format!("{p}.{n}.bias"), b.clone()));
+                }
+            }
+            v.push((format!("{p}.input_layernorm.weight"), l.input_layernorm.weight.clone()));
+            v.push((
+                format!("{p}.post_attention_layernorm.weight"),
+                l.post_attention_layernorm.weight.clone(),
+            ));
+        }
+        for (l, r) in self.routers.iter().enumerate() {
+            if let Some(r) = r {
+                v.push((format!("model.routers.{l}.weight"), r.weight.clone()));
+            }
+        }
+        v.push(("model.norm.weight".into(), self.norm.weight.clone()));
+        if let Some(h) = &self.lm_head {
+            v.push(("lm_head.weight".into(), h.weight.clone()));
+        }
+        v
     }
 }
 
@@ -360,7 +416,7 @@ fn mlp_skip(
     gate: &Tensor,
     ex: Exec,
 ) -> candle_core::Result<Tensor> {
-    let a = layer.attn_unit(h, st, cache, ex)?;
+    let a = layer.attn_unit(h, st, Kv::Cache(cache), ex)?;
     let rows = exec_rows(exec);
     if rows.is_empty() {
         return Ok(a);
@@ -444,7 +500,7 @@ fn layer_skip(
         cos,
         sin,
     };
-    let a = layer.attn_unit(&hp, &pst, cache, ex)?;
+    let a = layer.attn_unit(&hp, &pst, Kv::Cache(cache), ex)?;
     let y = (&a + layer.mlp_delta(&a, ex)?.broadcast_mul(&gp)?)?;
     let src = Tensor::from_slice(&packed_src, packed_src.len(), dev)?;
     let y_rows = y.reshape((b * k, d))?.index_select(&src, 0)?;

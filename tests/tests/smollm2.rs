@@ -1,0 +1,191 @@
+//! SmolLM2-135M-Instruct (GGUF, Q4_1/Q8_0 dequantised): real answers, real perplexity, loaders agree.
+
+use candle_core::{DType, Device, IndexOp, Tensor};
+use dlo_runtime::chat::Message;
+use dlo_runtime::generate::{GenerateParams, Generator};
+use dlo_runtime::model::{Batch, Forward};
+use dlo_runtime::{Checkpoint, Model};
+use dlo_tests::{run, smollm2};
+use std::ops::ControlFlow;
+
+const SENTENCE: &str =
+    "The capital of France is Paris. The capital of Germany is Berlin. The capital of Italy is Rome.";
+
+fn load(dtype: DType) -> Option<(Checkpoint, Model)> {
+    let path = smollm2()?;
+    let ck = Checkpoint::open(&path).unwrap();
+    let m = Model::load(&ck.config, &ck.weights, dtype, &Device::Cpu).unwrap();
+    Some((ck, m))
+}
+
+/// Mean next-token NLL (nats) of `ids` under the model.
+fn mean_nll(m: &Model, ids: &[u32]) -> f64 {
+    let out = m
+        .forward(
+            &Batch::single(ids, 0),
+            None,
+            &Forward {
+                all_logits: true,
+                ..Default::default()
+            },
+        )
+        .unwrap();
+    let logp = candle_nn::ops::log_softmax(&out.logits.i(0).unwrap(), 1).unwrap();
+    let mut total = 0.0;
+    for i in 0..ids.len() - 1 {
+        total -= logp.i((i, ids[i + 1] as usize)).unwrap().to_scalar::<f32>().unwrap() as f64;
+    }
+    total / (ids.len() - 1) as f64
+}
+
+#[test]
+fn smollm2_greedy_chat_answer_contains_paris() {
+    let Some((ck, m)) = load(DType::F32) else { return };
+    let tok = ck.tokenizer.as_ref().expect("GGUF carries a tokenizer");
+    let prompt = tok
+        .chat_template
+        .as_ref()
+        .expect("GGUF carries a chat template")
+        .render(&[Message::new("user", "What is the capital of France?")], true)
+        .unwrap();
+    let ids = tok.encode(&prompt, false).unwrap();
+    let params = GenerateParams {
+        max_tokens: 24,
+        stop_tokens: tok.eos_token_ids.clone(),
+        ..Default::default()
+    };
+    let out = Generator::new(&m, params)
+        .unwrap()
+        .generate(&ids, |_| ControlFlow::Continue(()))
+        .unwrap();
+    let text = tok.decode(&out.tokens, true).unwrap();
+    assert!(text.contains("Paris"), "answer: {text:?}");
+}
+
+#[test]
+fn smollm2_sentence_nll_matches_reference() {
+    let Some((ck, m)) = load(DType::F32) else { return };
+    let ids = ck.tokenizer.as_ref().unwrap().encode(SENTENCE, true).unwrap();
+    assert_eq!(ids.len(), 21, "{ids:?}");
+    let nll = mean_nll(&m, &ids);
+    assert!(
+        (nll - 1.317).abs() <= 0.02,
+        "mean NLL {nll:.4} nats/token, reference 1.317"
+    );
+    // bf16 compute stays close to f32 (stated tolerance: 0.05 nats/token).
+    let (_, mb) = load(DType::BF16).unwrap();
+    let nll_bf16 = mean_nll(&mb, &ids);
+    assert!((nll_bf16 - nll).abs() <= 0.05, "bf16 NLL {nll_bf16:.4} vs f32 {nll:.4}");
+}
+
+#[test]
+fn smollm2_cached_decode_equals_recomputation() {
+    let Some((ck, m)) = load(DType::F32) else { return };
+    let ids = ck.tokenizer.as_ref().unwrap().encode(SENTENCE, true).unwrap();
+    let full = m
+        .forward(
+            &Batch::single(&ids, 0),
+            None,
+            &Forward {
+                all_logits: true,
+                ..Default::default()
+            },
+        )
+        .unwrap();
+    let mut cache = m.new_cache();
+    m.forward(&Batch::single(&ids[..8], 0), Some(&mut cache), &Forward::default())
+        .unwrap();
+    for (i, &t) in ids.iter().enumerate().skip(8) {
+        let step = m
+            .forward(
+                &Batch::next_tokens(&[t], &[i as u32]),
+                Some(&mut cache),
+                &Forward::default(),
+            )
+            .unwrap();
+        let d = (step.logits.i((0, 0)).unwrap() - full.logits.i((0, i)).unwrap())
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        assert!(d < 1e-3, "position {i}: cached decode differs by {d}");
+    }
+}
+
+#[test]
+fn smollm2_import_then_reload_gives_the_same_logits() {
+    let Some(gguf) = smollm2() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("hf");
+    let o = run(
+        "dlo-compile",
+        &["import", gguf.to_str().unwrap(), "-o", out.to_str().unwrap()],
+    );
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let a = Checkpoint::open(&gguf).unwrap();
+    let b = Checkpoint::open(&out).unwrap();
+    assert_eq!(a.config.num_hidden_layers, b.config.num_hidden_layers);
+    let ids: Vec<u32> = a.tokenizer.as_ref().unwrap().encode(SENTENCE, true).unwrap();
+    let ids_b: Vec<u32> = b
+        .tokenizer
+        .as_ref()
+        .expect("import writes tokenizer files")
+        .encode(SENTENCE, true)
+        .unwrap();
+    assert_eq!(ids, ids_b, "the imported tokenizer encodes identically");
+    let logits = |ck: &Checkpoint| -> Tensor {
+        let m = Model::load(&ck.config, &ck.weights, DType::F32, &Device::Cpu).unwrap();
+        m.forward(
+            &Batch::single(&ids, 0),
+            None,
+            &Forward {
+                all_logits: true,
+                ..Default::default()
+            },
+        )
+        .unwrap()
+        .logits
+    };
+    let d = (logits(&a) - logits(&b))
+        .unwrap()
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap();
+    assert!(d <= 1e-5, "GGUF and imported directory differ by {d}");
+}
+
+#[test]
+fn dlo_run_chat_and_dump_on_smollm2() {
+    let Some(gguf) = smollm2() else { return };
+    let g = gguf.to_str().unwrap();
+    let o = run(
+        "dlo-run",
+        &[
+            g,
+            "--prompt",
+            "What is the capital of France?",
+            "--chat",
+            "--max-tokens",
+            "24",
+        ],
+    );
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let text = String::from_utf8_lossy(&o.stdout);
+    assert!(text.contains("Paris"), "dlo-run printed {text:?}");
+    let dir = tempfile::tempdir().unwrap();
+    let dump = dir.path().join("d.safetensors");
+    let o = run(
+        "dlo-run",
+        &[g, "--token-ids", "1,504,3458,282", "--dump", dump.to_str().unwrap()],
+    );
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let t = candle_core::safetensors::load(&dump, &Device::Cpu).unwrap();
+    assert_eq!(t["logits"].dims(), &[4, 49152]);
+    assert_eq!(t["logits"].dtype(), DType::F32);
+}
