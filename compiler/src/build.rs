@@ -14,13 +14,13 @@ use dlo_passes::ModelConfig;
 use dlo_runtime::engine::calibrate::{calibrate, Calibration, CalibrationOptions};
 use dlo_runtime::engine::format::StorageDtype;
 use dlo_runtime::engine::{write_engine_file, EnginePlan, Provenance};
-use dlo_runtime::{Checkpoint, Error, Model, Result, Tokenizer, Weights};
+use dlo_runtime::{Error, Model, Result, Tokenizer, Weights};
 use std::path::{Path, PathBuf};
 
 /// Arguments of `dlo-compile build`.
 #[derive(Debug, clap::Args)]
 pub struct BuildArgs {
-    /// Source checkpoint: an HF directory or a GGUF file.
+    /// Source: an HF directory, a GGUF file, or an existing engine.
     pub model: PathBuf,
     /// Output engine file.
     #[arg(short = 'o', long)]
@@ -236,8 +236,9 @@ pub fn build_from(plan: &BuildPlan, cfg: &ModelConfig, w: &Weights, tok: Option<
 /// Runs `dlo-compile build`.
 pub fn run(args: &BuildArgs) -> anyhow::Result<()> {
     let plan = BuildPlan::from_args(args)?;
-    let ckpt = Checkpoint::open(&plan.source)?;
-    let report = build_from(&plan, &ckpt.config, &ckpt.weights, ckpt.tokenizer.as_ref())
+    // An existing engine is a valid source too (e.g. to recalibrate its budget or change its dtype).
+    let src = dlo_runtime::engine::open_any(&plan.source)?;
+    let report = build_from(&plan, &src.config, &src.weights, src.tokenizer.as_ref())
         .with_context(|| format!("building {} from {}", plan.output.display(), plan.source.display()))?;
     for w in &report.warnings {
         eprintln!("warning: {w}");
@@ -265,6 +266,7 @@ mod tests {
     use candle_core::Tensor;
     use dlo_passes::{Arch, DloConfig, SkipKind};
     use dlo_runtime::engine::Engine;
+    use dlo_runtime::Checkpoint;
     use std::collections::HashMap;
 
     /// A 3-layer GQA model with routers on layers 1 and 2 (the idea of the runtime's model tests).
@@ -374,6 +376,69 @@ mod tests {
             dlo_runtime::model::Routing::Reference
         ));
         assert_eq!(e.tokenizer().unwrap().unwrap().encode("ab", false).unwrap(), vec![3, 4]);
+    }
+
+    /// The CLI path: an HF directory on disk → `run` → an engine whose model matches the checkpoint's.
+    #[test]
+    fn run_builds_from_an_hf_directory() {
+        let dir = tempfile::tempdir().unwrap();
+        let src = dir.path().join("src");
+        std::fs::create_dir(&src).unwrap();
+        let cfg = tiny(Some(SkipKind::Layer));
+        let w = weights(&cfg, 0.5);
+        let tensors: HashMap<String, Tensor> = dlo_runtime::engine::model_tensors(&cfg)
+            .into_iter()
+            .map(|(n, s)| {
+                let t = w.get(&n, &s, DType::F32, &Device::Cpu).unwrap();
+                (n, t)
+            })
+            .collect();
+        candle_core::safetensors::save(&tensors, src.join("model.safetensors")).unwrap();
+        std::fs::write(src.join("config.json"), cfg.to_hf_json().to_string()).unwrap();
+        let a = args(dir.path());
+        run(&a).unwrap();
+        let e = Engine::open(&a.output).unwrap();
+        let ck = Checkpoint::open(&src).unwrap();
+        let m1 = Model::load(&ck.config, &ck.weights, DType::F32, &Device::Cpu).unwrap();
+        let m2 = Model::load(e.config(), &e.weights(), DType::F32, &Device::Cpu).unwrap();
+        let batch = dlo_runtime::model::Batch::single(&[5, 9, 13, 2, 40, 41, 7], 0);
+        let opts = dlo_runtime::model::Forward {
+            all_logits: true,
+            ..Default::default()
+        };
+        let (a1, a2) = (
+            m1.forward(&batch, None, &opts).unwrap(),
+            m2.forward(&batch, None, &opts).unwrap(),
+        );
+        let d: f32 = (&a1.logits - &a2.logits)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar()
+            .unwrap();
+        assert_eq!(d, 0.0);
+        // An engine is a valid source: rebuilding it in bf16 keeps the plan and the tensors (rounded).
+        let again = BuildArgs {
+            model: a.output.clone(),
+            output: dir.path().join("again.dlo"),
+            dtype: "bf16".into(),
+            ..args(dir.path())
+        };
+        run(&again).unwrap();
+        let e2 = Engine::open(&again.output).unwrap();
+        assert_eq!(e2.plan(), e.plan());
+        assert_eq!(e2.manifest().provenance.dtype, StorageDtype::Bf16);
+        // A missing source is an error naming it, and leaves no output.
+        let bad = BuildArgs {
+            model: dir.path().join("nope"),
+            output: dir.path().join("nope.dlo"),
+            ..args(dir.path())
+        };
+        let err = format!("{:#}", run(&bad).unwrap_err());
+        assert!(err.contains("nope"), "{err}");
+        assert!(!bad.output.exists());
     }
 
     #[test]
