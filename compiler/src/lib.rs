@@ -4,6 +4,7 @@
 //! |---|---|
 //! | import a checkpoint to an HF directory | [`import`] |
 //! | per-layer similarity analysis on real text | [`analyze`] |
+//! | deepen a base model into a DLO model | [`expand`] |
 //! | lower a model into a native engine | [`build`] |
 //!
 //! Shared pieces: [`corpus`] (reading sample text), [`plot`] (PNG/SVG charts).
@@ -11,5 +12,6 @@
 pub mod analyze;
 pub mod build;
 pub mod corpus;
+pub mod expand;
 pub mod import;
 pub mod plot;

@@ -21,6 +21,8 @@ enum Command {
     Build(dlo_compiler::build::BuildArgs),
     /// Per-layer, per-token similarity of unit input vs output on sample text (JSON + heatmap).
     Analyze(dlo_compiler::analyze::AnalyzeArgs),
+    /// Deepen a base model into a DLO model (layer expansion, routers, DLO hyper-parameters).
+    Expand(Box<dlo_compiler::expand::ExpandArgs>),
 }
 
 fn main() -> std::process::ExitCode {
@@ -29,6 +31,7 @@ fn main() -> std::process::ExitCode {
         Command::Import(a) => dlo_compiler::import::run(a),
         Command::Build(a) => dlo_compiler::build::run(a),
         Command::Analyze(a) => dlo_compiler::analyze::run(a),
+        Command::Expand(a) => dlo_compiler::expand::run(a),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

@@ -7,6 +7,7 @@
 //! | [`engine`] | native engine files: format, plan, budget calibration |
 //! | [`gguf`] | GGUF files → config + dequantized weights |
 //! | [`tokenizer`], [`chat`] | text ↔ ids, chat templates |
+//! | [`sentencepiece`] | `tokenizer.model` files and SentencePiece → `tokenizers` conversion |
 //! | [`model`] | the Llama/DLO model definition: eval and training routing, KV caches |
 //! | [`generate`] | sampling and the generation loop |
 
@@ -18,11 +19,12 @@ pub mod generate;
 pub mod gguf;
 pub mod kernels;
 pub mod model;
+pub mod sentencepiece;
 pub mod tokenizer;
 pub mod weights;
 
 pub use checkpoint::{Checkpoint, SourceFormat};
 pub use error::{Error, Result};
 pub use model::Model;
-pub use tokenizer::Tokenizer;
+pub use tokenizer::{TextStream, Tokenizer};
 pub use weights::Weights;

@@ -1,11 +1,23 @@
 //! Tokenizers: `tokenizer.json`, SentencePiece `tokenizer.model`, or built from GGUF metadata; plus the
 //! special tokens and chat template that travel with them.
 //!
-//! OWNER: tokenizer work (issue 2). Keep the public API.
+//! Whatever the source, the result is one `tokenizers` tokenizer ([`Tokenizer::inner`]) that can be saved as
+//! an HF `tokenizer.json` ([`Tokenizer::write_hf_files`]), with BOS handled by [`Tokenizer::encode`] itself.
+//! [`TextStream`] turns generated ids into text incrementally.
 
 use crate::chat::ChatTemplate;
 use crate::error::{Error, Result};
+use crate::sentencepiece::{bos_post_processor, ModelProto, PieceType, SpmKind, SpmVocab};
+use candle_core::quantized::gguf_file::Value as GgufValue;
+use serde_json::{json, Value as Json};
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
+use tokenizers::models::bpe::{Vocab, BPE};
+use tokenizers::pre_tokenizers::byte_level::ByteLevel;
+use tokenizers::pre_tokenizers::digits::Digits;
+use tokenizers::pre_tokenizers::sequence::Sequence as PreSequence;
+use tokenizers::pre_tokenizers::split::{Split, SplitPattern};
+use tokenizers::{AddedToken, PreTokenizerWrapper, SplitDelimiterBehavior};
 
 /// A text tokenizer with its special tokens and chat template.
 pub struct Tokenizer {
@@ -20,26 +32,216 @@ pub struct Tokenizer {
     pub eos_token_ids: Vec<u32>,
     /// The chat template, if any.
     pub chat_template: Option<ChatTemplate>,
+    /// The BOS token's text (`<s>`, `<|begin_of_text|>`), if any.
+    pub bos_token: Option<String>,
+    /// The (main) EOS token's text, if any.
+    pub eos_token: Option<String>,
+    vocab_size: usize,
+}
+
+impl std::fmt::Debug for Tokenizer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Tokenizer")
+            .field("path", &self.path)
+            .field("vocab_size", &self.vocab_size)
+            .field("add_bos", &self.add_bos)
+            .field("bos_token_id", &self.bos_token_id)
+            .field("eos_token_ids", &self.eos_token_ids)
+            .field("has_chat_template", &self.chat_template.is_some())
+            .finish()
+    }
+}
+
+/// Special tokens and options that come from `tokenizer_config.json` and friends (or GGUF metadata).
+#[derive(Default)]
+struct Specials {
+    add_bos: Option<bool>,
+    bos: Option<String>,
+    eos: Option<String>,
+    extra_eos_ids: Vec<u32>,
+    chat_template: Option<String>,
 }
 
 impl Tokenizer {
-    /// Loads the tokenizer of an HF directory: `tokenizer.json`, else `tokenizer.model`; special tokens and
-    /// chat template from `tokenizer_config.json`. `Ok(None)` when the directory has no tokenizer.
+    /// Loads the tokenizer of an HF directory: `tokenizer.json`, else SentencePiece `tokenizer.model`; special
+    /// tokens, `add_bos_token` and chat template from `tokenizer_config.json` (and `special_tokens_map.json`,
+    /// `chat_template.jinja`, `generation_config.json`'s extra EOS ids). `Ok(None)` when the directory has no
+    /// tokenizer.
     pub fn from_hf_dir(dir: &Path) -> Result<Option<Self>> {
-        let _ = dir;
-        Ok(None)
+        let json_path = dir.join("tokenizer.json");
+        let model_path = dir.join("tokenizer.model");
+        if json_path.is_file() {
+            let inner = load_tokenizer_json(&json_path)?;
+            Self::finish(inner, json_path, read_hf_specials(dir)?, None).map(Some)
+        } else if model_path.is_file() {
+            Self::from_sentencepiece_file(&model_path, dir, read_hf_specials(dir)?).map(Some)
+        } else {
+            Ok(None)
+        }
     }
 
-    /// Builds the tokenizer stored in GGUF metadata (`tokenizer.ggml.*`); `Ok(None)` when there is none.
-    pub fn from_gguf(
-        md: &std::collections::HashMap<String, candle_core::quantized::gguf_file::Value>,
-        path: &Path,
-    ) -> Result<Option<Self>> {
-        let _ = (md, path);
-        Ok(None)
+    /// Loads a `tokenizer.json` file on its own (no config: no BOS, EOS or chat template unless the
+    /// tokenizer's post-processor adds BOS).
+    pub fn from_tokenizer_json(path: &Path) -> Result<Self> {
+        let inner = load_tokenizer_json(path)?;
+        Self::finish(inner, path.to_path_buf(), Specials::default(), None)
     }
 
-    /// Encodes text; adds BOS when `add_bos` is set and `add_special` is true.
+    fn from_sentencepiece_file(path: &Path, dir: &Path, mut specials: Specials) -> Result<Self> {
+        let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+        let proto = <ModelProto as prost::Message>::decode(bytes.as_slice())
+            .map_err(|e| Error::format(path, format!("not a SentencePiece model (protobuf decode failed: {e})")))?;
+        let vocab = SpmVocab::from_proto(&proto).map_err(|p| Error::format(path, p))?;
+        let trainer = proto.trainer_spec.clone().unwrap_or_default();
+        let piece_at = |id: Option<i32>, default: i32| -> Option<String> {
+            let id = id.unwrap_or(default);
+            usize::try_from(id)
+                .ok()
+                .and_then(|i| vocab.pieces.get(i))
+                .map(|p| p.0.clone())
+        };
+        if specials.bos.is_none() {
+            specials.bos = piece_at(trainer.bos_id, 1);
+        }
+        if specials.eos.is_none() {
+            specials.eos = piece_at(trainer.eos_id, 2);
+        }
+        let bos_id = specials
+            .bos
+            .as_ref()
+            .and_then(|b| vocab.pieces.iter().position(|p| &p.0 == b))
+            .map(|i| i as u32);
+        let add_bos = specials.add_bos.unwrap_or(true);
+        let mut inner = vocab
+            .build(if add_bos { bos_id } else { None })
+            .map_err(|p| tok_err(path, p))?;
+        add_config_added_tokens(&mut inner, dir, vocab.pieces.len(), path)?;
+        Self::finish(inner, path.to_path_buf(), specials, Some(true))
+    }
+
+    /// Builds the tokenizer embedded in GGUF metadata (`tokenizer.ggml.*`): `gpt2` (byte-level BPE) or `llama`
+    /// (SentencePiece BPE). `Ok(None)` when the file has no vocabulary (`tokenizer.ggml.model` absent, `none`
+    /// or `no_vocab`). Malformed metadata gives an error naming `path` and the key.
+    pub fn from_gguf(md: &HashMap<String, GgufValue>, path: &Path) -> Result<Option<Self>> {
+        let Some(model) = gguf_string(md, "tokenizer.ggml.model", path)? else {
+            return Ok(None);
+        };
+        let tokens = || -> Result<Vec<String>> {
+            gguf_string_array(md, "tokenizer.ggml.tokens", path)?
+                .ok_or_else(|| Error::format(path, "GGUF metadata lacks `tokenizer.ggml.tokens`"))
+        };
+        let (inner, tokens, default_add_bos) = match model.as_str() {
+            "none" | "no_vocab" => return Ok(None),
+            "gpt2" => {
+                let tokens = tokens()?;
+                let (inner, add_bos) = gguf_byte_level_bpe(md, path, &tokens)?;
+                (inner, tokens, add_bos)
+            }
+            "llama" => {
+                let tokens = tokens()?;
+                (gguf_sentencepiece(md, path, &tokens)?, tokens, true)
+            }
+            other => {
+                return Err(tok_err(
+                    path,
+                    format!("unsupported GGUF tokenizer `tokenizer.ggml.model` = {other:?} (supported: gpt2, llama)"),
+                ))
+            }
+        };
+        let id_to_text = |key: &str| -> Result<Option<String>> {
+            match gguf_u32(md, key, path)? {
+                None => Ok(None),
+                Some(id) => tokens
+                    .get(id as usize)
+                    .cloned()
+                    .map(Some)
+                    .ok_or_else(|| Error::format(path, format!("GGUF metadata `{key}` = {id} is not a token id"))),
+            }
+        };
+        let mut extra_eos_ids = Vec::new();
+        for key in ["tokenizer.ggml.eot_token_id", "tokenizer.ggml.eom_token_id"] {
+            if let Some(id) = gguf_u32(md, key, path)? {
+                if (id as usize) < tokens.len() {
+                    extra_eos_ids.push(id);
+                }
+            }
+        }
+        let specials = Specials {
+            add_bos: gguf_bool(md, "tokenizer.ggml.add_bos_token", path)?.or(Some(default_add_bos)),
+            bos: id_to_text("tokenizer.ggml.bos_token_id")?,
+            eos: id_to_text("tokenizer.ggml.eos_token_id")?,
+            extra_eos_ids,
+            chat_template: gguf_string(md, "tokenizer.chat_template", path)?,
+        };
+        let mut inner = inner;
+        if specials.add_bos == Some(true) {
+            if let Some(bos) = &specials.bos {
+                if let Some(id) = inner.token_to_id(bos) {
+                    inner.with_post_processor(Some(bos_post_processor(bos, id).map_err(|p| tok_err(path, p))?));
+                }
+            }
+        }
+        Self::finish(inner, path.to_path_buf(), specials, Some(default_add_bos)).map(Some)
+    }
+
+    fn finish(
+        inner: tokenizers::Tokenizer,
+        path: PathBuf,
+        specials: Specials,
+        default_add_bos: Option<bool>,
+    ) -> Result<Self> {
+        let mut specials = specials;
+        // tokenizer.json without a config flag: BOS iff its post-processor puts it in front.
+        let probed = match specials.add_bos.or(default_add_bos) {
+            Some(_) => None,
+            None => leading_special(&inner),
+        };
+        if specials.bos.is_none() {
+            specials.bos = probed.and_then(|id| inner.id_to_token(id));
+        }
+        let bos_token_id = specials.bos.as_deref().and_then(|b| inner.token_to_id(b));
+        let add_bos = specials
+            .add_bos
+            .or(default_add_bos)
+            .unwrap_or(probed.is_some() && probed == bos_token_id)
+            && bos_token_id.is_some();
+        let mut eos_token_ids = Vec::new();
+        if let Some(id) = specials.eos.as_deref().and_then(|e| inner.token_to_id(e)) {
+            eos_token_ids.push(id);
+        }
+        for id in specials.extra_eos_ids {
+            if !eos_token_ids.contains(&id) {
+                eos_token_ids.push(id);
+            }
+        }
+        let vocab_size = inner
+            .get_vocab(true)
+            .values()
+            .map(|&id| id as usize + 1)
+            .max()
+            .unwrap_or(0);
+        let chat_template = specials.chat_template.map(|src| {
+            ChatTemplate::new(
+                src,
+                specials.bos.clone().unwrap_or_default(),
+                specials.eos.clone().unwrap_or_default(),
+            )
+        });
+        Ok(Tokenizer {
+            inner,
+            path,
+            add_bos,
+            bos_token_id,
+            eos_token_ids,
+            chat_template,
+            bos_token: specials.bos,
+            eos_token: specials.eos,
+            vocab_size,
+        })
+    }
+
+    /// Encodes text; adds BOS when `add_bos` is set and `add_special` is true. Special-token text in the input
+    /// (`<|im_start|>`) is recognised as the special token.
     pub fn encode(&self, text: &str, add_special: bool) -> Result<Vec<u32>> {
         let enc = self.inner.encode(text, false).map_err(|e| Error::Tokenizer {
             path: self.path.clone(),
@@ -51,6 +253,16 @@ impl Tokenizer {
         }
         ids.extend_from_slice(enc.get_ids());
         Ok(ids)
+    }
+
+    /// Renders `messages` with the chat template and encodes the result without adding BOS (templates write
+    /// their own special tokens, as HF's `apply_chat_template(tokenize=True)` assumes).
+    pub fn encode_chat(&self, messages: &[crate::chat::Message], add_generation_prompt: bool) -> Result<Vec<u32>> {
+        let tmpl = self
+            .chat_template
+            .as_ref()
+            .ok_or_else(|| Error::Template(format!("{}: the tokenizer has no chat template", self.path.display())))?;
+        self.encode(&tmpl.render(messages, add_generation_prompt)?, false)
     }
 
     /// Decodes ids to text.
@@ -65,6 +277,676 @@ impl Tokenizer {
     pub fn inner(&self) -> &tokenizers::Tokenizer {
         &self.inner
     }
+
+    /// Where the tokenizer was loaded from.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// The id of a token's text (added tokens included).
+    pub fn token_to_id(&self, s: &str) -> Option<u32> {
+        self.inner.token_to_id(s)
+    }
+
+    /// The text of a token id (in the vocabulary's form: `Ġ` / `▁` for spaces).
+    pub fn id_to_token(&self, id: u32) -> Option<String> {
+        self.inner.id_to_token(id)
+    }
+
+    /// Number of ids (largest id + 1, added tokens included).
+    pub fn vocab_size(&self) -> usize {
+        self.vocab_size
+    }
+
+    /// Whether `id` ends generation.
+    pub fn is_eos(&self, id: u32) -> bool {
+        self.eos_token_ids.contains(&id)
+    }
+
+    /// A streaming detokenizer over this tokenizer.
+    pub fn stream(&self, skip_special: bool) -> TextStream<'_> {
+        TextStream::new(self, skip_special)
+    }
+
+    /// `tokenizer.json` text that HF `tokenizers` 0.19+ (and so transformers 4.40) can read: BPE merges are
+    /// written as `"a b"` strings when no merge half contains a space.
+    pub fn to_hf_tokenizer_json(&self) -> Result<String> {
+        let text = self
+            .inner
+            .to_string(false)
+            .map_err(|e| tok_err(&self.path, e.to_string()))?;
+        let mut v: Json = serde_json::from_str(&text).map_err(|e| tok_err(&self.path, e.to_string()))?;
+        if let Some(merges) = v.pointer_mut("/model/merges").and_then(Json::as_array_mut) {
+            let pairs: Option<Vec<String>> = merges
+                .iter()
+                .map(|m| match m.as_array().map(Vec::as_slice) {
+                    Some([Json::String(a), Json::String(b)]) if !a.contains(' ') && !b.contains(' ') => {
+                        Some(format!("{a} {b}"))
+                    }
+                    _ => None,
+                })
+                .collect();
+            if let Some(pairs) = pairs {
+                *merges = pairs.into_iter().map(Json::String).collect();
+            }
+        }
+        serde_json::to_string(&v).map_err(|e| tok_err(&self.path, e.to_string()))
+    }
+
+    /// The `tokenizer_config.json` transformers needs to load [`Self::to_hf_tokenizer_json`] with
+    /// `AutoTokenizer`: class `PreTrainedTokenizerFast`, special tokens, `add_bos_token`, chat template.
+    pub fn hf_tokenizer_config(&self) -> Json {
+        let mut decoder = serde_json::Map::new();
+        let mut added: Vec<(u32, tokenizers::AddedToken)> = self.inner.get_added_tokens_decoder().into_iter().collect();
+        added.sort_by_key(|(id, _)| *id);
+        for (id, t) in added {
+            decoder.insert(
+                id.to_string(),
+                json!({
+                    "content": t.content, "lstrip": t.lstrip, "normalized": t.normalized,
+                    "rstrip": t.rstrip, "single_word": t.single_word, "special": t.special,
+                }),
+            );
+        }
+        let mut cfg = json!({
+            "tokenizer_class": "PreTrainedTokenizerFast",
+            "add_bos_token": self.add_bos,
+            "add_eos_token": false,
+            "clean_up_tokenization_spaces": false,
+            "added_tokens_decoder": decoder,
+        });
+        if let Some(obj) = cfg.as_object_mut() {
+            if let Some(b) = &self.bos_token {
+                obj.insert("bos_token".into(), json!(b));
+            }
+            if let Some(e) = &self.eos_token {
+                obj.insert("eos_token".into(), json!(e));
+            }
+            if let Some(t) = &self.chat_template {
+                obj.insert("chat_template".into(), json!(t.source));
+            }
+        }
+        cfg
+    }
+
+    /// Writes `tokenizer.json` and `tokenizer_config.json` into `dir` (each to a temporary file, then renamed).
+    pub fn write_hf_files(&self, dir: &Path) -> Result<()> {
+        let tok = self.to_hf_tokenizer_json()?;
+        let cfg = serde_json::to_string_pretty(&self.hf_tokenizer_config()).map_err(|e| tok_err(dir, e.to_string()))?;
+        write_atomic(&dir.join("tokenizer.json"), tok.as_bytes())?;
+        write_atomic(&dir.join("tokenizer_config.json"), cfg.as_bytes())
+    }
+}
+
+/// Incremental detokenizer: feed generated ids one at a time and get the text they complete. Text is only
+/// emitted once it decodes to valid UTF-8 (a character split over several byte tokens waits for its last
+/// byte), and decoding happens over a short window of previous ids so that spaces are not lost.
+pub struct TextStream<'a> {
+    tok: &'a Tokenizer,
+    skip_special: bool,
+    ids: Vec<u32>,
+    prefix_offset: usize,
+    read_offset: usize,
+}
+
+impl<'a> TextStream<'a> {
+    /// A stream with no context (the first token's leading SentencePiece space is dropped, as in `decode`).
+    pub fn new(tok: &'a Tokenizer, skip_special: bool) -> Self {
+        TextStream {
+            tok,
+            skip_special,
+            ids: Vec::new(),
+            prefix_offset: 0,
+            read_offset: 0,
+        }
+    }
+
+    /// A stream that continues after `context` (e.g. the prompt's last few ids): their text is not emitted,
+    /// but the first generated token is decoded as a continuation of them (keeping its leading space).
+    pub fn with_context(tok: &'a Tokenizer, skip_special: bool, context: &[u32]) -> Self {
+        let ctx = &context[context.len().saturating_sub(6)..];
+        TextStream {
+            tok,
+            skip_special,
+            ids: ctx.to_vec(),
+            prefix_offset: 0,
+            read_offset: ctx.len(),
+        }
+    }
+
+    /// Adds one id; returns the newly completed text (empty while a character is incomplete).
+    pub fn push(&mut self, id: u32) -> Result<String> {
+        self.ids.push(id);
+        let prefix = self
+            .tok
+            .decode(&self.ids[self.prefix_offset..self.read_offset], self.skip_special)?;
+        let full = self.tok.decode(&self.ids[self.prefix_offset..], self.skip_special)?;
+        if full.len() > prefix.len() && !full.ends_with('\u{FFFD}') && full.starts_with(prefix.as_str()) {
+            let new = full[prefix.len()..].to_string();
+            self.prefix_offset = self.read_offset;
+            self.read_offset = self.ids.len();
+            Ok(new)
+        } else {
+            Ok(String::new())
+        }
+    }
+
+    /// Returns whatever has not been emitted yet (incomplete characters as U+FFFD) and resets the window.
+    pub fn finish(&mut self) -> Result<String> {
+        if self.read_offset >= self.ids.len() {
+            return Ok(String::new());
+        }
+        let prefix = self
+            .tok
+            .decode(&self.ids[self.prefix_offset..self.read_offset], self.skip_special)?;
+        let full = self.tok.decode(&self.ids[self.prefix_offset..], self.skip_special)?;
+        self.prefix_offset = self.read_offset;
+        self.read_offset = self.ids.len();
+        Ok(full.strip_prefix(prefix.as_str()).unwrap_or(&full).to_string())
+    }
+}
+
+/// The id a tokenizer's post-processor puts in front of a single sequence, if any.
+fn leading_special(inner: &tokenizers::Tokenizer) -> Option<u32> {
+    let with = inner.encode("a", true).ok()?.get_ids().to_vec();
+    let without = inner.encode("a", false).ok()?.get_ids().to_vec();
+    let first = *with.first()?;
+    (with.len() > without.len() && with.get(1..=without.len()) == Some(without.as_slice())).then_some(first)
+}
+
+fn tok_err(path: &Path, problem: impl Into<String>) -> Error {
+    Error::Tokenizer {
+        path: path.to_path_buf(),
+        problem: problem.into(),
+    }
+}
+
+fn load_tokenizer_json(path: &Path) -> Result<tokenizers::Tokenizer> {
+    let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+    tokenizers::Tokenizer::from_bytes(&bytes)
+        .map_err(|e| Error::format(path, format!("not a valid tokenizer.json: {e}")))
+}
+
+fn read_json_opt(path: &Path) -> Result<Option<Json>> {
+    if !path.is_file() {
+        return Ok(None);
+    }
+    let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+    serde_json::from_str(&text)
+        .map(Some)
+        .map_err(|e| Error::format(path, format!("invalid JSON: {e}")))
+}
+
+/// A token given as a string or as an `AddedToken` object with `content`.
+fn token_text(v: Option<&Json>) -> Option<String> {
+    match v? {
+        Json::String(s) => Some(s.clone()),
+        Json::Object(o) => o.get("content").and_then(Json::as_str).map(str::to_string),
+        _ => None,
+    }
+}
+
+fn read_hf_specials(dir: &Path) -> Result<Specials> {
+    let cfg_path = dir.join("tokenizer_config.json");
+    let cfg = read_json_opt(&cfg_path)?.unwrap_or(Json::Null);
+    let map = read_json_opt(&dir.join("special_tokens_map.json"))?.unwrap_or(Json::Null);
+    let mut s = Specials {
+        add_bos: cfg.get("add_bos_token").and_then(Json::as_bool),
+        bos: token_text(cfg.get("bos_token")).or_else(|| token_text(map.get("bos_token"))),
+        eos: token_text(cfg.get("eos_token")).or_else(|| token_text(map.get("eos_token"))),
+        ..Specials::default()
+    };
+    let jinja = dir.join("chat_template.jinja");
+    let tmpl_json = dir.join("chat_template.json");
+    s.chat_template = if jinja.is_file() {
+        Some(std::fs::read_to_string(&jinja).map_err(|e| Error::io(&jinja, e))?)
+    } else if let Some(v) = read_json_opt(&tmpl_json)? {
+        v.get("chat_template").and_then(Json::as_str).map(str::to_string)
+    } else {
+        match cfg.get("chat_template") {
+            None | Some(Json::Null) => None,
+            Some(Json::String(t)) => Some(t.clone()),
+            Some(Json::Array(list)) => {
+                let named = |n: &str| {
+                    list.iter()
+                        .find(|t| t.get("name").and_then(Json::as_str) == Some(n))
+                        .and_then(|t| t.get("template"))
+                        .and_then(Json::as_str)
+                };
+                named("default")
+                    .or_else(|| list.first().and_then(|t| t.get("template")).and_then(Json::as_str))
+                    .map(str::to_string)
+            }
+            Some(_) => {
+                return Err(Error::format(
+                    &cfg_path,
+                    "`chat_template` is neither a string nor a list of templates",
+                ))
+            }
+        }
+    };
+    let gen_path = dir.join("generation_config.json");
+    if let Some(gen) = read_json_opt(&gen_path)? {
+        match gen.get("eos_token_id") {
+            Some(Json::Number(n)) => s.extra_eos_ids.extend(n.as_u64().and_then(|v| u32::try_from(v).ok())),
+            Some(Json::Array(a)) => s
+                .extra_eos_ids
+                .extend(a.iter().filter_map(|v| v.as_u64().and_then(|v| u32::try_from(v).ok()))),
+            _ => {}
+        }
+    }
+    Ok(s)
+}
+
+/// Adds `added_tokens_decoder` entries of `tokenizer_config.json` beyond the SentencePiece vocabulary.
+fn add_config_added_tokens(inner: &mut tokenizers::Tokenizer, dir: &Path, n_pieces: usize, path: &Path) -> Result<()> {
+    let cfg_path = dir.join("tokenizer_config.json");
+    let Some(cfg) = read_json_opt(&cfg_path)? else {
+        return Ok(());
+    };
+    let Some(decoder) = cfg.get("added_tokens_decoder").and_then(Json::as_object) else {
+        return Ok(());
+    };
+    let mut entries: Vec<(u32, AddedToken)> = Vec::new();
+    for (id, t) in decoder {
+        let id: u32 = id
+            .parse()
+            .map_err(|_| Error::format(&cfg_path, format!("added_tokens_decoder: key {id:?} is not a token id")))?;
+        let content = token_text(Some(t))
+            .ok_or_else(|| Error::format(&cfg_path, format!("added_tokens_decoder[{id}] has no `content`")))?;
+        let flag = |k: &str, d: bool| t.get(k).and_then(Json::as_bool).unwrap_or(d);
+        let tok = AddedToken::from(content, flag("special", false))
+            .normalized(flag("normalized", false))
+            .lstrip(flag("lstrip", false))
+            .rstrip(flag("rstrip", false))
+            .single_word(flag("single_word", false));
+        entries.push((id, tok));
+    }
+    entries.sort_by_key(|(id, _)| *id);
+    for (id, tok) in entries {
+        if (id as usize) < n_pieces {
+            // Already a piece; make sure the text agrees and the token is recognised whole.
+            if inner.id_to_token(id).as_deref() != Some(tok.content.as_str()) {
+                return Err(Error::format(
+                    &cfg_path,
+                    format!(
+                        "added_tokens_decoder[{id}] = {:?} disagrees with {}",
+                        tok.content,
+                        path.display()
+                    ),
+                ));
+            }
+            if tok.special {
+                inner
+                    .add_special_tokens([tok])
+                    .map_err(|e| tok_err(path, e.to_string()))?;
+            } else {
+                inner.add_tokens([tok]).map_err(|e| tok_err(path, e.to_string()))?;
+            }
+            continue;
+        }
+        let content = tok.content.clone();
+        if tok.special {
+            inner
+                .add_special_tokens([tok])
+                .map_err(|e| tok_err(path, e.to_string()))?;
+        } else {
+            inner.add_tokens([tok]).map_err(|e| tok_err(path, e.to_string()))?;
+        }
+        if inner.token_to_id(&content) != Some(id) {
+            return Err(Error::format(
+                &cfg_path,
+                format!(
+                    "added_tokens_decoder: ids are not contiguous after the vocabulary ({content:?} should be {id})"
+                ),
+            ));
+        }
+    }
+    Ok(())
+}
+
+fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let tmp = path.with_file_name(format!(".{name}.tmp"));
+    std::fs::write(&tmp, bytes).map_err(|e| Error::io(&tmp, e))?;
+    std::fs::rename(&tmp, path).map_err(|e| {
+        let _ = std::fs::remove_file(&tmp);
+        Error::io(path, e)
+    })
+}
+
+// ---- GGUF metadata ----
+
+fn gguf_type_name(v: &GgufValue) -> String {
+    match v {
+        GgufValue::Array(a) => match a.first() {
+            Some(first) => format!("array of {:?}", first.value_type()),
+            None => "empty array".into(),
+        },
+        v => format!("{:?}", v.value_type()),
+    }
+}
+
+fn gguf_wrong_type(path: &Path, key: &str, expected: &str, v: &GgufValue) -> Error {
+    Error::format(
+        path,
+        format!(
+            "GGUF metadata `{key}`: expected {expected}, found {}",
+            gguf_type_name(v)
+        ),
+    )
+}
+
+fn gguf_string(md: &HashMap<String, GgufValue>, key: &str, path: &Path) -> Result<Option<String>> {
+    match md.get(key) {
+        None => Ok(None),
+        Some(GgufValue::String(s)) => Ok(Some(s.clone())),
+        Some(v) => Err(gguf_wrong_type(path, key, "a string", v)),
+    }
+}
+
+fn gguf_bool(md: &HashMap<String, GgufValue>, key: &str, path: &Path) -> Result<Option<bool>> {
+    match md.get(key) {
+        None => Ok(None),
+        Some(GgufValue::Bool(b)) => Ok(Some(*b)),
+        Some(v) => Err(gguf_wrong_type(path, key, "a bool", v)),
+    }
+}
+
+fn gguf_int(v: &GgufValue) -> Option<i64> {
+    Some(match v {
+        GgufValue::U8(x) => i64::from(*x),
+        GgufValue::I8(x) => i64::from(*x),
+        GgufValue::U16(x) => i64::from(*x),
+        GgufValue::I16(x) => i64::from(*x),
+        GgufValue::U32(x) => i64::from(*x),
+        GgufValue::I32(x) => i64::from(*x),
+        GgufValue::U64(x) => i64::try_from(*x).ok()?,
+        GgufValue::I64(x) => *x,
+        _ => return None,
+    })
+}
+
+fn gguf_u32(md: &HashMap<String, GgufValue>, key: &str, path: &Path) -> Result<Option<u32>> {
+    match md.get(key) {
+        None => Ok(None),
+        Some(v) => match gguf_int(v) {
+            Some(i) => u32::try_from(i)
+                .map(Some)
+                .map_err(|_| Error::format(path, format!("GGUF metadata `{key}` = {i} is not a token id"))),
+            None => Err(gguf_wrong_type(path, key, "an integer", v)),
+        },
+    }
+}
+
+fn gguf_array<'a>(md: &'a HashMap<String, GgufValue>, key: &str, path: &Path) -> Result<Option<&'a [GgufValue]>> {
+    match md.get(key) {
+        None => Ok(None),
+        Some(GgufValue::Array(a)) => Ok(Some(a)),
+        Some(v) => Err(gguf_wrong_type(path, key, "an array", v)),
+    }
+}
+
+fn gguf_string_array(md: &HashMap<String, GgufValue>, key: &str, path: &Path) -> Result<Option<Vec<String>>> {
+    let Some(a) = gguf_array(md, key, path)? else {
+        return Ok(None);
+    };
+    a.iter()
+        .enumerate()
+        .map(|(i, v)| match v {
+            GgufValue::String(s) => Ok(s.clone()),
+            v => Err(Error::format(
+                path,
+                format!(
+                    "GGUF metadata `{key}`: expected an array of strings, element {i} is {}",
+                    gguf_type_name(v)
+                ),
+            )),
+        })
+        .collect::<Result<Vec<_>>>()
+        .map(Some)
+}
+
+fn gguf_f32_array(md: &HashMap<String, GgufValue>, key: &str, path: &Path) -> Result<Option<Vec<f32>>> {
+    let Some(a) = gguf_array(md, key, path)? else {
+        return Ok(None);
+    };
+    a.iter()
+        .enumerate()
+        .map(|(i, v)| match v {
+            GgufValue::F32(x) => Ok(*x),
+            GgufValue::F64(x) => Ok(*x as f32),
+            v => Err(Error::format(
+                path,
+                format!(
+                    "GGUF metadata `{key}`: expected an array of floats, element {i} is {}",
+                    gguf_type_name(v)
+                ),
+            )),
+        })
+        .collect::<Result<Vec<_>>>()
+        .map(Some)
+}
+
+/// `tokenizer.ggml.token_type`, checked against the number of tokens; all `Normal` when absent.
+fn gguf_token_types(md: &HashMap<String, GgufValue>, path: &Path, n: usize) -> Result<Vec<PieceType>> {
+    const KEY: &str = "tokenizer.ggml.token_type";
+    let Some(a) = gguf_array(md, KEY, path)? else {
+        return Ok(vec![PieceType::Normal; n]);
+    };
+    if a.len() != n {
+        return Err(Error::format(
+            path,
+            format!("GGUF metadata `{KEY}` has {} entries for {n} tokens", a.len()),
+        ));
+    }
+    a.iter()
+        .enumerate()
+        .map(|(i, v)| {
+            let t = gguf_int(v).ok_or_else(|| {
+                Error::format(
+                    path,
+                    format!(
+                        "GGUF metadata `{KEY}`: expected an array of integers, element {i} is {}",
+                        gguf_type_name(v)
+                    ),
+                )
+            })?;
+            i32::try_from(t)
+                .ok()
+                .and_then(PieceType::from_i32)
+                .ok_or_else(|| Error::format(path, format!("GGUF metadata `{KEY}`: token {i} has unknown type {t}")))
+        })
+        .collect()
+}
+
+/// llama.cpp's pre-tokenizer regexes (`llm_tokenizer_bpe`), each applied in turn like an HF `Split(Isolated)`;
+/// where HF's own `tokenizer.json` writes a regex differently (`(?i:'s|…)`), HF's form is used.
+const RE_GPT2: &str = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)";
+const RE_LLAMA3: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+const RE_QWEN2: &str =
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+const RE_QWEN35: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?[\p{L}\p{M}]+|\p{N}| ?[^\s\p{L}\p{M}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+const RE_DEFAULT: &[&str] = &[r"[\p{P}\$\+<=>\^~\|]+", RE_GPT2, r"\p{N}+", r"[0-9][0-9][0-9]"];
+const RE_FALCON: &[&str] = &[r"[\p{P}\$\+<=>\^~\|`]+", RE_GPT2, r"[0-9][0-9][0-9]"];
+const RE_DEEPSEEK_CODER: &[&str] = &["[\r\n]", r"\s?\p{L}+", r"\s?\p{P}+", "[一-龥ࠀ-一가-퟿]+", r"\p{N}"];
+const RE_DEEPSEEK_LLM: &[&str] = &[
+    "[\r\n]",
+    "\\s?[A-Za-zµÀ-ÖØ-öø-ƺƼ-ƿǄ-ʓʕ-ʯͰ-ͳͶͷͻ-ͽͿΆΈ-ΊΌΎ-ΡΣ-ϵϷ-ҁҊ-ԯԱ-ՖႠ-ჅᎠ-Ᏽᏸ-ᏽᲐ-ᲺᲽ-Ჿᴀ-ᴫᵫ-ᵷᵹ-ᶚḀ-ἕἘ-Ἕἠ-ὅὈ-Ὅὐ-ὗὙὛὝὟ-ώᾀ-ᾴᾶ-ᾼιῂ-ῄῆ-ῌῐ-ΐῖ-Ίῠ-Ῥῲ-ῴῶ-ῼℂℇℊ-ℓℕℙ-ℝℤΩℨK-ℭℯ-ℴℹℼ-ℿⅅ-ⅉⅎↃↄⰀ-ⱻⱾ-ⳤⳫ-ⳮⳲⳳꙀ-ꙭꚀ-ꚛꜢ-ꝯꝱ-ꞇꞋ-ꞎꭰ-ꮿﬀ-ﬆﬓ-ﬗＡ-Ｚａ-ｚ𐐀-𐑏𐒰-𐓓𐓘-𐓻𐲀-𐲲𐳀-𐳲𑢠-𑣟𞤀-𞥃]+",
+    "\\s?[!-/:-~！-／：-～‘-‟　-。]+",
+    "\\s+$",
+    "[一-龥ࠀ-一가-퟿]+",
+    "\\p{N}+",
+];
+
+/// How llama.cpp splits text for `tokenizer.ggml.pre`: the pre-tokenizer, whether whole words in the
+/// vocabulary skip the merges (`ignore_merges`), and whether BOS is added when the GGUF does not say.
+fn gguf_pre_tokenizer(pre: Option<&str>, path: &Path) -> Result<(PreTokenizerWrapper, bool, bool)> {
+    let splits = |res: &[&str]| -> Result<PreTokenizerWrapper> {
+        let mut seq: Vec<PreTokenizerWrapper> = Vec::with_capacity(res.len() + 1);
+        for re in res {
+            let s = Split::new(
+                SplitPattern::Regex((*re).into()),
+                SplitDelimiterBehavior::Isolated,
+                false,
+            )
+            .map_err(|e| tok_err(path, format!("pre-tokenizer regex {re:?}: {e}")))?;
+            seq.push(s.into());
+        }
+        seq.push(ByteLevel::new(false, true, false).into());
+        Ok(PreSequence::new(seq).into())
+    };
+    // GPT-2's regex is ByteLevel's own (plus a trailing `\s+`, which changes nothing when splitting).
+    let gpt2 = || -> PreTokenizerWrapper { ByteLevel::new(false, true, true).into() };
+    Ok(match pre.unwrap_or("default") {
+        "default" => (splits(RE_DEFAULT)?, false, false),
+        "gpt-2" | "phi-2" | "mpt" | "olmo" | "jais" | "exaone4" => (gpt2(), false, false),
+        "smollm" | "starcoder" | "refact" | "command-r" | "codeshell" | "exaone" => (
+            PreSequence::new(vec![Digits::new(true).into(), gpt2()]).into(),
+            false,
+            false,
+        ),
+        "llama3" | "llama-v3" | "llama-bpe" | "falcon3" | "falcon-h1" | "pixtral" => {
+            (splits(&[RE_LLAMA3])?, true, true)
+        }
+        "dbrx" | "smaug-bpe" => (splits(&[RE_LLAMA3])?, false, false),
+        "qwen2" | "deepseek-r1-qwen" | "stablelm2" => (splits(&[RE_QWEN2])?, false, false),
+        "qwen35" => (splits(&[RE_QWEN35])?, false, false),
+        "falcon" => (splits(RE_FALCON)?, false, false),
+        "deepseek-coder" => (splits(RE_DEEPSEEK_CODER)?, false, false),
+        "deepseek-llm" => (splits(RE_DEEPSEEK_LLM)?, false, false),
+        other => {
+            return Err(tok_err(
+                path,
+                format!(
+                    "unsupported GGUF pre-tokenizer `tokenizer.ggml.pre` = {other:?} (supported: default, gpt-2, \
+                     phi-2, mpt, olmo, jais, exaone4, smollm, starcoder, refact, command-r, codeshell, exaone, \
+                     llama3, llama-v3, llama-bpe, falcon3, falcon-h1, pixtral, dbrx, smaug-bpe, qwen2, \
+                     deepseek-r1-qwen, stablelm2, qwen35, falcon, deepseek-coder, deepseek-llm)"
+                ),
+            ))
+        }
+    })
+}
+
+/// `tokenizer.ggml.model = gpt2`: byte-level BPE, control tokens special, user-defined tokens added. Also
+/// returns whether llama.cpp adds BOS for this pre-tokenizer when `tokenizer.ggml.add_bos_token` is absent.
+fn gguf_byte_level_bpe(
+    md: &HashMap<String, GgufValue>,
+    path: &Path,
+    tokens: &[String],
+) -> Result<(tokenizers::Tokenizer, bool)> {
+    let merges_raw = gguf_string_array(md, "tokenizer.ggml.merges", path)?
+        .ok_or_else(|| Error::format(path, "GGUF metadata lacks `tokenizer.ggml.merges` (needed for gpt2)"))?;
+    let types = gguf_token_types(md, path, tokens.len())?;
+    let mut vocab = Vocab::default();
+    for (i, t) in tokens.iter().enumerate() {
+        vocab.entry(t.clone()).or_insert(i as u32);
+    }
+    let mut merges = Vec::with_capacity(merges_raw.len());
+    for (i, m) in merges_raw.iter().enumerate() {
+        let (a, b) = m.split_once(' ').ok_or_else(|| {
+            Error::format(
+                path,
+                format!("GGUF metadata `tokenizer.ggml.merges`: merge {i} ({m:?}) is not `a b`"),
+            )
+        })?;
+        if !vocab.contains_key(a) || !vocab.contains_key(b) || !vocab.contains_key(&format!("{a}{b}")) {
+            return Err(Error::format(
+                path,
+                format!("GGUF metadata `tokenizer.ggml.merges`: merge {i} ({m:?}) uses a token not in the vocabulary"),
+            ));
+        }
+        merges.push((a.to_string(), b.to_string()));
+    }
+    let pre = gguf_string(md, "tokenizer.ggml.pre", path)?;
+    let (pre_tok, ignore_merges, add_bos) = gguf_pre_tokenizer(pre.as_deref(), path)?;
+    let bpe = BPE::builder()
+        .vocab_and_merges(vocab, merges)
+        .ignore_merges(ignore_merges)
+        .build()
+        .map_err(|e| tok_err(path, format!("building the BPE model: {e}")))?;
+    let mut inner = tokenizers::Tokenizer::new(bpe);
+    inner.with_pre_tokenizer(Some(pre_tok));
+    inner.with_decoder(Some(ByteLevel::new(true, true, true)));
+    let mut special = Vec::new();
+    let mut user = Vec::new();
+    for (t, ty) in tokens.iter().zip(&types) {
+        match ty {
+            PieceType::Control | PieceType::Unknown => {
+                special.push(AddedToken::from(t.clone(), true).normalized(false))
+            }
+            PieceType::UserDefined => user.push(AddedToken::from(t.clone(), false).normalized(false)),
+            _ => {}
+        }
+    }
+    inner
+        .add_special_tokens(special)
+        .map_err(|e| tok_err(path, e.to_string()))?;
+    inner.add_tokens(user).map_err(|e| tok_err(path, e.to_string()))?;
+    Ok((inner, add_bos))
+}
+
+/// `tokenizer.ggml.model = llama`: a SentencePiece BPE vocabulary with scores.
+fn gguf_sentencepiece(
+    md: &HashMap<String, GgufValue>,
+    path: &Path,
+    tokens: &[String],
+) -> Result<tokenizers::Tokenizer> {
+    // BOS post-processing is attached by the caller once add_bos is known.
+    spm_vocab_from_gguf(md, path, tokens)?
+        .build(None)
+        .map_err(|p| tok_err(path, p))
+}
+
+fn spm_vocab_from_gguf(md: &HashMap<String, GgufValue>, path: &Path, tokens: &[String]) -> Result<SpmVocab> {
+    const SCORES: &str = "tokenizer.ggml.scores";
+    let scores = gguf_f32_array(md, SCORES, path)?
+        .ok_or_else(|| Error::format(path, format!("GGUF metadata lacks `{SCORES}` (needed for llama)")))?;
+    if scores.len() != tokens.len() {
+        return Err(Error::format(
+            path,
+            format!(
+                "GGUF metadata `{SCORES}` has {} entries for {} tokens",
+                scores.len(),
+                tokens.len()
+            ),
+        ));
+    }
+    let types = gguf_token_types(md, path, tokens.len())?;
+    let unk_id = match gguf_u32(md, "tokenizer.ggml.unknown_token_id", path)? {
+        Some(id) if (id as usize) < tokens.len() => Some(id),
+        _ => types.iter().position(|t| *t == PieceType::Unknown).map(|i| i as u32),
+    };
+    Ok(SpmVocab {
+        byte_fallback: types.contains(&PieceType::Byte),
+        pieces: tokens
+            .iter()
+            .zip(scores)
+            .zip(types)
+            .map(|((t, s), ty)| (t.clone(), s, ty))
+            .collect(),
+        kind: SpmKind::Bpe,
+        add_dummy_prefix: gguf_bool(md, "tokenizer.ggml.add_space_prefix", path)?.unwrap_or(true),
+        // llama.cpp does not collapse whitespace.
+        remove_extra_whitespaces: false,
+        unk_id,
+        precompiled_charsmap: None,
+    })
+}
+
+/// The SentencePiece view of a GGUF `llama` vocabulary (pieces, scores, types), e.g. to write a
+/// `tokenizer.model` with [`SpmVocab::to_proto`]. `Ok(None)` for other tokenizer kinds.
+pub fn gguf_spm_vocab(md: &HashMap<String, GgufValue>, path: &Path) -> Result<Option<SpmVocab>> {
+    if gguf_string(md, "tokenizer.ggml.model", path)?.as_deref() != Some("llama") {
+        return Ok(None);
+    }
+    let tokens = gguf_string_array(md, "tokenizer.ggml.tokens", path)?
+        .ok_or_else(|| Error::format(path, "GGUF metadata lacks `tokenizer.ggml.tokens`"))?;
+    spm_vocab_from_gguf(md, path, &tokens).map(Some)
 }
 
 impl Tokenizer {
@@ -82,13 +964,22 @@ impl Tokenizer {
             path: path.to_path_buf(),
             problem: format!("invalid tokenizer.json: {e}"),
         })?;
+        let vocab_size = inner
+            .get_vocab(true)
+            .values()
+            .map(|&id| id as usize + 1)
+            .max()
+            .unwrap_or(0);
         Ok(Tokenizer {
+            bos_token: bos_token_id.and_then(|id| inner.id_to_token(id)),
+            eos_token: eos_token_ids.first().and_then(|&id| inner.id_to_token(id)),
             inner,
             path: path.to_path_buf(),
             add_bos,
             bos_token_id,
             eos_token_ids,
             chat_template,
+            vocab_size,
         })
     }
 }

@@ -407,6 +407,11 @@ impl EngineFile {
         &self.manifest
     }
 
+    /// Moves the manifest JSON out (leaving `null`), so a typed manifest can be built without copying it.
+    pub fn take_manifest_json(&mut self) -> serde_json::Value {
+        std::mem::take(&mut self.manifest)
+    }
+
     /// The tensor table, sorted by offset.
     pub fn tensors(&self) -> &[TensorEntry] {
         &self.tensors

@@ -176,8 +176,8 @@ impl Engine {
     /// Maps the engine at `path` and validates its header, manifest, plan and tensor table. Tensor
     /// checksums are verified as tensors are first read (see [`format`]); [`Engine::verify`] checks all.
     pub fn open(path: &Path) -> Result<Self> {
-        let file = EngineFile::open(path)?;
-        let manifest: Manifest = serde_json::from_value(file.manifest_json().clone())
+        let mut file = EngineFile::open(path)?;
+        let manifest: Manifest = serde_json::from_value(file.take_manifest_json())
             .map_err(|e| Error::format(path, format!("manifest is invalid: {e}")))?;
         let config = ModelConfig::from_hf_json(&manifest.config, path)?;
         manifest

@@ -834,6 +834,28 @@ fn smollm2_engine_load_time_and_agreement() {
         .to_scalar::<f32>()
         .unwrap();
     assert_eq!(diff, 0.0, "engine logits differ from the checkpoint's by {diff}");
-    let tok = Engine::open(&path).unwrap().tokenizer().unwrap();
+    let e = Engine::open(&path).unwrap();
+    let t = std::time::Instant::now();
+    let tok = e.tokenizer().unwrap();
+    eprintln!(
+        "engine tokenizer: {:.1} ms to build from the stored tokenizer.json ({} KB manifest)",
+        t.elapsed().as_secs_f64() * 1e3,
+        e.file().tensors()[0].offset / 1024
+    );
     assert_eq!(tok.is_some(), ckpt.tokenizer.is_some());
+    if let (Some(a), Some(b)) = (&tok, &ckpt.tokenizer) {
+        let text = "<|im_start|>user\nWhat is the capital of France? 1234<|im_end|>";
+        assert_eq!(a.encode(text, true).unwrap(), b.encode(text, true).unwrap());
+        assert_eq!(
+            (a.add_bos, a.bos_token_id, &a.eos_token_ids),
+            (b.add_bos, b.bos_token_id, &b.eos_token_ids)
+        );
+        assert_eq!(a.bos_token, b.bos_token);
+        assert_eq!(a.eos_token, b.eos_token);
+        let (ca, cb) = (a.chat_template.as_ref().unwrap(), b.chat_template.as_ref().unwrap());
+        assert_eq!(
+            (&ca.source, &ca.bos_token, &ca.eos_token),
+            (&cb.source, &cb.bos_token, &cb.eos_token)
+        );
+    }
 }

@@ -54,6 +54,13 @@ impl Linear {
         let rows: usize = dims[..dims.len() - 1].iter().product();
         let y = match self.matvec(x, rows, inp)? {
             Some(y) => y,
+            // candle's CPU bf16 GEMM is slow; widening to f32 (as PyTorch's CPU kernels accumulate anyway)
+            // is several times faster for prefill-sized inputs.
+            None if x.device().is_cpu() && x.dtype() == DType::BF16 && !self.weight.track_op() => x
+                .reshape((rows, inp))?
+                .to_dtype(DType::F32)?
+                .matmul(&self.weight.to_dtype(DType::F32)?.t()?)?
+                .to_dtype(DType::BF16)?,
             None => x.reshape((rows, inp))?.matmul(&self.weight.t()?)?,
         };
         let y = match &self.bias {
