@@ -29,7 +29,7 @@ fetch_sdist() {
   if [ -f "$dir/.complete" ]; then return 0; fi
   rm -rf "$dir.tmp" && mkdir -p "$dir.tmp"
   echo "fetching $spec (sdist) ..." >&2
-  "$PY" -m pip download --quiet --disable-pip-version-check --no-deps --no-binary :all: -d "$dir.tmp" "$spec" >&2
+  "$PY" -m pip download --quiet --disable-pip-version-check --no-deps --no-binary llama-cpp-python -d "$dir.tmp" "$spec" >&2
   tar -xzf "$dir.tmp"/*.tar.gz -C "$dir.tmp"
   rm -f "$dir.tmp"/*.tar.gz
   rm -rf "$dir"

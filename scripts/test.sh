@@ -3,7 +3,7 @@
 # then format, lint and test the whole workspace in release mode (numeric tests are slow unoptimised).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-while IFS='=' read -r k v; do export "$k=$v"; done < <(bash scripts/fetch-assets.sh)
+while IFS="=" read -r k v; do export "$k=$v"; done < <(DLO_FETCH_LLAMA_CPP=1 bash scripts/fetch-assets.sh)
 while IFS='=' read -r k v; do export "$k=$v"; done < <(bash scripts/setup-python.sh)
 cargo fmt --all --check
 cargo clippy --release --workspace --all-targets -- -D warnings

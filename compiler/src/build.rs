@@ -22,9 +22,12 @@ use std::path::{Path, PathBuf};
 pub struct BuildArgs {
     /// Source: an HF directory, a GGUF file, or an existing engine.
     pub model: PathBuf,
-    /// Output engine file.
+    /// Output: the engine file (`--target native`) or a directory (`--target onnx`).
     #[arg(short = 'o', long)]
     pub output: PathBuf,
+    /// What to build: a native engine file, or ONNX models (prefill + decode) for onnxruntime / TensorRT.
+    #[arg(long, default_value = "native", value_parser = ["native", "onnx"])]
+    pub target: String,
     /// Storage dtype of the engine's tensors.
     #[arg(long, default_value = "f32", value_parser = ["f32", "bf16", "f16"])]
     pub dtype: String,
@@ -45,11 +48,22 @@ pub struct BuildArgs {
     pub chunk_len: usize,
 }
 
+/// What `dlo-compile build` produces.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Target {
+    /// A native engine file (`runtime/src/engine`).
+    Native,
+    /// ONNX models in a directory ([`crate::onnx`]; f32, reference routing).
+    Onnx,
+}
+
 /// A validated build request.
 #[derive(Debug, Clone)]
 pub struct BuildPlan {
     /// Source checkpoint.
     pub source: PathBuf,
+    /// What to build.
+    pub target: Target,
     /// Output engine file.
     pub output: PathBuf,
     /// Storage dtype.
@@ -84,6 +98,24 @@ impl BuildPlan {
                 "--heldout only makes sense with --budget".into(),
             ));
         }
+        let target = match a.target.as_str() {
+            "native" => Target::Native,
+            "onnx" => Target::Onnx,
+            t => return Err(Error::InvalidArgument(format!("--target {t}: expected native or onnx"))),
+        };
+        if target == Target::Onnx {
+            if a.budget.is_some() || a.calibration.is_some() {
+                return Err(Error::InvalidArgument(
+                    "--budget/--calibration apply to native engines; ONNX models follow the reference rule (z > 0)"
+                        .into(),
+                ));
+            }
+            if dtype != StorageDtype::F32 {
+                return Err(Error::InvalidArgument(
+                    "--target onnx writes f32 models; drop --dtype".into(),
+                ));
+            }
+        }
         if a.calibration_tokens == 0 || a.chunk_len == 0 {
             return Err(Error::InvalidArgument(
                 "--calibration-tokens and --chunk-len must be positive".into(),
@@ -91,6 +123,7 @@ impl BuildPlan {
         }
         Ok(BuildPlan {
             source: a.model.clone(),
+            target,
             output: a.output.clone(),
             dtype,
             budget: a.budget,
@@ -238,6 +271,29 @@ pub fn run(args: &BuildArgs) -> anyhow::Result<()> {
     let plan = BuildPlan::from_args(args)?;
     // An existing engine is a valid source too (e.g. to recalibrate its budget or change its dtype).
     let src = dlo_runtime::engine::open_any(&plan.source)?;
+    if plan.target == Target::Onnx {
+        let r = crate::onnx::export_onnx(&src.config, &src.weights, &plan.output, &Default::default()).with_context(
+            || {
+                format!(
+                    "lowering {} to ONNX in {}",
+                    plan.source.display(),
+                    plan.output.display()
+                )
+            },
+        )?;
+        eprintln!(
+            "wrote {} ({} routed layers, {:.1} MB of tensors{})",
+            r.files
+                .iter()
+                .map(|f| f.display().to_string())
+                .collect::<Vec<_>>()
+                .join(", "),
+            r.routed_layers,
+            r.tensor_bytes as f64 / 1e6,
+            if r.external_data { ", external data" } else { "" }
+        );
+        return Ok(());
+    }
     let report = build_from(&plan, &src.config, &src.weights, src.tokenizer.as_ref())
         .with_context(|| format!("building {} from {}", plan.output.display(), plan.source.display()))?;
     for w in &report.warnings {
@@ -345,6 +401,7 @@ mod tests {
         BuildArgs {
             model: dir.join("src"),
             output: dir.join("m.dlo"),
+            target: "native".into(),
             dtype: "f32".into(),
             budget: None,
             calibration: None,
@@ -430,6 +487,14 @@ mod tests {
         let e2 = Engine::open(&again.output).unwrap();
         assert_eq!(e2.plan(), e.plan());
         assert_eq!(e2.manifest().provenance.dtype, StorageDtype::Bf16);
+        // --target onnx lowers the same source into a directory of ONNX models.
+        let onnx = BuildArgs {
+            target: "onnx".into(),
+            output: dir.path().join("onnx"),
+            ..args(dir.path())
+        };
+        run(&onnx).unwrap();
+        assert!(onnx.output.join("prefill.onnx").is_file() && onnx.output.join("decode.onnx").is_file());
         // A missing source is an error naming it, and leaves no output.
         let bad = BuildArgs {
             model: dir.path().join("nope"),
@@ -489,6 +554,14 @@ mod tests {
             ..args(dir.path())
         };
         assert!(BuildPlan::from_args(&a).is_err());
+        let a = BuildArgs {
+            target: "onnx".into(),
+            budget: Some(0.5),
+            calibration: Some(dir.path().join("c.txt")),
+            ..args(dir.path())
+        };
+        let e = BuildPlan::from_args(&a).unwrap_err().to_string();
+        assert!(e.contains("apply to native engines"), "{e}");
     }
 
     #[test]

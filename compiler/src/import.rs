@@ -188,55 +188,16 @@ fn write_generation_config(cfg: &ModelConfig, dir: &Path) -> Result<()> {
     write_json(&dir.join("generation_config.json"), &Value::Object(g))
 }
 
-/// Writes `tokenizer.json` and `tokenizer_config.json` for `tok` into `dir`.
-///
-/// `tokenizer_config.json` names the special tokens (`bos_token`, `eos_token`), `add_bos_token`, the chat
-/// template and `model_max_length`, with `tokenizer_class: PreTrainedTokenizerFast` so transformers uses
-/// `tokenizer.json` as is. When BOS is to be added and `tokenizer.json` has no post-processor, one that
-/// prepends BOS is added so that transformers' `encode` matches ours.
+/// Writes `tokenizer.json` and `tokenizer_config.json` for `tok` into `dir`, in the form transformers loads
+/// ([`Tokenizer::to_hf_tokenizer_json`], [`Tokenizer::hf_tokenizer_config`]) plus `model_max_length`.
 pub fn write_tokenizer_files(tok: &Tokenizer, model_max_length: usize, dir: &Path) -> Result<()> {
     let tj_path = dir.join("tokenizer.json");
-    let text = tok.inner().to_string(false).map_err(|e| Error::Tokenizer {
-        path: tj_path.clone(),
-        problem: format!("cannot serialize: {e}"),
-    })?;
-    let mut tj: Value = serde_json::from_str(&text).map_err(|e| Error::format(&tj_path, e.to_string()))?;
-    let token = |id: u32| tok.inner().id_to_token(id);
-    let bos = tok.bos_token_id.and_then(|id| token(id).map(|t| (id, t)));
-    if tok.add_bos && tj.get("post_processor").is_none_or(Value::is_null) {
-        if let Some((id, t)) = &bos {
-            tj["post_processor"] = json!({
-                "type": "TemplateProcessing",
-                "single": [{"SpecialToken": {"id": t, "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}}],
-                "pair": [{"SpecialToken": {"id": t, "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}},
-                         {"SpecialToken": {"id": t, "type_id": 1}}, {"Sequence": {"id": "B", "type_id": 1}}],
-                "special_tokens": {t.as_str(): {"id": t, "ids": [id], "tokens": [t]}}
-            });
-        }
-    }
+    let tj: Value =
+        serde_json::from_str(&tok.to_hf_tokenizer_json()?).map_err(|e| Error::format(&tj_path, e.to_string()))?;
     write_json(&tj_path, &tj)?;
-
-    let tmpl = tok.chat_template.as_ref();
-    let bos_str = bos
-        .map(|(_, t)| t)
-        .or_else(|| tmpl.map(|c| c.bos_token.clone()).filter(|s| !s.is_empty()));
-    let eos_str = tok
-        .eos_token_ids
-        .first()
-        .and_then(|&id| token(id))
-        .or_else(|| tmpl.map(|c| c.eos_token.clone()).filter(|s| !s.is_empty()));
-    let mut tc = serde_json::Map::new();
-    tc.insert("tokenizer_class".into(), json!("PreTrainedTokenizerFast"));
-    tc.insert("bos_token".into(), json!(bos_str));
-    tc.insert("eos_token".into(), json!(eos_str));
-    tc.insert("add_bos_token".into(), json!(tok.add_bos));
-    tc.insert("add_eos_token".into(), json!(false));
-    tc.insert("clean_up_tokenization_spaces".into(), json!(false));
-    tc.insert("model_max_length".into(), json!(model_max_length));
-    if let Some(t) = tmpl {
-        tc.insert("chat_template".into(), json!(t.source));
-    }
-    write_json(&dir.join("tokenizer_config.json"), &Value::Object(tc))
+    let mut tc = tok.hf_tokenizer_config();
+    tc["model_max_length"] = json!(model_max_length);
+    write_json(&dir.join("tokenizer_config.json"), &tc)
 }
 
 #[cfg(test)]

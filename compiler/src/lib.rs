@@ -6,6 +6,7 @@
 //! | per-layer similarity analysis on real text | [`analyze`] |
 //! | deepen a base model into a DLO model | [`expand`] |
 //! | lower a model into a native engine | [`build`] |
+//! | lower to ONNX (prefill + decode, `If` for routed layers) | [`onnx`] |
 //!
 //! Shared pieces: [`corpus`] (reading sample text), [`plot`] (PNG/SVG charts).
 
@@ -14,4 +15,5 @@ pub mod build;
 pub mod corpus;
 pub mod expand;
 pub mod import;
+pub mod onnx;
 pub mod plot;

@@ -330,6 +330,22 @@ impl Tokenizer {
                 *merges = pairs.into_iter().map(Json::String).collect();
             }
         }
+        // transformers' fast tokenizer applies BOS through the post-processor: add one when BOS is wanted and
+        // the tokenizer has none, so that `AutoTokenizer` encodes as `encode(text, true)` does.
+        if self.add_bos && v.get("post_processor").is_none_or(Json::is_null) {
+            if let Some((id, t)) = self
+                .bos_token_id
+                .and_then(|id| self.inner.id_to_token(id).map(|t| (id, t)))
+            {
+                v["post_processor"] = json!({
+                    "type": "TemplateProcessing",
+                    "single": [{"SpecialToken": {"id": t, "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}}],
+                    "pair": [{"SpecialToken": {"id": t, "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}},
+                             {"SpecialToken": {"id": t, "type_id": 1}}, {"Sequence": {"id": "B", "type_id": 1}}],
+                    "special_tokens": {t.as_str(): {"id": t, "ids": [id], "tokens": [t]}}
+                });
+            }
+        }
         serde_json::to_string(&v).map_err(|e| tok_err(&self.path, e.to_string()))
     }
 

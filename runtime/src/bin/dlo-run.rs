@@ -158,36 +158,31 @@ fn run(args: Args) -> Result<()> {
     };
     let mut gen = Generator::new(&model, params)?;
     let mut out = std::io::stdout().lock();
-    let mut ids = Vec::new();
-    let mut printed = 0usize;
+    let mut stream = tok.map(|t| dlo_runtime::TextStream::with_context(t, true, &prompt));
     let mut failure = None;
     let result = gen.generate(&prompt, |t| {
-        ids.push(t);
-        let r = match tok {
-            // Print the newly completed text: decode all and diff, holding back an incomplete UTF-8 tail.
-            Some(tok) => match tok.decode(&ids, true) {
-                Ok(text) if !text.ends_with('\u{fffd}') && text.len() >= printed => {
-                    let r = write!(out, "{}", &text[printed..]);
-                    printed = text.len();
-                    r
-                }
-                Ok(_) => Ok(()),
+        let piece = match stream.as_mut() {
+            Some(s) => match s.push(t) {
+                Ok(p) => p,
                 Err(e) => {
                     failure = Some(e);
                     return ControlFlow::Break(());
                 }
             },
-            None => write!(out, "{t} "),
+            None => format!("{t} "),
         };
-        if r.is_err() || out.flush().is_err() {
+        if write!(out, "{piece}").and_then(|_| out.flush()).is_err() {
             return ControlFlow::Break(());
         }
         ControlFlow::Continue(())
     })?;
-    writeln!(out)?;
     if let Some(e) = failure {
         return Err(e.into());
     }
+    if let Some(s) = stream.as_mut() {
+        write!(out, "{}", s.finish()?)?;
+    }
+    writeln!(out)?;
     if args.stats {
         let pre = result.prompt_tokens as f64 / result.prefill_time.as_secs_f64();
         let dec = result.decode_steps() as f64 / result.decode_time.as_secs_f64().max(1e-9);
