@@ -6,11 +6,13 @@
 //! | per-layer similarity analysis on real text | [`analyze`] |
 //! | deepen a base model into a DLO model | [`expand`] |
 //! | fine-tune with DLO routing | [`train`] |
+//! | lower a model into a native engine | [`build`] |
 //! | lower to ONNX (prefill + decode, `If` for routed layers) | [`onnx`] |
 //!
 //! Shared pieces: [`corpus`] (reading sample text), [`plot`] (PNG/SVG charts).
 
 pub mod analyze;
+pub mod build;
 pub mod corpus;
 pub mod expand;
 pub mod import;

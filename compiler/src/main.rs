@@ -17,6 +17,8 @@ struct Cli {
 enum Command {
     /// Convert a checkpoint (HF directory or GGUF) into an HF directory.
     Import(dlo_compiler::import::ImportArgs),
+    /// Lower a checkpoint into a native engine file (optionally calibrated to a compute budget).
+    Build(dlo_compiler::build::BuildArgs),
     /// Per-layer, per-token similarity of unit input vs output on sample text (JSON + heatmap).
     Analyze(dlo_compiler::analyze::AnalyzeArgs),
     /// Deepen a base model into a DLO model (layer expansion, routers, DLO hyper-parameters).
@@ -29,6 +31,7 @@ fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     let result = match &cli.command {
         Command::Import(a) => dlo_compiler::import::run(a),
+        Command::Build(a) => dlo_compiler::build::run(a),
         Command::Analyze(a) => dlo_compiler::analyze::run(a),
         Command::Expand(a) => dlo_compiler::expand::run(a),
         Command::Train(a) => dlo_compiler::train::run(a),

@@ -57,6 +57,20 @@ pub enum Error {
     /// A tensor operation failed.
     #[error("tensor operation failed: {0}")]
     Candle(#[from] candle_core::Error),
+    /// An engine file was written by a newer format version than this runtime reads.
+    #[error(
+        "{path}: engine format version {found} is newer than this runtime supports ({supported}); \
+         rebuild the engine or upgrade dlo"
+    )]
+    EngineVersion { path: PathBuf, found: u16, supported: u16 },
+    /// An engine file's checksum does not match its contents (`what` is the manifest or a tensor).
+    #[error("{path}: integrity check failed for {what}: stored crc32 {expected:08x}, computed {found:08x}")]
+    Integrity {
+        path: PathBuf,
+        what: String,
+        expected: u32,
+        found: u32,
+    },
 }
 
 impl Error {

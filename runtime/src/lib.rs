@@ -4,6 +4,7 @@
 //! |---|---|
 //! | [`checkpoint`] | open HF directories and GGUF files |
 //! | [`weights`] | named tensors behind one interface |
+//! | [`engine`] | native engine files: format, plan, budget calibration |
 //! | [`gguf`] | GGUF files → config + dequantized weights |
 //! | [`tokenizer`], [`chat`] | text ↔ ids, chat templates |
 //! | [`sentencepiece`] | `tokenizer.model` files and SentencePiece → `tokenizers` conversion |
@@ -12,6 +13,7 @@
 
 pub mod chat;
 pub mod checkpoint;
+pub mod engine;
 pub mod error;
 pub mod generate;
 pub mod gguf;

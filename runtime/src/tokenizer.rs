@@ -964,3 +964,38 @@ pub fn gguf_spm_vocab(md: &HashMap<String, GgufValue>, path: &Path) -> Result<Op
         .ok_or_else(|| Error::format(path, "GGUF metadata lacks `tokenizer.ggml.tokens`"))?;
     spm_vocab_from_gguf(md, path, &tokens).map(Some)
 }
+
+impl Tokenizer {
+    /// Builds a tokenizer from a `tokenizer.json` document held in memory (engines store it this way);
+    /// `path` names its origin in errors.
+    pub fn from_json_str(
+        json: &str,
+        path: &Path,
+        add_bos: bool,
+        bos_token_id: Option<u32>,
+        eos_token_ids: Vec<u32>,
+        chat_template: Option<ChatTemplate>,
+    ) -> Result<Self> {
+        let inner: tokenizers::Tokenizer = json.parse().map_err(|e| Error::Tokenizer {
+            path: path.to_path_buf(),
+            problem: format!("invalid tokenizer.json: {e}"),
+        })?;
+        let vocab_size = inner
+            .get_vocab(true)
+            .values()
+            .map(|&id| id as usize + 1)
+            .max()
+            .unwrap_or(0);
+        Ok(Tokenizer {
+            bos_token: bos_token_id.and_then(|id| inner.id_to_token(id)),
+            eos_token: eos_token_ids.first().and_then(|&id| inner.id_to_token(id)),
+            inner,
+            path: path.to_path_buf(),
+            add_bos,
+            bos_token_id,
+            eos_token_ids,
+            chat_template,
+            vocab_size,
+        })
+    }
+}

@@ -24,6 +24,8 @@ enum Store {
     Safetensors(candle_core::safetensors::MmapedSafetensors),
     /// Tensors already materialised (GGUF dequantised at load, tests, passes).
     Loaded(HashMap<String, Tensor>),
+    /// A memory-mapped engine file; tensors are copied out (and checksummed) when first loaded.
+    Engine(std::sync::Arc<crate::engine::format::EngineFile>),
 }
 
 /// A set of named tensors from one checkpoint.
@@ -54,6 +56,15 @@ impl Weights {
         })
     }
 
+    /// Reads tensors from a mapped engine file.
+    pub(crate) fn from_engine(file: std::sync::Arc<crate::engine::format::EngineFile>) -> Self {
+        let path = file.path().to_path_buf();
+        Weights {
+            store: Store::Engine(file),
+            path,
+        }
+    }
+
     /// The checkpoint these weights come from.
     pub fn path(&self) -> &Path {
         &self.path
@@ -64,6 +75,7 @@ impl Weights {
         match &self.store {
             Store::Safetensors(st) => st.get(name).is_ok(),
             Store::Loaded(m) => m.contains_key(name),
+            Store::Engine(e) => e.entry(name).is_some(),
         }
     }
 
@@ -72,6 +84,7 @@ impl Weights {
         let mut v: Vec<String> = match &self.store {
             Store::Safetensors(st) => st.tensors().into_iter().map(|(n, _)| n).collect(),
             Store::Loaded(m) => m.keys().cloned().collect(),
+            Store::Engine(e) => e.tensors().iter().map(|t| t.name.clone()).collect(),
         };
         v.sort();
         v
@@ -82,6 +95,7 @@ impl Weights {
         match &self.store {
             Store::Safetensors(st) => st.get(name).ok().map(|v| v.shape().to_vec()),
             Store::Loaded(m) => m.get(name).map(|t| t.dims().to_vec()),
+            Store::Engine(e) => e.entry(name).map(|t| t.shape.clone()),
         }
     }
 
@@ -90,6 +104,7 @@ impl Weights {
         match &self.store {
             Store::Safetensors(st) => st.get(name).ok().map(|v| format!("{:?}", v.dtype()).to_lowercase()),
             Store::Loaded(m) => m.get(name).map(|t| t.dtype().as_str().to_string()),
+            Store::Engine(e) => e.entry(name).map(|t| t.dtype.as_str().to_string()),
         }
     }
 
@@ -142,6 +157,7 @@ impl Weights {
                 .load(name, device)
                 .map_err(|e| Error::format(&self.path, format!("tensor `{name}`: {e}")))?,
             Store::Loaded(m) => m[name].to_device(device)?,
+            Store::Engine(e) => e.load(name, device)?,
         };
         Ok(t.to_dtype(dtype)?)
     }

@@ -1,0 +1,606 @@
+//! `dlo-compile build`: lower a checkpoint into a native engine file (`runtime/src/engine`).
+//!
+//! The checkpoint's config becomes the engine's plan (layer schedule, routed unit per layer, gate); its
+//! tensors are written in the chosen storage dtype, with the tokenizer and chat template. With
+//! `--calibration FILE` the model is run over that text to record each routed layer's router-logit
+//! quantiles (so the runtime can set a budget at load time); with `--budget R` as well, per-layer thresholds
+//! are calibrated so that the mean execution rate is R, and checked on held-out text (the last fifth of
+//! the calibration tokens, or `--heldout FILE`). Without a budget the engine follows the reference rule
+//! (`z > 0`) bit for bit.
+
+use anyhow::Context;
+use candle_core::{DType, Device};
+use dlo_passes::ModelConfig;
+use dlo_runtime::engine::calibrate::{calibrate, Calibration, CalibrationOptions};
+use dlo_runtime::engine::format::StorageDtype;
+use dlo_runtime::engine::{write_engine_file, EnginePlan, Provenance};
+use dlo_runtime::{Error, Model, Result, Tokenizer, Weights};
+use std::path::{Path, PathBuf};
+
+/// Arguments of `dlo-compile build`.
+#[derive(Debug, clap::Args)]
+pub struct BuildArgs {
+    /// Source: an HF directory, a GGUF file, or an existing engine.
+    pub model: PathBuf,
+    /// Output: the engine file (`--target native`) or a directory (`--target onnx`).
+    #[arg(short = 'o', long)]
+    pub output: PathBuf,
+    /// What to build: a native engine file, or ONNX models (prefill + decode) for onnxruntime / TensorRT.
+    #[arg(long, default_value = "native", value_parser = ["native", "onnx"])]
+    pub target: String,
+    /// Storage dtype of the engine's tensors.
+    #[arg(long, default_value = "f32", value_parser = ["f32", "bf16", "f16"])]
+    pub dtype: String,
+    /// Target mean execution rate of routed units, in (0, 1]; needs --calibration.
+    #[arg(long)]
+    pub budget: Option<f64>,
+    /// Text file to calibrate router thresholds on (also records quantiles for load-time budgets).
+    #[arg(long)]
+    pub calibration: Option<PathBuf>,
+    /// Held-out text to check the calibrated rate on (default: the last fifth of the calibration text).
+    #[arg(long)]
+    pub heldout: Option<PathBuf>,
+    /// Most calibration tokens to use.
+    #[arg(long, default_value_t = 32768)]
+    pub calibration_tokens: usize,
+    /// Tokens per calibration sequence.
+    #[arg(long, default_value_t = 128)]
+    pub chunk_len: usize,
+}
+
+/// What `dlo-compile build` produces.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Target {
+    /// A native engine file (`runtime/src/engine`).
+    Native,
+    /// ONNX models in a directory ([`crate::onnx`]; f32, reference routing).
+    Onnx,
+}
+
+/// A validated build request.
+#[derive(Debug, Clone)]
+pub struct BuildPlan {
+    /// Source checkpoint.
+    pub source: PathBuf,
+    /// What to build.
+    pub target: Target,
+    /// Output engine file.
+    pub output: PathBuf,
+    /// Storage dtype.
+    pub dtype: StorageDtype,
+    /// Target execution rate.
+    pub budget: Option<f64>,
+    /// Calibration text file.
+    pub calibration: Option<PathBuf>,
+    /// Held-out text file.
+    pub heldout: Option<PathBuf>,
+    /// Most calibration tokens.
+    pub calibration_tokens: usize,
+    /// Tokens per calibration sequence.
+    pub chunk_len: usize,
+}
+
+impl BuildPlan {
+    /// Validates command-line arguments.
+    pub fn from_args(a: &BuildArgs) -> Result<Self> {
+        let dtype = StorageDtype::parse(&a.dtype)
+            .ok_or_else(|| Error::InvalidArgument(format!("--dtype {}: expected f32, bf16 or f16", a.dtype)))?;
+        if let Some(r) = a.budget {
+            dlo_runtime::engine::plan::check_budget(r)?;
+            if a.calibration.is_none() {
+                return Err(Error::InvalidArgument(
+                    "--budget needs --calibration FILE (sample text to calibrate the thresholds on)".into(),
+                ));
+            }
+        }
+        if a.heldout.is_some() && a.budget.is_none() {
+            return Err(Error::InvalidArgument(
+                "--heldout only makes sense with --budget".into(),
+            ));
+        }
+        let target = match a.target.as_str() {
+            "native" => Target::Native,
+            "onnx" => Target::Onnx,
+            t => return Err(Error::InvalidArgument(format!("--target {t}: expected native or onnx"))),
+        };
+        if target == Target::Onnx {
+            if a.budget.is_some() || a.calibration.is_some() {
+                return Err(Error::InvalidArgument(
+                    "--budget/--calibration apply to native engines; ONNX models follow the reference rule (z > 0)"
+                        .into(),
+                ));
+            }
+            if dtype != StorageDtype::F32 {
+                return Err(Error::InvalidArgument(
+                    "--target onnx writes f32 models; drop --dtype".into(),
+                ));
+            }
+        }
+        if a.calibration_tokens == 0 || a.chunk_len == 0 {
+            return Err(Error::InvalidArgument(
+                "--calibration-tokens and --chunk-len must be positive".into(),
+            ));
+        }
+        Ok(BuildPlan {
+            source: a.model.clone(),
+            target,
+            output: a.output.clone(),
+            dtype,
+            budget: a.budget,
+            calibration: a.calibration.clone(),
+            heldout: a.heldout.clone(),
+            calibration_tokens: a.calibration_tokens,
+            chunk_len: a.chunk_len,
+        })
+    }
+}
+
+/// What a build did.
+#[derive(Debug)]
+pub struct BuildReport {
+    /// Engine size in bytes.
+    pub bytes: u64,
+    /// Routed layers in the plan.
+    pub routed_layers: usize,
+    /// The calibration, when one ran.
+    pub calibration: Option<Calibration>,
+    /// Things the user should know (all-zero routers, a budget the routers cannot meet, ...).
+    pub warnings: Vec<String>,
+}
+
+/// Routed layers whose router weights are all zero.
+pub fn zero_routers(cfg: &ModelConfig, w: &Weights) -> Result<Vec<usize>> {
+    let mut zero = Vec::new();
+    for l in (0..cfg.num_hidden_layers).filter(|&l| cfg.is_routed(l)) {
+        let t = w.get(
+            &format!("model.routers.{l}.weight"),
+            &[1, cfg.hidden_size],
+            DType::F32,
+            &Device::Cpu,
+        )?;
+        let v: Vec<f32> = t.flatten_all()?.to_vec1()?;
+        if v.iter().all(|&x| x == 0.0) {
+            zero.push(l);
+        }
+    }
+    Ok(zero)
+}
+
+fn read_text(path: &Path) -> Result<String> {
+    std::fs::read_to_string(path).map_err(|e| Error::io(path, e))
+}
+
+fn tokenize(tok: &Tokenizer, path: &Path, limit: usize) -> Result<Vec<u32>> {
+    let mut ids = tok.encode(&read_text(path)?, false)?;
+    ids.truncate(limit);
+    if ids.is_empty() {
+        return Err(Error::format(path, "calibration text has no tokens"));
+    }
+    Ok(ids)
+}
+
+/// Lowers a loaded model (config, weights, tokenizer) into an engine as `plan` asks.
+pub fn build_from(plan: &BuildPlan, cfg: &ModelConfig, w: &Weights, tok: Option<&Tokenizer>) -> Result<BuildReport> {
+    let mut warnings = Vec::new();
+    let mut engine_plan = EnginePlan::from_config(cfg);
+    let routed = engine_plan.routed_layers();
+    if !routed.is_empty() {
+        let zero = zero_routers(cfg, w)?;
+        if zero.len() == routed.len() {
+            warnings.push(format!(
+                "all {} routers are zero: under the reference rule (execute iff z > 0) every routed unit is \
+                 skipped (dlo-method §9.4); fine-tune the model first",
+                routed.len()
+            ));
+        } else if !zero.is_empty() {
+            warnings.push(format!(
+                "the routers of layers {zero:?} are zero: those layers always skip their routed unit"
+            ));
+        }
+    }
+    let mut calibration = None;
+    if let Some(cal_path) = &plan.calibration {
+        if routed.is_empty() {
+            return Err(Error::InvalidArgument(format!(
+                "{}: the model has no routed layers, so there is nothing to calibrate",
+                plan.source.display()
+            )));
+        }
+        let tok = tok.ok_or_else(|| Error::NoTokenizer {
+            path: plan.source.clone(),
+        })?;
+        let mut ids = tokenize(tok, cal_path, plan.calibration_tokens)?;
+        let heldout = match (&plan.heldout, plan.budget) {
+            (Some(h), _) => Some(tokenize(tok, h, plan.calibration_tokens)?),
+            (None, Some(_)) if ids.len() >= 5 * plan.chunk_len => {
+                // Hold out the last fifth, cut at a sequence boundary.
+                let keep = ids.len() * 4 / 5 / plan.chunk_len * plan.chunk_len;
+                Some(ids.split_off(keep))
+            }
+            _ => None,
+        };
+        let model = Model::load(cfg, w, DType::F32, &Device::Cpu)?;
+        let opts = CalibrationOptions {
+            budget: plan.budget,
+            chunk_len: plan.chunk_len,
+            ..Default::default()
+        };
+        let cal = calibrate(&model, &ids, heldout.as_deref(), &opts)?;
+        if let Some(b) = &cal.budget {
+            if (b.calibration_rate - b.rate).abs() > 0.02 {
+                warnings.push(format!(
+                    "the calibrated rate {:.3} misses the budget {}: the router logits tie too much to split \
+                     them finely",
+                    b.calibration_rate, b.rate
+                ));
+            }
+            match b.heldout_rate {
+                Some(h) if (h - b.rate).abs() > 0.02 => warnings.push(format!(
+                    "on held-out text the execution rate is {h:.3}, more than 0.02 from the budget {}; use more \
+                     (or more representative) calibration text",
+                    b.rate
+                )),
+                None => warnings.push(format!(
+                    "no held-out check: the calibration text has fewer than {} tokens",
+                    5 * plan.chunk_len
+                )),
+                _ => {}
+            }
+        }
+        cal.apply(&mut engine_plan);
+        calibration = Some(cal);
+    }
+    let bytes = write_engine_file(
+        &plan.output,
+        cfg,
+        w,
+        tok,
+        &engine_plan,
+        Provenance::now(&plan.source, plan.dtype),
+    )?;
+    Ok(BuildReport {
+        bytes,
+        routed_layers: routed.len(),
+        calibration,
+        warnings,
+    })
+}
+
+/// Runs `dlo-compile build`.
+pub fn run(args: &BuildArgs) -> anyhow::Result<()> {
+    let plan = BuildPlan::from_args(args)?;
+    // An existing engine is a valid source too (e.g. to recalibrate its budget or change its dtype).
+    let src = dlo_runtime::engine::open_any(&plan.source)?;
+    if plan.target == Target::Onnx {
+        let r = crate::onnx::export_onnx(&src.config, &src.weights, &plan.output, &Default::default()).with_context(
+            || {
+                format!(
+                    "lowering {} to ONNX in {}",
+                    plan.source.display(),
+                    plan.output.display()
+                )
+            },
+        )?;
+        eprintln!(
+            "wrote {} ({} routed layers, {:.1} MB of tensors{})",
+            r.files
+                .iter()
+                .map(|f| f.display().to_string())
+                .collect::<Vec<_>>()
+                .join(", "),
+            r.routed_layers,
+            r.tensor_bytes as f64 / 1e6,
+            if r.external_data { ", external data" } else { "" }
+        );
+        return Ok(());
+    }
+    let report = build_from(&plan, &src.config, &src.weights, src.tokenizer.as_ref())
+        .with_context(|| format!("building {} from {}", plan.output.display(), plan.source.display()))?;
+    for w in &report.warnings {
+        eprintln!("warning: {w}");
+    }
+    if let Some(b) = report.calibration.as_ref().and_then(|c| c.budget.as_ref()) {
+        let held = b.heldout_rate.map_or("n/a".to_string(), |h| format!("{h:.3}"));
+        eprintln!(
+            "budget {}: execution rate {:.3} on calibration text, {held} held out",
+            b.rate, b.calibration_rate
+        );
+    }
+    eprintln!(
+        "wrote {} ({:.1} MB, {} routed layers, {})",
+        plan.output.display(),
+        report.bytes as f64 / 1e6,
+        report.routed_layers,
+        plan.dtype.as_str()
+    );
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Tensor;
+    use dlo_passes::{Arch, DloConfig, SkipKind};
+    use dlo_runtime::engine::Engine;
+    use dlo_runtime::Checkpoint;
+    use std::collections::HashMap;
+
+    /// A 3-layer GQA model with routers on layers 1 and 2 (the idea of the runtime's model tests).
+    fn tiny(skip: Option<SkipKind>) -> ModelConfig {
+        ModelConfig {
+            arch: Arch::Llama,
+            vocab_size: 64,
+            hidden_size: 32,
+            intermediate_size: 64,
+            num_hidden_layers: 3,
+            num_attention_heads: 4,
+            num_key_value_heads: 2,
+            head_dim: 8,
+            rms_norm_eps: 1e-5,
+            rope_theta: 10000.0,
+            rope_scaling: None,
+            max_position_embeddings: 256,
+            tie_word_embeddings: true,
+            attention_bias: false,
+            bos_token_id: Some(1),
+            eos_token_ids: vec![2],
+            torch_dtype: None,
+            dlo: skip.map(|s| DloConfig {
+                is_dlo: vec![false, true, true],
+                gate_init_method: "random".into(),
+                ..DloConfig::paper_default(s, 3)
+            }),
+            extra: Default::default(),
+        }
+    }
+
+    /// Seeded pseudo-random weights for `cfg`; routers scaled by `router_scale` (0 gives zero routers).
+    fn weights(cfg: &ModelConfig, router_scale: f32) -> Weights {
+        let mut s: u64 = 0x2545_F491_4F6C_DD1D;
+        let mut next = move || {
+            s ^= s << 13;
+            s ^= s >> 7;
+            s ^= s << 17;
+            ((s >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+        };
+        let mut m = HashMap::new();
+        for (name, shape) in dlo_runtime::engine::model_tensors(cfg) {
+            let n: usize = shape.iter().product();
+            let (scale, mean) = if name.contains("norm") {
+                (0.1, 1.0)
+            } else if name.contains("routers") {
+                (router_scale, 0.0)
+            } else {
+                (0.3, 0.0)
+            };
+            let v: Vec<f32> = (0..n).map(|_| next() * scale + mean).collect();
+            m.insert(name, Tensor::from_vec(v, shape, &Device::Cpu).unwrap());
+        }
+        Weights::from_tensors(m, "tiny")
+    }
+
+    /// A character-level tokenizer (letters, space, punctuation) over the tiny vocabulary.
+    fn char_tokenizer() -> Tokenizer {
+        let chars = "abcdefghijklmnopqrstuvwxyz .,;'";
+        let mut vocab = serde_json::Map::new();
+        vocab.insert("[UNK]".into(), 0.into());
+        for (i, c) in chars.chars().enumerate() {
+            vocab.insert(c.to_string(), (3 + i).into());
+        }
+        let json = serde_json::json!({
+            "version": "1.0", "truncation": null, "padding": null, "added_tokens": [],
+            "normalizer": {"type": "Lowercase"},
+            "pre_tokenizer": {"type": "Split", "pattern": {"Regex": "."}, "behavior": "Isolated", "invert": false},
+            "post_processor": null, "decoder": null,
+            "model": {"type": "WordLevel", "vocab": vocab, "unk_token": "[UNK]"}
+        });
+        Tokenizer::from_json_str(&json.to_string(), Path::new("chars"), false, Some(1), vec![2], None).unwrap()
+    }
+
+    fn args(dir: &Path) -> BuildArgs {
+        BuildArgs {
+            model: dir.join("src"),
+            output: dir.join("m.dlo"),
+            target: "native".into(),
+            dtype: "f32".into(),
+            budget: None,
+            calibration: None,
+            heldout: None,
+            calibration_tokens: 32768,
+            chunk_len: 64,
+        }
+    }
+
+    #[test]
+    fn build_writes_an_engine_that_opens() {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = tiny(Some(SkipKind::Mlp));
+        let w = weights(&cfg, 0.5);
+        let a = BuildArgs {
+            dtype: "bf16".into(),
+            ..args(dir.path())
+        };
+        let r = build_from(&BuildPlan::from_args(&a).unwrap(), &cfg, &w, Some(&char_tokenizer())).unwrap();
+        assert!(r.warnings.is_empty(), "{:?}", r.warnings);
+        assert_eq!(r.routed_layers, 2);
+        let e = Engine::open(&a.output).unwrap();
+        e.verify().unwrap();
+        assert_eq!(std::fs::metadata(&a.output).unwrap().len(), r.bytes);
+        assert_eq!(e.manifest().provenance.dtype, StorageDtype::Bf16);
+        assert!(e.manifest().provenance.source.ends_with("src"));
+        assert!(matches!(
+            e.routing(None).unwrap(),
+            dlo_runtime::model::Routing::Reference
+        ));
+        assert_eq!(e.tokenizer().unwrap().unwrap().encode("ab", false).unwrap(), vec![3, 4]);
+    }
+
+    /// The CLI path: an HF directory on disk → `run` → an engine whose model matches the checkpoint's.
+    #[test]
+    fn run_builds_from_an_hf_directory() {
+        let dir = tempfile::tempdir().unwrap();
+        let src = dir.path().join("src");
+        std::fs::create_dir(&src).unwrap();
+        let cfg = tiny(Some(SkipKind::Layer));
+        let w = weights(&cfg, 0.5);
+        let tensors: HashMap<String, Tensor> = dlo_runtime::engine::model_tensors(&cfg)
+            .into_iter()
+            .map(|(n, s)| {
+                let t = w.get(&n, &s, DType::F32, &Device::Cpu).unwrap();
+                (n, t)
+            })
+            .collect();
+        candle_core::safetensors::save(&tensors, src.join("model.safetensors")).unwrap();
+        std::fs::write(src.join("config.json"), cfg.to_hf_json().to_string()).unwrap();
+        let a = args(dir.path());
+        run(&a).unwrap();
+        let e = Engine::open(&a.output).unwrap();
+        let ck = Checkpoint::open(&src).unwrap();
+        let m1 = Model::load(&ck.config, &ck.weights, DType::F32, &Device::Cpu).unwrap();
+        let m2 = Model::load(e.config(), &e.weights(), DType::F32, &Device::Cpu).unwrap();
+        let batch = dlo_runtime::model::Batch::single(&[5, 9, 13, 2, 40, 41, 7], 0);
+        let opts = dlo_runtime::model::Forward {
+            all_logits: true,
+            ..Default::default()
+        };
+        let (a1, a2) = (
+            m1.forward(&batch, None, &opts).unwrap(),
+            m2.forward(&batch, None, &opts).unwrap(),
+        );
+        let d: f32 = (&a1.logits - &a2.logits)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar()
+            .unwrap();
+        assert_eq!(d, 0.0);
+        // An engine is a valid source: rebuilding it in bf16 keeps the plan and the tensors (rounded).
+        let again = BuildArgs {
+            model: a.output.clone(),
+            output: dir.path().join("again.dlo"),
+            dtype: "bf16".into(),
+            ..args(dir.path())
+        };
+        run(&again).unwrap();
+        let e2 = Engine::open(&again.output).unwrap();
+        assert_eq!(e2.plan(), e.plan());
+        assert_eq!(e2.manifest().provenance.dtype, StorageDtype::Bf16);
+        // --target onnx lowers the same source into a directory of ONNX models.
+        let onnx = BuildArgs {
+            target: "onnx".into(),
+            output: dir.path().join("onnx"),
+            ..args(dir.path())
+        };
+        run(&onnx).unwrap();
+        assert!(onnx.output.join("prefill.onnx").is_file() && onnx.output.join("decode.onnx").is_file());
+        // A missing source is an error naming it, and leaves no output.
+        let bad = BuildArgs {
+            model: dir.path().join("nope"),
+            output: dir.path().join("nope.dlo"),
+            ..args(dir.path())
+        };
+        let err = format!("{:#}", run(&bad).unwrap_err());
+        assert!(err.contains("nope"), "{err}");
+        assert!(!bad.output.exists());
+    }
+
+    #[test]
+    fn zero_routers_warn() {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = tiny(Some(SkipKind::Layer));
+        let r = build_from(
+            &BuildPlan::from_args(&args(dir.path())).unwrap(),
+            &cfg,
+            &weights(&cfg, 0.0),
+            None,
+        )
+        .unwrap();
+        assert_eq!(r.warnings.len(), 1, "{:?}", r.warnings);
+        assert!(r.warnings[0].contains("all 2 routers are zero"), "{}", r.warnings[0]);
+        // A dense model has no routers to warn about.
+        let dense = tiny(None);
+        let r = build_from(
+            &BuildPlan::from_args(&args(dir.path())).unwrap(),
+            &dense,
+            &weights(&dense, 0.0),
+            None,
+        )
+        .unwrap();
+        assert!(r.warnings.is_empty());
+    }
+
+    #[test]
+    fn budget_arguments_are_validated() {
+        let dir = tempfile::tempdir().unwrap();
+        for bad in [0.0, 1.5, -1.0, f64::NAN] {
+            let a = BuildArgs {
+                budget: Some(bad),
+                calibration: Some(dir.path().join("c.txt")),
+                ..args(dir.path())
+            };
+            let e = BuildPlan::from_args(&a).unwrap_err().to_string();
+            assert!(e.contains("outside (0, 1]"), "{bad}: {e}");
+        }
+        let a = BuildArgs {
+            budget: Some(0.5),
+            ..args(dir.path())
+        };
+        let e = BuildPlan::from_args(&a).unwrap_err().to_string();
+        assert!(e.contains("--budget needs --calibration"), "{e}");
+        let a = BuildArgs {
+            dtype: "q4".into(),
+            ..args(dir.path())
+        };
+        assert!(BuildPlan::from_args(&a).is_err());
+        let a = BuildArgs {
+            target: "onnx".into(),
+            budget: Some(0.5),
+            calibration: Some(dir.path().join("c.txt")),
+            ..args(dir.path())
+        };
+        let e = BuildPlan::from_args(&a).unwrap_err().to_string();
+        assert!(e.contains("apply to native engines"), "{e}");
+    }
+
+    #[test]
+    fn budget_build_calibrates_and_stores_thresholds() {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = tiny(Some(SkipKind::Mlp));
+        let w = weights(&cfg, 0.5);
+        let text = "the quick brown fox jumps over the lazy dog, and then it runs into the woods; \
+                    the dog, who is not so lazy after all, follows it. "
+            .repeat(60);
+        let cal = dir.path().join("cal.txt");
+        std::fs::write(&cal, &text).unwrap();
+        let a = BuildArgs {
+            budget: Some(0.5),
+            calibration: Some(cal.clone()),
+            ..args(dir.path())
+        };
+        let r = build_from(&BuildPlan::from_args(&a).unwrap(), &cfg, &w, Some(&char_tokenizer())).unwrap();
+        let b = r.calibration.as_ref().unwrap().budget.as_ref().unwrap();
+        assert!((b.calibration_rate - 0.5).abs() <= 0.02, "{b:?}");
+        assert!(b.heldout_rate.is_some());
+        let e = Engine::open(&a.output).unwrap();
+        let stored = e.plan().budget.as_ref().unwrap();
+        assert_eq!(stored, b);
+        assert!(e.plan().has_quantiles());
+        assert!(matches!(
+            e.routing(None).unwrap(),
+            dlo_runtime::model::Routing::Thresholds(_)
+        ));
+        // Without a tokenizer there is no way to read the calibration text.
+        let e = build_from(&BuildPlan::from_args(&a).unwrap(), &cfg, &w, None).unwrap_err();
+        assert!(e.to_string().contains("no tokenizer"), "{e}");
+        // Calibrating a dense model is refused.
+        let dense = tiny(None);
+        let a2 = BuildArgs {
+            calibration: Some(cal),
+            ..args(dir.path())
+        };
+        let e = build_from(&BuildPlan::from_args(&a2).unwrap(), &dense, &weights(&dense, 0.0), None).unwrap_err();
+        assert!(e.to_string().contains("no routed layers"), "{e}");
+    }
+}

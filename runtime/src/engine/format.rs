@@ -1,0 +1,690 @@
+//! The dlo engine file format, version 1. This doc comment is the specification.
+//!
+//! An engine is **one file**: a fixed 20-byte prefix, a JSON header, then the tensors, each at a 256-byte
+//! aligned offset so the file can be memory-mapped and every tensor viewed in place without copying.
+//!
+//! ```text
+//! offset  size  field
+//! 0       8     magic  b"DLOENGN\0"
+//! 8       2     format version, u16 little-endian (this runtime writes and reads 1)
+//! 10      2     reserved, u16, must be 0
+//! 12      4     header length H, u32 little-endian (bytes of JSON, at most MAX_HEADER_BYTES)
+//! 16      4     crc32 (IEEE) of the H header bytes, u32 little-endian
+//! 20      H     header: UTF-8 JSON {"file_len", "manifest", "tensors"}
+//! 20+H    …     zero padding up to the first multiple of 256 (the data start)
+//! …             tensor bytes (little-endian, row-major), each at a multiple of 256, zero padding between
+//! ```
+//!
+//! The header object has three keys:
+//! - `file_len`: the total file size in bytes (a shorter file is reported as truncated);
+//! - `manifest`: the lowered plan ([`super::Manifest`]: model config, layer schedule, gate parameters,
+//!   budget and thresholds, router-logit quantiles, tokenizer and chat template, provenance);
+//! - `tensors`: the tensor table, an array of `{"name", "dtype", "shape", "offset", "length", "crc32"}`
+//!   sorted by `offset`; `dtype` is `f32`, `bf16` or `f16`; `offset` is absolute (from the start of the file)
+//!   and a multiple of 256; `length` is exactly `product(shape) × dtype size`; `crc32` is 8 lower-case hex
+//!   digits (fixed width, so the writer can stream tensors and patch the checksums in afterwards).
+//!
+//! **Versioning.** The version sits right after the magic and is checked before anything else is parsed:
+//! a file with a newer version is refused with [`Error::EngineVersion`] ("rebuild the engine or upgrade
+//! dlo"). Readers ignore unknown JSON keys, so additive changes do not need a new version.
+//!
+//! **Integrity.** The crc32 in the prefix covers the whole JSON header (manifest and tensor table); it is
+//! checked at open, before the JSON is parsed. Each tensor carries its own crc32, checked **lazily, on
+//! first access** ([`EngineFile::tensor_bytes`]): building a model reads every tensor once, so every byte
+//! the model uses is verified exactly when it is copied into the model's storage, and opening an engine
+//! stays O(header). [`EngineFile::verify`] checks all tensors up front (what `dlo-run --verify` and the
+//! tests use). crc32 (crc32fast, SSE4.2/PCLMUL) runs at several GB/s, so verifying a 135M-parameter f32
+//! engine (540 MB) costs about a tenth of a second; see `docs/benchmarks.md` "Engine load". Zero padding
+//! is checked at open, so a flipped byte anywhere in the file is detected: in the prefix (magic, version,
+//! reserved, length, checksum), in the header, in padding, or in a tensor (the error names the tensor).
+//!
+//! **Limits**, checked before anything is allocated from file-derived sizes: the header is at most
+//! [`MAX_HEADER_BYTES`]; the table at most [`MAX_TENSORS`] entries of rank at most [`MAX_RANK`]. Every
+//! offset and length is checked (with overflow-checked arithmetic) to lie inside the file.
+//!
+//! **Writing** ([`write_engine`]) streams one tensor at a time into a temporary file next to the target,
+//! patches the checksums into the header, syncs, and renames it into place: a failed build leaves no file.
+
+use crate::error::{Error, Result};
+use candle_core::{DType, Device, Tensor};
+use serde::{Deserialize, Serialize};
+use std::collections::HashMap;
+use std::fs::File;
+use std::io::{BufWriter, Seek, SeekFrom, Write};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+
+/// The 8 bytes every engine starts with.
+pub const MAGIC: &[u8; 8] = b"DLOENGN\0";
+/// The format version this runtime writes; it reads versions `1..=FORMAT_VERSION`.
+pub const FORMAT_VERSION: u16 = 1;
+/// Tensor data alignment in bytes (offsets are multiples of this).
+pub const ALIGN: u64 = 256;
+/// Size of the fixed prefix before the JSON header.
+pub const PREFIX_LEN: usize = 20;
+/// Largest accepted JSON header (manifest + tensor table): 64 MiB (a large tokenizer.json is ~10 MB).
+pub const MAX_HEADER_BYTES: u32 = 64 << 20;
+/// Largest accepted number of tensors.
+pub const MAX_TENSORS: usize = 65_536;
+/// Largest accepted tensor rank.
+pub const MAX_RANK: usize = 8;
+
+/// Storage dtype of an engine tensor.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum StorageDtype {
+    /// IEEE binary32.
+    F32,
+    /// bfloat16.
+    Bf16,
+    /// IEEE binary16.
+    F16,
+}
+
+impl StorageDtype {
+    /// Bytes per element.
+    pub fn size(self) -> usize {
+        match self {
+            StorageDtype::F32 => 4,
+            StorageDtype::Bf16 | StorageDtype::F16 => 2,
+        }
+    }
+    /// The candle dtype.
+    pub fn dtype(self) -> DType {
+        match self {
+            StorageDtype::F32 => DType::F32,
+            StorageDtype::Bf16 => DType::BF16,
+            StorageDtype::F16 => DType::F16,
+        }
+    }
+    /// `f32`, `bf16` or `f16`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            StorageDtype::F32 => "f32",
+            StorageDtype::Bf16 => "bf16",
+            StorageDtype::F16 => "f16",
+        }
+    }
+    /// Parses `f32`, `bf16` or `f16`.
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "f32" => Some(StorageDtype::F32),
+            "bf16" => Some(StorageDtype::Bf16),
+            "f16" => Some(StorageDtype::F16),
+            _ => None,
+        }
+    }
+    /// Little-endian bytes of `t` converted to this dtype.
+    pub fn tensor_bytes(self, t: &Tensor) -> Result<Vec<u8>> {
+        let flat = t.to_dtype(self.dtype())?.flatten_all()?;
+        Ok(match self {
+            StorageDtype::F32 => flat.to_vec1::<f32>()?.iter().flat_map(|x| x.to_le_bytes()).collect(),
+            StorageDtype::Bf16 => flat
+                .to_vec1::<half::bf16>()?
+                .iter()
+                .flat_map(|x| x.to_bits().to_le_bytes())
+                .collect(),
+            StorageDtype::F16 => flat
+                .to_vec1::<half::f16>()?
+                .iter()
+                .flat_map(|x| x.to_bits().to_le_bytes())
+                .collect(),
+        })
+    }
+}
+
+/// One row of the tensor table.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TensorEntry {
+    /// HF tensor name.
+    pub name: String,
+    /// Storage dtype.
+    pub dtype: StorageDtype,
+    /// Shape.
+    pub shape: Vec<usize>,
+    /// Absolute byte offset in the file (a multiple of [`ALIGN`]).
+    pub offset: u64,
+    /// Byte length.
+    pub length: u64,
+    /// crc32 of the bytes, 8 lower-case hex digits.
+    pub crc32: String,
+}
+
+/// What the writer needs to know about a tensor before its bytes exist.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TensorSpec {
+    /// HF tensor name.
+    pub name: String,
+    /// Storage dtype.
+    pub dtype: StorageDtype,
+    /// Shape.
+    pub shape: Vec<usize>,
+}
+
+/// The JSON header as stored.
+#[derive(Debug, Serialize, Deserialize)]
+struct Header {
+    file_len: u64,
+    manifest: serde_json::Value,
+    tensors: Vec<TensorEntry>,
+}
+
+fn align_up(x: u64) -> u64 {
+    x.div_ceil(ALIGN) * ALIGN
+}
+
+fn crc_hex(c: u32) -> String {
+    format!("{c:08x}")
+}
+
+/// Names what a non-engine file looks like, for the "not a dlo engine" message.
+fn sniff(bytes: &[u8]) -> String {
+    if bytes.starts_with(b"GGUF") {
+        return "GGUF magic".into();
+    }
+    if bytes.starts_with(b"PK\x03\x04") {
+        return "a zip archive (a PyTorch .pt/.bin checkpoint?)".into();
+    }
+    if bytes.starts_with(b"\x89HDF") {
+        return "HDF5 magic".into();
+    }
+    if bytes.len() >= 9 && bytes[8] == b'{' {
+        return "a safetensors header".into();
+    }
+    if bytes.starts_with(b"DLOENGN") {
+        return "a damaged dlo magic".into();
+    }
+    if bytes.first().is_some_and(|b| *b == b'{') {
+        return "JSON text".into();
+    }
+    let hex: Vec<String> = bytes.iter().take(8).map(|b| format!("{b:02x}")).collect();
+    format!("bytes {}", hex.join(" "))
+}
+
+/// An opened engine file: the mapping, the validated tensor table and the raw manifest JSON.
+pub struct EngineFile {
+    path: PathBuf,
+    mmap: memmap2::Mmap,
+    manifest: serde_json::Value,
+    tensors: Vec<TensorEntry>,
+    crcs: Vec<u32>,
+    index: HashMap<String, usize>,
+    verified: Vec<AtomicBool>,
+}
+
+impl std::fmt::Debug for EngineFile {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EngineFile")
+            .field("path", &self.path)
+            .field("tensors", &self.tensors.len())
+            .finish()
+    }
+}
+
+impl EngineFile {
+    /// Maps `path` and validates the prefix, header checksum, tensor table and padding. Tensor
+    /// checksums are checked on first access.
+    pub fn open(path: &Path) -> Result<Self> {
+        if path.is_dir() {
+            return Err(Error::format(
+                path,
+                "not a dlo engine: this is a directory (an HF checkpoint? open it as a checkpoint)",
+            ));
+        }
+        let file = File::open(path).map_err(|e| Error::io(path, e))?;
+        let len = file.metadata().map_err(|e| Error::io(path, e))?.len();
+        if len == 0 {
+            return Err(Error::format(path, "not a dlo engine: the file is empty"));
+        }
+        // SAFETY: mapped read-only and never handed out mutably. A file truncated by another process
+        // while mapped is outside what any mmap-based loader can defend against.
+        let mmap = unsafe { memmap2::Mmap::map(&file) }.map_err(|e| Error::io(path, e))?;
+        let bytes: &[u8] = &mmap;
+        if bytes.len() < MAGIC.len() || &bytes[..MAGIC.len()] != MAGIC {
+            return Err(Error::format(
+                path,
+                format!("not a dlo engine (found {})", sniff(bytes)),
+            ));
+        }
+        if bytes.len() < PREFIX_LEN {
+            return Err(Error::format(
+                path,
+                format!(
+                    "engine is truncated: {} bytes, shorter than the {PREFIX_LEN}-byte prefix",
+                    bytes.len()
+                ),
+            ));
+        }
+        let u16_at = |o: usize| u16::from_le_bytes([bytes[o], bytes[o + 1]]);
+        let u32_at = |o: usize| u32::from_le_bytes([bytes[o], bytes[o + 1], bytes[o + 2], bytes[o + 3]]);
+        let version = u16_at(8);
+        if version > FORMAT_VERSION {
+            return Err(Error::EngineVersion {
+                path: path.into(),
+                found: version,
+                supported: FORMAT_VERSION,
+            });
+        }
+        if version == 0 {
+            return Err(Error::format(
+                path,
+                "engine format version 0 does not exist (corrupt prefix)",
+            ));
+        }
+        let reserved = u16_at(10);
+        if reserved != 0 {
+            return Err(Error::format(
+                path,
+                format!("reserved prefix field is {reserved}, must be 0"),
+            ));
+        }
+        let header_len = u32_at(12);
+        if header_len > MAX_HEADER_BYTES {
+            return Err(Error::format(
+                path,
+                format!("header length {header_len} exceeds the limit of {MAX_HEADER_BYTES} bytes"),
+            ));
+        }
+        let header_end = PREFIX_LEN + header_len as usize;
+        if header_end > bytes.len() {
+            return Err(Error::format(
+                path,
+                format!(
+                    "engine is truncated: the {header_len}-byte header ends at byte {header_end}, the file has {}",
+                    bytes.len()
+                ),
+            ));
+        }
+        let header_bytes = &bytes[PREFIX_LEN..header_end];
+        let stored = u32_at(16);
+        let computed = crc32fast::hash(header_bytes);
+        if stored != computed {
+            return Err(Error::Integrity {
+                path: path.into(),
+                what: "the manifest (header)".into(),
+                expected: stored,
+                found: computed,
+            });
+        }
+        let header: Header = serde_json::from_slice(header_bytes)
+            .map_err(|e| Error::format(path, format!("header JSON is invalid: {e}")))?;
+        if header.file_len != len {
+            let problem = if len < header.file_len {
+                format!("engine is truncated: {len} bytes, the header says {}", header.file_len)
+            } else {
+                format!(
+                    "engine has {len} bytes, the header says {} (trailing data)",
+                    header.file_len
+                )
+            };
+            return Err(Error::format(path, problem));
+        }
+        if header.tensors.len() > MAX_TENSORS {
+            return Err(Error::format(
+                path,
+                format!("{} tensors exceed the limit of {MAX_TENSORS}", header.tensors.len()),
+            ));
+        }
+        let data_start = align_up(header_end as u64);
+        let mut cursor = header_end as u64;
+        let mut index = HashMap::with_capacity(header.tensors.len());
+        let mut crcs = Vec::with_capacity(header.tensors.len());
+        for (i, t) in header.tensors.iter().enumerate() {
+            let bad = |p: String| Error::format(path, format!("tensor `{}`: {p}", t.name));
+            if t.shape.len() > MAX_RANK {
+                return Err(bad(format!("rank {} exceeds the limit of {MAX_RANK}", t.shape.len())));
+            }
+            let elems = t
+                .shape
+                .iter()
+                .try_fold(1u64, |acc, &d| acc.checked_mul(d as u64))
+                .ok_or_else(|| bad(format!("shape {:?} overflows", t.shape)))?;
+            let want = elems
+                .checked_mul(t.dtype.size() as u64)
+                .ok_or_else(|| bad(format!("shape {:?} overflows", t.shape)))?;
+            if t.length != want {
+                return Err(bad(format!(
+                    "length {} does not match shape {:?} of {} ({want} bytes)",
+                    t.length,
+                    t.shape,
+                    t.dtype.as_str()
+                )));
+            }
+            if t.offset % ALIGN != 0 {
+                return Err(bad(format!("offset {} is not {ALIGN}-byte aligned", t.offset)));
+            }
+            if t.offset < data_start || t.offset < cursor {
+                return Err(bad(format!(
+                    "offset {} overlaps the header or the previous tensor (table must be sorted by offset)",
+                    t.offset
+                )));
+            }
+            let end = t.offset.checked_add(t.length).filter(|&e| e <= len).ok_or_else(|| {
+                bad(format!(
+                    "bytes {}+{} run past the end of the file ({len})",
+                    t.offset, t.length
+                ))
+            })?;
+            // Padding between the previous region and this tensor must be zero.
+            if bytes[cursor as usize..t.offset as usize].iter().any(|&b| b != 0) {
+                return Err(bad("the padding before it is not zero (corrupt file)".into()));
+            }
+            cursor = end;
+            let crc = u32::from_str_radix(&t.crc32, 16)
+                .ok()
+                .filter(|_| t.crc32.len() == 8)
+                .ok_or_else(|| bad(format!("crc32 `{}` is not 8 hex digits", t.crc32)))?;
+            crcs.push(crc);
+            if index.insert(t.name.clone(), i).is_some() {
+                return Err(bad("appears twice in the tensor table".into()));
+            }
+        }
+        if bytes[cursor as usize..].iter().any(|&b| b != 0) {
+            return Err(Error::format(
+                path,
+                "trailing padding after the last tensor is not zero (corrupt file)",
+            ));
+        }
+        let verified = (0..header.tensors.len()).map(|_| AtomicBool::new(false)).collect();
+        Ok(EngineFile {
+            path: path.into(),
+            mmap,
+            manifest: header.manifest,
+            tensors: header.tensors,
+            crcs,
+            index,
+            verified,
+        })
+    }
+
+    /// The file.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// The raw manifest JSON.
+    pub fn manifest_json(&self) -> &serde_json::Value {
+        &self.manifest
+    }
+
+    /// Moves the manifest JSON out (leaving `null`), so a typed manifest can be built without copying it.
+    pub fn take_manifest_json(&mut self) -> serde_json::Value {
+        std::mem::take(&mut self.manifest)
+    }
+
+    /// The tensor table, sorted by offset.
+    pub fn tensors(&self) -> &[TensorEntry] {
+        &self.tensors
+    }
+
+    /// The table entry of `name`.
+    pub fn entry(&self, name: &str) -> Option<&TensorEntry> {
+        self.index.get(name).map(|&i| &self.tensors[i])
+    }
+
+    /// The mapped bytes of tensor `i`, checking its crc32 on first access.
+    fn bytes_of(&self, i: usize) -> Result<&[u8]> {
+        let t = &self.tensors[i];
+        let b = &self.mmap[t.offset as usize..(t.offset + t.length) as usize];
+        if !self.verified[i].load(Ordering::Relaxed) {
+            let found = hash_parallel(b);
+            if found != self.crcs[i] {
+                return Err(Error::Integrity {
+                    path: self.path.clone(),
+                    what: format!("tensor `{}`", t.name),
+                    expected: self.crcs[i],
+                    found,
+                });
+            }
+            self.verified[i].store(true, Ordering::Relaxed);
+        }
+        Ok(b)
+    }
+
+    /// The mapped bytes of `name` (no copy), checking its crc32 on first access.
+    pub fn tensor_bytes(&self, name: &str) -> Result<&[u8]> {
+        let i = *self.index.get(name).ok_or_else(|| Error::MissingTensor {
+            path: self.path.clone(),
+            name: name.into(),
+        })?;
+        self.bytes_of(i)
+    }
+
+    /// Tensor `name` on `device` in its storage dtype. On the CPU the bytes are copied from the mapping
+    /// into the tensor's storage in one parallel pass that also computes the crc32 (the copy is the only
+    /// one: candle CPU tensors own their data).
+    pub fn load(&self, name: &str, device: &Device) -> Result<Tensor> {
+        let i = *self.index.get(name).ok_or_else(|| Error::MissingTensor {
+            path: self.path.clone(),
+            name: name.into(),
+        })?;
+        let t = &self.tensors[i];
+        if !device.is_cpu() {
+            let b = self.bytes_of(i)?;
+            return Ok(Tensor::from_raw_buffer(b, t.dtype.dtype(), &t.shape, device)?);
+        }
+        let src = &self.mmap[t.offset as usize..(t.offset + t.length) as usize];
+        let n = src.len() / t.dtype.size();
+        let tensor = match t.dtype {
+            StorageDtype::F32 => {
+                let mut v = vec![0f32; n];
+                self.check_crc(i, copy_and_hash(as_bytes_mut(&mut v), src))?;
+                Tensor::from_vec(v, t.shape.as_slice(), device)?
+            }
+            StorageDtype::Bf16 | StorageDtype::F16 => {
+                use half::vec::HalfBitsVecExt;
+                let mut v = vec![0u16; n];
+                self.check_crc(i, copy_and_hash(as_bytes_mut(&mut v), src))?;
+                if t.dtype == StorageDtype::Bf16 {
+                    Tensor::from_vec(v.reinterpret_into::<half::bf16>(), t.shape.as_slice(), device)?
+                } else {
+                    Tensor::from_vec(v.reinterpret_into::<half::f16>(), t.shape.as_slice(), device)?
+                }
+            }
+        };
+        Ok(tensor)
+    }
+
+    fn check_crc(&self, i: usize, found: u32) -> Result<()> {
+        if found != self.crcs[i] {
+            return Err(Error::Integrity {
+                path: self.path.clone(),
+                what: format!("tensor `{}`", self.tensors[i].name),
+                expected: self.crcs[i],
+                found,
+            });
+        }
+        self.verified[i].store(true, Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// Checks the crc32 of every tensor now (those already verified are skipped).
+    pub fn verify(&self) -> Result<()> {
+        for i in 0..self.tensors.len() {
+            self.bytes_of(i)?;
+        }
+        Ok(())
+    }
+}
+
+/// Element types whose every bit pattern is valid and that have no padding.
+trait Plain: Copy {}
+impl Plain for f32 {}
+impl Plain for u16 {}
+
+/// The bytes of a slice of plain numbers.
+fn as_bytes_mut<T: Plain>(v: &mut [T]) -> &mut [u8] {
+    // SAFETY: `T` is f32 or u16: initialised, no padding, valid for any bit pattern; u8 has alignment 1
+    // and the length covers exactly the slice's memory.
+    unsafe { std::slice::from_raw_parts_mut(v.as_mut_ptr().cast::<u8>(), std::mem::size_of_val(v)) }
+}
+
+/// Copies `src` into `dst` (same length) in parallel 1 MiB chunks and returns the crc32 of the bytes,
+/// each chunk hashed while it is still in cache.
+fn copy_and_hash(dst: &mut [u8], src: &[u8]) -> u32 {
+    use rayon::prelude::*;
+    const CHUNK: usize = 1 << 20;
+    let hashers: Vec<crc32fast::Hasher> = dst
+        .par_chunks_mut(CHUNK)
+        .zip(src.par_chunks(CHUNK))
+        .map(|(d, s)| {
+            d.copy_from_slice(s);
+            let mut h = crc32fast::Hasher::new();
+            h.update(d);
+            h
+        })
+        .collect();
+    let mut total = crc32fast::Hasher::new();
+    for h in &hashers {
+        total.combine(h);
+    }
+    total.finalize()
+}
+
+/// crc32 of `src`, hashed in parallel 4 MiB chunks.
+fn hash_parallel(src: &[u8]) -> u32 {
+    use rayon::prelude::*;
+    let hashers: Vec<crc32fast::Hasher> = src
+        .par_chunks(4 << 20)
+        .map(|c| {
+            let mut h = crc32fast::Hasher::new();
+            h.update(c);
+            h
+        })
+        .collect();
+    let mut total = crc32fast::Hasher::new();
+    for h in &hashers {
+        total.combine(h);
+    }
+    total.finalize()
+}
+
+/// Removes a temporary file unless disarmed.
+struct TempGuard(Option<PathBuf>);
+
+impl Drop for TempGuard {
+    fn drop(&mut self) {
+        if let Some(p) = self.0.take() {
+            let _ = std::fs::remove_file(p);
+        }
+    }
+}
+
+/// Writes an engine to `path`: the manifest JSON and the tensors `specs`, whose bytes `data(i)` yields one
+/// at a time (little-endian, exactly `product(shape) × dtype size` bytes). Streams into a temporary file
+/// in the same directory and renames it into place. Returns the file size.
+pub fn write_engine(
+    path: &Path,
+    manifest: &serde_json::Value,
+    specs: &[TensorSpec],
+    mut data: impl FnMut(usize) -> Result<Vec<u8>>,
+) -> Result<u64> {
+    if specs.len() > MAX_TENSORS {
+        return Err(Error::InvalidArgument(format!(
+            "{} tensors exceed the engine limit of {MAX_TENSORS}",
+            specs.len()
+        )));
+    }
+    // Lay out the tensors with placeholder checksums: the crc32 field has a fixed width, so the header
+    // length (and therefore every offset) does not change when the real values are patched in.
+    let mut header = Header {
+        file_len: 0,
+        manifest: manifest.clone(),
+        tensors: Vec::with_capacity(specs.len()),
+    };
+    for s in specs {
+        if s.shape.len() > MAX_RANK {
+            return Err(Error::InvalidArgument(format!(
+                "tensor `{}` has rank above {MAX_RANK}",
+                s.name
+            )));
+        }
+        let n: usize = s.shape.iter().product();
+        header.tensors.push(TensorEntry {
+            name: s.name.clone(),
+            dtype: s.dtype,
+            shape: s.shape.clone(),
+            offset: 0,
+            length: (n * s.dtype.size()) as u64,
+            crc32: crc_hex(0),
+        });
+    }
+    // `file_len` is itself in the header: iterate until the layout is stable (twice at most).
+    let mut header_len = 0usize;
+    for _ in 0..4 {
+        let mut off = align_up((PREFIX_LEN + header_len) as u64);
+        for t in &mut header.tensors {
+            t.offset = off;
+            off = align_up(off + t.length);
+        }
+        let last_end = header.tensors.last().map(|t| t.offset + t.length);
+        header.file_len = last_end.unwrap_or(align_up((PREFIX_LEN + header_len) as u64));
+        let json = serde_json::to_vec(&header).map_err(|e| Error::InvalidArgument(format!("manifest: {e}")))?;
+        if json.len() == header_len {
+            break;
+        }
+        header_len = json.len();
+    }
+    if header_len > MAX_HEADER_BYTES as usize {
+        return Err(Error::InvalidArgument(format!(
+            "engine header of {header_len} bytes exceeds the limit of {MAX_HEADER_BYTES}"
+        )));
+    }
+    let file_name = path
+        .file_name()
+        .ok_or_else(|| Error::InvalidArgument(format!("{}: not a file path", path.display())))?;
+    let dir = path
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    let tmp = dir.join(format!(".{}.tmp-{}", file_name.to_string_lossy(), std::process::id()));
+    let f = File::create(&tmp).map_err(|e| Error::io(&tmp, e))?;
+    let mut guard = TempGuard(Some(tmp.clone()));
+    let io = |e| Error::io(&tmp, e);
+    let mut w = BufWriter::with_capacity(1 << 20, f);
+    w.write_all(&[0u8; PREFIX_LEN]).map_err(io)?;
+    w.write_all(&vec![b' '; header_len]).map_err(io)?;
+    let mut pos = (PREFIX_LEN + header_len) as u64;
+    for i in 0..specs.len() {
+        let bytes = data(i)?;
+        let t = &mut header.tensors[i];
+        if bytes.len() as u64 != t.length {
+            return Err(Error::InvalidArgument(format!(
+                "tensor `{}`: got {} bytes, its shape {:?} of {} needs {}",
+                t.name,
+                bytes.len(),
+                t.shape,
+                t.dtype.as_str(),
+                t.length
+            )));
+        }
+        w.write_all(&vec![0u8; (t.offset - pos) as usize]).map_err(io)?;
+        w.write_all(&bytes).map_err(io)?;
+        t.crc32 = crc_hex(crc32fast::hash(&bytes));
+        pos = t.offset + t.length;
+    }
+    if pos < header.file_len {
+        w.write_all(&vec![0u8; (header.file_len - pos) as usize]).map_err(io)?;
+    }
+    let json = serde_json::to_vec(&header).map_err(|e| Error::InvalidArgument(format!("manifest: {e}")))?;
+    if json.len() != header_len {
+        return Err(Error::InvalidArgument(
+            "engine header changed length while writing".into(),
+        ));
+    }
+    let mut prefix = Vec::with_capacity(PREFIX_LEN);
+    prefix.extend_from_slice(MAGIC);
+    prefix.extend_from_slice(&FORMAT_VERSION.to_le_bytes());
+    prefix.extend_from_slice(&0u16.to_le_bytes());
+    prefix.extend_from_slice(&(header_len as u32).to_le_bytes());
+    prefix.extend_from_slice(&crc32fast::hash(&json).to_le_bytes());
+    let mut f = w.into_inner().map_err(|e| io(e.into_error()))?;
+    f.seek(SeekFrom::Start(0)).map_err(io)?;
+    f.write_all(&prefix).map_err(io)?;
+    f.write_all(&json).map_err(io)?;
+    f.sync_all().map_err(io)?;
+    drop(f);
+    std::fs::rename(&tmp, path).map_err(|e| Error::io(path, e))?;
+    guard.0 = None;
+    Ok(header.file_len)
+}

@@ -1,0 +1,330 @@
+//! Native engines: one memory-mappable, integrity-checked file holding a lowered DLO model.
+//!
+//! - [`format`]: the file layout (the spec), the reader [`format::EngineFile`] and the streaming writer.
+//! - [`plan`]: the lowered plan (layer schedule, gate, budget thresholds, quantile tables).
+//! - [`calibrate`]: choose per-layer thresholds on sample text so the mean execution rate meets a budget.
+//!
+//! [`Engine::open`] maps a file, checks its header and plan, and hands out [`Weights`] that read tensors
+//! straight from the mapping (each checksummed on first access). [`write_engine_file`] lowers a model
+//! (config + weights + tokenizer + plan) into an engine. [`open_any`] opens an engine or a checkpoint by
+//! looking at the file's magic.
+
+pub mod calibrate;
+pub mod format;
+pub mod plan;
+
+#[cfg(test)]
+mod tests;
+
+use crate::chat::ChatTemplate;
+use crate::checkpoint::Checkpoint;
+use crate::error::{Error, Result};
+use crate::model::Routing;
+use crate::tokenizer::Tokenizer;
+use crate::weights::Weights;
+use candle_core::Device;
+use dlo_passes::ModelConfig;
+use format::{EngineFile, StorageDtype, TensorSpec};
+pub use plan::{Budget, EnginePlan, GateParams, RoutedUnit};
+use serde::{Deserialize, Serialize};
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+/// The chat template as stored in an engine.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ChatTemplateSpec {
+    /// Jinja source.
+    pub source: String,
+    /// `bos_token` string the template sees.
+    pub bos_token: String,
+    /// `eos_token` string the template sees.
+    pub eos_token: String,
+}
+
+/// The tokenizer as stored in an engine: HF `tokenizer.json` text plus special tokens and chat template.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TokenizerSpec {
+    /// The `tokenizer.json` document.
+    pub json: String,
+    /// Prepend BOS when encoding a prompt.
+    pub add_bos: bool,
+    /// Beginning-of-sequence id.
+    pub bos_token_id: Option<u32>,
+    /// Ids that end generation.
+    pub eos_token_ids: Vec<u32>,
+    /// The chat template, if any.
+    pub chat_template: Option<ChatTemplateSpec>,
+}
+
+impl TokenizerSpec {
+    /// Captures `tok` (serialising its `tokenizer.json`).
+    pub fn from_tokenizer(tok: &Tokenizer) -> Result<Self> {
+        let json = tok.inner().to_string(false).map_err(|e| Error::Tokenizer {
+            path: PathBuf::from("<tokenizer>"),
+            problem: format!("cannot serialise tokenizer.json: {e}"),
+        })?;
+        Ok(TokenizerSpec {
+            json,
+            add_bos: tok.add_bos,
+            bos_token_id: tok.bos_token_id,
+            eos_token_ids: tok.eos_token_ids.clone(),
+            chat_template: tok.chat_template.as_ref().map(|c| ChatTemplateSpec {
+                source: c.source.clone(),
+                bos_token: c.bos_token.clone(),
+                eos_token: c.eos_token.clone(),
+            }),
+        })
+    }
+}
+
+/// Where an engine came from.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Provenance {
+    /// The checkpoint it was built from.
+    pub source: String,
+    /// A hash of the source, when one was computed.
+    pub source_hash: Option<String>,
+    /// Version of the dlo tool that built it.
+    pub dlo_version: String,
+    /// Build time, seconds since the Unix epoch.
+    pub build_time_unix: u64,
+    /// Storage dtype of the tensors.
+    pub dtype: StorageDtype,
+}
+
+impl Provenance {
+    /// Provenance for an engine built now from `source` with this crate's version.
+    pub fn now(source: &Path, dtype: StorageDtype) -> Self {
+        Provenance {
+            source: source.display().to_string(),
+            source_hash: None,
+            dlo_version: env!("CARGO_PKG_VERSION").to_string(),
+            build_time_unix: std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_secs())
+                .unwrap_or(0),
+            dtype,
+        }
+    }
+}
+
+/// The manifest: everything in an engine except the tensors.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Manifest {
+    /// The model config in HF `config.json` form ([`ModelConfig::to_hf_json`]).
+    pub config: serde_json::Value,
+    /// The lowered plan.
+    pub plan: EnginePlan,
+    /// Tokenizer, special tokens and chat template, when the source had one.
+    pub tokenizer: Option<TokenizerSpec>,
+    /// Where the engine came from.
+    pub provenance: Provenance,
+}
+
+/// Every tensor a model of `cfg` needs, by HF name, with its shape, in the order engines store them
+/// ([`crate::weights::expected_tensors`]).
+pub fn model_tensors(cfg: &ModelConfig) -> Vec<(String, Vec<usize>)> {
+    crate::weights::expected_tensors(cfg)
+}
+
+/// Lowers a model into an engine at `path`: the tensors `cfg` needs (converted to `dtype`), the plan, the
+/// tokenizer and provenance. Tensors are read from `weights` one at a time. Returns the file size.
+pub fn write_engine_file(
+    path: &Path,
+    cfg: &ModelConfig,
+    weights: &Weights,
+    tokenizer: Option<&Tokenizer>,
+    plan: &EnginePlan,
+    provenance: Provenance,
+) -> Result<u64> {
+    plan.validate(cfg)
+        .map_err(|p| Error::InvalidArgument(format!("engine plan: {p}")))?;
+    let manifest = Manifest {
+        config: cfg.to_hf_json(),
+        plan: plan.clone(),
+        tokenizer: tokenizer.map(TokenizerSpec::from_tokenizer).transpose()?,
+        provenance: provenance.clone(),
+    };
+    let dtype = provenance.dtype;
+    let tensors = model_tensors(cfg);
+    let specs: Vec<TensorSpec> = tensors
+        .iter()
+        .map(|(name, shape)| TensorSpec {
+            name: name.clone(),
+            dtype,
+            shape: shape.clone(),
+        })
+        .collect();
+    let json = serde_json::to_value(&manifest).map_err(|e| Error::InvalidArgument(format!("manifest: {e}")))?;
+    format::write_engine(path, &json, &specs, |i| {
+        let (name, shape) = &tensors[i];
+        let t = weights.get(name, shape, dtype.dtype(), &Device::Cpu)?;
+        dtype.tensor_bytes(&t)
+    })
+}
+
+/// An opened engine.
+#[derive(Debug, Clone)]
+pub struct Engine {
+    file: Arc<EngineFile>,
+    manifest: Manifest,
+    config: ModelConfig,
+}
+
+impl Engine {
+    /// Maps the engine at `path` and validates its header, manifest, plan and tensor table. Tensor
+    /// checksums are verified as tensors are first read (see [`format`]); [`Engine::verify`] checks all.
+    pub fn open(path: &Path) -> Result<Self> {
+        let mut file = EngineFile::open(path)?;
+        let manifest: Manifest = serde_json::from_value(file.take_manifest_json())
+            .map_err(|e| Error::format(path, format!("manifest is invalid: {e}")))?;
+        let config = ModelConfig::from_hf_json(&manifest.config, path)?;
+        manifest
+            .plan
+            .validate(&config)
+            .map_err(|p| Error::format(path, format!("manifest plan: {p}")))?;
+        for (name, shape) in model_tensors(&config) {
+            let e = file.entry(&name).ok_or_else(|| Error::MissingTensor {
+                path: path.into(),
+                name: name.clone(),
+            })?;
+            if e.shape != shape {
+                return Err(Error::ShapeMismatch {
+                    path: path.into(),
+                    name,
+                    expected: shape,
+                    found: e.shape.clone(),
+                });
+            }
+        }
+        Ok(Engine {
+            file: Arc::new(file),
+            manifest,
+            config,
+        })
+    }
+
+    /// The engine file.
+    pub fn path(&self) -> &Path {
+        self.file.path()
+    }
+
+    /// The manifest.
+    pub fn manifest(&self) -> &Manifest {
+        &self.manifest
+    }
+
+    /// The validated model config.
+    pub fn config(&self) -> &ModelConfig {
+        &self.config
+    }
+
+    /// The lowered plan.
+    pub fn plan(&self) -> &EnginePlan {
+        &self.manifest.plan
+    }
+
+    /// The mapped file (tensor table, raw bytes).
+    pub fn file(&self) -> &EngineFile {
+        &self.file
+    }
+
+    /// The weights, read from the mapping on demand (no copy until a tensor is loaded).
+    pub fn weights(&self) -> Weights {
+        Weights::from_engine(self.file.clone())
+    }
+
+    /// The stored tokenizer, if the engine has one.
+    pub fn tokenizer(&self) -> Result<Option<Tokenizer>> {
+        let Some(t) = &self.manifest.tokenizer else {
+            return Ok(None);
+        };
+        let chat = t.chat_template.as_ref().map(|c| ChatTemplate {
+            source: c.source.clone(),
+            bos_token: c.bos_token.clone(),
+            eos_token: c.eos_token.clone(),
+        });
+        Tokenizer::from_json_str(
+            &t.json,
+            self.path(),
+            t.add_bos,
+            t.bos_token_id,
+            t.eos_token_ids.clone(),
+            chat,
+        )
+        .map(Some)
+    }
+
+    /// The routing rule for `budget` (`None`: the engine's default); see [`EnginePlan::routing`].
+    pub fn routing(&self, budget: Option<f64>) -> Result<Routing> {
+        self.manifest.plan.routing(budget)
+    }
+
+    /// Verifies every tensor checksum now.
+    pub fn verify(&self) -> Result<()> {
+        self.file.verify()
+    }
+}
+
+/// Whether `path` is a file that starts with the engine magic.
+pub fn is_engine(path: &Path) -> bool {
+    let mut magic = [0u8; 8];
+    std::fs::File::open(path)
+        .and_then(|mut f| f.read_exact(&mut magic))
+        .is_ok()
+        && &magic == format::MAGIC
+}
+
+/// A model opened from an engine or a checkpoint.
+pub struct Opened {
+    /// Validated config.
+    pub config: ModelConfig,
+    /// Weights by HF name.
+    pub weights: Weights,
+    /// Tokenizer, when present.
+    pub tokenizer: Option<Tokenizer>,
+    /// The engine's plan; `None` for a checkpoint (reference routing).
+    pub plan: Option<EnginePlan>,
+}
+
+impl Opened {
+    /// The routing rule for an optional budget override: an engine's plan decides (see
+    /// [`EnginePlan::routing`]); a checkpoint follows the reference rule and refuses a budget.
+    pub fn routing(&self, budget: Option<f64>) -> Result<Routing> {
+        match (&self.plan, budget) {
+            (Some(p), b) => p.routing(b),
+            (None, None) => Ok(Routing::Reference),
+            (None, Some(r)) => {
+                plan::check_budget(r)?;
+                Err(Error::InvalidArgument(
+                    "a budget needs an engine (dlo-compile build --calibration FILE); checkpoints follow the \
+                     reference rule"
+                        .into(),
+                ))
+            }
+        }
+    }
+}
+
+/// Opens `path` as an engine when it starts with the engine magic, otherwise as a checkpoint
+/// ([`Checkpoint::open`]: HF directory or GGUF).
+pub fn open_any(path: &Path) -> Result<Opened> {
+    if is_engine(path) {
+        let e = Engine::open(path)?;
+        Ok(Opened {
+            config: e.config().clone(),
+            weights: e.weights(),
+            tokenizer: e.tokenizer()?,
+            plan: Some(e.plan().clone()),
+        })
+    } else {
+        let c = Checkpoint::open(path)?;
+        Ok(Opened {
+            config: c.config,
+            weights: c.weights,
+            tokenizer: c.tokenizer,
+            plan: None,
+        })
+    }
+}

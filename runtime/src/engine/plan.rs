@@ -1,0 +1,241 @@
+//! The lowered execution plan an engine carries: which unit each layer routes, the gate, and how router
+//! logits become decisions (the reference rule, or calibrated per-layer thresholds for a compute budget).
+//!
+//! A budget R ∈ (0, 1] is a target mean execution rate over routed layers. Calibration
+//! ([`super::calibrate`]) stores, per routed layer, the thresholds for the build budget and a table of
+//! [`N_QUANTILES`] quantiles of the router-logit distribution it observed, so the runtime can map any
+//! other budget to thresholds ([`EnginePlan::routing`]) without recalibrating: layer l executes a token
+//! iff `z > q_l(1 − R)`.
+
+use crate::error::{Error, Result};
+use crate::model::Routing;
+use dlo_passes::{ModelConfig, SkipKind};
+use serde::{Deserialize, Serialize};
+
+/// Quantiles stored per routed layer: probabilities 0, 0.01, …, 1.
+pub const N_QUANTILES: usize = 101;
+
+/// The threshold that executes every token (finite so it survives JSON).
+pub const ALWAYS: f32 = f32::MIN;
+
+/// What a layer's router skips.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RoutedUnit {
+    /// A dense layer (no router).
+    None,
+    /// The MLP sub-block (`llama_dlo_exattn`).
+    Mlp,
+    /// The whole layer (`llama_dlo`).
+    Layer,
+}
+
+/// The gate `g = 0.5α + β(σ(z) − 0.5)` applied to a routed unit's output.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct GateParams {
+    /// Whether the gate is applied at all (`rescale_hidden_states`).
+    pub rescale: bool,
+    /// α (`scale_factor`).
+    pub alpha: f64,
+    /// β (`scale_gap`).
+    pub beta: f64,
+}
+
+/// A calibrated compute budget.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Budget {
+    /// Target mean execution rate over routed layers, in (0, 1].
+    pub rate: f64,
+    /// Per layer (all layers; ignored for dense ones): execute iff `z > threshold`.
+    pub thresholds: Vec<f32>,
+    /// Mean execution rate measured on the calibration text with these thresholds.
+    pub calibration_rate: f64,
+    /// Mean execution rate measured on held-out text, when there was some.
+    pub heldout_rate: Option<f64>,
+}
+
+/// The lowered plan: layer schedule, gate, default routing and the quantile tables.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct EnginePlan {
+    /// One entry per layer: the unit its router skips.
+    pub schedule: Vec<RoutedUnit>,
+    /// Gate parameters (`None` for dense models).
+    pub gate: Option<GateParams>,
+    /// The default budget; `None` means the reference rule (`z > 0`).
+    pub budget: Option<Budget>,
+    /// Per layer: [`N_QUANTILES`] ascending quantiles of calibrated router logits (`None` for dense layers,
+    /// or all `None` when no calibration was run).
+    pub quantiles: Vec<Option<Vec<f32>>>,
+    /// Number of calibration tokens the quantiles come from (0 without calibration).
+    pub calibration_tokens: usize,
+}
+
+/// Checks `r` ∈ (0, 1].
+pub fn check_budget(r: f64) -> Result<()> {
+    if r > 0.0 && r <= 1.0 {
+        Ok(())
+    } else {
+        Err(Error::InvalidArgument(format!(
+            "budget {r} is outside (0, 1] (it is the target fraction of routed units that execute)"
+        )))
+    }
+}
+
+/// Linear-interpolated quantile of ascending `sorted` at probability `p` ∈ [0, 1].
+pub fn quantile(sorted: &[f32], p: f64) -> f32 {
+    if sorted.is_empty() {
+        return 0.0;
+    }
+    let x = p.clamp(0.0, 1.0) * (sorted.len() - 1) as f64;
+    let i = x.floor() as usize;
+    let j = (i + 1).min(sorted.len() - 1);
+    let f = (x - i as f64) as f32;
+    sorted[i] + (sorted[j] - sorted[i]) * f
+}
+
+/// The [`N_QUANTILES`]-entry table of ascending `sorted`.
+pub fn quantile_table(sorted: &[f32]) -> Vec<f32> {
+    (0..N_QUANTILES)
+        .map(|i| quantile(sorted, i as f64 / (N_QUANTILES - 1) as f64))
+        .collect()
+}
+
+/// The threshold under which a fraction `1 − rate` of ascending `sorted` falls, so that `rate` of them
+/// are strictly above it: midway between the two values at the cut.
+pub fn threshold_for_rate(sorted: &[f32], rate: f64) -> f32 {
+    let n = sorted.len();
+    let k = (rate * n as f64).round() as usize; // tokens that must execute
+    if n == 0 || k >= n {
+        return ALWAYS;
+    }
+    if k == 0 {
+        return sorted[n - 1];
+    }
+    let (lo, hi) = (sorted[n - k - 1], sorted[n - k]);
+    lo + (hi - lo) * 0.5
+}
+
+impl EnginePlan {
+    /// The plan of `cfg` with the reference rule and no calibration.
+    pub fn from_config(cfg: &ModelConfig) -> Self {
+        let schedule = (0..cfg.num_hidden_layers)
+            .map(|l| match (&cfg.dlo, cfg.is_routed(l)) {
+                (Some(d), true) => match d.skip {
+                    SkipKind::Mlp => RoutedUnit::Mlp,
+                    SkipKind::Layer => RoutedUnit::Layer,
+                },
+                _ => RoutedUnit::None,
+            })
+            .collect();
+        EnginePlan {
+            schedule,
+            gate: cfg.dlo.as_ref().map(|d| GateParams {
+                rescale: d.rescale_hidden_states,
+                alpha: d.scale_factor,
+                beta: d.scale_gap,
+            }),
+            budget: None,
+            quantiles: vec![None; cfg.num_hidden_layers],
+            calibration_tokens: 0,
+        }
+    }
+
+    /// Indices of routed layers.
+    pub fn routed_layers(&self) -> Vec<usize> {
+        (0..self.schedule.len())
+            .filter(|&l| self.schedule[l] != RoutedUnit::None)
+            .collect()
+    }
+
+    /// Checks the plan against `cfg`: the schedule and gate agree with it, budgets lie in (0, 1], the
+    /// tables have one entry per layer and quantiles ascend. `Err` carries the problem.
+    pub fn validate(&self, cfg: &ModelConfig) -> std::result::Result<(), String> {
+        let want = EnginePlan::from_config(cfg);
+        if self.schedule != want.schedule {
+            return Err(format!(
+                "layer schedule {:?} disagrees with the config ({:?})",
+                self.schedule, want.schedule
+            ));
+        }
+        if self.gate != want.gate {
+            return Err(format!(
+                "gate {:?} disagrees with the config ({:?})",
+                self.gate, want.gate
+            ));
+        }
+        if let Some(b) = &self.budget {
+            if !(b.rate > 0.0 && b.rate <= 1.0) {
+                return Err(format!("budget {} is outside (0, 1]", b.rate));
+            }
+            if b.thresholds.len() != self.schedule.len() {
+                return Err(format!(
+                    "{} thresholds for {} layers",
+                    b.thresholds.len(),
+                    self.schedule.len()
+                ));
+            }
+            if b.thresholds.iter().any(|t| t.is_nan()) {
+                return Err("a threshold is NaN".into());
+            }
+        }
+        if self.quantiles.len() != self.schedule.len() {
+            return Err(format!(
+                "{} quantile tables for {} layers",
+                self.quantiles.len(),
+                self.schedule.len()
+            ));
+        }
+        for (l, q) in self.quantiles.iter().enumerate() {
+            if let Some(q) = q {
+                if self.schedule[l] == RoutedUnit::None {
+                    return Err(format!("layer {l} is dense but has a quantile table"));
+                }
+                if q.len() != N_QUANTILES || q.iter().any(|x| !x.is_finite()) || q.windows(2).any(|w| w[0] > w[1]) {
+                    return Err(format!(
+                        "layer {l}: the quantile table must hold {N_QUANTILES} ascending numbers"
+                    ));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Whether the quantile tables allow budgets other than the stored one.
+    pub fn has_quantiles(&self) -> bool {
+        let routed = self.routed_layers();
+        !routed.is_empty() && routed.iter().all(|&l| self.quantiles[l].is_some())
+    }
+
+    /// Per-layer thresholds for budget `r` from the quantile tables.
+    pub fn thresholds_for(&self, r: f64) -> Result<Vec<f32>> {
+        check_budget(r)?;
+        if !self.has_quantiles() {
+            return Err(Error::InvalidArgument(
+                "this engine has no router-logit quantiles, so its budget cannot be changed at load time; \
+                 rebuild it with --calibration FILE"
+                    .into(),
+            ));
+        }
+        Ok(self
+            .quantiles
+            .iter()
+            .map(|q| match q {
+                Some(_) if r >= 1.0 => ALWAYS,
+                Some(q) => quantile(q, 1.0 - r),
+                None => 0.0,
+            })
+            .collect())
+    }
+
+    /// The routing rule for `budget`: `None` gives the engine's default (its calibrated thresholds, or the
+    /// reference rule `z > 0` when it has none); `Some(r)` the stored thresholds when `r` is the stored
+    /// budget, otherwise thresholds from the quantile tables.
+    pub fn routing(&self, budget: Option<f64>) -> Result<Routing> {
+        match (budget, &self.budget) {
+            (None, None) => Ok(Routing::Reference),
+            (None, Some(b)) => Ok(Routing::Thresholds(b.thresholds.clone())),
+            (Some(r), Some(b)) if r == b.rate => Ok(Routing::Thresholds(b.thresholds.clone())),
+            (Some(r), _) => Ok(Routing::Thresholds(self.thresholds_for(r)?)),
+        }
+    }
+}
