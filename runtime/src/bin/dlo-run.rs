@@ -4,9 +4,10 @@ use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, IndexOp, Tensor};
 use clap::Parser;
 use dlo_runtime::chat::Message;
+use dlo_runtime::engine::open_any;
 use dlo_runtime::generate::{GenerateParams, Generator, SamplingParams};
 use dlo_runtime::model::{Batch, Forward, Routing};
-use dlo_runtime::{Checkpoint, Model};
+use dlo_runtime::Model;
 use std::collections::HashMap;
 use std::io::Write;
 use std::ops::ControlFlow;
@@ -16,7 +17,7 @@ use std::time::Instant;
 #[derive(Parser)]
 #[command(name = "dlo-run", version, about = "Run a Llama-family or DLO checkpoint")]
 struct Args {
-    /// Checkpoint: an HF directory or a GGUF file.
+    /// An engine (`dlo-compile build`), an HF directory or a GGUF file.
     model: PathBuf,
     /// Prompt text.
     #[arg(long)]
@@ -54,6 +55,9 @@ struct Args {
     /// Worker threads (default: all cores).
     #[arg(long)]
     threads: Option<usize>,
+    /// Mean execution rate of routed units, in (0, 1] (engines built with --calibration only).
+    #[arg(long)]
+    budget: Option<f64>,
     /// Force every routed unit on (`on`) or off (`off`) instead of following the routers.
     #[arg(long, value_parser = ["on", "off"])]
     force_routing: Option<String>,
@@ -96,17 +100,18 @@ fn run(args: Args) -> Result<()> {
     };
     let device = Device::Cpu;
     let t0 = Instant::now();
-    let ckpt = Checkpoint::open(&args.model)?;
-    for w in ckpt.report.warnings() {
+    let ckpt = open_any(&args.model)?;
+    for w in &ckpt.warnings {
         eprintln!("warning: {w}");
     }
     let model = Model::load(&ckpt.config, &ckpt.weights, dtype, &device)
         .with_context(|| format!("building the model from {}", args.model.display()))?;
     let load_time = t0.elapsed();
     let routing = match args.force_routing.as_deref() {
+        Some(_) if args.budget.is_some() => bail!("--budget and --force-routing exclude each other"),
         Some("on") => Routing::Force(true),
         Some("off") => Routing::Force(false),
-        _ => Routing::Reference,
+        _ => ckpt.routing(args.budget)?,
     };
 
     if args.bench {

@@ -286,6 +286,8 @@ pub struct Opened {
     pub tokenizer: Option<Tokenizer>,
     /// The engine's plan; `None` for a checkpoint (reference routing).
     pub plan: Option<EnginePlan>,
+    /// Load-report warnings (unused tensors in a checkpoint).
+    pub warnings: Vec<String>,
 }
 
 impl Opened {
@@ -317,10 +319,12 @@ pub fn open_any(path: &Path) -> Result<Opened> {
             weights: e.weights(),
             tokenizer: e.tokenizer()?,
             plan: Some(e.plan().clone()),
+            warnings: vec![],
         })
     } else {
         let c = Checkpoint::open(path)?;
         Ok(Opened {
+            warnings: c.report.warnings(),
             config: c.config,
             weights: c.weights,
             tokenizer: c.tokenizer,
