@@ -137,17 +137,17 @@ pub fn run(args: &AnalyzeArgs) -> Result<()> {
     let result = (|| -> Result<()> {
         std::fs::write(tmp.join("similarity.json"), serde_json::to_string_pretty(&report)?)?;
         let first = first.expect("at least one batch");
-        // Colour: 1 − cos of the whole layer, i.e. how much the layer changes the token; scaled to the
-        // 99th percentile so that a few outliers do not wash out the picture.
-        let mut all: Vec<f64> = first
-            .iter()
-            .flat_map(|p| p.layer.iter().map(|s| 1.0 - *s as f64))
-            .collect();
+        // Colour: log10(1 − cos) of the whole layer, i.e. how much the layer changes the token, on a log scale
+        // (the first layer changes tokens ~100× more than middle layers; a linear scale hides the rest),
+        // spanning the 1st percentile to the maximum.
+        let change = |s: f32| (1.0 - s as f64).max(1e-6).log10();
+        let mut all: Vec<f64> = first.iter().flat_map(|p| p.layer.iter().map(|s| change(*s))).collect();
         all.sort_by(f64::total_cmp);
-        let hi = all[((all.len() - 1) as f64 * 0.99) as usize].max(1e-6);
+        let (lo, hi) = (all[(all.len() - 1) / 100], all[all.len() - 1]);
+        let span = (hi - lo).max(1e-9);
         let rows: Vec<Vec<f64>> = first
             .iter()
-            .map(|p| p.layer.iter().map(|s| (1.0 - *s as f64) / hi).collect())
+            .map(|p| p.layer.iter().map(|s| (change(*s) - lo) / span).collect())
             .collect();
         let bars = vec![
             (
@@ -170,7 +170,11 @@ pub fn run(args: &AnalyzeArgs) -> Result<()> {
                 rows: &rows,
                 row_label: "layer",
                 col_label: "token position (first sequence)",
-                legend: &format!("1 - cos(layer in, layer out), 0 to {hi:.3}"),
+                legend: &format!(
+                    "1 - cos(layer in, layer out), log scale {:.1e} to {:.2}",
+                    10f64.powf(lo),
+                    10f64.powf(hi)
+                ),
                 bars: &bars,
                 bar_label: "block influence (1 - mean cos)",
             },

