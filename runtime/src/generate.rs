@@ -220,6 +220,8 @@ pub struct Generation {
     pub decode_time: Duration,
     /// Routing counters over prompt and generated tokens.
     pub routing: RoutingStats,
+    /// Routing counters of the prefill alone (the FLOPs counter needs the split, see [`crate::flops`]).
+    pub prefill_routing: RoutingStats,
 }
 
 impl Generation {
@@ -291,6 +293,7 @@ impl<'m> Generator<'m> {
         let t0 = Instant::now();
         let mut next = self.step(prompt, &mut stats)?;
         let prefill_time = t0.elapsed();
+        let prefill_routing = stats.clone();
         let t1 = Instant::now();
         let mut tokens = Vec::new();
         let stop = loop {
@@ -316,6 +319,7 @@ impl<'m> Generator<'m> {
             prefill_time,
             decode_time: t1.elapsed(),
             routing: stats,
+            prefill_routing,
         })
     }
 }

@@ -10,11 +10,13 @@
 //! | [`sentencepiece`] | `tokenizer.model` files and SentencePiece → `tokenizers` conversion |
 //! | [`model`] | the Llama/DLO model definition: eval and training routing, KV caches |
 //! | [`generate`] | sampling and the generation loop |
+//! | [`flops`] | executed matmul FLOPs, counted as the reference does |
 
 pub mod chat;
 pub mod checkpoint;
 pub mod engine;
 pub mod error;
+pub mod flops;
 pub mod generate;
 pub mod gguf;
 pub mod kernels;
