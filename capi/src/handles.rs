@@ -69,12 +69,21 @@ pub(crate) fn session(id: usize, func: &str) -> Result<Arc<crate::session::Sessi
     }
 }
 
+/// Frees the table when no handle is left, so that a program that freed everything holds no memory of
+/// ours at exit (leak checkers then report nothing).
+fn release_if_empty(reg: &mut HashMap<usize, Object>) {
+    if reg.is_empty() {
+        reg.shrink_to_fit();
+    }
+}
+
 /// Unregisters an engine handle; the engine is dropped when its last session goes too.
 pub(crate) fn remove_engine(id: usize, func: &str) -> Result<()> {
     let mut reg = registry();
     match reg.get(&id) {
         Some(Object::Engine(_)) => {
             let obj = reg.remove(&id);
+            release_if_empty(&mut reg);
             drop(reg);
             drop(obj);
             Ok(())
@@ -89,6 +98,7 @@ pub(crate) fn remove_session(id: usize, func: &str) -> Result<()> {
     match reg.get(&id) {
         Some(Object::Session(_)) => {
             let obj = reg.remove(&id);
+            release_if_empty(&mut reg);
             // Drop outside the lock: dropping a session may drop its engine and a thread pool.
             drop(reg);
             drop(obj);

@@ -146,8 +146,48 @@ pub type dlo_token_callback =
 pub(crate) struct SessionInner {
     engine: Arc<EngineInner>,
     params: GenerateParams,
-    pool: Option<rayon::ThreadPool>,
+    pool: Option<Pool>,
     state: Mutex<State>,
+}
+
+/// A session's private thread pool. Dropping it waits (briefly) until its threads have left, so that after
+/// `dlo_session_free` no thread of the session still runs.
+struct Pool {
+    /// Always `Some` until dropped.
+    pool: Option<rayon::ThreadPool>,
+    running: Arc<(Mutex<usize>, std::sync::Condvar)>,
+}
+
+impl Pool {
+    fn new(n: usize) -> Result<Self> {
+        let running = Arc::new((Mutex::new(n), std::sync::Condvar::new()));
+        let on_exit = running.clone();
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(n)
+            .thread_name(|i| format!("dlo-worker-{i}"))
+            .exit_handler(move |_| {
+                let (count, cv) = &*on_exit;
+                *count.lock().unwrap_or_else(|p| p.into_inner()) -= 1;
+                cv.notify_all();
+            })
+            .build()
+            .map_err(|e| Failure::new(dlo_status::DLO_ERR_INTERNAL, format!("cannot start {n} threads: {e}")))?;
+        Ok(Pool {
+            pool: Some(pool),
+            running,
+        })
+    }
+}
+
+impl Drop for Pool {
+    fn drop(&mut self) {
+        // Dropping the pool tells its threads to finish; wait for them (bounded, so that a stuck thread can
+        // never hang the caller).
+        drop(self.pool.take());
+        let (count, cv) = &*self.running;
+        let guard = count.lock().unwrap_or_else(|p| p.into_inner());
+        let _ = cv.wait_timeout_while(guard, std::time::Duration::from_secs(10), |n| *n > 0);
+    }
 }
 
 #[derive(Default)]
@@ -199,15 +239,7 @@ impl SessionInner {
         };
         let pool = match n_threads {
             0 => None,
-            n => Some(
-                rayon::ThreadPoolBuilder::new()
-                    .num_threads(n)
-                    .thread_name(|i| format!("dlo-worker-{i}"))
-                    .build()
-                    .map_err(|e| {
-                        Failure::new(dlo_status::DLO_ERR_INTERNAL, format!("cannot start {n} threads: {e}"))
-                    })?,
-            ),
+            n => Some(Pool::new(n)?),
         };
         let params = GenerateParams {
             max_tokens,
@@ -286,7 +318,7 @@ impl SessionInner {
             };
             Ok((out, logits))
         };
-        let (out, logits) = match &self.pool {
+        let (out, logits) = match self.pool.as_ref().and_then(|p| p.pool.as_ref()) {
             None => run(&mut |t| stream.token(t)),
             Some(pool) => {
                 // Compute on the session's pool; relay each token to this thread so that the callback runs

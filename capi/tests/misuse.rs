@@ -21,7 +21,7 @@ fn null_arg(s: dlo_status, func: &str, arg: &str) {
 fn null_pointers_are_rejected_for_every_parameter() {
     let (_d, path) = tiny_checkpoint(Tiny::default());
     let e = load(&path);
-    let s = session(e, |_| {});
+    let s = session(e, |p| p.max_tokens = 5);
     let cpath = c(path.to_str().unwrap());
     let ep = dlo_engine_default_params();
     let sp = dlo_session_default_params();

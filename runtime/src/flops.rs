@@ -231,7 +231,7 @@ mod tests {
             pos += ids.len() as u32;
             let n = ids.len() as u64;
             f.lm_head += c.lm_head;
-            for l in 0..cfg.num_hidden_layers {
+            for (l, len) in lens.iter_mut().enumerate() {
                 let k = match &out.trace[l] {
                     Some(tr) => tr.exec.iter().filter(|e| **e).count() as u64,
                     None => n,
@@ -240,11 +240,11 @@ mod tests {
                     f.routers += n * c.router;
                 }
                 let q = if layer_skip(cfg, l) { k } else { n };
-                lens[l] += q;
+                *len += q;
                 f.projections += q * c.proj;
                 f.mlp += k * c.mlp;
                 // Prefill counts the full q×q matrix; a decode query attends to the whole cache.
-                f.attention += if n > 1 { q * q } else { q * lens[l] } * c.pair;
+                f.attention += if n > 1 { q * q } else { q * *len } * c.pair;
             }
         }
         f
