@@ -10,7 +10,7 @@ use candle_core::{DType, Device};
 use dlo_runtime::chat::Message;
 use dlo_runtime::generate::{GenerateParams, Generator, SamplingParams};
 use dlo_runtime::model::Routing;
-use dlo_runtime::{Checkpoint, Model};
+use dlo_runtime::{Checkpoint, Model, Tokenizer};
 use std::ops::ControlFlow;
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -154,16 +154,60 @@ fn dlo_run_chat(path: &Path, text: &str, max_tokens: usize) -> String {
         .unwrap()
         .generate(&prompt, |_| ControlFlow::Continue(()))
         .unwrap();
-    // dlo-run's streaming: decode everything so far, print the new part unless it ends in U+FFFD.
+    dlo_run_print(Some(tok), &out.tokens)
+}
+
+/// What dlo-run prints for generated `tokens`: without a tokenizer each id and a space; with one, the text
+/// as streamed (decode everything so far, print the new part unless it ends in U+FFFD); then a newline.
+fn dlo_run_print(tok: Option<&Tokenizer>, tokens: &[u32]) -> String {
+    let Some(tok) = tok else {
+        return tokens.iter().map(|t| format!("{t} ")).collect::<String>() + "\n";
+    };
     let (mut printed, mut text) = (0, String::new());
-    for i in 1..=out.tokens.len() {
-        let t = tok.decode(&out.tokens[..i], true).unwrap();
+    for i in 1..=tokens.len() {
+        let t = tok.decode(&tokens[..i], true).unwrap();
         if !t.ends_with('\u{fffd}') && t.len() >= printed {
             text.push_str(&t[printed..]);
             printed = t.len();
         }
     }
     text + "\n"
+}
+
+#[test]
+fn c_example_prints_what_dlo_run_prints_on_smollm2_token_ids() {
+    let Some(gguf) = smollm2() else { return };
+    let tmp = tempfile::tempdir().unwrap();
+    let exe = build_c_example(tmp.path());
+    let ck = Checkpoint::open(&gguf).unwrap();
+    let ids = [3000u32, 4000, 5000, 600, 700, 800, 9000];
+    let m = Model::load(&ck.config, &ck.weights, DType::F32, &Device::Cpu).unwrap();
+    let mut stop_tokens = ck.config.eos_token_ids.clone();
+    if let Some(t) = &ck.tokenizer {
+        stop_tokens.extend(&t.eos_token_ids);
+    }
+    let params = GenerateParams {
+        max_tokens: 24,
+        stop_tokens,
+        ..Default::default()
+    };
+    let out = Generator::new(&m, params)
+        .unwrap()
+        .generate(&ids, |_| ControlFlow::Continue(()))
+        .unwrap();
+    assert!(
+        out.tokens.len() >= 8,
+        "a longer continuation makes a stronger check: {:?}",
+        out.tokens
+    );
+    let want = dlo_run_print(ck.tokenizer.as_ref(), &out.tokens);
+    let id_arg = "3000,4000,5000,600,700,800,9000";
+    let args = [gguf.to_str().unwrap(), "--token-ids", id_arg, "--max-tokens", "24"];
+    assert_eq!(run(Command::new(&exe).args(args)), want);
+    assert_eq!(run(Command::new(&exe).args(args).args(["--threads", "2"])), want);
+    if let Some(got) = dlo_run(&args) {
+        assert_eq!(got, want, "dlo-run");
+    }
 }
 
 #[test]
