@@ -77,6 +77,7 @@ impl From<dlo_runtime::Error> for Failure {
             | E::Format { .. }
             | E::MissingTensor { .. }
             | E::ShapeMismatch { .. }
+            | E::Tensors { .. }
             | E::UnsupportedDtype { .. } => dlo_status::DLO_ERR_FORMAT,
             E::Tokenizer { .. } => dlo_status::DLO_ERR_TOKENIZER,
             E::NoTokenizer { .. } => dlo_status::DLO_ERR_NO_TOKENIZER,

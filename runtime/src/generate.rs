@@ -356,6 +356,7 @@ pub fn generate_batch(model: &Model, prompts: &[Vec<u32>], params: &GeneratePara
         st.add_rows(&out, &batch.valid, i * t..(i + 1) * t);
     }
     let prefill_time = t0.elapsed();
+    let mut prefill_stats = stats.clone();
     let t1 = Instant::now();
     let mut next: Vec<u32> = (0..n)
         .map(|i| Ok(samplers[i].sample(&out.logits.i((i, 0))?.to_vec1::<f32>()?)))
@@ -407,6 +408,7 @@ pub fn generate_batch(model: &Model, prompts: &[Vec<u32>], params: &GeneratePara
             prefill_time,
             decode_time,
             routing: std::mem::take(&mut stats[i]),
+            prefill_routing: std::mem::take(&mut prefill_stats[i]),
         })
         .collect())
 }
