@@ -41,3 +41,12 @@ pub use status::{dlo_last_error, dlo_status, dlo_status_name};
 pub extern "C" fn dlo_version() -> *const std::ffi::c_char {
     concat!(env!("CARGO_PKG_VERSION"), "\0").as_ptr().cast()
 }
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn version_is_the_crate_version() {
+        let v = unsafe { std::ffi::CStr::from_ptr(super::dlo_version()) };
+        assert_eq!(v.to_str().unwrap(), env!("CARGO_PKG_VERSION"));
+    }
+}
