@@ -360,6 +360,7 @@ struct Stream<'a> {
 impl Stream<'_> {
     /// Handles one token; false stops generation.
     fn token(&mut self, t: u32) -> bool {
+        let Some(cb) = self.cb else { return true };
         self.ids.push(t);
         let mut piece = Vec::new();
         if let Some(tok) = self.tokenizer {
@@ -378,7 +379,6 @@ impl Stream<'_> {
                 }
             }
         }
-        let Some(cb) = self.cb else { return true };
         let len = piece.len();
         piece.push(0);
         // SAFETY: the caller promised a valid callback; `piece` outlives the call.
