@@ -103,9 +103,9 @@ typedef struct dlo_engine_params {
   // process-wide pool); n > 0 = a private pool of n threads per session; < 0 is DLO_ERR_INVALID_ARG.
   int32_t n_threads;
   // Default compute budget of sessions that leave their own `budget` at 0: a target mean execution rate
-  // of routed layers in (0, 1]. <= 0 (default) = the model's own routing (for checkpoints: the reference
-  // rule, router logit > 0). A budget needs an engine file with calibrated thresholds; with a checkpoint,
-  // a budget > 0 is DLO_ERR_INVALID_ARG.
+  // of routed layers in (0, 1]. <= 0 (default) = the model's own routing: an engine file's calibrated
+  // thresholds when it has them, else the reference rule (router logit > 0). A budget needs an engine
+  // file (thresholds from its calibration tables); with a checkpoint, a budget > 0 is DLO_ERR_INVALID_ARG.
   float budget;
 } dlo_engine_params;
 
@@ -161,7 +161,8 @@ typedef struct dlo_session_params {
   // Nucleus sampling mass in (0, 1]; 1 (default) = off.
   float top_p;
   // Compute budget, a target mean execution rate of routed layers in (0, 1]: <= 0 (default) = the
-  // engine's `budget`. Needs an engine file with calibrated thresholds (DLO_ERR_INVALID_ARG otherwise).
+  // engine's routing (see `dlo_engine_params.budget`). Needs an engine file (DLO_ERR_INVALID_ARG with a
+  // checkpoint).
   float budget;
 } dlo_session_params;
 
@@ -233,11 +234,11 @@ const char *dlo_version(void);
 // The default engine parameters (f32, all cores, the model's own routing).
 struct dlo_engine_params dlo_engine_default_params(void);
 
-// Loads a model: an HF checkpoint directory (config.json + safetensors, with its tokenizer files) or a
-// GGUF file. `path`: NUL-terminated file-system path. On success `*out` is a new engine handle that the
-// caller owns and must release with `dlo_engine_free`; on failure `*out` is set to NULL.
-// Errors: DLO_ERR_IO (unreadable), DLO_ERR_FORMAT (not a checkpoint, corrupt or inconsistent files),
-// DLO_ERR_INVALID_ARG (bad params).
+// Loads a model: an engine file built by `dlo-compile build` (recognised by its magic), an HF checkpoint
+// directory (config.json + safetensors, with its tokenizer files) or a GGUF file. `path`: NUL-terminated
+// file-system path. On success `*out` is a new engine handle that the caller owns and must release with
+// `dlo_engine_free`; on failure `*out` is set to NULL. Errors: DLO_ERR_IO (unreadable), DLO_ERR_FORMAT (not
+// an engine or checkpoint, corrupt or inconsistent files), DLO_ERR_INVALID_ARG (bad params).
 enum dlo_status dlo_engine_load(const char *path,
                                 const struct dlo_engine_params *params,
                                 struct dlo_engine **out);

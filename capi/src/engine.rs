@@ -5,7 +5,9 @@ use crate::handles;
 use crate::status::{dlo_status, guard, Failure, Result};
 use candle_core::{DType, Device};
 use dlo_runtime::chat::Message;
-use dlo_runtime::{Checkpoint, Model, Tokenizer};
+use dlo_runtime::engine::{open_any, EnginePlan};
+use dlo_runtime::model::Routing;
+use dlo_runtime::{Model, Tokenizer};
 use std::ffi::c_char;
 use std::path::{Path, PathBuf};
 
@@ -39,9 +41,9 @@ pub struct dlo_engine_params {
     /// process-wide pool); n > 0 = a private pool of n threads per session; < 0 is DLO_ERR_INVALID_ARG.
     pub n_threads: i32,
     /// Default compute budget of sessions that leave their own `budget` at 0: a target mean execution rate
-    /// of routed layers in (0, 1]. <= 0 (default) = the model's own routing (for checkpoints: the reference
-    /// rule, router logit > 0). A budget needs an engine file with calibrated thresholds; with a checkpoint,
-    /// a budget > 0 is DLO_ERR_INVALID_ARG.
+    /// of routed layers in (0, 1]. <= 0 (default) = the model's own routing: an engine file's calibrated
+    /// thresholds when it has them, else the reference rule (router logit > 0). A budget needs an engine
+    /// file (thresholds from its calibration tables); with a checkpoint, a budget > 0 is DLO_ERR_INVALID_ARG.
     pub budget: f32,
 }
 
@@ -98,7 +100,10 @@ pub(crate) struct EngineInner {
     pub stop_tokens: Vec<u32>,
     pub path: PathBuf,
     pub n_threads: usize,
-    pub budget: Option<f32>,
+    /// The engine file's plan (`None` for a checkpoint).
+    pub plan: Option<EnginePlan>,
+    /// Routing of sessions that set no budget of their own.
+    pub default_routing: Routing,
 }
 
 impl EngineInner {
@@ -115,28 +120,35 @@ impl EngineInner {
         let n_threads = usize::try_from(p.n_threads)
             .map_err(|_| Failure::invalid(format!("dlo_engine_params.n_threads: {} < 0", p.n_threads)))?;
         let budget = check_budget(p.budget, "dlo_engine_params.budget")?;
-        // TODO(engine files): when `dlo_runtime::engine` lands, open engine files here too (by magic) and
-        // take thresholds for a budget from the engine's plan. Until then only checkpoints load.
-        let ckpt = Checkpoint::open(path)?;
-        if budget.is_some() {
-            return Err(Failure::invalid(format!(
-                "{}: a compute budget needs an engine file with calibrated thresholds; this is a checkpoint",
-                path.display()
-            )));
-        }
-        let model = Model::load(&ckpt.config, &ckpt.weights, dtype, &Device::Cpu)?;
-        let mut stop_tokens = ckpt.config.eos_token_ids.clone();
-        if let Some(t) = &ckpt.tokenizer {
+        let opened = open_any(path)?;
+        let default_routing = opened.routing(budget.map(f64::from))?;
+        let model = Model::load(&opened.config, &opened.weights, dtype, &Device::Cpu)?;
+        let mut stop_tokens = opened.config.eos_token_ids.clone();
+        if let Some(t) = &opened.tokenizer {
             stop_tokens.extend(&t.eos_token_ids);
         }
         Ok(EngineInner {
             model,
-            tokenizer: ckpt.tokenizer,
+            tokenizer: opened.tokenizer,
             stop_tokens,
             path: path.to_path_buf(),
             n_threads,
-            budget,
+            plan: opened.plan,
+            default_routing,
         })
+    }
+
+    /// The routing rule for a session budget (`None`: the engine's default).
+    pub fn routing(&self, budget: Option<f32>) -> Result<Routing> {
+        match (budget, &self.plan) {
+            (None, _) => Ok(self.default_routing.clone()),
+            (Some(b), Some(plan)) => Ok(plan.routing(Some(f64::from(b)))?),
+            (Some(b), None) => Err(Failure::invalid(format!(
+                "a budget of {b} needs an engine file (dlo-compile build with calibration); {} is a checkpoint, \
+                 which follows the reference rule",
+                self.path.display()
+            ))),
+        }
     }
 
     pub fn tokenizer(&self) -> Result<&Tokenizer> {
@@ -189,11 +201,11 @@ pub extern "C" fn dlo_engine_default_params() -> dlo_engine_params {
     dlo_engine_params::default()
 }
 
-/// Loads a model: an HF checkpoint directory (config.json + safetensors, with its tokenizer files) or a
-/// GGUF file. `path`: NUL-terminated file-system path. On success `*out` is a new engine handle that the
-/// caller owns and must release with `dlo_engine_free`; on failure `*out` is set to NULL.
-/// Errors: DLO_ERR_IO (unreadable), DLO_ERR_FORMAT (not a checkpoint, corrupt or inconsistent files),
-/// DLO_ERR_INVALID_ARG (bad params).
+/// Loads a model: an engine file built by `dlo-compile build` (recognised by its magic), an HF checkpoint
+/// directory (config.json + safetensors, with its tokenizer files) or a GGUF file. `path`: NUL-terminated
+/// file-system path. On success `*out` is a new engine handle that the caller owns and must release with
+/// `dlo_engine_free`; on failure `*out` is set to NULL. Errors: DLO_ERR_IO (unreadable), DLO_ERR_FORMAT (not
+/// an engine or checkpoint, corrupt or inconsistent files), DLO_ERR_INVALID_ARG (bad params).
 #[no_mangle]
 pub unsafe extern "C" fn dlo_engine_load(
     path: *const c_char,

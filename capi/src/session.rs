@@ -43,7 +43,8 @@ pub struct dlo_session_params {
     /// Nucleus sampling mass in (0, 1]; 1 (default) = off.
     pub top_p: f32,
     /// Compute budget, a target mean execution rate of routed layers in (0, 1]: <= 0 (default) = the
-    /// engine's `budget`. Needs an engine file with calibrated thresholds (DLO_ERR_INVALID_ARG otherwise).
+    /// engine's routing (see `dlo_engine_params.budget`). Needs an engine file (DLO_ERR_INVALID_ARG with a
+    /// checkpoint).
     pub budget: f32,
 }
 
@@ -218,20 +219,14 @@ impl SessionInner {
         sampling
             .validate()
             .map_err(|e| Failure::invalid(format!("dlo_session_params: {e}")))?;
-        let budget = check_budget(p.budget, "dlo_session_params.budget")?.or(engine.budget);
-        let routing = match (p.force_routing, budget) {
-            (1, _) => Routing::Force(true),
-            (-1, _) => Routing::Force(false),
-            (0, None) => Routing::Reference,
-            (0, Some(b)) => {
-                // TODO(engine files): thresholds for `b` from the engine's plan.
-                return Err(Failure::invalid(format!(
-                    "dlo_session_params.budget: a budget of {b} needs an engine file with calibrated thresholds; \
-                     {} is a checkpoint",
-                    engine.path.display()
-                )));
-            }
-            (f, _) => {
+        let budget = check_budget(p.budget, "dlo_session_params.budget")?;
+        let routing = match p.force_routing {
+            1 => Routing::Force(true),
+            -1 => Routing::Force(false),
+            0 => engine
+                .routing(budget)
+                .map_err(|f| Failure::new(f.status, format!("dlo_session_params.budget: {}", f.message)))?,
+            f => {
                 return Err(Failure::invalid(format!(
                     "dlo_session_params.force_routing: {f} is not -1, 0 or 1"
                 )))

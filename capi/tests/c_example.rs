@@ -27,7 +27,7 @@ fn root() -> PathBuf {
 }
 
 /// Compiles examples/c/main.c into `dir` (static link) and returns the executable.
-fn build_c_example(dir: &Path) -> PathBuf {
+pub fn build_c_example(dir: &Path) -> PathBuf {
     let lib = lib_dir().join("libdlo.a");
     assert!(
         lib.is_file(),
@@ -55,7 +55,7 @@ fn build_c_example(dir: &Path) -> PathBuf {
 }
 
 /// Runs a command and returns its stdout, asserting success.
-fn run(cmd: &mut Command) -> String {
+pub fn run(cmd: &mut Command) -> String {
     let out = cmd.output().unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"));
     assert!(
         out.status.success(),

@@ -379,7 +379,7 @@ fn bad_parameters_are_rejected() {
         (|p| p.dtype = 7, "dtype"),
         (|p| p.n_threads = -2, "n_threads"),
         (|p| p.budget = 1.5, "budget"),
-        (|p| p.budget = 0.5, "calibrated thresholds"),
+        (|p| p.budget = 0.5, "needs an engine"),
     ] {
         let mut p = dlo_engine_default_params();
         edit(&mut p);
@@ -403,7 +403,7 @@ fn bad_parameters_are_rejected() {
         (|p| p.temperature = -1.0, "temperature"),
         (|p| p.temperature = f32::NAN, "temperature"),
         (|p| p.force_routing = 2, "force_routing"),
-        (|p| p.budget = 0.5, "calibrated thresholds"),
+        (|p| p.budget = 0.5, "needs an engine"),
     ] {
         let mut p = dlo_session_default_params();
         edit(&mut p);
