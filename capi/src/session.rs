@@ -572,7 +572,7 @@ pub unsafe extern "C" fn dlo_session_stats(session: *mut dlo_session, out: *mut 
             let f = flops::of_generation(cfg, g);
             stats.n_prompt_tokens = g.prompt_tokens;
             stats.n_generated = g.tokens.len();
-            stats.n_decode_steps = flops::decode_steps(g) as usize;
+            stats.n_decode_steps = g.decode_steps();
             stats.prefill_seconds = g.prefill_time.as_secs_f64();
             stats.decode_seconds = g.decode_time.as_secs_f64();
             stats.mean_exec_rate = g.routing.mean_rate();

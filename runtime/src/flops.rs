@@ -34,7 +34,7 @@
 //! assert_eq!(f.lm_head, 3 * 2 * 8 * 100);
 //! ```
 
-use crate::generate::{Generation, StopReason};
+use crate::generate::Generation;
 use dlo_passes::{ModelConfig, SkipKind};
 
 /// Matmul FLOPs by component.
@@ -174,16 +174,6 @@ pub fn generation(
     f
 }
 
-/// Decode steps a finished [`Generation`] ran: every emitted token is fed back except the last, unless
-/// generation ended on a stop token (then the last emitted token was fed back and produced the stop token).
-pub fn decode_steps(g: &Generation) -> u64 {
-    let n = g.tokens.len() as u64;
-    match g.stop {
-        StopReason::StopToken => n,
-        _ => n.saturating_sub(1),
-    }
-}
-
 /// Executed counts of routed layers from routing counters (`None` for dense layers).
 fn exec_counts(stats: &crate::generate::RoutingStats) -> Vec<Option<u64>> {
     stats.layers.iter().map(|s| s.map(|(e, _)| e)).collect()
@@ -194,7 +184,7 @@ pub fn of_generation(cfg: &ModelConfig, g: &Generation) -> Flops {
     generation(
         cfg,
         g.prompt_tokens as u64,
-        decode_steps(g),
+        g.decode_steps() as u64,
         &exec_counts(&g.prefill_routing),
         &exec_counts(&g.routing),
     )
@@ -202,7 +192,7 @@ pub fn of_generation(cfg: &ModelConfig, g: &Generation) -> Flops {
 
 /// What [`of_generation`] would count had every routed unit executed (the same model run densely).
 pub fn of_generation_dense(cfg: &ModelConfig, g: &Generation) -> Flops {
-    generation(cfg, g.prompt_tokens as u64, decode_steps(g), &[], &[])
+    generation(cfg, g.prompt_tokens as u64, g.decode_steps() as u64, &[], &[])
 }
 
 #[cfg(test)]
@@ -268,7 +258,7 @@ mod tests {
             )
             .unwrap();
             let out = g.generate(&prompt, |_| ControlFlow::Continue(())).unwrap();
-            let steps = &out.tokens[..decode_steps(&out) as usize];
+            let steps = &out.tokens[..out.decode_steps()];
             let want = naive(&cfg, &m, &prompt, steps);
             assert_eq!(of_generation(&cfg, &out), want, "{:?}", cfg.dlo.map(|d| d.skip));
             let dense = of_generation_dense(&cfg, &out);

@@ -225,9 +225,13 @@ pub struct Generation {
 }
 
 impl Generation {
-    /// Decode steps run (the first new token comes from the prefill, the last one is not fed back).
+    /// Decode steps run: every emitted token is fed back except the last, unless generation ended on a stop
+    /// token (then the last emitted token was fed back and produced the stop token).
     pub fn decode_steps(&self) -> usize {
-        self.tokens.len().saturating_sub(1)
+        match self.stop {
+            StopReason::StopToken => self.tokens.len(),
+            _ => self.tokens.len().saturating_sub(1),
+        }
     }
 }
 

@@ -204,6 +204,7 @@ fn run(args: Args) -> Result<()> {
                 result.routing.mean_rate()
             );
         }
+        eprintln!("{}", flops_report(&ckpt.config, &result));
     }
     Ok(())
 }
@@ -257,11 +258,35 @@ fn bench(model: &Model, args: &Args, routing: Routing) -> Result<()> {
     let r = gen.generate(&prompt, |_| ControlFlow::Continue(()))?;
     let pre = r.prompt_tokens as f64 / r.prefill_time.as_secs_f64();
     let dec = r.decode_steps() as f64 / r.decode_time.as_secs_f64().max(1e-9);
+    let tokens = (r.prompt_tokens + r.decode_steps()) as f64;
+    let executed = dlo_runtime::flops::of_generation(model.config(), &r).total() as f64 / tokens;
+    let dense = dlo_runtime::flops::of_generation_dense(model.config(), &r).total() as f64 / tokens;
     println!(
-        "prefill_tok_s={pre:.2} decode_tok_s={dec:.2} prompt_tokens={} gen_tokens={} exec_rate={:.3}",
+        "prefill_tok_s={pre:.2} decode_tok_s={dec:.2} prompt_tokens={} gen_tokens={} exec_rate={:.3} \
+         flops_per_token={executed:.4e} dense_flops_per_token={dense:.4e}",
         r.prompt_tokens,
         r.tokens.len(),
         r.routing.mean_rate()
     );
     Ok(())
+}
+
+/// Executed matmul FLOPs per processed token, beside the dense model's and (for expanded models) the base
+/// model's (the original layers only, no routers).
+fn flops_report(cfg: &dlo_passes::ModelConfig, g: &dlo_runtime::generate::Generation) -> String {
+    use dlo_runtime::flops;
+    let tokens = (g.prompt_tokens + g.decode_steps()).max(1) as f64;
+    let per = |f: flops::Flops| f.total() as f64 / tokens;
+    let executed = per(flops::of_generation(cfg, g));
+    let dense = per(flops::of_generation_dense(cfg, g));
+    let mut line = format!("FLOPs per token: {executed:.4e} executed, {dense:.4e} with every unit on");
+    let base_layers = cfg.extra.get("dlo_expansion").and_then(|e| e["base_layers"].as_u64());
+    if let Some(n) = base_layers {
+        let mut base = cfg.clone();
+        base.num_hidden_layers = n as usize;
+        base.dlo = None;
+        let b = per(flops::of_generation_dense(&base, g));
+        line += &format!(", {b:.4e} for the {n}-layer base model ({:.3}x)", executed / b);
+    }
+    line
 }
