@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Build llama.cpp's `llama-bench` and `llama-quantize` from the sources in the llama-cpp-python==0.3.36 sdist
 # (vendor/llama.cpp), into a cache directory outside the repository. Idempotent: does nothing when both
-# binaries exist and are newer than the sources' CMakeLists.txt.
+# binaries exist (and, when LLAMA_CPP_SRC is given, are newer than its CMakeLists.txt).
 #
 # Sources: $LLAMA_CPP_SRC, else what `DLO_FETCH_LLAMA_CPP=1 scripts/fetch-assets.sh` unpacked.
 # Output:  $LLAMA_CPP_BUILD (default $DLO_CACHE/llama.cpp-build/build); prints LLAMA_BENCH=… and LLAMA_QUANTIZE=….
@@ -11,6 +11,15 @@ set -euo pipefail
 CACHE="${DLO_CACHE:-$HOME/.cache/dlo}"
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 JOBS="${JOBS:-1}"
+
+BUILD="${LLAMA_CPP_BUILD:-$CACHE/llama.cpp-build/build}"
+BENCH="$BUILD/bin/llama-bench"
+QUANT="$BUILD/bin/llama-quantize"
+if [ -z "${LLAMA_CPP_SRC:-}" ] && [ -x "$BENCH" ] && [ -x "$QUANT" ]; then
+  echo "LLAMA_BENCH=$BENCH"
+  echo "LLAMA_QUANTIZE=$QUANT"
+  exit 0
+fi
 
 if [ -z "${LLAMA_CPP_SRC:-}" ]; then
   LLAMA_CPP_SRC=$(ls -d "$CACHE"/pkgs/llama-cpp-python/llama_cpp_python-*/vendor/llama.cpp 2>/dev/null | head -n1 || true)
@@ -24,9 +33,6 @@ if [ ! -f "$LLAMA_CPP_SRC/CMakeLists.txt" ]; then
 fi
 command -v cmake >/dev/null || { echo "error: cmake not found (apt-get install cmake)" >&2; exit 1; }
 
-BUILD="${LLAMA_CPP_BUILD:-$CACHE/llama.cpp-build/build}"
-BENCH="$BUILD/bin/llama-bench"
-QUANT="$BUILD/bin/llama-quantize"
 if [ -x "$BENCH" ] && [ -x "$QUANT" ] && [ "$BENCH" -nt "$LLAMA_CPP_SRC/CMakeLists.txt" ]; then
   echo "LLAMA_BENCH=$BENCH"
   echo "LLAMA_QUANTIZE=$QUANT"

@@ -10,6 +10,10 @@
 //! steps from an empty cache, each feeding the previous step's argmax (as `llama-bench`'s `tg` test, which also
 //! starts from an empty context). Each is repeated `--reps` times after one warm-up; the mean is reported as one
 //! line `prefill_tok_s=X decode_tok_s=Y` (the format `dlo-run --bench` prints), preceded by details on stderr.
+//!
+//! `--profile` also splits one decode step's time (stderr): the projections of all layers and the lm_head,
+//! each timed alone on a decode-shaped input, the rest of the step (attention, norms, RoPE, cache, glue), and
+//! the effective weight-streaming bandwidth next to a plain single-pass read of an equally large buffer.
 
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, IndexOp};
@@ -26,6 +30,7 @@ struct Args {
     threads: usize,
     dtype: DType,
     reps: usize,
+    profile: bool,
 }
 
 fn parse_args() -> Result<Args> {
@@ -37,6 +42,7 @@ fn parse_args() -> Result<Args> {
         threads: 2,
         dtype: DType::F32,
         reps: 3,
+        profile: false,
     };
     let mut model = None;
     while let Some(arg) = it.next() {
@@ -46,6 +52,7 @@ fn parse_args() -> Result<Args> {
             "--gen-tokens" => a.gen_tokens = val("--gen-tokens")?.parse()?,
             "--threads" => a.threads = val("--threads")?.parse()?,
             "--reps" => a.reps = val("--reps")?.parse()?,
+            "--profile" => a.profile = true,
             "--dtype" => {
                 a.dtype = match val("--dtype")?.as_str() {
                     "f32" => DType::F32,
@@ -139,6 +146,106 @@ fn main() -> Result<()> {
         sd(&tg),
         a.reps
     );
+    if a.profile {
+        profile(&m, mean(&tg))?;
+    }
     println!("prefill_tok_s={:.2} decode_tok_s={:.2}", mean(&pp), mean(&tg));
+    Ok(())
+}
+
+/// Mean seconds of `f` over `n` runs after one warm-up.
+fn time_it(n: usize, mut f: impl FnMut() -> Result<()>) -> Result<f64> {
+    f()?;
+    let t = Instant::now();
+    for _ in 0..n {
+        f()?;
+    }
+    Ok(t.elapsed().as_secs_f64() / n as f64)
+}
+
+/// Splits a decode step (`step_s` seconds, measured) into projections, lm_head and the rest.
+fn profile(m: &Model, decode_tok_s: f64) -> Result<()> {
+    use dlo_runtime::model::layers::Linear;
+    let step_s = 1.0 / decode_tok_s;
+    let d = m.config().hidden_size;
+    let f = m.config().intermediate_size;
+    let dev = Device::Cpu;
+    let xd = candle_core::Tensor::randn(0f32, 1.0, (1, 1, d), &dev)?.to_dtype(m.dtype())?;
+    let xf = candle_core::Tensor::randn(0f32, 1.0, (1, 1, f), &dev)?.to_dtype(m.dtype())?;
+    let xo = candle_core::Tensor::randn(
+        0f32,
+        1.0,
+        (1, 1, m.config().num_attention_heads * m.config().head_dim),
+        &dev,
+    )?
+    .to_dtype(m.dtype())?;
+    let n = 10;
+    let mut bytes = 0usize;
+    for l in &m.layers {
+        for lin in [
+            &l.self_attn.q_proj,
+            &l.self_attn.k_proj,
+            &l.self_attn.v_proj,
+            &l.mlp.gate_proj,
+            &l.mlp.up_proj,
+        ] {
+            bytes += lin.weight.elem_count() * m.dtype().size_in_bytes();
+        }
+        bytes +=
+            (l.self_attn.o_proj.weight.elem_count() + l.mlp.down_proj.weight.elem_count()) * m.dtype().size_in_bytes();
+    }
+    let proj_s = time_it(n, || {
+        for l in &m.layers {
+            for lin in [
+                &l.self_attn.q_proj,
+                &l.self_attn.k_proj,
+                &l.self_attn.v_proj,
+                &l.mlp.gate_proj,
+                &l.mlp.up_proj,
+            ] {
+                lin.forward(&xd)?;
+            }
+            l.self_attn.o_proj.forward(&xo)?;
+            l.mlp.down_proj.forward(&xf)?;
+        }
+        Ok(())
+    })?;
+    let head = match &m.lm_head {
+        Some(h) => h.clone(),
+        None => Linear {
+            weight: m.embed_tokens.clone(),
+            bias: None,
+        },
+    };
+    let head_bytes = head.weight.elem_count() * m.dtype().size_in_bytes();
+    let head_s = time_it(n, || {
+        head.forward(&xd)?;
+        Ok(())
+    })?;
+    // A plain streaming read of as many bytes as one decode step's weights (one thread).
+    let buf = vec![1u8; bytes + head_bytes];
+    let read_s = time_it(3, || {
+        let s: u64 = buf.chunks_exact(64).map(|c| c[0] as u64 + c[63] as u64).sum();
+        std::hint::black_box(s);
+        Ok(())
+    })?;
+    let gbs = |b: usize, s: f64| b as f64 / s / 1e9;
+    eprintln!(
+        "decode step {:.2} ms: layer projections {:.2} ms ({:.0}%, {:.1} GB/s), lm_head {:.2} ms ({:.0}%, {:.1} GB/s), rest {:.2} ms ({:.0}%)",
+        1e3 * step_s,
+        1e3 * proj_s,
+        100.0 * proj_s / step_s,
+        gbs(bytes, proj_s),
+        1e3 * head_s,
+        100.0 * head_s / step_s,
+        gbs(head_bytes, head_s),
+        1e3 * (step_s - proj_s - head_s),
+        100.0 * (step_s - proj_s - head_s) / step_s
+    );
+    eprintln!(
+        "weights per step {:.0} MB; a one-thread streaming read of that many bytes runs at {:.1} GB/s",
+        (bytes + head_bytes) as f64 / 1e6,
+        gbs(bytes + head_bytes, read_s)
+    );
     Ok(())
 }

@@ -15,7 +15,8 @@
 //!   1. max abs difference to HF bf16 ≤ [`BF16_TOL_REL`] (10 %) × max |logit| of the f32 reference;
 //!   2. ours is not much less accurate than HF: max |ours bf16 − f32| ≤ [`BF16_DRIFT_RATIO`] (2) × max |HF bf16 −
 //!      f32| (observed ratio 0.76–1.32);
-//!   3. the argmax agrees with HF bf16's on ≥ 90 % of positions (near-ties may legitimately flip).
+//!   3. the argmax agrees with HF bf16's on ≥ 90 % of positions (near-ties may legitimately flip);
+//!   4. cached bf16 decode, one token per step (the few-row decode kernels), also stays within bound 1.
 //!
 //!   A real defect (a wrong RoPE frequency, norm, or GQA grouping) moves logits by O(1), 20–100 % of max |logit|.
 //! - Routed fixtures: routing decisions identical, router logits within [`ROUTER_TOL`], logits within 1e-4.
@@ -156,6 +157,26 @@ fn check_bf16(name: &'static str) {
     assert!(
         ours_drift <= BF16_DRIFT_RATIO * hf_drift,
         "{name}: our bf16 logits drift {ours_drift} from f32, more than {BF16_DRIFT_RATIO} × HF's {hf_drift}"
+    );
+    // Cached decode in bf16 (one token per step: the few-row decode kernels) stays within the same bound.
+    let m = fx.model(DType::BF16);
+    let mut cache = m.new_cache();
+    let mut worst = 0f32;
+    for (i, &tok) in fx.ids.iter().enumerate() {
+        let out = m
+            .forward(
+                &Batch::next_tokens(&[tok], &[i as u32]),
+                Some(&mut cache),
+                &Forward::default(),
+            )
+            .expect("decode step");
+        let row = out.logits.i((0, 0)).expect("row");
+        worst = worst.max(max_abs_diff(&row, &want.i(i).expect("row")));
+    }
+    println!("{name}: bf16 cached decode vs HF bf16 {worst:.4}");
+    assert!(
+        worst <= BF16_TOL_REL * scale,
+        "{name}: bf16 cached decode differs from HF bf16 by {worst} (> {BF16_TOL_REL} × {scale})"
     );
     let (a, b) = (argmax_rows(&got), argmax_rows(&want));
     let same = a.iter().zip(&b).filter(|(x, y)| x == y).count();
