@@ -163,13 +163,16 @@ fn time_it(n: usize, mut f: impl FnMut() -> Result<()>) -> Result<f64> {
     Ok(t.elapsed().as_secs_f64() / n as f64)
 }
 
-/// Splits a decode step (`step_s` seconds, measured) into projections, lm_head and the rest.
+/// Splits a decode step (measured at `decode_tok_s`) into weight streaming and the rest, and measures what the
+/// thread hand-off of the matvec kernel costs (f32 models only for the kernel-level lines).
 fn profile(m: &Model, decode_tok_s: f64) -> Result<()> {
+    use dlo_runtime::kernels::{matvec, WeightElem};
     use dlo_runtime::model::layers::Linear;
     let step_s = 1.0 / decode_tok_s;
     let d = m.config().hidden_size;
     let f = m.config().intermediate_size;
     let dev = Device::Cpu;
+    let n = 10;
     let xd = candle_core::Tensor::randn(0f32, 1.0, (1, 1, d), &dev)?.to_dtype(m.dtype())?;
     let xf = candle_core::Tensor::randn(0f32, 1.0, (1, 1, f), &dev)?.to_dtype(m.dtype())?;
     let xo = candle_core::Tensor::randn(
@@ -179,37 +182,6 @@ fn profile(m: &Model, decode_tok_s: f64) -> Result<()> {
         &dev,
     )?
     .to_dtype(m.dtype())?;
-    let n = 10;
-    let mut bytes = 0usize;
-    for l in &m.layers {
-        for lin in [
-            &l.self_attn.q_proj,
-            &l.self_attn.k_proj,
-            &l.self_attn.v_proj,
-            &l.mlp.gate_proj,
-            &l.mlp.up_proj,
-        ] {
-            bytes += lin.weight.elem_count() * m.dtype().size_in_bytes();
-        }
-        bytes +=
-            (l.self_attn.o_proj.weight.elem_count() + l.mlp.down_proj.weight.elem_count()) * m.dtype().size_in_bytes();
-    }
-    let proj_s = time_it(n, || {
-        for l in &m.layers {
-            for lin in [
-                &l.self_attn.q_proj,
-                &l.self_attn.k_proj,
-                &l.self_attn.v_proj,
-                &l.mlp.gate_proj,
-                &l.mlp.up_proj,
-            ] {
-                lin.forward(&xd)?;
-            }
-            l.self_attn.o_proj.forward(&xo)?;
-            l.mlp.down_proj.forward(&xf)?;
-        }
-        Ok(())
-    })?;
     let head = match &m.lm_head {
         Some(h) => h.clone(),
         None => Linear {
@@ -217,35 +189,102 @@ fn profile(m: &Model, decode_tok_s: f64) -> Result<()> {
             bias: None,
         },
     };
-    let head_bytes = head.weight.elem_count() * m.dtype().size_in_bytes();
-    let head_s = time_it(n, || {
-        head.forward(&xd)?;
+    // Every projection of a decode step, in order, with its input.
+    let mut projs: Vec<(&Linear, &candle_core::Tensor)> = Vec::new();
+    for l in &m.layers {
+        for lin in [&l.self_attn.q_proj, &l.self_attn.k_proj, &l.self_attn.v_proj] {
+            projs.push((lin, &xd));
+        }
+        projs.push((&l.self_attn.o_proj, &xo));
+        projs.push((&l.mlp.gate_proj, &xd));
+        projs.push((&l.mlp.up_proj, &xd));
+        projs.push((&l.mlp.down_proj, &xf));
+    }
+    projs.push((&head, &xd));
+    let bytes: usize = projs
+        .iter()
+        .map(|(l, _)| l.weight.elem_count() * m.dtype().size_in_bytes())
+        .sum();
+    let gbs = |s: f64| bytes as f64 / s / 1e9;
+    let via_linear = time_it(n, || {
+        for (l, x) in &projs {
+            l.forward(x)?;
+        }
         Ok(())
     })?;
-    // A plain streaming read of as many bytes as one decode step's weights (one thread).
-    let buf = vec![1u8; bytes + head_bytes];
-    let read_s = time_it(3, || {
-        let s: u64 = buf.chunks_exact(64).map(|c| c[0] as u64 + c[63] as u64).sum();
-        std::hint::black_box(s);
-        Ok(())
-    })?;
-    let gbs = |b: usize, s: f64| b as f64 / s / 1e9;
     eprintln!(
-        "decode step {:.2} ms: layer projections {:.2} ms ({:.0}%, {:.1} GB/s), lm_head {:.2} ms ({:.0}%, {:.1} GB/s), rest {:.2} ms ({:.0}%)",
+        "decode step {:.2} ms; its {} projections via Linear::forward {:.2} ms ({:.0}% of the step, {:.1} GB/s); rest {:.2} ms",
         1e3 * step_s,
-        1e3 * proj_s,
-        100.0 * proj_s / step_s,
-        gbs(bytes, proj_s),
-        1e3 * head_s,
-        100.0 * head_s / step_s,
-        gbs(head_bytes, head_s),
-        1e3 * (step_s - proj_s - head_s),
-        100.0 * (step_s - proj_s - head_s) / step_s
+        projs.len(),
+        1e3 * via_linear,
+        100.0 * via_linear / step_s,
+        gbs(via_linear),
+        1e3 * (step_s - via_linear)
     );
+    if m.dtype() != DType::F32 {
+        return Ok(());
+    }
+    // The same weights through the kernels directly: from this (non-pool) thread, from inside the rayon
+    // pool, and as a plain sequential loop of row dot products (no rayon at all).
+    let ws: Vec<(Vec<f32>, Vec<f32>, usize, usize)> = projs
+        .iter()
+        .map(|(l, x)| -> Result<_> {
+            let (o, i) = l.weight.dims2()?;
+            Ok((
+                l.weight.flatten_all()?.to_vec1::<f32>()?,
+                x.flatten_all()?.to_vec1::<f32>()?,
+                o,
+                i,
+            ))
+        })
+        .collect::<Result<_>>()?;
+    let cold = time_it(n, || {
+        for (w, x, o, i) in &ws {
+            std::hint::black_box(matvec(w, x, 1, *o, *i));
+        }
+        Ok(())
+    })?;
+    let pool = rayon::ThreadPoolBuilder::new()
+        .num_threads(rayon::current_num_threads())
+        .build()?;
+    let warm = pool.install(|| {
+        time_it(n, || {
+            for (w, x, o, i) in &ws {
+                std::hint::black_box(matvec(w, x, 1, *o, *i));
+            }
+            Ok(())
+        })
+    })?;
+    let seq = time_it(n, || {
+        for (w, x, o, i) in &ws {
+            let y: Vec<f32> = (0..*o).map(|r| f32::dot(&w[r * i..(r + 1) * i], x)).collect();
+            std::hint::black_box(y);
+        }
+        Ok(())
+    })?;
+    let big: Vec<f32> = vec![1.0; bytes / 4];
+    let read = time_it(3, || {
+        // Eight independent lanes so that the sum vectorises: a streaming-read ceiling.
+        let mut acc = [0f32; 8];
+        for c in big.chunks_exact(8) {
+            for (a, v) in acc.iter_mut().zip(c) {
+                *a += v;
+            }
+        }
+        std::hint::black_box(acc);
+        Ok(())
+    })?;
     eprintln!(
-        "weights per step {:.0} MB; a one-thread streaming read of that many bytes runs at {:.1} GB/s",
-        (bytes + head_bytes) as f64 / 1e6,
-        gbs(bytes + head_bytes, read_s)
+        "kernels::matvec over the same weights: called from a non-pool thread {:.2} ms ({:.1} GB/s), inside pool.install {:.2} ms ({:.1} GB/s); sequential dot loop (no rayon) {:.2} ms ({:.1} GB/s); plain f32 sum over {} MB {:.2} ms ({:.1} GB/s)",
+        1e3 * cold,
+        gbs(cold),
+        1e3 * warm,
+        gbs(warm),
+        1e3 * seq,
+        gbs(seq),
+        bytes / 1_000_000,
+        1e3 * read,
+        gbs(read)
     );
     Ok(())
 }
