@@ -25,6 +25,9 @@ pub mod sentencepiece;
 pub mod tokenizer;
 pub mod weights;
 
+#[cfg(test)]
+mod golden_tests;
+
 pub use checkpoint::{Checkpoint, SourceFormat};
 pub use error::{Error, Result};
 pub use model::Model;
