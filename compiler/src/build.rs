@@ -166,12 +166,15 @@ pub fn zero_routers(cfg: &ModelConfig, w: &Weights) -> Result<Vec<usize>> {
     Ok(zero)
 }
 
-fn read_text(path: &Path) -> Result<String> {
-    std::fs::read_to_string(path).map_err(|e| Error::io(path, e))
-}
-
+/// The calibration text's tokens (plain text or JSONL(.gz) documents, see [`crate::corpus`]), at most `limit`.
 fn tokenize(tok: &Tokenizer, path: &Path, limit: usize) -> Result<Vec<u32>> {
-    let mut ids = tok.encode(&read_text(path)?, false)?;
+    let mut ids = Vec::new();
+    for doc in crate::corpus::read_documents(path)? {
+        if ids.len() >= limit {
+            break;
+        }
+        ids.extend(tok.encode(&doc, false)?);
+    }
     ids.truncate(limit);
     if ids.is_empty() {
         return Err(Error::format(path, "calibration text has no tokens"));

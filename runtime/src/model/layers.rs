@@ -254,7 +254,7 @@ impl Attention {
                     (st.valid[i] && keys.is_none_or(|k| k[i])).then_some(st.pos[i])
                 };
                 let mask = build_mask(b, t, t, st.pos, ok, wide(x.dtype()), x.device())?;
-                (k, v, mask)
+                (k, v, Some(mask))
             }
         };
         let n = k.dim(2)?;
@@ -262,10 +262,11 @@ impl Attention {
         let q = q.contiguous()?.reshape((b, self.n_kv, g * t, hd))?;
         let scale = 1.0 / (hd as f64).sqrt();
         let scores = (q.matmul(&k.contiguous()?.t()?)? * scale)?;
-        let scores = scores
-            .to_dtype(wide(x.dtype()))?
-            .reshape((b, self.n_kv, g, t, n))?
-            .broadcast_add(&mask)?;
+        let scores = scores.to_dtype(wide(x.dtype()))?.reshape((b, self.n_kv, g, t, n))?;
+        let scores = match &mask {
+            Some(m) => scores.broadcast_add(m)?,
+            None => scores,
+        };
         let probs = if ex.differentiable {
             candle_nn::ops::softmax(&scores, D::Minus1)?
         } else {

@@ -236,6 +236,12 @@ impl Model {
     /// # Shapes
     /// logits: `[b, t, vocab]` with `all_logits`, else `[b, 1, vocab]` (the last position).
     pub fn forward(&self, batch: &Batch, cache: Option<&mut Cache>, opts: &Forward) -> Result<ForwardOutput> {
+        // Run on a worker of the rayon pool, so that the parallel kernels inside (matvec, GEMM) start their
+        // work there instead of handing every call from an outside thread to the pool and waiting.
+        rayon::scope(|_| self.forward_on_pool(batch, cache, opts))
+    }
+
+    fn forward_on_pool(&self, batch: &Batch, cache: Option<&mut Cache>, opts: &Forward) -> Result<ForwardOutput> {
         let (mut h, step) = self.embed(batch)?;
         let mut own_cache;
         let cache = match cache {
