@@ -61,6 +61,9 @@ impl Linear {
                 .to_dtype(DType::F32)?
                 .matmul(&self.weight.to_dtype(DType::F32)?.t()?)?
                 .to_dtype(DType::BF16)?,
+            // On CPU compute (W xᵀ)ᵀ: the rows land on GEMM's narrow column tile instead of its tall row tile,
+            // so a gathered subset of rows (routed MLPs) costs in proportion to its size.
+            None if x.device().is_cpu() => self.weight.matmul(&x.reshape((rows, inp))?.t()?)?.t()?.contiguous()?,
             None => x.reshape((rows, inp))?.matmul(&self.weight.t()?)?,
         };
         let y = match &self.bias {
