@@ -13,7 +13,7 @@ cd "$(dirname "$0")/.."
 while IFS='=' read -r k v; do export "$k=$v"; done < <(bash scripts/fetch-assets.sh)
 THREADS="${THREADS:-2}"
 SKIP="${SKIP:-mlp}"
-REPS="${REPS:-3}"
+REPS="${REPS:-5}"
 cargo build --release --bins >&2
 BIN="$(cargo metadata --format-version 1 --no-deps | python3 -c 'import json,sys; print(json.load(sys.stdin)["target_directory"])')/release"
 W="${DLO_BENCH_DIR:-$DLO_CACHE/bench-routing}"
@@ -25,13 +25,18 @@ if [ ! -f "$W/dlo-$SKIP.dlo" ]; then
   "$BIN/dlo-compile" build "$W/dlo-$SKIP" -o "$W/dlo-$SKIP.dlo" --budget 0.75 --calibration "$LAMBADA" \
     --calibration-tokens 2048 >&2
 fi
-run() { # args: routing flags...; prints the best-of-REPS bench line (by decode speed)
-  best=""
+run() { # args: routing flags...; prints one bench line with the best prefill and best decode speed of REPS runs
+  lines=""
   for _ in $(seq "$REPS"); do
-    line=$("$BIN/dlo-run" "$W/dlo-$SKIP.dlo" --bench --threads "$THREADS" --prompt-tokens 128 --gen-tokens 64 "$@")
-    best=$(printf '%s\n%s\n' "$best" "$line" | awk 'NF' | sort -t= -k3 -g | tail -n1)
+    lines+="$("$BIN/dlo-run" "$W/dlo-$SKIP.dlo" --bench --threads "$THREADS" --prompt-tokens 128 --gen-tokens 64 "$@")"$'\n'
   done
-  echo "$best"
+  printf '%s' "$lines" | python3 -c '
+import sys
+rows = [dict(kv.split("=") for kv in l.split()) for l in sys.stdin if l.strip()]
+best = dict(rows[0])
+for k in ("prefill_tok_s", "decode_tok_s"):
+    best[k] = str(max(float(r[k]) for r in rows))
+print(" ".join(f"{k}={v}" for k, v in best.items()))'
 }
 field() { echo "$1" | tr ' ' '\n' | awk -F= -v k="$2" '$1==k{print $2}'; }
 base=$(run --force-routing on)
