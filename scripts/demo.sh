@@ -16,15 +16,18 @@ step() { printf '\n== %s\n' "$*"; }
 step "1/5 import: GGUF → HF directory"
 "$BIN/dlo-compile" import "$SMOLLM2_GGUF" -o "$W/base"
 
-step "2/5 expand: 30 → 36 layers (interleave, zero-init identity copies, a router on every layer)"
-"$BIN/dlo-compile" expand "$W/base" -o "$W/dlo" --layers 36
+# Routers on the 6 new layers only: the original layers always run, so a short demo SFT cannot hurt them; the
+# paper's setting (a router on every layer, `expand` with no router flags) needs a real SFT run first.
+step "2/5 expand: 30 → 36 layers (interleave, zero-init identity copies, routers on the new layers)"
+"$BIN/dlo-compile" expand "$W/base" -o "$W/dlo" --layers 36 --router-every 0
 
-step "3/5 train: short SFT with cos-global routing labels, capacity annealed to 0.75"
+step "3/5 train: short SFT with cos-global routing labels, capacity annealed to 0.5"
 "$BIN/dlo-compile" train "$W/dlo" --data "chatterbot:$CHATTERBOT" -o "$W/sft" --steps "${DLO_DEMO_STEPS:-8}" \
-  --batch 2 --seq-len 128 --lr 1e-4 --capacity 0.75 --anneal-steps 4 --eval-every 4 --save-every 1000
+  --batch 2 --seq-len 128 --lr 2e-5 --train routers+new --capacity 0.5 --anneal-steps 4 --eval-every 4 \
+  --save-every 1000
 
-step "4/5 build: engine with a compute budget of 0.75 calibrated on LAMBADA passages"
-"$BIN/dlo-compile" build "$W/sft/final" -o "$W/model.dlo" --budget 0.75 --calibration "$LAMBADA" \
+step "4/5 build: engine with a compute budget of 0.5 calibrated on LAMBADA passages"
+"$BIN/dlo-compile" build "$W/sft/final" -o "$W/model.dlo" --budget 0.5 --calibration "$LAMBADA" \
   --calibration-tokens 1024
 
 step "5/5 generate with the engine (routed layers skip what their routers skip)"
