@@ -829,3 +829,38 @@ fn smollm2_gguf_opens() {
         Some(vec![192, 576])
     );
 }
+
+#[test]
+fn router_tensor_with_wrong_shape_is_reported() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut v = tiny_config_json();
+    v["model_type"] = json!("llama_dlo_exattn");
+    v["is_dlo"] = json!([false, true]);
+    let cfg = config_of(&v);
+    let mut t = random_tensors(&cfg);
+    // The reference stores routers as nn.Linear(d, 1): (1, hidden). A transposed (hidden, 1) router is wrong.
+    t.insert(
+        "model.routers.1.weight".into(),
+        Tensor::zeros((16, 1), DType::F32, &Device::Cpu).unwrap(),
+    );
+    write_hf(tmp.path(), &v, &t);
+    let (_, msg) = open_err(tmp.path());
+    assert!(
+        msg.contains("model.routers.1.weight") && msg.contains("[16, 1]") && msg.contains("[1, 16]"),
+        "{msg}"
+    );
+}
+
+#[test]
+fn is_dlo_length_disagreeing_with_the_layers_is_reported() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut v = tiny_config_json();
+    v["model_type"] = json!("llama_dlo");
+    v["is_dlo"] = json!([true, true, true]);
+    write_hf(tmp.path(), &v, &Tensors::new());
+    let (_, msg) = open_err(tmp.path());
+    assert!(
+        msg.contains("config.json") && msg.contains("is_dlo has 3 entries but num_hidden_layers is 2"),
+        "{msg}"
+    );
+}

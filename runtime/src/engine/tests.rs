@@ -859,3 +859,56 @@ fn smollm2_engine_load_time_and_agreement() {
         );
     }
 }
+
+#[test]
+fn lower_budget_lowers_counted_flops_in_proportion() {
+    use crate::generate::{GenerateParams, Generator};
+    let cfg = routed_mlp();
+    let model = Model::load(&cfg, &random_weights(&cfg, 5), DType::F32, &Device::Cpu).unwrap();
+    let (calib, held) = split_corpus(cfg.vocab_size as u32);
+    let cal = calibrate(
+        &model,
+        &calib,
+        None,
+        &CalibrationOptions {
+            budget: Some(0.7),
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    let mut plan = EnginePlan::from_config(&cfg);
+    cal.apply(&mut plan);
+    let prompt = &held[..48];
+    let run = |routing: Routing| {
+        let params = GenerateParams {
+            max_tokens: 16,
+            routing,
+            ..Default::default()
+        };
+        let g = Generator::new(&model, params)
+            .unwrap()
+            .generate(prompt, |_| std::ops::ControlFlow::Continue(()))
+            .unwrap();
+        let rate = g.routing.mean_rate();
+        (crate::flops::of_generation(&cfg, &g).total() as f64, rate)
+    };
+    let (f_off, _) = run(Routing::Force(false));
+    let (f_on, _) = run(Routing::Force(true));
+    let mut last = f_off;
+    for r in [0.3, 0.6, 0.9] {
+        let (f, rate) = run(plan.routing(Some(r)).unwrap());
+        assert!(
+            f > last && f < f_on,
+            "budget {r}: {f} FLOPs not between {last} and {f_on}"
+        );
+        // With MLP skipping only the routed MLPs vary: the FLOPs fraction between all-off and all-on is the
+        // realised execution rate (both routed layers have the same MLP cost).
+        let frac = (f - f_off) / (f_on - f_off);
+        assert!(
+            (frac - rate).abs() < 1e-6,
+            "budget {r}: FLOPs fraction {frac} vs execution rate {rate}"
+        );
+        assert!((rate - r).abs() <= 0.15, "budget {r}: rate {rate}");
+        last = f;
+    }
+}
