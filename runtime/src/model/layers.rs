@@ -78,6 +78,36 @@ impl Linear {
 }
 
 impl Linear {
+    /// Concatenates projections that read the same input into one `[Σ out, in]` projection and turns each part
+    /// into a row view of it, so inference runs one matvec / GEMM instead of several. Skipped (`None`) when a
+    /// part is a training variable: the optimiser updates variables in place, which a copy would not see.
+    pub fn fuse(parts: &mut [&mut Linear]) -> candle_core::Result<Option<Linear>> {
+        let tracked = |l: &Linear| l.weight.is_variable() || l.bias.as_ref().is_some_and(Tensor::is_variable);
+        let has_bias = parts.iter().filter(|l| l.bias.is_some()).count();
+        if parts.iter().any(|l| tracked(l)) || (has_bias != 0 && has_bias != parts.len()) {
+            return Ok(None);
+        }
+        let weight = Tensor::cat(&parts.iter().map(|l| &l.weight).collect::<Vec<_>>(), 0)?;
+        let bias = if has_bias == 0 {
+            None
+        } else {
+            Some(Tensor::cat(
+                &parts.iter().filter_map(|l| l.bias.as_ref()).collect::<Vec<_>>(),
+                0,
+            )?)
+        };
+        let mut off = 0;
+        for l in parts.iter_mut() {
+            let n = l.weight.dim(0)?;
+            l.weight = weight.narrow(0, off, n)?;
+            if let Some(b) = &bias {
+                l.bias = Some(b.narrow(0, off, n)?);
+            }
+            off += n;
+        }
+        Ok(Some(Linear { weight, bias }))
+    }
+
     /// The decode fast path ([`crate::kernels::matvec`]) for a few rows on CPU, outside autograd.
     /// `None` when it does not apply (GPU, many rows, a tracked variable, other dtypes).
     fn matvec(&self, x: &Tensor, rows: usize, inp: usize) -> candle_core::Result<Option<Tensor>> {
@@ -150,22 +180,34 @@ pub struct Mlp {
     pub up_proj: Linear,
     /// W_down.
     pub down_proj: Linear,
+    /// `[W_gate; W_up]` when fused for inference ([`Linear::fuse`]); `gate_proj`/`up_proj` are then views of it.
+    gate_up: Option<Linear>,
 }
 
 impl Mlp {
     fn load(w: &Weights, p: &str, cfg: &ModelConfig, dt: DType, dev: &Device) -> Result<Self> {
         let (d, f) = (cfg.hidden_size, cfg.intermediate_size);
-        Ok(Mlp {
+        let mut m = Mlp {
             gate_proj: Linear::load(w, &format!("{p}.gate_proj"), f, d, false, dt, dev)?,
             up_proj: Linear::load(w, &format!("{p}.up_proj"), f, d, false, dt, dev)?,
             down_proj: Linear::load(w, &format!("{p}.down_proj"), d, f, false, dt, dev)?,
-        })
+            gate_up: None,
+        };
+        m.gate_up = Linear::fuse(&mut [&mut m.gate_proj, &mut m.up_proj])?;
+        Ok(m)
     }
 
     /// `x: [.., d]` → `[.., d]`.
     pub fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        let g = candle_nn::Activation::Silu.forward(&self.gate_proj.forward(x)?)?;
-        self.down_proj.forward(&(g * self.up_proj.forward(x)?)?)
+        let (g, u) = match &self.gate_up {
+            Some(f) => {
+                let y = f.forward(x)?;
+                let n = self.gate_proj.weight.dim(0)?;
+                (y.narrow(D::Minus1, 0, n)?, y.narrow(D::Minus1, n, n)?)
+            }
+            None => (self.gate_proj.forward(x)?, self.up_proj.forward(x)?),
+        };
+        self.down_proj.forward(&(candle_nn::Activation::Silu.forward(&g)? * u)?)
     }
 }
 
@@ -196,6 +238,8 @@ pub struct Attention {
     pub v_proj: Linear,
     /// W_o.
     pub o_proj: Linear,
+    /// `[W_q; W_k; W_v]` when fused for inference ([`Linear::fuse`]); q/k/v are then views of it.
+    qkv: Option<Linear>,
     n_heads: usize,
     n_kv: usize,
     head_dim: usize,
@@ -210,15 +254,18 @@ impl Attention {
             cfg.head_dim,
         );
         let bias = cfg.attention_bias;
-        Ok(Attention {
+        let mut a = Attention {
             q_proj: Linear::load(w, &format!("{p}.q_proj"), h * hd, d, bias, dt, dev)?,
             k_proj: Linear::load(w, &format!("{p}.k_proj"), kv * hd, d, bias, dt, dev)?,
             v_proj: Linear::load(w, &format!("{p}.v_proj"), kv * hd, d, bias, dt, dev)?,
             o_proj: Linear::load(w, &format!("{p}.o_proj"), d, h * hd, false, dt, dev)?,
             n_heads: h,
             n_kv: kv,
+            qkv: None,
             head_dim: hd,
-        })
+        };
+        a.qkv = Linear::fuse(&mut [&mut a.q_proj, &mut a.k_proj, &mut a.v_proj])?;
+        Ok(a)
     }
 
     /// `x: [b, t, d]` (already normalised) → attention output `[b, t, d]`.
@@ -228,21 +275,25 @@ impl Attention {
     /// training: only executed tokens produce keys).
     pub fn forward(&self, x: &Tensor, st: &Step, kv: Kv, ex: Exec) -> candle_core::Result<Tensor> {
         let (b, t, hd, g) = (st.b, st.t, self.head_dim, self.n_heads / self.n_kv);
-        let q = self
-            .q_proj
-            .forward(x)?
-            .reshape((b, t, self.n_heads, hd))?
-            .transpose(1, 2)?;
-        let k = self
-            .k_proj
-            .forward(x)?
-            .reshape((b, t, self.n_kv, hd))?
-            .transpose(1, 2)?;
-        let v = self
-            .v_proj
-            .forward(x)?
-            .reshape((b, t, self.n_kv, hd))?
-            .transpose(1, 2)?;
+        let (q, k, v) = match &self.qkv {
+            Some(f) => {
+                let y = f.forward(x)?;
+                let (nq, nk) = (self.n_heads * hd, self.n_kv * hd);
+                (
+                    y.narrow(D::Minus1, 0, nq)?,
+                    y.narrow(D::Minus1, nq, nk)?,
+                    y.narrow(D::Minus1, nq + nk, nk)?,
+                )
+            }
+            None => (
+                self.q_proj.forward(x)?,
+                self.k_proj.forward(x)?,
+                self.v_proj.forward(x)?,
+            ),
+        };
+        let q = q.reshape((b, t, self.n_heads, hd))?.transpose(1, 2)?;
+        let k = k.reshape((b, t, self.n_kv, hd))?.transpose(1, 2)?;
+        let v = v.reshape((b, t, self.n_kv, hd))?.transpose(1, 2)?;
         let q = rope::apply(&q, &st.cos, &st.sin, ex.differentiable)?;
         let k = rope::apply(&k, &st.cos, &st.sin, ex.differentiable)?;
         let (k, v, mask) = match kv {
