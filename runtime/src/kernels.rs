@@ -99,36 +99,48 @@ mod avx2 {
         _mm_cvtss_f32(s)
     }
 
-    /// # Safety
-    /// Requires AVX2 and FMA.
+    /// Defines `$name(w: &[$t], x: &[f32]) -> f32`: four independent FMA accumulators over 32-element blocks,
+    /// then 8-element blocks, then a scalar tail; `$load` turns 8 weights into 8 f32 lanes.
+    macro_rules! dot_kernel {
+        ($name:ident, $t:ty, $load:expr, $scalar:expr) => {
+            /// # Safety
+            /// Requires AVX2 and FMA.
+            #[target_feature(enable = "avx2,fma")]
+            pub unsafe fn $name(w: &[$t], x: &[f32]) -> f32 {
+                let n = w.len().min(x.len());
+                let (mut a0, mut a1, mut a2, mut a3) = (
+                    _mm256_setzero_ps(),
+                    _mm256_setzero_ps(),
+                    _mm256_setzero_ps(),
+                    _mm256_setzero_ps(),
+                );
+                let mut i = 0;
+                let (wp, xp) = (w.as_ptr(), x.as_ptr());
+                while i + 32 <= n {
+                    a0 = _mm256_fmadd_ps($load(wp.add(i)), _mm256_loadu_ps(xp.add(i)), a0);
+                    a1 = _mm256_fmadd_ps($load(wp.add(i + 8)), _mm256_loadu_ps(xp.add(i + 8)), a1);
+                    a2 = _mm256_fmadd_ps($load(wp.add(i + 16)), _mm256_loadu_ps(xp.add(i + 16)), a2);
+                    a3 = _mm256_fmadd_ps($load(wp.add(i + 24)), _mm256_loadu_ps(xp.add(i + 24)), a3);
+                    i += 32;
+                }
+                while i + 8 <= n {
+                    a0 = _mm256_fmadd_ps($load(wp.add(i)), _mm256_loadu_ps(xp.add(i)), a0);
+                    i += 8;
+                }
+                let mut s = hsum(_mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3)));
+                while i < n {
+                    s += $scalar(w[i]) * x[i];
+                    i += 1;
+                }
+                s
+            }
+        };
+    }
+
+    #[inline]
     #[target_feature(enable = "avx2,fma")]
-    pub unsafe fn dot_f32(w: &[f32], x: &[f32]) -> f32 {
-        let n = w.len().min(x.len());
-        let (mut a0, mut a1, mut a2, mut a3) = (
-            _mm256_setzero_ps(),
-            _mm256_setzero_ps(),
-            _mm256_setzero_ps(),
-            _mm256_setzero_ps(),
-        );
-        let mut i = 0;
-        let (wp, xp) = (w.as_ptr(), x.as_ptr());
-        while i + 32 <= n {
-            a0 = _mm256_fmadd_ps(_mm256_loadu_ps(wp.add(i)), _mm256_loadu_ps(xp.add(i)), a0);
-            a1 = _mm256_fmadd_ps(_mm256_loadu_ps(wp.add(i + 8)), _mm256_loadu_ps(xp.add(i + 8)), a1);
-            a2 = _mm256_fmadd_ps(_mm256_loadu_ps(wp.add(i + 16)), _mm256_loadu_ps(xp.add(i + 16)), a2);
-            a3 = _mm256_fmadd_ps(_mm256_loadu_ps(wp.add(i + 24)), _mm256_loadu_ps(xp.add(i + 24)), a3);
-            i += 32;
-        }
-        while i + 8 <= n {
-            a0 = _mm256_fmadd_ps(_mm256_loadu_ps(wp.add(i)), _mm256_loadu_ps(xp.add(i)), a0);
-            i += 8;
-        }
-        let mut s = hsum(_mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3)));
-        while i < n {
-            s += w[i] * x[i];
-            i += 1;
-        }
-        s
+    unsafe fn load_f32(p: *const f32) -> __m256 {
+        _mm256_loadu_ps(p)
     }
 
     #[inline]
@@ -139,37 +151,8 @@ mod avx2 {
         _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16))
     }
 
-    /// # Safety
-    /// Requires AVX2 and FMA.
-    #[target_feature(enable = "avx2,fma")]
-    pub unsafe fn dot_bf16(w: &[bf16], x: &[f32]) -> f32 {
-        let n = w.len().min(x.len());
-        let (mut a0, mut a1, mut a2, mut a3) = (
-            _mm256_setzero_ps(),
-            _mm256_setzero_ps(),
-            _mm256_setzero_ps(),
-            _mm256_setzero_ps(),
-        );
-        let mut i = 0;
-        let (wp, xp) = (w.as_ptr(), x.as_ptr());
-        while i + 32 <= n {
-            a0 = _mm256_fmadd_ps(load_bf16(wp.add(i)), _mm256_loadu_ps(xp.add(i)), a0);
-            a1 = _mm256_fmadd_ps(load_bf16(wp.add(i + 8)), _mm256_loadu_ps(xp.add(i + 8)), a1);
-            a2 = _mm256_fmadd_ps(load_bf16(wp.add(i + 16)), _mm256_loadu_ps(xp.add(i + 16)), a2);
-            a3 = _mm256_fmadd_ps(load_bf16(wp.add(i + 24)), _mm256_loadu_ps(xp.add(i + 24)), a3);
-            i += 32;
-        }
-        while i + 8 <= n {
-            a0 = _mm256_fmadd_ps(load_bf16(wp.add(i)), _mm256_loadu_ps(xp.add(i)), a0);
-            i += 8;
-        }
-        let mut s = hsum(_mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3)));
-        while i < n {
-            s += w[i].to_f32() * x[i];
-            i += 1;
-        }
-        s
-    }
+    dot_kernel!(dot_f32, f32, load_f32, |v: f32| v);
+    dot_kernel!(dot_bf16, bf16, load_bf16, |v: bf16| v.to_f32());
 }
 
 #[cfg(test)]
