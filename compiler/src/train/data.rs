@@ -121,57 +121,49 @@ fn str_field<'a>(v: &'a Value, key: &str) -> std::result::Result<Option<&'a str>
     }
 }
 
+/// A list of turns under `key`, each an object with a speaker field and a text field (`fields`); `role` maps
+/// the speaker to a chat role. Errors name the turn.
+fn turns<'a>(
+    list: &'a Value,
+    key: &str,
+    fields: (&str, &str),
+    role: impl Fn(&'a str) -> std::result::Result<&'a str, String>,
+) -> std::result::Result<Vec<Message>, String> {
+    let arr = list.as_array().ok_or(format!("`{key}` must be a list"))?;
+    arr.iter()
+        .enumerate()
+        .map(|(j, m)| {
+            let field = |name: &str| {
+                str_field(m, name)
+                    .map_err(|e| format!("{key}[{j}]: {e}"))?
+                    .ok_or(format!("{key}[{j}] has no `{name}`"))
+            };
+            let (who, text) = (field(fields.0)?, field(fields.1)?);
+            let r = role(who).map_err(|e| format!("{key}[{j}]: {e}"))?;
+            Ok(Message::new(r, text))
+        })
+        .collect()
+}
+
 /// One record in any accepted layout → messages.
 pub fn parse_record(v: &Value) -> std::result::Result<Vec<Message>, String> {
     if !v.is_object() {
         return Err("expected a JSON object".into());
     }
     if let Some(msgs) = v.get("messages") {
-        let arr = msgs.as_array().ok_or("`messages` must be a list")?;
-        return arr
-            .iter()
-            .enumerate()
-            .map(|(j, m)| {
-                let role = str_field(m, "role")
-                    .map_err(|e| format!("messages[{j}]: {e}"))?
-                    .ok_or(format!("messages[{j}] has no `role`"))?;
-                let content = str_field(m, "content")
-                    .map_err(|e| format!("messages[{j}]: {e}"))?
-                    .ok_or(format!("messages[{j}] has no `content`"))?;
-                if !matches!(role, "system" | "user" | "assistant") {
-                    return Err(format!(
-                        "messages[{j}]: unknown role `{role}` (system, user, assistant)"
-                    ));
-                }
-                Ok(Message::new(role, content))
-            })
-            .collect();
+        return turns(msgs, "messages", ("role", "content"), |role| {
+            matches!(role, "system" | "user" | "assistant")
+                .then_some(role)
+                .ok_or_else(|| format!("unknown role `{role}` (system, user, assistant)"))
+        });
     }
     if let Some(conv) = v.get("conversations") {
-        let arr = conv.as_array().ok_or("`conversations` must be a list")?;
-        return arr
-            .iter()
-            .enumerate()
-            .map(|(j, m)| {
-                let from = str_field(m, "from")
-                    .map_err(|e| format!("conversations[{j}]: {e}"))?
-                    .ok_or(format!("conversations[{j}] has no `from`"))?;
-                let value = str_field(m, "value")
-                    .map_err(|e| format!("conversations[{j}]: {e}"))?
-                    .ok_or(format!("conversations[{j}] has no `value`"))?;
-                let role = match from {
-                    "human" | "user" => "user",
-                    "gpt" | "assistant" => "assistant",
-                    "system" => "system",
-                    o => {
-                        return Err(format!(
-                            "conversations[{j}]: unknown speaker `{o}` (human, gpt, system)"
-                        ))
-                    }
-                };
-                Ok(Message::new(role, value))
-            })
-            .collect();
+        return turns(conv, "conversations", ("from", "value"), |from| match from {
+            "human" | "user" => Ok("user"),
+            "gpt" | "assistant" => Ok("assistant"),
+            "system" => Ok("system"),
+            o => Err(format!("unknown speaker `{o}` (human, gpt, system)")),
+        });
     }
     if let Some(instr) = str_field(v, "instruction")? {
         let output = str_field(v, "output")?.ok_or("Alpaca record has no `output`")?;
