@@ -28,6 +28,7 @@ enum Command {
 }
 
 fn main() -> std::process::ExitCode {
+    dlo_runtime::alloc::tune_for_large_tensors();
     let cli = Cli::parse();
     let result = match &cli.command {
         Command::Import(a) => dlo_compiler::import::run(a),

@@ -12,6 +12,7 @@
 //! | [`generate`] | sampling and the generation loop |
 //! | [`flops`] | executed matmul FLOPs, counted as the reference does |
 
+pub mod alloc;
 pub mod chat;
 pub mod checkpoint;
 pub mod engine;

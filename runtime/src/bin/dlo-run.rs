@@ -76,6 +76,7 @@ struct Args {
 }
 
 fn main() -> std::process::ExitCode {
+    dlo_runtime::alloc::tune_for_large_tensors();
     match run(Args::parse()) {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
