@@ -932,6 +932,16 @@ pub fn train_run<M: TrainModel>(setup: RunSetup, sink: &mut dyn FileSink) -> Res
     }
     let log_path = output.join("metrics.jsonl");
     let mut log = MetricsLog::open(&log_path, tr.step)?;
+    let mut last_eval_step = None;
+    if tr.step == 0 && opts.eval_every > 0 && !eval.is_empty() {
+        // The starting point of the held-out curve (for a zero-router DLO model: every routed unit skipped).
+        let e = tr.evaluate(&eval)?;
+        if opts.progress {
+            eprintln!("step 0: held-out loss {:.4}, execution rate {:.3}", e.loss, e.exec_rate);
+        }
+        log.write(&Record::Eval(e))?;
+        last_eval_step = Some(0);
+    }
     let pb = if opts.progress {
         let pb = indicatif::ProgressBar::new(tr.total_steps);
         pb.set_style(
@@ -950,7 +960,6 @@ pub fn train_run<M: TrainModel>(setup: RunSetup, sink: &mut dyn FileSink) -> Res
         Ok(dir)
     };
     let mut tps = Vec::new();
-    let mut last_eval_step = None;
     let mut recent = Vec::new();
     while tr.step < tr.total_steps && opts.stop_after.is_none_or(|s| tr.step < s) {
         let m = tr.train_step()?;

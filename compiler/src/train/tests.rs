@@ -279,7 +279,8 @@ fn resume_continues_exactly_like_an_uninterrupted_run() {
     let sb = train_run::<Toy>(setup(&cfg, 1, &b, Some(b.join("checkpoint-3")), opts(6)), &mut Fs).unwrap();
     assert!(sb.finished);
     let (ca, cb) = (curve(&a), curve(&b));
-    assert_eq!(ca.len(), 6 + 3, "6 steps and evals at 2, 4, 6");
+    assert_eq!(ca.len(), 6 + 4, "6 steps and evals at 0 (before training), 2, 4, 6");
+    assert!(matches!(&ca[0], Record::Eval(e) if e.step == 0), "{:?}", ca[0]);
     assert_eq!(ca, cb);
     // the final models are bit-identical, and cos-global saved a per-layer capacity list
     let fa = std::fs::read(a.join("final/model.safetensors")).unwrap();
