@@ -3,17 +3,19 @@
 
     check_onnx.py DIR REFERENCE.safetensors [--token-ids 1,2,3] [--prefill K]
 
-DIR holds prefill.onnx and decode.onnx; REFERENCE is a `dlo-run MODEL --token-ids IDS --dump FILE` dump
-(`logits` [n, vocab] f32, and per routed layer `exec.{l}` u8 and `router_logit.{l}` f32). The token ids come
-from --token-ids or from the dump's `token_ids` tensor.
+DIR holds prefill.onnx and decode.onnx, f32 or f64 (`--dtype f64`, read from the decode model's cache inputs);
+REFERENCE is a `dlo-run MODEL --token-ids IDS --dump FILE` dump (`logits` [n, vocab] f32, or f64 from a runtime
+computing in f64, and per routed layer `exec.{l}` u8 and `router_logit.{l}` f32). The token ids come from
+--token-ids or from the dump's `token_ids` tensor.
 
 1. `onnx.checker.check_model(path, full_check=True)` on both models (strict shape inference included).
 2. onnxruntime (CPU) runs prefill on the first K tokens, then one decode step per remaining token, feeding
    each step's present_* back as past_* (fixed-capacity caches, slot = position).
 3. Logits must match the reference within --tol (default 1e-4, absolute; plus --rtol times the position's largest
    |logit|, default 0, for models whose f32 summation-order noise alone exceeds 1e-4), routing decisions must be
-   identical, router logits must match within tol·max(1, |z|), and across the decode steps the routed
-   layers' `If` must have taken both branches (unless --allow-one-sided).
+   identical, router logits must match within (tol + ε)·max(1, |z|) with ε the reference's own rounding (its
+   dtype's machine epsilon: the runtime records z in f32 even when it computes in f64), and across the decode
+   steps the routed layers' `If` must have taken both branches (unless --allow-one-sided).
 
 Exit status 0 when everything holds; 1 with the reasons otherwise. Needs numpy, onnx, onnxruntime and
 safetensors (all in ~/.cache/dlo/venv).
@@ -76,7 +78,9 @@ def main():
     else:
         fail(f"{args.reference}: no `token_ids` tensor; pass --token-ids")
     n = len(ids)
-    ref_logits = ref["logits"].astype(np.float32)
+    ref_logits = ref["logits"]
+    if ref_logits.dtype not in (np.float32, np.float64):
+        fail(f"{args.reference}: logits are {ref_logits.dtype}, expected float32 or float64")
     if ref_logits.shape[0] != n:
         fail(f"{args.reference}: logits has {ref_logits.shape[0]} rows for {n} token ids")
     k = args.prefill if args.prefill is not None else max(1, n // 2)
@@ -94,13 +98,21 @@ def main():
     dec = ort.InferenceSession(paths["decode"], opts, providers=prov)
     dec_inputs = {i.name: i for i in dec.get_inputs()}
     layers = sorted(int(name.split(".")[1]) for name in dec_inputs if name.startswith("past_key."))
+    if not layers:
+        fail(f"{paths['decode']}: no past_key.* inputs (not a dlo decode model?)")
+    elem_types = {"tensor(float)": np.float32, "tensor(double)": np.float64}
+    cache_type = dec_inputs[f"past_key.{layers[0]}"].type
+    if cache_type not in elem_types:
+        fail(f"{paths['decode']}: past_key.{layers[0]} is {cache_type}, expected tensor(float) or tensor(double)")
+    elem = elem_types[cache_type]
     valid_layers = sorted(int(name.split(".")[1]) for name in dec_inputs if name.startswith("past_valid."))
     routed = sorted(int(o.name.split(".")[1]) for o in dec.get_outputs() if o.name.startswith("exec."))
     for l in routed:
         if f"exec.{l}" not in ref:
             fail(f"{args.reference}: no exec.{l}, but the ONNX model routes layer {l} (wrong reference?)")
     print(f"{n} tokens: prefill {k}, decode {n - k}; {len(layers)} layers, routed {routed}, "
-          f"layer-skip {valid_layers}; cache capacity {cap}")
+          f"layer-skip {valid_layers}; cache capacity {cap}; model {np.dtype(elem).name}, "
+          f"reference logits {ref_logits.dtype.name}")
 
     problems = []
     worst = {"logits": 0.0, "router": 0.0}
@@ -108,8 +120,8 @@ def main():
 
     def compare(step_rows, out_logits, outs):
         """Compare rows `step_rows` (positions) of the reference with one run's outputs."""
-        want = ref_logits[step_rows]
-        diff = np.abs(out_logits - want)
+        want = ref_logits[step_rows].astype(np.float64)
+        diff = np.abs(out_logits.astype(np.float64) - want)
         d = float(np.max(diff))
         worst["logits"] = max(worst["logits"], d)
         scale = np.max(np.abs(want), axis=-1, keepdims=True)
@@ -124,9 +136,9 @@ def main():
             z = outs[f"router_logit.{l}"].reshape(-1)
             re = ref[f"exec.{l}"].reshape(-1)[step_rows].astype(bool)
             rz = ref[f"router_logit.{l}"].reshape(-1)[step_rows]
-            dz = np.abs(z - rz) / np.maximum(1.0, np.abs(rz))
+            dz = np.abs(z.astype(np.float64) - rz) / np.maximum(1.0, np.abs(rz.astype(np.float64)))
             worst["router"] = max(worst["router"], float(dz.max()))
-            if not float(dz.max()) <= args.tol:
+            if not float(dz.max()) <= args.tol + float(np.finfo(rz.dtype).eps):
                 problems.append(f"layer {l}, positions {step_rows[0]}..{step_rows[-1]}: router logits differ "
                                 f"by {float(dz.max()):.3g} (relative)")
             for j in np.nonzero(e != re)[0]:
@@ -142,7 +154,7 @@ def main():
     for l in layers:
         for kind in ("key", "value"):
             p = outs[f"present_{kind}.{l}"]
-            buf = np.zeros(p.shape[:2] + (cap,) + p.shape[3:], dtype=np.float32)
+            buf = np.zeros(p.shape[:2] + (cap,) + p.shape[3:], dtype=elem)
             buf[:, :, :k] = p
             cache[f"past_{kind}.{l}"] = buf
     for l in valid_layers:

@@ -28,8 +28,9 @@ pub struct BuildArgs {
     /// What to build: a native engine file, or ONNX models (prefill + decode) for onnxruntime / TensorRT.
     #[arg(long, default_value = "native", value_parser = ["native", "onnx"])]
     pub target: String,
-    /// Storage dtype of the engine's tensors.
-    #[arg(long, default_value = "f32", value_parser = ["f32", "bf16", "f16"])]
+    /// Storage dtype of the engine's tensors; for ONNX the element type of the models: f32 (deployment) or
+    /// f64 (verification of the lowering against the runtime computing in f64).
+    #[arg(long, default_value = "f32", value_parser = ["f32", "bf16", "f16", "f64"])]
     pub dtype: String,
     /// Target mean execution rate of routed units, in (0, 1]; needs --calibration.
     #[arg(long)]
@@ -53,8 +54,8 @@ pub struct BuildArgs {
 pub enum Target {
     /// A native engine file (`runtime/src/engine`).
     Native,
-    /// ONNX models in a directory ([`crate::onnx`]; f32, reference routing).
-    Onnx,
+    /// ONNX models in a directory ([`crate::onnx`]; reference routing) computing in this element type.
+    Onnx(crate::onnx::Elem),
 }
 
 /// A validated build request.
@@ -66,7 +67,7 @@ pub struct BuildPlan {
     pub target: Target,
     /// Output engine file.
     pub output: PathBuf,
-    /// Storage dtype.
+    /// Storage dtype of a native engine (f32 for ONNX, whose element type is in [`Target::Onnx`]).
     pub dtype: StorageDtype,
     /// Target execution rate.
     pub budget: Option<f64>,
@@ -83,8 +84,32 @@ pub struct BuildPlan {
 impl BuildPlan {
     /// Validates command-line arguments.
     pub fn from_args(a: &BuildArgs) -> Result<Self> {
-        let dtype = StorageDtype::parse(&a.dtype)
-            .ok_or_else(|| Error::InvalidArgument(format!("--dtype {}: expected f32, bf16 or f16", a.dtype)))?;
+        let (target, dtype) = match a.target.as_str() {
+            "native" => {
+                let dtype = StorageDtype::parse(&a.dtype).ok_or_else(|| {
+                    Error::InvalidArgument(match a.dtype.as_str() {
+                        "f64" => "--dtype f64: native engines store f32, bf16 or f16; f64 is a verification target of \
+                                  --target onnx"
+                            .into(),
+                        d => format!("--dtype {d}: expected f32, bf16 or f16"),
+                    })
+                })?;
+                (Target::Native, dtype)
+            }
+            "onnx" => {
+                let elem = match a.dtype.as_str() {
+                    "f32" => crate::onnx::Elem::F32,
+                    "f64" => crate::onnx::Elem::F64,
+                    d => {
+                        return Err(Error::InvalidArgument(format!(
+                            "--dtype {d}: --target onnx writes f32 (deployment) or f64 (verification) models"
+                        )))
+                    }
+                };
+                (Target::Onnx(elem), StorageDtype::F32)
+            }
+            t => return Err(Error::InvalidArgument(format!("--target {t}: expected native or onnx"))),
+        };
         if let Some(r) = a.budget {
             dlo_runtime::engine::plan::check_budget(r)?;
             if a.calibration.is_none() {
@@ -98,23 +123,10 @@ impl BuildPlan {
                 "--heldout only makes sense with --budget".into(),
             ));
         }
-        let target = match a.target.as_str() {
-            "native" => Target::Native,
-            "onnx" => Target::Onnx,
-            t => return Err(Error::InvalidArgument(format!("--target {t}: expected native or onnx"))),
-        };
-        if target == Target::Onnx {
-            if a.budget.is_some() || a.calibration.is_some() {
-                return Err(Error::InvalidArgument(
-                    "--budget/--calibration apply to native engines; ONNX models follow the reference rule (z > 0)"
-                        .into(),
-                ));
-            }
-            if dtype != StorageDtype::F32 {
-                return Err(Error::InvalidArgument(
-                    "--target onnx writes f32 models; drop --dtype".into(),
-                ));
-            }
+        if matches!(target, Target::Onnx(_)) && (a.budget.is_some() || a.calibration.is_some()) {
+            return Err(Error::InvalidArgument(
+                "--budget/--calibration apply to native engines; ONNX models follow the reference rule (z > 0)".into(),
+            ));
         }
         if a.calibration_tokens == 0 || a.chunk_len == 0 {
             return Err(Error::InvalidArgument(
@@ -274,18 +286,20 @@ pub fn run(args: &BuildArgs) -> anyhow::Result<()> {
     let plan = BuildPlan::from_args(args)?;
     // An existing engine is a valid source too (e.g. to recalibrate its budget or change its dtype).
     let src = dlo_runtime::engine::open_any(&plan.source)?;
-    if plan.target == Target::Onnx {
-        let r = crate::onnx::export_onnx(&src.config, &src.weights, &plan.output, &Default::default()).with_context(
-            || {
-                format!(
-                    "lowering {} to ONNX in {}",
-                    plan.source.display(),
-                    plan.output.display()
-                )
-            },
-        )?;
+    if let Target::Onnx(elem) = plan.target {
+        let opts = crate::onnx::OnnxOptions {
+            elem,
+            ..Default::default()
+        };
+        let r = crate::onnx::export_onnx(&src.config, &src.weights, &plan.output, &opts).with_context(|| {
+            format!(
+                "lowering {} to ONNX in {}",
+                plan.source.display(),
+                plan.output.display()
+            )
+        })?;
         eprintln!(
-            "wrote {} ({} routed layers, {:.1} MB of tensors{})",
+            "wrote {} ({} routed layers, {:.1} MB of {} tensors{})",
             r.files
                 .iter()
                 .map(|f| f.display().to_string())
@@ -293,6 +307,7 @@ pub fn run(args: &BuildArgs) -> anyhow::Result<()> {
                 .join(", "),
             r.routed_layers,
             r.tensor_bytes as f64 / 1e6,
+            elem.as_str(),
             if r.external_data { ", external data" } else { "" }
         );
         return Ok(());
@@ -498,6 +513,33 @@ mod tests {
         };
         run(&onnx).unwrap();
         assert!(onnx.output.join("prefill.onnx").is_file() && onnx.output.join("decode.onnx").is_file());
+        // --dtype f64 makes the whole ONNX pair f64: weights, caches and logits.
+        let onnx64 = BuildArgs {
+            target: "onnx".into(),
+            dtype: "f64".into(),
+            output: dir.path().join("onnx64"),
+            ..args(dir.path())
+        };
+        run(&onnx64).unwrap();
+        let elem_types = |dir: &Path| {
+            use prost::Message;
+            let bytes = std::fs::read(dir.join("decode.onnx")).unwrap();
+            let g = crate::onnx::proto::ModelProto::decode(bytes.as_slice())
+                .unwrap()
+                .graph
+                .unwrap();
+            let weight = g.initializer.iter().find(|t| t.name == "model.norm.weight").unwrap();
+            let io = |v: &crate::onnx::proto::ValueInfoProto| match v.r#type.as_ref().and_then(|t| t.value.clone()) {
+                Some(crate::onnx::proto::type_proto::Value::TensorType(t)) => t.elem_type,
+                None => panic!("{} has no tensor type", v.name),
+            };
+            let cache = g.input.iter().find(|v| v.name == "past_key.0").map(io);
+            let logits = g.output.iter().find(|v| v.name == "logits").map(io);
+            (weight.data_type, cache.unwrap(), logits.unwrap())
+        };
+        use crate::onnx::proto::data_type::{DOUBLE, FLOAT};
+        assert_eq!(elem_types(&onnx.output), (FLOAT, FLOAT, FLOAT));
+        assert_eq!(elem_types(&onnx64.output), (DOUBLE, DOUBLE, DOUBLE));
         // A missing source is an error naming it, and leaves no output.
         let bad = BuildArgs {
             model: dir.path().join("nope"),
@@ -557,6 +599,30 @@ mod tests {
             ..args(dir.path())
         };
         assert!(BuildPlan::from_args(&a).is_err());
+        // f64 is an ONNX verification type only; ONNX models are f32 or f64.
+        let a = BuildArgs {
+            dtype: "f64".into(),
+            ..args(dir.path())
+        };
+        let e = BuildPlan::from_args(&a).unwrap_err().to_string();
+        assert!(
+            e.contains("native engines store f32, bf16 or f16") && e.contains("--target onnx"),
+            "{e}"
+        );
+        for (dtype, ok) in [("f32", true), ("f64", true), ("bf16", false), ("f16", false)] {
+            let a = BuildArgs {
+                target: "onnx".into(),
+                dtype: dtype.into(),
+                ..args(dir.path())
+            };
+            match BuildPlan::from_args(&a) {
+                Ok(p) => assert!(
+                    ok && matches!(p.target, Target::Onnx(e) if e.as_str() == dtype),
+                    "{dtype}"
+                ),
+                Err(e) => assert!(!ok && e.to_string().contains("f32 (deployment) or f64"), "{dtype}: {e}"),
+            }
+        }
         let a = BuildArgs {
             target: "onnx".into(),
             budget: Some(0.5),

@@ -91,9 +91,58 @@ pub fn raw_tensor(name: &str, elem: i32, dims: &[i64], raw: Vec<u8>) -> TensorPr
     }
 }
 
-/// Little-endian bytes of f32 values.
-pub fn f32_bytes(v: &[f32]) -> Vec<u8> {
-    v.iter().flat_map(|x| x.to_le_bytes()).collect()
+/// The element type of every floating-point tensor of an exported model pair (weights, RoPE tables,
+/// constants, activations, caches, logits, router logits).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Elem {
+    /// IEEE binary32: the deployment type.
+    #[default]
+    F32,
+    /// IEEE binary64: a verification type. Compared with the runtime computing in f64, it shows that the
+    /// lowering itself is exact, below the f32 summation-order noise of real models.
+    F64,
+}
+
+impl Elem {
+    /// The ONNX `TensorProto.DataType`.
+    pub fn onnx(self) -> i32 {
+        match self {
+            Elem::F32 => data_type::FLOAT,
+            Elem::F64 => data_type::DOUBLE,
+        }
+    }
+
+    /// The candle dtype of the same precision.
+    pub fn dtype(self) -> candle_core::DType {
+        match self {
+            Elem::F32 => candle_core::DType::F32,
+            Elem::F64 => candle_core::DType::F64,
+        }
+    }
+
+    /// Bytes per element.
+    pub fn size(self) -> u64 {
+        match self {
+            Elem::F32 => 4,
+            Elem::F64 => 8,
+        }
+    }
+
+    /// `f32` or `f64`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Elem::F32 => "f32",
+            Elem::F64 => "f64",
+        }
+    }
+
+    /// Little-endian bytes of `v` in this type (rounded to nearest for f32).
+    pub fn bytes(self, v: &[f64]) -> Vec<u8> {
+        match self {
+            Elem::F32 => v.iter().flat_map(|&x| (x as f32).to_le_bytes()).collect(),
+            Elem::F64 => v.iter().flat_map(|x| x.to_le_bytes()).collect(),
+        }
+    }
 }
 
 /// Little-endian bytes of i64 values.
@@ -104,13 +153,13 @@ pub fn i64_bytes(v: &[i64]) -> Vec<u8> {
 /// Where a registered large tensor's values come from.
 #[derive(Debug, Clone)]
 pub enum Source {
-    /// The checkpoint tensor of this (HF) name, converted to f32.
+    /// The checkpoint tensor of this (HF) name, converted to the export's [`Elem`].
     Checkpoint,
-    /// Values computed by the exporter (RoPE tables), f32.
-    Generated(Vec<f32>),
+    /// Values computed by the exporter (RoPE tables), written in the export's [`Elem`].
+    Generated(Vec<f64>),
 }
 
-/// A large f32 tensor an exported model references by name.
+/// A large floating-point tensor an exported model references by name.
 #[derive(Debug, Clone)]
 pub struct TensorSpec {
     /// Initializer name (the HF name for checkpoint tensors).
@@ -122,21 +171,31 @@ pub struct TensorSpec {
 }
 
 impl TensorSpec {
-    /// Size of the f32 data in bytes.
-    pub fn nbytes(&self) -> u64 {
-        self.dims.iter().product::<usize>() as u64 * 4
+    /// Number of elements.
+    pub fn numel(&self) -> u64 {
+        self.dims.iter().product::<usize>() as u64
     }
 }
 
 /// The large tensors of a model pair, in first-use order, each name once.
 #[derive(Debug, Default)]
 pub struct Registry {
+    /// Element type the tensors are stored in, and the graphs compute in.
+    pub elem: Elem,
     /// Specs in first-use order.
     pub specs: Vec<TensorSpec>,
     index: HashMap<String, usize>,
 }
 
 impl Registry {
+    /// An empty registry for a model pair in `elem`.
+    pub fn new(elem: Elem) -> Self {
+        Registry {
+            elem,
+            ..Default::default()
+        }
+    }
+
     /// Registers (or re-uses) a tensor; returns its name.
     pub fn add(&mut self, spec: TensorSpec) -> String {
         if let Some(&i) = self.index.get(&spec.name) {
@@ -149,15 +208,17 @@ impl Registry {
         name
     }
 
-    /// Total f32 bytes of every registered tensor.
+    /// Total bytes of every registered tensor.
     pub fn total_bytes(&self) -> u64 {
-        self.specs.iter().map(TensorSpec::nbytes).sum()
+        self.specs.iter().map(TensorSpec::numel).sum::<u64>() * self.elem.size()
     }
 }
 
 /// Builds one graph (and its `If` sub-graphs) node by node.
 #[derive(Debug, Default)]
 pub struct Builder {
+    /// Element type of the graph's floating-point values.
+    pub elem: Elem,
     scopes: Vec<Vec<NodeProto>>,
     counter: usize,
     /// Prefix of generated value names (e.g. `l3.`), for readable graphs.
@@ -167,9 +228,10 @@ pub struct Builder {
 }
 
 impl Builder {
-    /// An empty builder with one (top-level) scope.
-    pub fn new() -> Self {
+    /// An empty builder with one (top-level) scope, for a graph computing in `elem`.
+    pub fn new(elem: Elem) -> Self {
         Builder {
+            elem,
             scopes: vec![Vec::new()],
             ..Default::default()
         }
@@ -246,8 +308,8 @@ impl Builder {
         self.constant(data_type::INT64, &[], i64_bytes(&[v]))
     }
 
-    /// A 0-D f32 constant.
-    pub fn scalar_f32(&mut self, v: f32) -> String {
-        self.constant(data_type::FLOAT, &[], f32_bytes(&[v]))
+    /// A 0-D floating-point constant in the graph's [`Elem`].
+    pub fn scalar(&mut self, v: f64) -> String {
+        self.constant(self.elem.onnx(), &[], self.elem.bytes(&[v]))
     }
 }

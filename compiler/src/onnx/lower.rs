@@ -8,13 +8,13 @@
 //! group axis implements grouped-query attention without repeating K/V.
 
 use super::builder::{attr_g, attr_i, attr_ints, attr_t, raw_tensor, value_info, Builder, Dim};
-use super::builder::{f32_bytes, Registry, Source, TensorSpec};
+use super::builder::{Registry, Source, TensorSpec};
 use super::proto::{data_type, GraphProto, NodeProto, TensorProto, ValueInfoProto};
 use dlo_passes::{ModelConfig, SkipKind};
 
 /// Additive mask value of a hidden key slot: the runtime's `MASKED` (finite, so an all-masked row of a
 /// discarded query stays finite).
-const MASKED: f32 = -1e30;
+const MASKED: f64 = dlo_runtime::model::cache::MASKED as f64;
 
 /// Name of the RoPE cosine table initializer, `[max_positions, head_dim/2]`.
 pub const ROPE_COS: &str = "rope.cos";
@@ -79,15 +79,16 @@ impl LoweredGraph {
     }
 }
 
-/// The RoPE tables (`[max_positions, head_dim/2]` each), computed exactly as the runtime computes them.
+/// The RoPE tables (`[max_positions, head_dim/2]` each), computed exactly as the runtime computes them (its
+/// f32 angles, widened losslessly; the writer stores them in the export's element type).
 pub fn register_rope_tables(cfg: &ModelConfig, reg: &mut Registry, max_pos: usize) -> dlo_runtime::Result<()> {
     let rope = dlo_runtime::model::rope::Rope::new(cfg);
     let positions: Vec<u32> = (0..max_pos as u32).collect();
     let dev = candle_core::Device::Cpu;
-    let (cos, sin) = rope.cos_sin(&positions, 1, max_pos, candle_core::DType::F32, &dev)?;
+    let (cos, sin) = rope.cos_sin(&positions, 1, max_pos, candle_core::DType::F64, &dev)?;
     let half = cfg.head_dim / 2;
     for (name, t) in [(ROPE_COS, cos), (ROPE_SIN, sin)] {
-        let v: Vec<f32> = t.flatten_all()?.to_vec1()?;
+        let v: Vec<f64> = t.flatten_all()?.to_vec1()?;
         reg.add(TensorSpec {
             name: name.into(),
             dims: vec![max_pos, half],
@@ -115,11 +116,11 @@ struct Qkv {
 }
 
 impl<'a> Lower<'a> {
-    /// A lowering of `cfg` into `reg`.
+    /// A lowering of `cfg` into `reg`, computing in the registry's element type.
     pub fn new(cfg: &'a ModelConfig, reg: &'a mut Registry) -> Self {
         Lower {
             cfg,
-            b: Builder::new(),
+            b: Builder::new(reg.elem),
             reg,
             used: Vec::new(),
             inputs: Vec::new(),
@@ -140,6 +141,11 @@ impl<'a> Lower<'a> {
     }
 
     // ---- small helpers -------------------------------------------------------------------------
+
+    /// The ONNX element type of floating-point values.
+    fn float(&self) -> i32 {
+        self.b.elem.onnx()
+    }
 
     fn use_tensor(&mut self, name: String) -> String {
         if !self.used.contains(&name) {
@@ -182,8 +188,8 @@ impl<'a> Lower<'a> {
 
     /// `Where(cond, 0, MASKED)`: an additive attention mask from a boolean "visible" tensor.
     fn additive_mask(&mut self, visible: &str) -> String {
-        let zero = self.b.scalar_f32(0.0);
-        let masked = self.b.scalar_f32(MASKED);
+        let zero = self.b.scalar(0.0);
+        let masked = self.b.scalar(MASKED);
         self.op("Where", &[visible, &zero, &masked])
     }
 
@@ -226,7 +232,7 @@ impl<'a> Lower<'a> {
             &[&sq],
             vec![attr_ints("axes", &[-1]), attr_i("keepdims", 1)],
         );
-        let eps = self.b.scalar_f32(self.cfg.rms_norm_eps as f32);
+        let eps = self.b.scalar(self.cfg.rms_norm_eps);
         let var = self.op("Add", &[&mean, &eps]);
         let rms = self.op("Sqrt", &[&var]);
         let normed = self.op("Div", &[x, &rms]);
@@ -284,7 +290,7 @@ impl<'a> Lower<'a> {
         let qt = self.transpose(&q4, &[1, 2, 0, 3]); // [kv, g, rows, hd]
         let kt = self.transpose(ka, &[0, 1, 3, 2]); // [kv, 1, hd, slots]
         let scores = self.op("MatMul", &[&qt, &kt]);
-        let scale = self.b.scalar_f32((1.0 / (hd as f64).sqrt()) as f32);
+        let scale = self.b.scalar(1.0 / (hd as f64).sqrt());
         let scores = self.op("Mul", &[&scores, &scale]);
         let scores = self.op("Add", &[&scores, mask]);
         let probs = self.op_a("Softmax", &[&scores], vec![attr_i("axis", -1)]);
@@ -339,9 +345,9 @@ impl<'a> Lower<'a> {
             return (z, None);
         }
         let (half, beta, base) = (
-            self.b.scalar_f32(0.5),
-            self.b.scalar_f32(dlo.scale_gap as f32),
-            self.b.scalar_f32((0.5 * dlo.scale_factor) as f32),
+            self.b.scalar(0.5),
+            self.b.scalar(dlo.scale_gap),
+            self.b.scalar(0.5 * dlo.scale_factor),
         );
         let r = self.op("Sigmoid", &[&z]);
         let centred = self.op("Sub", &[&r, &half]);
@@ -393,16 +399,13 @@ impl<'a> Lower<'a> {
     pub fn prefill(mut self, masked: bool) -> LoweredGraph {
         let c = self.cfg;
         let (v, kv, hd) = (c.vocab_size, c.num_key_value_heads, c.head_dim);
+        let float = self.float();
         self.inputs.push(value_info(
             "input_ids",
             data_type::INT64,
             &[Dim::Fixed(1), Dim::Sym("seq")],
         ));
-        self.output(
-            "logits",
-            data_type::FLOAT,
-            &[Dim::Fixed(1), Dim::Sym("seq"), Dim::Fixed(v)],
-        );
+        self.output("logits", float, &[Dim::Fixed(1), Dim::Sym("seq"), Dim::Fixed(v)]);
         let mut h = self.embed("input_ids");
         let shape = self.op("Shape", &["input_ids"]);
         let one = self.b.scalar_i64(1);
@@ -417,10 +420,7 @@ impl<'a> Lower<'a> {
         let zeros_kv = self.op_a(
             "ConstantOfShape",
             &[&kv_shape],
-            vec![attr_t(
-                "value",
-                raw_tensor("", data_type::FLOAT, &[1], f32_bytes(&[0.0])),
-            )],
+            vec![attr_t("value", raw_tensor("", float, &[1], self.b.elem.bytes(&[0.0])))],
         );
         for l in 0..c.num_hidden_layers {
             self.b.prefix = format!("l{l}.");
@@ -432,7 +432,7 @@ impl<'a> Lower<'a> {
                 None
             } else {
                 let (z, g) = self.router(l, &h);
-                let zero_f = self.b.scalar_f32(0.0);
+                let zero_f = self.b.scalar(0.0);
                 let exec = self.op("Greater", &[&z, &zero_f]); // [T, 1]
                 let row = self.b.ints(&[1, -1]);
                 self.b
@@ -486,7 +486,7 @@ impl<'a> Lower<'a> {
                     let y = self.gated_mlp_residual(l, &a, g.as_deref());
                     h = self.op("Where", &[&exec, &y, &h]);
                     let exec3 = self.unsqueeze(&exec, &[2]); // [T, 1, 1]
-                    let zero_f = self.b.scalar_f32(0.0);
+                    let zero_f = self.b.scalar(0.0);
                     k_rows = self.op("Where", &[&exec3, &k, &zero_f]);
                     v_rows = self.op("Where", &[&exec3, &v, &zero_f]);
                     self.b
@@ -523,15 +523,15 @@ impl<'a> Lower<'a> {
             self.b.node("Identity", &[&kc], &[&pk], vec![]);
             self.b.node("Identity", &[&vc], &[&pv], vec![]);
             let kv_dims = self.kv_dims(Dim::Sym("seq"));
-            self.output(&pk, data_type::FLOAT, &kv_dims);
-            self.output(&pv, data_type::FLOAT, &kv_dims);
+            self.output(&pk, float, &kv_dims);
+            self.output(&pv, float, &kv_dims);
             if kind != LayerKind::Dense {
                 let row = [Dim::Fixed(1), Dim::Sym("seq")];
                 if kind == LayerKind::SkipLayer {
                     self.output(&format!("present_valid.{l}"), data_type::BOOL, &row);
                 }
                 self.output(&format!("exec.{l}"), data_type::BOOL, &row);
-                self.output(&format!("router_logit.{l}"), data_type::FLOAT, &row);
+                self.output(&format!("router_logit.{l}"), float, &row);
             }
         }
         self.b.prefix = String::new();
@@ -545,6 +545,7 @@ impl<'a> Lower<'a> {
     pub fn decode(mut self) -> LoweredGraph {
         let c = self.cfg;
         let (v, kv, n) = (c.vocab_size, c.num_key_value_heads, c.num_hidden_layers);
+        let float = self.float();
         let one_one = [Dim::Fixed(1), Dim::Fixed(1)];
         self.inputs.push(value_info("input_ids", data_type::INT64, &one_one));
         self.inputs.push(value_info("position_ids", data_type::INT64, &one_one));
@@ -552,19 +553,15 @@ impl<'a> Lower<'a> {
         let valid_dims = [Dim::Fixed(1), Dim::Sym("capacity")];
         for l in 0..n {
             self.inputs
-                .push(value_info(&format!("past_key.{l}"), data_type::FLOAT, &cache_dims));
+                .push(value_info(&format!("past_key.{l}"), float, &cache_dims));
             self.inputs
-                .push(value_info(&format!("past_value.{l}"), data_type::FLOAT, &cache_dims));
+                .push(value_info(&format!("past_value.{l}"), float, &cache_dims));
             if layer_kind(c, l) == LayerKind::SkipLayer {
                 self.inputs
                     .push(value_info(&format!("past_valid.{l}"), data_type::BOOL, &valid_dims));
             }
         }
-        self.output(
-            "logits",
-            data_type::FLOAT,
-            &[Dim::Fixed(1), Dim::Fixed(1), Dim::Fixed(v)],
-        );
+        self.output("logits", float, &[Dim::Fixed(1), Dim::Fixed(1), Dim::Fixed(v)]);
 
         let mut h = self.embed("input_ids"); // [1, d]
         let p = self.reshape("position_ids", &[1]);
@@ -595,7 +592,7 @@ impl<'a> Lower<'a> {
             if kind != LayerKind::Dense {
                 let (z, g) = self.router(l, &h);
                 self.b.node("Identity", &[&z], &[&format!("router_logit.{l}")], vec![]);
-                let zero_f = self.b.scalar_f32(0.0);
+                let zero_f = self.b.scalar(0.0);
                 let exec = format!("exec.{l}");
                 self.b.node("Greater", &[&z, &zero_f], &[&exec], vec![]);
                 let scalar = self.b.ints(&[]);
@@ -629,9 +626,9 @@ impl<'a> Lower<'a> {
                         .collect();
                     let else_nodes = self.b.pop_scope();
                     let types = [
-                        (data_type::FLOAT, vec![Dim::Fixed(1), Dim::Fixed(c.hidden_size)]),
-                        (data_type::FLOAT, cache_dims.clone()),
-                        (data_type::FLOAT, cache_dims.clone()),
+                        (float, vec![Dim::Fixed(1), Dim::Fixed(c.hidden_size)]),
+                        (float, cache_dims.clone()),
+                        (float, cache_dims.clone()),
                         (data_type::BOOL, valid_dims.to_vec()),
                     ];
                     let h_next = self.b.fresh("h");
@@ -665,7 +662,7 @@ impl<'a> Lower<'a> {
                             let y_skip = self.op("Identity", &[&a]);
                             let else_nodes = self.b.pop_scope();
                             let h_next = self.b.fresh("h");
-                            let types = [(data_type::FLOAT, vec![Dim::Fixed(1), Dim::Fixed(c.hidden_size)])];
+                            let types = [(float, vec![Dim::Fixed(1), Dim::Fixed(c.hidden_size)])];
                             self.if_node(
                                 l,
                                 &cond,
@@ -679,11 +676,11 @@ impl<'a> Lower<'a> {
                     };
                 }
             }
-            self.output(&pk, data_type::FLOAT, &cache_dims);
-            self.output(&pv, data_type::FLOAT, &cache_dims);
+            self.output(&pk, float, &cache_dims);
+            self.output(&pv, float, &cache_dims);
             if kind != LayerKind::Dense {
                 self.output(&format!("exec.{l}"), data_type::BOOL, &one_one);
-                self.output(&format!("router_logit.{l}"), data_type::FLOAT, &one_one);
+                self.output(&format!("router_logit.{l}"), float, &one_one);
             }
         }
         self.b.prefix = String::new();

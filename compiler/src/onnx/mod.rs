@@ -1,5 +1,7 @@
 //! ONNX lowering (`dlo-compile build --target onnx -o DIR`): a dense or DLO-routed Llama-family model
 //! becomes two ONNX models (IR 9, opset 17, f32) that onnxruntime runs and TensorRT can build engines from.
+//! With [`Elem::F64`] (`--dtype f64`) every floating-point tensor is f64 instead: a verification target, not a
+//! deployment one (see Numerics below).
 //!
 //! # Files
 //! - `prefill.onnx`: a prompt, no past.
@@ -52,9 +54,14 @@
 //!   their original positions, RoPE at those positions), scatters the outputs back, and scatters their
 //!   K/V into zeroed position-indexed cache rows (`present_valid.l` = the decisions).
 //!
-//! Numerics follow the runtime's f32 forward (RMSNorm, rotate-half RoPE from the runtime's own tables,
-//! additive mask −1e30, router logits in f32); `scripts/check_onnx.py` compares logits and routing
-//! against a `dlo-run --dump` reference with onnxruntime.
+//! # Numerics
+//! The graphs follow the runtime's forward (RMSNorm, rotate-half RoPE from the runtime's own tables, additive
+//! mask −1e30, gate constants); `scripts/check_onnx.py` compares logits and routing against a runtime
+//! reference with onnxruntime. In f32, real models' logits move by 1e-4–1e-3 with summation order alone (the
+//! runtime's cached decode differs from its own one-pass forward by as much), which would hide a small
+//! lowering error. In f64 (weights, RoPE tables, constants, caches, logits and router logits all `DOUBLE`; no
+//! `Cast`) against the runtime computing in f64, that noise drops to ~1e-12: agreement within 1e-4 there shows
+//! that the lowering itself is exact.
 
 pub mod builder;
 pub mod lower;
@@ -62,12 +69,13 @@ pub mod proto;
 #[cfg(test)]
 mod tests;
 
+pub use builder::Elem;
 use builder::{raw_tensor, Registry, Source, TensorSpec};
 use dlo_passes::ModelConfig;
 use dlo_runtime::Weights;
 use lower::{layer_kind, LayerKind, LoweredGraph};
 use prost::Message;
-use proto::{data_type, ModelProto, OperatorSetIdProto, StringStringEntryProto, TensorProto};
+use proto::{ModelProto, OperatorSetIdProto, StringStringEntryProto, TensorProto};
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
@@ -117,6 +125,9 @@ pub struct OnnxOptions {
     /// Positions covered by the RoPE tables (the longest context the models accept); default
     /// `max_position_embeddings`.
     pub max_positions: Option<usize>,
+    /// Element type of every floating-point tensor: f32 (deployment) or f64 (verification of the lowering
+    /// against the runtime computing in f64).
+    pub elem: Elem,
 }
 
 /// What [`export_onnx`] wrote.
@@ -126,7 +137,7 @@ pub struct OnnxReport {
     pub files: Vec<PathBuf>,
     /// Whether tensors are in `weights.bin`.
     pub external_data: bool,
-    /// Bytes of tensor data (weights and RoPE tables, f32).
+    /// Bytes of tensor data (weights and RoPE tables, in the export's element type).
     pub tensor_bytes: u64,
     /// Nodes of the prefill graph.
     pub prefill_nodes: usize,
@@ -185,7 +196,7 @@ pub fn export_onnx(
             u32::MAX
         )));
     }
-    let mut reg = Registry::default();
+    let mut reg = Registry::new(opts.elem);
     lower::register_rope_tables(cfg, &mut reg, max_pos)?;
     let prefill = lower::Lower::new(cfg, &mut reg).prefill(opts.prefill == PrefillForm::Masked);
     let decode = lower::Lower::new(cfg, &mut reg).decode();
@@ -254,22 +265,19 @@ fn check_tensor(weights: &Weights, spec: &TensorSpec) -> Result<(), OnnxError> {
     }
 }
 
-/// The f32 little-endian bytes of a registered tensor.
-fn tensor_bytes(weights: &Weights, spec: &TensorSpec) -> Result<Vec<u8>, OnnxError> {
-    let values: Vec<f32> = match &spec.source {
-        Source::Generated(v) => return Ok(builder::f32_bytes(v)),
+/// The little-endian bytes of a registered tensor in `elem`. Checkpoint tensors are read in `elem` (as the
+/// runtime loads them for a model of that dtype), then widened losslessly to f64 for [`Elem::bytes`].
+fn tensor_bytes(weights: &Weights, spec: &TensorSpec, elem: Elem) -> Result<Vec<u8>, OnnxError> {
+    let values: Vec<f64> = match &spec.source {
+        Source::Generated(v) => return Ok(elem.bytes(v)),
         Source::Checkpoint => weights
-            .get(
-                &spec.name,
-                &spec.dims,
-                candle_core::DType::F32,
-                &candle_core::Device::Cpu,
-            )?
+            .get(&spec.name, &spec.dims, elem.dtype(), &candle_core::Device::Cpu)?
             .flatten_all()
+            .and_then(|t| t.to_dtype(candle_core::DType::F64))
             .and_then(|t| t.to_vec1())
             .map_err(dlo_runtime::Error::from)?,
     };
-    Ok(builder::f32_bytes(&values))
+    Ok(elem.bytes(&values))
 }
 
 /// Temporary files written so far and their final names.
@@ -325,7 +333,7 @@ fn write_all(
             let pad = offset.next_multiple_of(EXTERNAL_ALIGN) - offset;
             w.write_all(&vec![0u8; pad as usize]).map_err(io_err(&tmp))?;
             offset += pad;
-            let bytes = tensor_bytes(weights, spec)?;
+            let bytes = tensor_bytes(weights, spec, reg.elem)?;
             w.write_all(&bytes).map_err(io_err(&tmp))?;
             external_refs.insert(spec.name.clone(), (offset, bytes.len() as u64));
             offset += bytes.len() as u64;
@@ -347,7 +355,7 @@ fn write_all(
             initializers.push(match external_refs.get(name) {
                 Some(&(offset, length)) => TensorProto {
                     dims,
-                    data_type: data_type::FLOAT,
+                    data_type: reg.elem.onnx(),
                     name: name.clone(),
                     data_location: proto::DATA_LOCATION_EXTERNAL,
                     external_data: [
@@ -363,7 +371,7 @@ fn write_all(
                     .collect(),
                     ..Default::default()
                 },
-                None => raw_tensor(name, data_type::FLOAT, &dims, tensor_bytes(weights, spec)?),
+                None => raw_tensor(name, reg.elem.onnx(), &dims, tensor_bytes(weights, spec, reg.elem)?),
             });
         }
         initializers.extend(g.consts.iter().cloned());

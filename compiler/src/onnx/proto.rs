@@ -17,6 +17,8 @@ pub mod data_type {
     pub const INT64: i32 = 7;
     /// `BOOL` (one byte per element in `raw_data`).
     pub const BOOL: i32 = 9;
+    /// `DOUBLE` (f64).
+    pub const DOUBLE: i32 = 11;
 }
 
 /// `AttributeProto.AttributeType` values used here.

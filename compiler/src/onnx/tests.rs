@@ -99,9 +99,10 @@ fn token_ids(n: usize) -> Vec<u32> {
     (0..n as u32).map(|i| (i * 37 + 11) % 97).collect()
 }
 
-/// Writes the runtime's reference for `ids` in `dlo-run --dump` format, plus `token_ids`.
-fn write_reference(cfg: &ModelConfig, w: &Weights, ids: &[u32], path: &Path) {
-    let model = Model::load(cfg, w, DType::F32, &Device::Cpu).unwrap();
+/// Writes the runtime's reference for `ids` in `dlo-run --dump` format, plus `token_ids`, with the runtime
+/// computing in `elem`'s precision (logits in that dtype; router logits are recorded in f32 either way).
+fn write_reference(cfg: &ModelConfig, w: &Weights, ids: &[u32], path: &Path, elem: Elem) {
+    let model = Model::load(cfg, w, elem.dtype(), &Device::Cpu).unwrap();
     let fwd = Forward {
         all_logits: true,
         ..Default::default()
@@ -159,6 +160,27 @@ fn if_branches(g: &GraphProto) -> Vec<(GraphProto, GraphProto)> {
             (get("then_branch"), get("else_branch"))
         })
         .collect()
+}
+
+/// Element types of every tensor a graph declares or holds: inputs, outputs, initializers, tensor attributes
+/// (`ConstantOfShape`), and the same inside `If` branches.
+fn elem_types(g: &GraphProto) -> std::collections::BTreeSet<i32> {
+    use proto::type_proto::Value as T;
+    let mut out = std::collections::BTreeSet::new();
+    for v in g.input.iter().chain(&g.output).chain(&g.value_info) {
+        if let Some(T::TensorType(t)) = v.r#type.as_ref().and_then(|t| t.value.clone()) {
+            out.insert(t.elem_type);
+        }
+    }
+    out.extend(g.initializer.iter().map(|t| t.data_type));
+    for n in &g.node {
+        assert_ne!(n.op_type, "Cast", "the graphs need no casts");
+        for a in &n.attribute {
+            out.extend(a.t.iter().map(|t| t.data_type));
+            out.extend(a.g.iter().flat_map(elem_types));
+        }
+    }
+    out
 }
 
 fn export(cfg: &ModelConfig, w: &Weights, dir: &Path, external: ExternalData) -> OnnxReport {
@@ -225,12 +247,60 @@ fn graphs_have_the_documented_interface_and_shape_identical_if_branches() {
 }
 
 #[test]
+fn f64_export_has_no_f32_tensor_anywhere() {
+    use proto::data_type::{BOOL, DOUBLE, FLOAT, INT64};
+    for (skip, form) in [
+        (SkipKind::Mlp, PrefillForm::GatherScatter),
+        (SkipKind::Layer, PrefillForm::GatherScatter),
+        (SkipKind::Layer, PrefillForm::Masked),
+    ] {
+        let cfg = tiny_config(Some(skip), false);
+        let w = weights(&cfg, 11);
+        for (elem, float) in [(Elem::F32, FLOAT), (Elem::F64, DOUBLE)] {
+            let dir = tempfile::tempdir().unwrap();
+            let opts = OnnxOptions {
+                elem,
+                prefill: form,
+                ..Default::default()
+            };
+            let rep = export_onnx(&cfg, &w, dir.path(), &opts).unwrap();
+            let numel: u64 = random_tensors(&cfg, 0)
+                .values()
+                .map(|t| t.elem_count() as u64)
+                .sum::<u64>()
+                + 2 * 64 * 4; // RoPE tables
+            assert_eq!(rep.tensor_bytes, numel * elem.size());
+            for file in ["prefill.onnx", "decode.onnx"] {
+                let g = load_model(&dir.path().join(file)).graph.unwrap();
+                let types = elem_types(&g);
+                assert_eq!(
+                    types,
+                    [float, INT64, BOOL].into_iter().collect(),
+                    "{skip:?} {form:?} {elem:?} {file}"
+                );
+            }
+        }
+    }
+}
+
+#[test]
 fn external_data_points_into_one_aligned_weights_file() {
+    for elem in [Elem::F32, Elem::F64] {
+        check_external_data(elem);
+    }
+}
+
+fn check_external_data(elem: Elem) {
     let cfg = tiny_config(Some(SkipKind::Mlp), true);
     let tensors = random_tensors(&cfg, 2);
     let w = Weights::from_tensors(tensors.clone(), "random");
     let dir = tempfile::tempdir().unwrap();
-    let rep = export(&cfg, &w, dir.path(), ExternalData::Always);
+    let opts = OnnxOptions {
+        external_data: ExternalData::Always,
+        elem,
+        ..Default::default()
+    };
+    let rep = export_onnx(&cfg, &w, dir.path(), &opts).unwrap();
     assert!(rep.external_data);
     let bin = std::fs::read(dir.path().join(WEIGHTS_FILE)).unwrap();
     let mut seen = 0;
@@ -249,13 +319,22 @@ fn external_data_points_into_one_aligned_weights_file() {
             assert_eq!(kv["location"], WEIGHTS_FILE);
             let (off, len): (usize, usize) = (kv["offset"].parse().unwrap(), kv["length"].parse().unwrap());
             assert_eq!(off % 4096, 0, "{} is not page-aligned", t.name);
-            assert_eq!(len, t.dims.iter().product::<i64>() as usize * 4);
-            let stored: Vec<f32> = bin[off..off + len]
-                .chunks_exact(4)
-                .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
-                .collect();
+            assert_eq!(t.data_type, elem.onnx());
+            assert_eq!(len, t.dims.iter().product::<i64>() as usize * elem.size() as usize);
+            let stored: Vec<f64> = match elem {
+                Elem::F32 => bin[off..off + len]
+                    .chunks_exact(4)
+                    .map(|c| f32::from_le_bytes(c.try_into().unwrap()) as f64)
+                    .collect(),
+                Elem::F64 => bin[off..off + len]
+                    .chunks_exact(8)
+                    .map(|c| f64::from_le_bytes(c.try_into().unwrap()))
+                    .collect(),
+            };
             if let Some(src) = tensors.get(&t.name) {
+                // The f32 checkpoint values, exactly (widened losslessly in f64).
                 let want: Vec<f32> = src.flatten_all().unwrap().to_vec1().unwrap();
+                let want: Vec<f64> = want.into_iter().map(f64::from).collect();
                 assert_eq!(stored, want, "{}", t.name);
                 seen += 1;
             }
@@ -346,7 +425,18 @@ fn python() -> Option<PathBuf> {
     p.exists().then_some(p)
 }
 
-/// Exports `cfg`, writes the runtime reference, and runs `scripts/check_onnx.py` on them.
+/// Logits tolerance of the tiny models against the runtime: in f32 the default 1e-4 (summation-order noise
+/// measured up to ~1.2e-5); in f64, where the lowering must be exact up to f64 rounding (measured ≤ ~1e-14),
+/// 1e-9.
+fn tiny_tol(elem: Elem) -> &'static str {
+    match elem {
+        Elem::F32 => "1e-4",
+        Elem::F64 => "1e-9",
+    }
+}
+
+/// Exports `cfg` in f32 and in f64, writes the runtime reference in the same precision, and runs
+/// `scripts/check_onnx.py` on them.
 fn check_with_onnxruntime(cfg: &ModelConfig, seed: u64, external: ExternalData, n: usize, prefill: usize) {
     check_weights_with_onnxruntime(cfg, &weights(cfg, seed), external, n, prefill, &[]);
 }
@@ -359,13 +449,18 @@ fn check_weights_with_onnxruntime(
     prefill: usize,
     extra_args: &[&str],
 ) {
-    let opts = OnnxOptions {
-        external_data: external,
-        ..Default::default()
-    };
-    check_options_with_onnxruntime(cfg, w, &opts, n, prefill, extra_args);
+    for elem in [Elem::F32, Elem::F64] {
+        let opts = OnnxOptions {
+            external_data: external,
+            elem,
+            ..Default::default()
+        };
+        check_options_with_onnxruntime(cfg, w, &opts, n, prefill, extra_args);
+    }
 }
 
+/// Exports with `opts`, writes the runtime reference in the export's precision, and runs
+/// `scripts/check_onnx.py` with the tolerance of [`tiny_tol`].
 fn check_options_with_onnxruntime(
     cfg: &ModelConfig,
     w: &Weights,
@@ -381,13 +476,14 @@ fn check_options_with_onnxruntime(
     let dir = tempfile::tempdir().unwrap();
     export_onnx(cfg, w, dir.path(), opts).unwrap();
     let reference = dir.path().join("reference.safetensors");
-    write_reference(cfg, w, &token_ids(n), &reference);
+    write_reference(cfg, w, &token_ids(n), &reference, opts.elem);
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/check_onnx.py");
     let out = std::process::Command::new(py)
         .arg(&script)
         .arg(dir.path())
         .arg(&reference)
         .args(["--prefill", &prefill.to_string(), "--threads", "1"])
+        .args(["--tol", tiny_tol(opts.elem)])
         .args(extra_args)
         .output()
         .unwrap();
@@ -396,8 +492,8 @@ fn check_options_with_onnxruntime(
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
     );
-    eprintln!("{text}");
-    assert!(out.status.success(), "check_onnx.py failed:\n{text}");
+    eprintln!("{:?}:\n{text}", opts.elem);
+    assert!(out.status.success(), "{:?}: check_onnx.py failed:\n{text}", opts.elem);
     assert!(text.contains("check_onnx: OK"));
 }
 
@@ -438,7 +534,9 @@ fn masked_prefill_has_no_data_dependent_shapes_and_matches_runtime() {
             assert!(!g.node.iter().any(|n| n.op_type == op), "masked prefill has {op}");
         }
         assert!(g.node.iter().any(|n| n.op_type == "Where"));
-        check_options_with_onnxruntime(&cfg, &w, &opts, 20, 9, &[]);
+        for elem in [Elem::F32, Elem::F64] {
+            check_options_with_onnxruntime(&cfg, &w, &OnnxOptions { elem, ..opts.clone() }, 20, 9, &[]);
+        }
     }
 }
 
@@ -520,16 +618,19 @@ fn with_random_routers(w: &Weights, cfg: &ModelConfig, seed: u64) -> Weights {
 }
 
 /// Largest logit difference between the runtime's one-pass forward over `ids` and its prefill of
-/// `prefill` tokens followed by cached one-token decode steps: the f32 summation-order noise of the model.
-fn runtime_noise_floor(cfg: &ModelConfig, w: &Weights, ids: &[u32], prefill: usize) -> f32 {
-    let model = Model::load(cfg, w, DType::F32, &Device::Cpu).unwrap();
+/// `prefill` tokens followed by cached one-token decode steps, computing in `elem`'s precision: the
+/// summation-order noise of the model.
+fn runtime_noise_floor(cfg: &ModelConfig, w: &Weights, ids: &[u32], prefill: usize, elem: Elem) -> f64 {
+    let model = Model::load(cfg, w, elem.dtype(), &Device::Cpu).unwrap();
     let all = Forward {
         all_logits: true,
         ..Default::default()
     };
     let full = model.forward(&Batch::single(ids, 0), None, &all).unwrap().logits;
-    let diff =
-        |a: &Tensor, b: &Tensor| -> f32 { (a - b).unwrap().abs().unwrap().max_all().unwrap().to_scalar().unwrap() };
+    let diff = |a: &Tensor, b: &Tensor| -> f64 {
+        let d = (a - b).unwrap().abs().unwrap().max_all().unwrap();
+        d.to_dtype(DType::F64).unwrap().to_scalar().unwrap()
+    };
     let mut cache = model.new_cache();
     let pre = model
         .forward(&Batch::single(&ids[..prefill], 0), Some(&mut cache), &all)
@@ -579,25 +680,37 @@ fn smollm2_onnx_matches_runtime() {
     }
 }
 
-/// Exports a real (large) model with external data and checks it with onnxruntime against the runtime.
+/// Exports a real (large) model with external data, in f32 and in f64, and checks each with onnxruntime against
+/// the runtime computing in the same precision.
 ///
 /// Real models' f32 logits (SmolLM2: up to ~30, from a large residual stream) move by more than 1e-4 with
 /// summation order alone: the runtime's own prefill + cached decode differs from its one-pass forward by
-/// ~6e-5 (dense SmolLM2) to ~1e-3 (random layer-skip routers). ONNX must agree with the runtime as closely as
-/// the runtime agrees with itself (within 3x), and never looser than needed: at least 1e-4.
+/// ~6e-5 (dense SmolLM2) to ~1e-3 (random layer-skip routers). In f32 ONNX must agree with the runtime as
+/// closely as the runtime agrees with itself (within 3x), and never looser than needed: at least 1e-4. In f64
+/// that noise vanishes and the plain 1e-4 holds: the lowering itself is exact.
 fn check_real_model(py: &Path, label: &str, cfg: &ModelConfig, w: &Weights, ids: &[u32]) {
+    for elem in [Elem::F32, Elem::F64] {
+        check_real_model_in(py, &format!("{label} {}", elem.as_str()), cfg, w, ids, elem);
+    }
+}
+
+fn check_real_model_in(py: &Path, label: &str, cfg: &ModelConfig, w: &Weights, ids: &[u32], elem: Elem) {
     let dir = tempfile::tempdir().unwrap();
     let opts = OnnxOptions {
         external_data: ExternalData::Always,
         max_positions: Some(256),
+        elem,
         ..Default::default()
     };
     let rep = export_onnx(cfg, w, dir.path(), &opts).unwrap();
     assert!(rep.external_data && rep.files.len() == 3);
     let reference = dir.path().join("reference.safetensors");
-    write_reference(cfg, w, ids, &reference);
-    let floor = runtime_noise_floor(cfg, w, ids, 8);
-    let tol = (3.0 * floor).max(1e-4);
+    write_reference(cfg, w, ids, &reference, elem);
+    let floor = runtime_noise_floor(cfg, w, ids, 8, elem);
+    let tol = match elem {
+        Elem::F32 => (3.0 * floor).max(1e-4),
+        Elem::F64 => 1e-4,
+    };
     eprintln!("{label}: runtime self-discrepancy {floor:.3e}, tolerance {tol:.3e}");
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/check_onnx.py");
     let out = std::process::Command::new(py)
