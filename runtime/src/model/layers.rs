@@ -1,9 +1,11 @@
 //! The building blocks of a Llama decoder layer, named as the checkpoint tensors are.
 //!
-//! Every block has an inference form (candle's fused kernels) and a differentiable form for training,
+//! Every block has an inference form (candle's fused kernels) and a differentiable form for training (ours,
+//! [`super::fused`], on the CPU in f32/f64; composed from elementwise ops elsewhere),
 //! chosen by [`Exec::differentiable`]; they compute the same function (tests compare them).
 
 use super::cache::{build_mask, LayerCache};
+use super::fused;
 use super::rope;
 use crate::error::Result;
 use crate::weights::Weights;
@@ -165,6 +167,9 @@ impl RmsNorm {
         if !ex.differentiable && x.dtype() != DType::F64 {
             return candle_nn::ops::rms_norm(&x.contiguous()?, &self.weight, self.eps as f32);
         }
+        if fused::supported(x) && self.weight.dtype() == x.dtype() {
+            return fused::rms_norm(x, &self.weight, self.eps);
+        }
         let dt = x.dtype();
         let xf = x.to_dtype(wide(dt))?;
         let var = xf.sqr()?.mean_keepdim(D::Minus1)?;
@@ -200,7 +205,7 @@ impl Mlp {
     }
 
     /// `x: [.., d]` → `[.., d]`.
-    pub fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+    pub fn forward(&self, x: &Tensor, ex: Exec) -> candle_core::Result<Tensor> {
         let (g, u) = match &self.gate_up {
             Some(f) => {
                 let y = f.forward(x)?;
@@ -209,7 +214,12 @@ impl Mlp {
             }
             None => (self.gate_proj.forward(x)?, self.up_proj.forward(x)?),
         };
-        self.down_proj.forward(&(candle_nn::Activation::Silu.forward(&g)? * u)?)
+        let h = if ex.differentiable && fused::supported(&g) {
+            fused::swiglu(&g, &u)?
+        } else {
+            (candle_nn::Activation::Silu.forward(&g)? * u)?
+        };
+        self.down_proj.forward(&h)
     }
 }
 
@@ -317,16 +327,22 @@ impl Attention {
         // Query heads sharing a KV head are stacked along the row axis: no K/V repetition needed.
         let q = q.contiguous()?.reshape((b, self.n_kv, g * t, hd))?;
         let scale = 1.0 / (hd as f64).sqrt();
-        let scores = (q.matmul(&k.contiguous()?.t()?)? * scale)?;
-        let scores = scores.to_dtype(wide(x.dtype()))?.reshape((b, self.n_kv, g, t, n))?;
-        let scores = match &mask {
-            Some(m) => scores.broadcast_add(m)?,
-            None => scores,
-        };
-        let probs = if ex.differentiable {
-            candle_nn::ops::softmax(&scores, D::Minus1)?
+        let raw = q.matmul(&k.contiguous()?.t()?)?;
+        let probs = if ex.differentiable && fused::supported(&raw) {
+            // scale, mask and softmax in one pass (and one pass backward)
+            fused::masked_softmax(&raw.reshape((b, self.n_kv, g, t, n))?, mask.as_ref(), scale)?
         } else {
-            candle_nn::ops::softmax_last_dim(&scores)?
+            let scores = (raw * scale)?;
+            let scores = scores.to_dtype(wide(x.dtype()))?.reshape((b, self.n_kv, g, t, n))?;
+            let scores = match &mask {
+                Some(m) => scores.broadcast_add(m)?,
+                None => scores,
+            };
+            if ex.differentiable {
+                candle_nn::ops::softmax(&scores, D::Minus1)?
+            } else {
+                candle_nn::ops::softmax_last_dim(&scores)?
+            }
         };
         let probs = probs.to_dtype(x.dtype())?.reshape((b, self.n_kv, g * t, n))?;
         let out = probs.matmul(&v.contiguous()?)?; // [b, kv, g*t, hd]
@@ -385,7 +401,7 @@ impl DecoderLayer {
 
     /// The MLP's contribution `MLP(RMSNorm₂(a))` (without the residual).
     pub fn mlp_delta(&self, a: &Tensor, ex: Exec) -> candle_core::Result<Tensor> {
-        self.mlp.forward(&self.post_attention_layernorm.forward(a, ex)?)
+        self.mlp.forward(&self.post_attention_layernorm.forward(a, ex)?, ex)
     }
 }
 

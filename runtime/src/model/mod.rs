@@ -12,6 +12,7 @@
 
 pub mod analysis;
 pub mod cache;
+pub mod fused;
 pub mod layers;
 pub mod rope;
 pub mod train;
@@ -432,10 +433,12 @@ fn mlp_skip(
     }
     let (b, t, d) = a.dims3()?;
     let idx = Tensor::from_slice(&rows, rows.len(), a.device())?;
-    let a_rows = a.reshape((b * t, d))?.index_select(&idx, 0)?;
+    let a = a.reshape((b * t, d))?;
+    let a_rows = a.index_select(&idx, 0)?;
     let g_rows = gate.reshape((b * t, 1))?.index_select(&idx, 0)?;
-    let y_rows = (&a_rows + layer.mlp_delta(&a_rows, ex)?.broadcast_mul(&g_rows)?)?;
-    scatter_rows(&a, &rows, &y_rows, exec)
+    let delta = layer.mlp_delta(&a_rows, ex)?.broadcast_mul(&g_rows)?;
+    // One pass: executed rows get a + g·MLP(a) (the same sum as the dense path), the others stay a.
+    a.index_add(&idx, &delta, 0)?.reshape((b, t, d))
 }
 
 /// `layer` skipping: executed tokens are packed per sequence and run the whole layer; the rest pass.

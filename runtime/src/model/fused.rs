@@ -1,0 +1,574 @@
+//! Fused CPU kernels with hand-written backward passes, for the training forward.
+//!
+//! When gradients must flow, candle composes softmax, RMSNorm and SiLU from elementwise ops (its fused kernels
+//! drop gradients): every op is a pass over memory, and its backward several more. On SmolLM2-DLO training
+//! those passes over the `[b, heads, t, t]` attention scores alone cost more than the attention matmuls.
+//! These custom ops compute the same functions in one row-parallel pass forward and one backward, for f32 and
+//! f64 tensors on the CPU; callers take the composed form for other devices and dtypes ([`supported`]).
+//! Finite-difference and composed-form comparisons are in this module's tests.
+
+use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Tensor};
+use rayon::prelude::*;
+
+/// Whether the fused ops handle `x` (CPU, f32 or f64).
+pub fn supported(x: &Tensor) -> bool {
+    x.device().is_cpu() && matches!(x.dtype(), DType::F32 | DType::F64)
+}
+
+/// The arithmetic the kernels need, for f32 and f64.
+trait Real:
+    Copy
+    + Send
+    + Sync
+    + PartialOrd
+    + std::ops::Add<Output = Self>
+    + std::ops::Sub<Output = Self>
+    + std::ops::Mul<Output = Self>
+    + std::ops::Div<Output = Self>
+    + std::ops::Neg<Output = Self>
+    + std::iter::Sum
+    + 'static
+{
+    const ZERO: Self;
+    const ONE: Self;
+    fn of(v: f64) -> Self;
+    fn exp(self) -> Self;
+    fn sqrt(self) -> Self;
+    fn slice(s: &CpuStorage) -> Option<&[Self]>;
+    fn storage(v: Vec<Self>) -> CpuStorage;
+}
+
+macro_rules! real {
+    ($t:ty, $variant:ident) => {
+        impl Real for $t {
+            const ZERO: Self = 0.0;
+            const ONE: Self = 1.0;
+            fn of(v: f64) -> Self {
+                v as $t
+            }
+            fn exp(self) -> Self {
+                <$t>::exp(self)
+            }
+            fn sqrt(self) -> Self {
+                <$t>::sqrt(self)
+            }
+            fn slice(s: &CpuStorage) -> Option<&[Self]> {
+                match s {
+                    CpuStorage::$variant(v) => Some(v),
+                    _ => None,
+                }
+            }
+            fn storage(v: Vec<Self>) -> CpuStorage {
+                CpuStorage::$variant(v)
+            }
+        }
+    };
+}
+real!(f32, F32);
+real!(f64, F64);
+
+/// The contiguous elements of a storage/layout pair.
+fn data<'a, T: Real>(s: &'a CpuStorage, l: &Layout, op: &'static str) -> Result<&'a [T]> {
+    let v = T::slice(s).ok_or_else(|| candle_core::Error::Msg(format!("{op}: unsupported dtype")))?;
+    match l.contiguous_offsets() {
+        Some((a, b)) => Ok(&v[a..b]),
+        None => candle_core::bail!("{op}: the input must be contiguous"),
+    }
+}
+
+/// Rows per rayon task: enough work per task to amortise scheduling.
+fn chunk_rows(width: usize) -> usize {
+    (16384 / width.max(1)).max(1)
+}
+
+/// Dispatches `$body` with `T` = f32 or f64 according to the storage `$s`.
+macro_rules! by_dtype {
+    ($s:expr, $op:expr, |$t:ident| $body:expr) => {
+        match $s {
+            CpuStorage::F32(_) => {
+                type $t = f32;
+                $body
+            }
+            CpuStorage::F64(_) => {
+                type $t = f64;
+                $body
+            }
+            _ => candle_core::bail!("{}: unsupported dtype", $op),
+        }
+    };
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// softmax(scale · s + mask) over the last axis
+
+/// `softmax(scale·scores + mask)` over the last axis. `scores`: `[b, .., tq, tk]` (contiguous);
+/// `mask`: additive, `[b, 1, .., 1, tq, tk]` (contiguous), broadcast over the axes between b and tq.
+pub fn masked_softmax(scores: &Tensor, mask: Option<&Tensor>, scale: f64) -> Result<Tensor> {
+    let scores = scores.contiguous()?;
+    match mask {
+        Some(m) => scores.apply_op2(&m.contiguous()?, MaskedSoftmax { scale }),
+        None => scores.apply_op1(Softmax { scale }),
+    }
+}
+
+struct MaskedSoftmax {
+    scale: f64,
+}
+struct Softmax {
+    scale: f64,
+}
+struct SoftmaxBwd {
+    scale: f64,
+}
+
+fn softmax_rows<T: Real>(x: &[T], mask: Option<(&[T], usize, usize)>, width: usize, scale: f64) -> Vec<T> {
+    let scale = T::of(scale);
+    let mut out = x.to_vec();
+    let rows_per_task = chunk_rows(width);
+    out.par_chunks_mut(width * rows_per_task)
+        .enumerate()
+        .for_each(|(c, chunk)| {
+            for (i, row) in chunk.chunks_mut(width).enumerate() {
+                let r = c * rows_per_task + i;
+                let m = mask.map(|(m, per_b, tq)| {
+                    // row r = ((bi · heads + h) · tq + qi): the mask row is (bi, qi)
+                    let (bi, qi) = (r / per_b, r % tq);
+                    &m[(bi * tq + qi) * width..(bi * tq + qi + 1) * width]
+                });
+                let mut max = None::<T>;
+                for (j, v) in row.iter_mut().enumerate() {
+                    *v = *v * scale;
+                    if let Some(m) = m {
+                        *v = *v + m[j];
+                    }
+                    if max.is_none_or(|mx| *v > mx) {
+                        max = Some(*v);
+                    }
+                }
+                let max = max.unwrap_or(T::ZERO);
+                let mut sum = T::ZERO;
+                for v in row.iter_mut() {
+                    *v = (*v - max).exp();
+                    sum = sum + *v;
+                }
+                for v in row.iter_mut() {
+                    *v = *v / sum;
+                }
+            }
+        });
+    out
+}
+
+impl CustomOp1 for Softmax {
+    fn name(&self) -> &'static str {
+        "fused-softmax"
+    }
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let width = l.dims().last().copied().unwrap_or(1);
+        by_dtype!(s, self.name(), |T| {
+            let x = data::<T>(s, l, self.name())?;
+            Ok((T::storage(softmax_rows(x, None, width, self.scale)), l.shape().clone()))
+        })
+    }
+    fn bwd(&self, _arg: &Tensor, res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+        Ok(Some(res.apply_op2_no_bwd(&grad.contiguous()?, &SoftmaxBwd { scale: self.scale })?))
+    }
+}
+
+impl CustomOp2 for MaskedSoftmax {
+    fn name(&self) -> &'static str {
+        "fused-masked-softmax"
+    }
+    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
+        let dims = l1.dims();
+        let md = l2.dims();
+        let (n, width) = (dims.len(), dims[dims.len() - 1]);
+        let ok = n >= 3
+            && md.len() == n
+            && md[0] == dims[0]
+            && md[n - 2..] == dims[n - 2..]
+            && md[1..n - 2].iter().all(|&d| d == 1);
+        if !ok {
+            candle_core::bail!("{}: mask {md:?} does not broadcast to scores {dims:?}", self.name());
+        }
+        let tq = dims[n - 2];
+        let per_b = dims[1..n - 1].iter().product::<usize>();
+        by_dtype!(s1, self.name(), |T| {
+            let x = data::<T>(s1, l1, self.name())?;
+            let m = data::<T>(s2, l2, self.name())?;
+            let y = softmax_rows(x, Some((m, per_b, tq)), width, self.scale);
+            Ok((T::storage(y), l1.shape().clone()))
+        })
+    }
+    fn bwd(&self, _s: &Tensor, _m: &Tensor, res: &Tensor, grad: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let dx = res.apply_op2_no_bwd(&grad.contiguous()?, &SoftmaxBwd { scale: self.scale })?;
+        Ok((Some(dx), None))
+    }
+}
+
+impl CustomOp2 for SoftmaxBwd {
+    fn name(&self) -> &'static str {
+        "fused-softmax-bwd"
+    }
+    /// dx = scale · y ⊙ (dy − Σ dy ⊙ y), row by row.
+    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
+        let width = l1.dims().last().copied().unwrap_or(1);
+        by_dtype!(s1, self.name(), |T| {
+            let y = data::<T>(s1, l1, self.name())?;
+            let dy = data::<T>(s2, l2, self.name())?;
+            let scale = T::of(self.scale);
+            let mut dx = dy.to_vec();
+            let rows_per_task = chunk_rows(width);
+            dx.par_chunks_mut(width * rows_per_task)
+                .zip(y.par_chunks(width * rows_per_task))
+                .for_each(|(dxc, yc)| {
+                    for (d, yr) in dxc.chunks_mut(width).zip(yc.chunks(width)) {
+                        let dot: T = d.iter().zip(yr).map(|(a, b)| *a * *b).sum();
+                        for (v, yv) in d.iter_mut().zip(yr) {
+                            *v = scale * *yv * (*v - dot);
+                        }
+                    }
+                });
+            Ok((T::storage(dx), l1.shape().clone()))
+        })
+    }
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// RMSNorm: y = x / sqrt(mean(x²) + eps) ⊙ w
+
+/// RMSNorm over the last axis with weight `w` (`[d]`), as HF computes it.
+pub fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> Result<Tensor> {
+    x.contiguous()?.apply_op2(&w.contiguous()?, RmsNormOp { eps })
+}
+
+struct RmsNormOp {
+    eps: f64,
+}
+struct RmsNormBwd {
+    eps: f64,
+}
+
+fn inv_rms<T: Real>(row: &[T], eps: f64) -> T {
+    let ss: T = row.iter().map(|v| *v * *v).sum();
+    let d = T::of(row.len() as f64);
+    (ss / d + T::of(eps)).sqrt()
+}
+
+impl CustomOp2 for RmsNormOp {
+    fn name(&self) -> &'static str {
+        "fused-rms-norm"
+    }
+    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
+        let d = l1.dims().last().copied().unwrap_or(1);
+        if l2.dims() != [d] {
+            candle_core::bail!("{}: weight {:?} for rows of {d}", self.name(), l2.dims());
+        }
+        by_dtype!(s1, self.name(), |T| {
+            let x = data::<T>(s1, l1, self.name())?;
+            let w = data::<T>(s2, l2, self.name())?;
+            let mut y = x.to_vec();
+            let rows_per_task = chunk_rows(d);
+            y.par_chunks_mut(d * rows_per_task).for_each(|c| {
+                for row in c.chunks_mut(d) {
+                    let r = inv_rms(row, self.eps);
+                    for (v, wv) in row.iter_mut().zip(w) {
+                        *v = *v / r * *wv;
+                    }
+                }
+            });
+            Ok((T::storage(y), l1.shape().clone()))
+        })
+    }
+    fn bwd(&self, x: &Tensor, w: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let both = x
+            .contiguous()?
+            .apply_op3_no_bwd(&w.contiguous()?, &grad.contiguous()?, &RmsNormBwd { eps: self.eps })?;
+        // rows 0..n: dx; row n: dw
+        let n = x.elem_count() / w.elem_count();
+        let dx = both.narrow(0, 0, n)?.reshape(x.shape())?;
+        let dw = both.narrow(0, n, 1)?.reshape(w.shape())?;
+        Ok((Some(dx), Some(dw)))
+    }
+}
+
+impl CustomOp3 for RmsNormBwd {
+    fn name(&self) -> &'static str {
+        "fused-rms-norm-bwd"
+    }
+    /// With ρ = sqrt(mean(x²) + eps): dx = w⊙dy / ρ − x · Σⱼ wⱼ dyⱼ xⱼ / (d ρ³); dw = Σ_rows dy ⊙ x / ρ.
+    /// Output `[n + 1, d]`: the n rows of dx, then dw.
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let d = l2.dims().iter().product::<usize>();
+        by_dtype!(s1, self.name(), |T| {
+            let x = data::<T>(s1, l1, self.name())?;
+            let w = data::<T>(s2, l2, self.name())?;
+            let dy = data::<T>(s3, l3, self.name())?;
+            let n = x.len() / d;
+            let mut out = vec![T::ZERO; (n + 1) * d];
+            let (dx, _) = out.split_at_mut(n * d);
+            let rows_per_task = chunk_rows(d);
+            let dw_parts: Vec<Vec<T>> = dx
+                .par_chunks_mut(d * rows_per_task)
+                .zip(x.par_chunks(d * rows_per_task))
+                .zip(dy.par_chunks(d * rows_per_task))
+                .map(|((dxc, xc), dyc)| {
+                    let mut dw = vec![T::ZERO; d];
+                    for ((dxr, xr), dyr) in dxc.chunks_mut(d).zip(xc.chunks(d)).zip(dyc.chunks(d)) {
+                        let rho = inv_rms(xr, self.eps);
+                        let dot: T = (0..d).map(|j| w[j] * dyr[j] * xr[j]).sum();
+                        let k = dot / (T::of(d as f64) * rho * rho * rho);
+                        for j in 0..d {
+                            dxr[j] = w[j] * dyr[j] / rho - xr[j] * k;
+                            dw[j] = dw[j] + dyr[j] * xr[j] / rho;
+                        }
+                    }
+                    dw
+                })
+                .collect();
+            let dw = &mut out[n * d..];
+            for part in dw_parts {
+                for (a, b) in dw.iter_mut().zip(part) {
+                    *a = *a + b;
+                }
+            }
+            Ok((T::storage(out), Shape::from((n + 1, d))))
+        })
+    }
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// SwiGLU: silu(g) ⊙ u
+
+/// `silu(g) ⊙ u` (same shapes).
+pub fn swiglu(g: &Tensor, u: &Tensor) -> Result<Tensor> {
+    g.contiguous()?.apply_op2(&u.contiguous()?, SwiGlu)
+}
+
+struct SwiGlu;
+struct SwiGluBwd;
+
+impl CustomOp2 for SwiGlu {
+    fn name(&self) -> &'static str {
+        "fused-swiglu"
+    }
+    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
+        if l1.dims() != l2.dims() {
+            candle_core::bail!("{}: shapes {:?} and {:?} differ", self.name(), l1.dims(), l2.dims());
+        }
+        by_dtype!(s1, self.name(), |T| {
+            let g = data::<T>(s1, l1, self.name())?;
+            let u = data::<T>(s2, l2, self.name())?;
+            let mut y = g.to_vec();
+            y.par_chunks_mut(16384).zip(u.par_chunks(16384)).for_each(|(yc, uc)| {
+                for (v, uv) in yc.iter_mut().zip(uc) {
+                    *v = *v / (T::ONE + (-*v).exp()) * *uv;
+                }
+            });
+            Ok((T::storage(y), l1.shape().clone()))
+        })
+    }
+    fn bwd(&self, g: &Tensor, u: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let both = g
+            .contiguous()?
+            .apply_op3_no_bwd(&u.contiguous()?, &grad.contiguous()?, &SwiGluBwd)?;
+        Ok((Some(both.get(0)?), Some(both.get(1)?)))
+    }
+}
+
+impl CustomOp3 for SwiGluBwd {
+    fn name(&self) -> &'static str {
+        "fused-swiglu-bwd"
+    }
+    /// With σ = sigmoid(g): dg = dy ⊙ u ⊙ σ (1 + g (1 − σ)), du = dy ⊙ g σ. Output `[2, ..shape]`: dg, du.
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        by_dtype!(s1, self.name(), |T| {
+            let g = data::<T>(s1, l1, self.name())?;
+            let u = data::<T>(s2, l2, self.name())?;
+            let dy = data::<T>(s3, l3, self.name())?;
+            let n = g.len();
+            let mut out = vec![T::ZERO; 2 * n];
+            let (dg, du) = out.split_at_mut(n);
+            dg.par_chunks_mut(16384)
+                .zip(du.par_chunks_mut(16384))
+                .zip(g.par_chunks(16384).zip(u.par_chunks(16384)).zip(dy.par_chunks(16384)))
+                .for_each(|((dgc, duc), ((gc, uc), dyc))| {
+                    for i in 0..gc.len() {
+                        let s = T::ONE / (T::ONE + (-gc[i]).exp());
+                        duc[i] = dyc[i] * gc[i] * s;
+                        dgc[i] = dyc[i] * uc[i] * s * (T::ONE + gc[i] * (T::ONE - s));
+                    }
+                });
+            let mut dims = vec![2];
+            dims.extend_from_slice(l1.dims());
+            Ok((T::storage(out), Shape::from(dims)))
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{Device, Module, Var, D};
+
+    fn rand(shape: &[usize], seed: u64, dt: DType) -> Tensor {
+        let n: usize = shape.iter().product();
+        let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+        let v: Vec<f64> = (0..n)
+            .map(|_| {
+                s ^= s << 13;
+                s ^= s >> 7;
+                s ^= s << 17;
+                (s >> 11) as f64 / (1u64 << 53) as f64 * 4.0 - 2.0
+            })
+            .collect();
+        Tensor::from_vec(v, shape, &Device::Cpu).unwrap().to_dtype(dt).unwrap()
+    }
+
+    fn max_diff(a: &Tensor, b: &Tensor) -> f64 {
+        (a - b)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .max(0)
+            .unwrap()
+            .to_dtype(DType::F64)
+            .unwrap()
+            .to_scalar::<f64>()
+            .unwrap()
+    }
+
+    /// Value and gradients of `f` (summed against fixed random weights) for the fused and the composed form.
+    fn check2(
+        shapes: (&[usize], &[usize]),
+        fused: impl Fn(&Tensor, &Tensor) -> Result<Tensor>,
+        composed: impl Fn(&Tensor, &Tensor) -> Result<Tensor>,
+        dt: DType,
+        tol: f64,
+        grad_b: bool,
+    ) {
+        let a = Var::from_tensor(&rand(shapes.0, 1, dt)).unwrap();
+        let b = Var::from_tensor(&rand(shapes.1, 2, dt)).unwrap();
+        let mut out = vec![];
+        for f in [&fused as &dyn Fn(&Tensor, &Tensor) -> Result<Tensor>, &composed] {
+            let y = f(a.as_tensor(), b.as_tensor()).unwrap();
+            let wts = rand(y.dims(), 3, dt);
+            let loss = (&y * &wts).unwrap().sum_all().unwrap();
+            let g = loss.backward().unwrap();
+            out.push((y, g.get(a.as_tensor()).unwrap().clone(), g.get(b.as_tensor()).cloned()));
+        }
+        let (f, c) = (&out[0], &out[1]);
+        assert!(max_diff(&f.0, &c.0) < tol, "value {}", max_diff(&f.0, &c.0));
+        assert!(max_diff(&f.1, &c.1) < tol, "grad a {}", max_diff(&f.1, &c.1));
+        if grad_b {
+            let (fb, cb) = (f.2.as_ref().unwrap(), c.2.as_ref().unwrap());
+            assert!(max_diff(fb, cb) < tol, "grad b {}", max_diff(fb, cb));
+        }
+    }
+
+    fn composed_softmax(s: &Tensor, m: Option<&Tensor>, scale: f64) -> Result<Tensor> {
+        let x = (s * scale)?;
+        let x = match m {
+            Some(m) => x.broadcast_add(m)?,
+            None => x,
+        };
+        candle_nn::ops::softmax(&x, D::Minus1)
+    }
+
+    #[test]
+    fn masked_softmax_matches_the_composed_form_with_gradients() {
+        for dt in [DType::F64, DType::F32] {
+            let tol = if dt == DType::F64 { 1e-12 } else { 1e-5 };
+            // scores [b=2, kv=3, g=2, tq=5, tk=5], causal mask with one padded key in the second sequence
+            let mut m = vec![0f64; 2 * 5 * 5];
+            for b in 0..2 {
+                for q in 0..5 {
+                    for k in 0..5 {
+                        if k > q || (b == 1 && k == 0 && q > 0) {
+                            m[(b * 5 + q) * 5 + k] = -1e30;
+                        }
+                    }
+                }
+            }
+            let mask = Tensor::from_vec(m, (2, 1, 1, 5, 5), &Device::Cpu).unwrap().to_dtype(dt).unwrap();
+            let (m1, m2) = (mask.clone(), mask.clone());
+            check2(
+                (&[2, 3, 2, 5, 5], &[1]),
+                move |s, _| masked_softmax(s, Some(&m1), 0.125),
+                move |s, _| composed_softmax(s, Some(&m2), 0.125),
+                dt,
+                tol,
+                false,
+            );
+            check2(
+                (&[4, 7], &[1]),
+                |s, _| masked_softmax(s, None, 0.5),
+                |s, _| composed_softmax(s, None, 0.5),
+                dt,
+                tol,
+                false,
+            );
+        }
+    }
+
+    #[test]
+    fn rms_norm_matches_the_composed_form_with_gradients() {
+        for dt in [DType::F64, DType::F32] {
+            let tol = if dt == DType::F64 { 1e-12 } else { 1e-4 };
+            check2(
+                (&[3, 4, 16], &[16]),
+                |x, w| rms_norm(x, w, 1e-5),
+                |x, w| {
+                    let var = x.sqr()?.mean_keepdim(D::Minus1)?;
+                    x.broadcast_div(&(var + 1e-5)?.sqrt()?)?.broadcast_mul(w)
+                },
+                dt,
+                tol,
+                true,
+            );
+        }
+    }
+
+    #[test]
+    fn swiglu_matches_the_composed_form_with_gradients() {
+        for dt in [DType::F64, DType::F32] {
+            let tol = if dt == DType::F64 { 1e-12 } else { 1e-5 };
+            check2(
+                (&[3, 5, 24], &[3, 5, 24]),
+                swiglu,
+                |g, u| candle_nn::Activation::Silu.forward(g)? * u,
+                dt,
+                tol,
+                true,
+            );
+        }
+    }
+
+    #[test]
+    fn bad_shapes_are_errors() {
+        let s = rand(&[2, 3, 4, 4], 1, DType::F32);
+        let m = rand(&[2, 1, 4, 3], 2, DType::F32);
+        assert!(masked_softmax(&s, Some(&m), 1.0).is_err());
+        assert!(rms_norm(&s, &rand(&[3], 3, DType::F32), 1e-5).is_err());
+        assert!(swiglu(&s, &m).is_err());
+        assert!(!supported(&s.to_dtype(DType::BF16).unwrap()));
+    }
+}
