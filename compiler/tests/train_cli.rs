@@ -206,7 +206,7 @@ fn cli_trains_resumes_identically_and_writes_a_loadable_checkpoint() {
     assert!(a.join("plot.svg").is_file() && a.join("summary.json").is_file());
     let c = curve(&a);
     assert_eq!(c.iter().filter(|r| r["kind"] == "train").count(), 6);
-    assert_eq!(c.iter().filter(|r| r["kind"] == "eval").count(), 2);
+    assert_eq!(c.iter().filter(|r| r["kind"] == "eval").count(), 3, "at steps 0, 3 and 6");
     // interrupted after step 3 (checkpoint-2 is the last one), then resumed: same curve, same model
     let b = d.path().join("b");
     let out = train(&[&[m, "-o", b.to_str().unwrap(), "--stop-after", "3"], &common[..]].concat());
@@ -266,6 +266,13 @@ fn cli_refuses_bad_data_and_foreign_resume_before_training() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("bad.jsonl:2:") && err.contains("not valid JSON"), "{err}");
     assert!(!out_dir.exists(), "nothing is written when the data is bad");
+    // a missing data file: named, with its cause said once
+    let missing = d.path().join("missing.jsonl");
+    let out = train(&[m, "--data", missing.to_str().unwrap(), "-o", out_dir.to_str().unwrap()]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("missing.jsonl: No such file"), "{err}");
+    assert_eq!(err.matches("No such file").count(), 1, "{err}");
     // a checkpoint of another model cannot be resumed
     let a = d.path().join("a");
     let dt = data.to_str().unwrap();

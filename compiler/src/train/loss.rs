@@ -103,8 +103,8 @@ pub fn topk_select(scores: &[f32], valid: &[bool], t: usize, capacity: f64, per_
 }
 
 /// The `k`-th smallest value (1-based) among `vals[i]` where `mask[i]`; NaN sorts last.
-fn kth_smallest(vals: &[f32], mask: &[bool], k: usize) -> Option<f32> {
-    let mut v: Vec<f32> = vals.iter().zip(mask).filter(|(_, m)| **m).map(|(x, _)| *x).collect();
+fn kth_smallest(vals: &[f64], mask: &[bool], k: usize) -> Option<f64> {
+    let mut v: Vec<f64> = vals.iter().zip(mask).filter(|(_, m)| **m).map(|(x, _)| *x).collect();
     if v.is_empty() || k == 0 {
         return None;
     }
@@ -127,7 +127,7 @@ pub struct LayerSignals<'a> {
     /// Top-k selection of the forward pass, `b*t`.
     pub exec: &'a [bool],
     /// Similarity per token, `b*t` (required by `cos` and `cos-global`).
-    pub similarity: Option<&'a [f32]>,
+    pub similarity: Option<&'a [f64]>,
     /// This layer's routing capacity (before `min(1, ·)`).
     pub capacity: f64,
 }
@@ -158,8 +158,8 @@ pub fn routing_labels(
             ));
         }
     }
-    let need_sim = |s: &LayerSignals| -> Result<Vec<f32>> {
-        s.similarity.map(<[f32]>::to_vec).ok_or_else(|| {
+    let need_sim = |s: &LayerSignals| -> Result<Vec<f64>> {
+        s.similarity.map(<[f64]>::to_vec).ok_or_else(|| {
             TrainError::Invalid(format!(
                 "loss type `{}` needs the similarity signal, which the forward pass did not return",
                 loss_type.as_str()
@@ -422,7 +422,7 @@ mod tests {
     use candle_core::Device;
     use dlo_passes::SkipKind;
 
-    fn sig(exec: &[bool], sim: &[f32], c: f64) -> (Vec<bool>, Vec<f32>, f64) {
+    fn sig(exec: &[bool], sim: &[f64], c: f64) -> (Vec<bool>, Vec<f64>, f64) {
         (exec.to_vec(), sim.to_vec(), c)
     }
 
@@ -471,8 +471,8 @@ mod tests {
         // 1 sequence of 4 tokens (last is padding): N = 3, two routed layers + one dense: L_dlo = 2.
         let valid = [true, true, true, false];
         let e = [false; 4];
-        let s1 = [0.1f32, 0.2, 0.9, 0.0];
-        let s2 = [0.8f32, 0.95, 0.3, 0.0];
+        let s1 = [0.1f64, 0.2, 0.9, 0.0];
+        let s2 = [0.8f64, 0.95, 0.3, 0.0];
         let l1 = LayerSignals {
             exec: &e,
             similarity: Some(&s1),

@@ -24,11 +24,11 @@ impl Model {
         let ex = Exec { differentiable: false };
         let (mut h, step) = self.embed(batch)?;
         let mut cache = self.new_cache();
-        let keep = |v: Vec<f32>| -> Vec<f32> {
+        let keep = |v: Vec<f64>| -> Vec<f32> {
             v.into_iter()
                 .zip(&batch.valid)
                 .filter(|(_, ok)| **ok)
-                .map(|(x, _)| x)
+                .map(|(x, _)| x as f32)
                 .collect()
         };
         let mut out = Vec::with_capacity(self.layers.len());

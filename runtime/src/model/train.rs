@@ -34,7 +34,7 @@ pub struct TrainLayerTrace {
     /// Top-k selection, `b*t` (padding never selected).
     pub exec: Vec<bool>,
     /// cos(unit input, dense unit output) per token, `b*t`, when requested.
-    pub similarity: Option<Vec<f32>>,
+    pub similarity: Option<Vec<f64>>,
 }
 
 /// Result of a training forward pass.
@@ -188,10 +188,15 @@ pub fn top_k(r: &[f32], valid: &[bool], b: usize, t: usize, capacity: f64, per_s
     exec
 }
 
-/// Per-row cosine similarity of `[b, t, d]` tensors, in f32, as a flat `b*t` vector.
-pub(crate) fn cosine_rows(x: &Tensor, y: &Tensor) -> candle_core::Result<Vec<f32>> {
-    let x = x.to_dtype(DType::F32)?;
-    let y = y.to_dtype(DType::F32)?;
+/// Per-row cosine similarity of `[b, t, d]` tensors as a flat `b*t` vector, computed in f64.
+///
+/// f64, not the model dtype as the reference does: a unit whose output is tiny next to the residual (a
+/// zero-initialised layer early in SFT, a massive-activation token) has 1 − s below f32's resolution, so in
+/// f32 whole layers tie at s = 1. cos-global's labels pass ties (`s ≤ θ`), which pushes the realised capacity
+/// above c̄; the annealing rescale then forces skips onto layers whose labels all say "execute".
+pub(crate) fn cosine_rows(x: &Tensor, y: &Tensor) -> candle_core::Result<Vec<f64>> {
+    let x = x.to_dtype(DType::F64)?;
+    let y = y.to_dtype(DType::F64)?;
     let dot = (&x * &y)?.sum(D::Minus1)?;
     let nx = x.sqr()?.sum(D::Minus1)?.sqrt()?;
     let ny = y.sqr()?.sum(D::Minus1)?.sqrt()?;
