@@ -40,7 +40,7 @@ fn main() -> std::process::ExitCode {
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("error: {e:#}");
+            eprintln!("error: {}", dlo_runtime::error::report(e.as_ref()));
             std::process::ExitCode::FAILURE
         }
     }

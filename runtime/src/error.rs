@@ -89,3 +89,35 @@ impl Error {
         }
     }
 }
+
+/// One line for a command-line report: the error and each cause in its chain, leaving out a cause whose text
+/// the line already holds (our errors print their I/O source inline, so `{:#}` would say it twice).
+pub fn report(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut line = e.to_string();
+    let mut cause = e.source();
+    while let Some(c) = cause {
+        let text = c.to_string();
+        if !line.contains(&text) {
+            line.push_str(": ");
+            line.push_str(&text);
+        }
+        cause = c.source();
+    }
+    line
+}
+
+#[cfg(test)]
+mod report_tests {
+    use super::*;
+
+    #[test]
+    fn report_names_each_cause_once() {
+        let e = Error::io("/x/model.gguf", std::io::Error::from(std::io::ErrorKind::NotFound));
+        let line = report(&e);
+        assert_eq!(line.matches("not found").count(), 1, "{line}");
+        assert!(line.starts_with("/x/model.gguf: "), "{line}");
+        let wrapped = anyhow::Error::new(e).context("loading the model");
+        let line = report(wrapped.as_ref());
+        assert_eq!(line, "loading the model: /x/model.gguf: entity not found");
+    }
+}

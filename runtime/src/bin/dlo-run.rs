@@ -49,8 +49,8 @@ struct Args {
     /// RNG seed.
     #[arg(long, default_value_t = 42)]
     seed: u64,
-    /// Compute dtype.
-    #[arg(long, default_value = "f32", value_parser = ["f32", "bf16"])]
+    /// Compute dtype (f64: a slow verification mode, e.g. `--dump` references for f64 ONNX exports).
+    #[arg(long, default_value = "f32", value_parser = ["f32", "bf16", "f64"])]
     dtype: String,
     /// Worker threads (default: all cores).
     #[arg(long)]
@@ -80,7 +80,7 @@ fn main() -> std::process::ExitCode {
     match run(Args::parse()) {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("error: {e:#}");
+            eprintln!("error: {}", dlo_runtime::error::report(e.as_ref()));
             std::process::ExitCode::FAILURE
         }
     }
@@ -97,6 +97,7 @@ fn run(args: Args) -> Result<()> {
     }
     let dtype = match args.dtype.as_str() {
         "bf16" => DType::BF16,
+        "f64" => DType::F64,
         _ => DType::F32,
     };
     let device = Device::Cpu;
