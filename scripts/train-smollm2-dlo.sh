@@ -6,11 +6,11 @@
 # rule: a unit runs iff its router logit > 0), the execution rates, how far the routers moved from zero, and a
 # generation from the deployable engine; the curves are each run's plot.svg / metrics.jsonl.
 #
-#   scripts/train-smollm2-dlo.sh       # STEPS=100 ANNEAL=60 CAPACITY=0.8 LR=5e-5 BATCH=4 SEQ=256
+#   scripts/train-smollm2-dlo.sh       # STEPS=100 ANNEAL=80 CAPACITY=0.8 LR=2e-5 BATCH=4 SEQ=256 (~45 min, 2 cores)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 while IFS='=' read -r k v; do export "$k=$v"; done < <(bash scripts/fetch-assets.sh)
-STEPS="${STEPS:-100}" ANNEAL="${ANNEAL:-60}" CAPACITY="${CAPACITY:-0.8}" LR="${LR:-5e-5}"
+STEPS="${STEPS:-100}" ANNEAL="${ANNEAL:-80}" CAPACITY="${CAPACITY:-0.8}" LR="${LR:-2e-5}"
 BATCH="${BATCH:-4}" SEQ="${SEQ:-256}" EVAL_EVERY="${EVAL_EVERY:-20}"
 cargo build --release --bins >&2
 BIN="$(cargo metadata --format-version 1 --no-deps | python3 -c 'import json,sys; print(json.load(sys.stdin)["target_directory"])')/release"
