@@ -959,6 +959,12 @@ pub fn train_run<M: TrainModel>(setup: RunSetup, sink: &mut dyn FileSink) -> Res
         tr.save(&dir, tok_dir, tr.state(&model_fp, &model_summary, &data_fp), sink)?;
         Ok(dir)
     };
+    // indicatif drops println when it does not draw (stderr not a terminal): logs still get the lines
+    let say = |pb: &indicatif::ProgressBar, line: String| match (opts.progress, pb.is_hidden()) {
+        (false, _) => {}
+        (true, true) => eprintln!("{line}"),
+        (true, false) => pb.println(line),
+    };
     let mut tps = Vec::new();
     let mut recent = Vec::new();
     while tr.step < tr.total_steps && opts.stop_after.is_none_or(|s| tr.step < s) {
@@ -979,16 +985,19 @@ pub fn train_run<M: TrainModel>(setup: RunSetup, sink: &mut dyn FileSink) -> Res
         log.write(&Record::Train(m))?;
         if tr.step.checked_rem(opts.eval_every) == Some(0) && !eval.is_empty() {
             let e = tr.evaluate(&eval)?;
-            pb.println(format!(
-                "step {}: held-out loss {:.4}, execution rate {:.3}",
-                e.step, e.loss, e.exec_rate
-            ));
+            say(
+                &pb,
+                format!(
+                    "step {}: held-out loss {:.4}, execution rate {:.3}",
+                    e.step, e.loss, e.exec_rate
+                ),
+            );
             log.write(&Record::Eval(e))?;
             last_eval_step = Some(tr.step);
         }
         if tr.step.checked_rem(opts.save_every) == Some(0) && tr.step < tr.total_steps {
             let d = save(&tr, format!("checkpoint-{}", tr.step), sink)?;
-            pb.println(format!("saved {}", d.display()));
+            say(&pb, format!("saved {}", d.display()));
         }
     }
     let finished = tr.step >= tr.total_steps;

@@ -46,7 +46,11 @@ impl Toy {
                         let y = (&x + delta.detach())?;
                         let num = (&x * &y)?.sum(D::Minus1)?;
                         let den = (x.sqr()?.sum(D::Minus1)?.sqrt()? * y.sqr()?.sum(D::Minus1)?.sqrt()?)?;
-                        Some((num / (den + 1e-8)?)?.to_dtype(candle_core::DType::F64)?.to_vec1::<f64>()?)
+                        Some(
+                            (num / (den + 1e-8)?)?
+                                .to_dtype(candle_core::DType::F64)?
+                                .to_vec1::<f64>()?,
+                        )
                     } else {
                         None
                     };

@@ -26,6 +26,7 @@ trait Real:
     + std::ops::Mul<Output = Self>
     + std::ops::Div<Output = Self>
     + std::ops::Neg<Output = Self>
+    + std::ops::AddAssign
     + std::iter::Sum
     + 'static
 {
@@ -139,7 +140,7 @@ fn softmax_rows<T: Real>(x: &[T], mask: Option<(&[T], usize, usize)>, width: usi
                 for (j, v) in row.iter_mut().enumerate() {
                     *v = *v * scale;
                     if let Some(m) = m {
-                        *v = *v + m[j];
+                        *v += m[j];
                     }
                     if max.is_none_or(|mx| *v > mx) {
                         max = Some(*v);
@@ -149,7 +150,7 @@ fn softmax_rows<T: Real>(x: &[T], mask: Option<(&[T], usize, usize)>, width: usi
                 let mut sum = T::ZERO;
                 for v in row.iter_mut() {
                     *v = (*v - max).exp();
-                    sum = sum + *v;
+                    sum += *v;
                 }
                 for v in row.iter_mut() {
                     *v = *v / sum;
@@ -171,7 +172,10 @@ impl CustomOp1 for Softmax {
         })
     }
     fn bwd(&self, _arg: &Tensor, res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
-        Ok(Some(res.apply_op2_no_bwd(&grad.contiguous()?, &SoftmaxBwd { scale: self.scale })?))
+        Ok(Some(res.apply_op2_no_bwd(
+            &grad.contiguous()?,
+            &SoftmaxBwd { scale: self.scale },
+        )?))
     }
 }
 
@@ -281,9 +285,9 @@ impl CustomOp2 for RmsNormOp {
         })
     }
     fn bwd(&self, x: &Tensor, w: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        let both = x
-            .contiguous()?
-            .apply_op3_no_bwd(&w.contiguous()?, &grad.contiguous()?, &RmsNormBwd { eps: self.eps })?;
+        let both =
+            x.contiguous()?
+                .apply_op3_no_bwd(&w.contiguous()?, &grad.contiguous()?, &RmsNormBwd { eps: self.eps })?;
         // rows 0..n: dx; row n: dw
         let n = x.elem_count() / w.elem_count();
         let dx = both.narrow(0, 0, n)?.reshape(x.shape())?;
@@ -328,7 +332,7 @@ impl CustomOp3 for RmsNormBwd {
                         let k = dot / (T::of(d as f64) * rho * rho * rho);
                         for j in 0..d {
                             dxr[j] = w[j] * dyr[j] / rho - xr[j] * k;
-                            dw[j] = dw[j] + dyr[j] * xr[j] / rho;
+                            dw[j] += dyr[j] * xr[j] / rho;
                         }
                     }
                     dw
@@ -337,7 +341,7 @@ impl CustomOp3 for RmsNormBwd {
             let dw = &mut out[n * d..];
             for part in dw_parts {
                 for (a, b) in dw.iter_mut().zip(part) {
-                    *a = *a + b;
+                    *a += b;
                 }
             }
             Ok((T::storage(out), Shape::from((n + 1, d))))
@@ -508,7 +512,10 @@ mod tests {
                     }
                 }
             }
-            let mask = Tensor::from_vec(m, (2, 1, 1, 5, 5), &Device::Cpu).unwrap().to_dtype(dt).unwrap();
+            let mask = Tensor::from_vec(m, (2, 1, 1, 5, 5), &Device::Cpu)
+                .unwrap()
+                .to_dtype(dt)
+                .unwrap();
             let (m1, m2) = (mask.clone(), mask.clone());
             check2(
                 (&[2, 3, 2, 5, 5], &[1]),
