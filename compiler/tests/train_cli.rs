@@ -206,7 +206,11 @@ fn cli_trains_resumes_identically_and_writes_a_loadable_checkpoint() {
     assert!(a.join("plot.svg").is_file() && a.join("summary.json").is_file());
     let c = curve(&a);
     assert_eq!(c.iter().filter(|r| r["kind"] == "train").count(), 6);
-    assert_eq!(c.iter().filter(|r| r["kind"] == "eval").count(), 3, "at steps 0, 3 and 6");
+    assert_eq!(
+        c.iter().filter(|r| r["kind"] == "eval").count(),
+        3,
+        "at steps 0, 3 and 6"
+    );
     // interrupted after step 3 (checkpoint-2 is the last one), then resumed: same curve, same model
     let b = d.path().join("b");
     let out = train(&[&[m, "-o", b.to_str().unwrap(), "--stop-after", "3"], &common[..]].concat());
