@@ -115,7 +115,7 @@ def dlo_loss(model, routers, cfg, is_dlo, ids, valid, targets, capacity):
         m = layer.mlp(layer.post_attention_layernorm(a))
         g = 0.5 * alpha + beta * (r - 0.5) if rescale else torch.ones_like(r)
         with torch.no_grad():
-            sims.append(torch.nn.functional.cosine_similarity(a, a + m, dim=-1))
+            sims.append(torch.nn.functional.cosine_similarity(a.double(), (a + m).double(), dim=-1))
         h = a + m * (g * sel)[..., None]
         scores.append(r)
     logits = model.lm_head(inner.norm(h))
