@@ -232,6 +232,26 @@ mod tests {
     }
 
     #[test]
+    fn similarity_resolves_units_whose_output_is_below_f32_resolution() {
+        // a residual row of norm ~1000 and a unit output of 1e-3 across it: 1 − s ≈ 5e-13, which f32 rounds
+        // to s = 1 (a tie with every untouched row); the label threshold must still see it as a change
+        let mut a = vec![0f32; 8];
+        a[0] = 1000.0;
+        let mut y = a.clone();
+        y[3] = 1e-3;
+        let x = Tensor::from_vec([a.clone(), a].concat(), (1, 2, 8), &Device::Cpu).unwrap();
+        let yy = Tensor::from_vec(
+            [y, x.flatten_all().unwrap().to_vec1::<f32>().unwrap()[..8].to_vec()].concat(),
+            (1, 2, 8),
+            &Device::Cpu,
+        )
+        .unwrap();
+        let s = cosine_rows(&x, &yy).unwrap();
+        assert!(s[0] < 1.0 && s[0] > 1.0 - 1e-11, "{}", s[0]);
+        assert_eq!(s[1], 1.0);
+    }
+
+    #[test]
     fn training_forward_at_full_capacity_equals_inference_with_all_units_on() {
         for skip in [SkipKind::Mlp, SkipKind::Layer] {
             let cfg = routed(tiny_config(false), skip);
