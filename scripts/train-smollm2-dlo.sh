@@ -6,11 +6,11 @@
 # rule: a unit runs iff its router logit > 0), the execution rates, how far the routers moved from zero, and a
 # generation from the deployable engine; the curves are each run's plot.svg / metrics.jsonl.
 #
-#   scripts/train-smollm2-dlo.sh       # STEPS=100 ANNEAL=80 CAPACITY=0.8 LR=2e-5 BATCH=4 SEQ=256 (~45 min, 2 cores)
+#   scripts/train-smollm2-dlo.sh       # STEPS=100 ANNEAL=80 CAPACITY=0.8 LR=2e-5 ROUTER_LR_SCALE=50 BATCH=4 SEQ=256 (~45 min, 2 cores)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 while IFS='=' read -r k v; do export "$k=$v"; done < <(bash scripts/fetch-assets.sh)
-STEPS="${STEPS:-100}" ANNEAL="${ANNEAL:-80}" CAPACITY="${CAPACITY:-0.8}" LR="${LR:-2e-5}"
+STEPS="${STEPS:-100}" ANNEAL="${ANNEAL:-80}" CAPACITY="${CAPACITY:-0.8}" LR="${LR:-2e-5}" ROUTER_LR_SCALE="${ROUTER_LR_SCALE:-50}"
 BATCH="${BATCH:-4}" SEQ="${SEQ:-256}" EVAL_EVERY="${EVAL_EVERY:-20}"
 cargo build --release --bins >&2
 BIN="$(cargo metadata --format-version 1 --no-deps | python3 -c 'import json,sys; print(json.load(sys.stdin)["target_directory"])')/release"
@@ -23,7 +23,7 @@ common=(--data "gsm8k:$GSM8K" --steps "$STEPS" --batch "$BATCH" --seq-len "$SEQ"
   --schedule cosine --eval-split 64 --eval-every "$EVAL_EVERY" --save-every 0 --seed 42)
 rm -rf "$W/sft-dlo" "$W/sft-dense"
 "$BIN/dlo-compile" train "$W/dlo" -o "$W/sft-dlo" "${common[@]}" --train all --loss-type cos-global \
-  --capacity "$CAPACITY" --anneal-steps "$ANNEAL"
+  --capacity "$CAPACITY" --anneal-steps "$ANNEAL" --router-lr-scale "$ROUTER_LR_SCALE"
 "$BIN/dlo-compile" train "$W/base" -o "$W/sft-dense" "${common[@]}" --train all
 "$BIN/dlo-compile" build "$W/sft-dlo/final" -o "$W/sft-dlo.dlo"
 "$BIN/dlo-run" "$W/sft-dlo.dlo" --chat --prompt "Natalia sold clips to 48 of her friends in April, and then she sold \

@@ -122,6 +122,11 @@ pub struct TrainArgs {
     /// Turn off the layer-wise learning rate from the per-layer capacities.
     #[arg(long)]
     pub no_dynamic_lr: bool,
+    /// Learning-rate multiplier for the routers. 1 trains them at the base rate, as the reference does over
+    /// thousands of steps; zero-initialised routers in a run of a few hundred steps need 10–100 to reach
+    /// logits whose sign (the inference rule) is reliable.
+    #[arg(long, default_value_t = 1.0)]
+    pub router_lr_scale: f64,
     /// Stop after this many steps without a final checkpoint (as if killed; for testing resume).
     #[arg(long, hide = true)]
     pub stop_after: Option<u64>,
@@ -174,6 +179,8 @@ pub struct Options {
     pub pack: bool,
     /// Layer-wise learning rates.
     pub dynamic_lr: bool,
+    /// Learning-rate multiplier for `model.routers.*`.
+    pub router_lr_scale: f64,
     /// Stop early without a final save.
     pub stop_after: Option<u64>,
     /// Draw a progress bar.
@@ -203,6 +210,12 @@ impl TrainArgs {
         }
         if self.steps == Some(0) || self.epochs.is_some_and(|e| !(e > 0.0 && e.is_finite())) {
             return bad("--steps and --epochs must be positive".into());
+        }
+        if !(self.router_lr_scale > 0.0 && self.router_lr_scale.is_finite()) {
+            return bad(format!(
+                "--router-lr-scale {} is not a positive number",
+                self.router_lr_scale
+            ));
         }
         if !(self.eval_split >= 0.0 && self.eval_split.is_finite()) {
             return bad(format!("--eval-split {} is negative", self.eval_split));
@@ -240,6 +253,7 @@ impl TrainArgs {
             loss_weight: self.loss_weight,
             pack: self.pack,
             dynamic_lr: !self.no_dynamic_lr,
+            router_lr_scale: self.router_lr_scale,
             stop_after: self.stop_after,
             progress: true,
         })
@@ -551,8 +565,14 @@ impl<M: TrainModel> Trainer<M> {
         } else {
             vec![1.0; self.cfg.num_hidden_layers]
         };
+        let router_scale = self.opts.router_lr_scale;
         self.opt.step(&grads, clip, |p| {
-            lr * p.layer.and_then(|l| ratios.get(l).copied()).unwrap_or(1.0)
+            let scale = if p.name.starts_with("model.routers.") {
+                router_scale
+            } else {
+                1.0
+            };
+            lr * scale * p.layer.and_then(|l| ratios.get(l).copied()).unwrap_or(1.0)
         })?;
         timing.optimizer_s = t2.elapsed().as_secs_f64();
         if let Some(c) = &self.caps {

@@ -219,6 +219,7 @@ fn opts(steps: u64) -> Options {
         loss_weight: None,
         pack: false,
         dynamic_lr: true,
+        router_lr_scale: 1.0,
         stop_after: None,
         progress: false,
     }
@@ -553,6 +554,47 @@ fn dlo_config_without_routed_layers_trains_as_dense() {
     .unwrap()
     .to_string();
     assert!(e.contains("no routed layer"), "{e}");
+}
+
+#[test]
+fn router_lr_scale_multiplies_only_the_routers_step() {
+    let cfg = toy_config("cos-global", true);
+    let flat = |t: &Tensor| -> Vec<f32> { t.flatten_all().unwrap().to_vec1().unwrap() };
+    let deltas = |scale: f64| -> HashMap<String, f64> {
+        let mut t = trainer(
+            &cfg,
+            Options {
+                router_lr_scale: scale,
+                warmup: 0.0,
+                schedule: Schedule::Constant,
+                ..opts(5)
+            },
+        );
+        let before: Vec<Vec<f32>> = t.opt.params.iter().map(|p| flat(p.var.as_tensor())).collect();
+        t.train_step().unwrap();
+        t.opt
+            .params
+            .iter()
+            .zip(before)
+            .map(|(p, b)| {
+                let a = flat(p.var.as_tensor());
+                let d = a.iter().zip(&b).map(|(x, y)| (x - y).abs() as f64).fold(0.0, f64::max);
+                (p.name.clone(), d)
+            })
+            .collect()
+    };
+    let (one, ten) = (deltas(1.0), deltas(10.0));
+    let mut routers = 0;
+    for (name, d1) in &one {
+        let d10 = ten[name];
+        if name.starts_with("model.routers.") {
+            routers += 1;
+            assert!(*d1 > 0.0 && (d10 / d1 - 10.0).abs() < 1e-3, "{name}: {d1} vs {d10}");
+        } else {
+            assert_eq!(*d1, d10, "{name}");
+        }
+    }
+    assert_eq!(routers, 2);
 }
 
 #[test]
