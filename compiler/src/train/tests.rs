@@ -903,3 +903,34 @@ fn real_model_resume_continues_exactly() {
     let w = Weights::from_safetensors(std::slice::from_ref(&f), &f).unwrap();
     Model::load(&back, &w, DType::F32, &Device::Cpu).unwrap();
 }
+
+#[test]
+fn out_of_range_settings_are_refused_with_the_flag_named() {
+    #[derive(clap::Parser)]
+    struct Cli {
+        #[command(flatten)]
+        args: TrainArgs,
+    }
+    let parse = |extra: &[&str]| -> Result<Options> {
+        use clap::Parser;
+        let base = ["train", "model", "--data", "d.jsonl", "-o", "out"];
+        Cli::try_parse_from(base.iter().chain(extra)).unwrap().args.options()
+    };
+    assert!(parse(&[]).is_ok());
+    for (flags, named) in [
+        (&["--batch", "0"][..], "--batch"),
+        (&["--seq-len", "1"], "--seq-len"),
+        (&["--lr=-1"], "--lr"),
+        (&["--warmup", "1"], "--warmup"),
+        (&["--capacity", "0"], "--capacity"),
+        (&["--capacity", "1.5"], "--capacity"),
+        (&["--steps", "0"], "--steps"),
+        (&["--eval-split=-0.1"], "--eval-split"),
+        (&["--router-lr-scale", "0"], "--router-lr-scale"),
+        (&["--router-lr-scale", "inf"], "--router-lr-scale"),
+        (&["--loss-type", "cosine"], "--loss-type"),
+    ] {
+        let e = parse(flags).unwrap_err().to_string();
+        assert!(e.contains(named), "{flags:?}: {e}");
+    }
+}
