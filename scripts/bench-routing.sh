@@ -25,12 +25,18 @@ if [ ! -f "$W/dlo-$SKIP.dlo" ]; then
   "$BIN/dlo-compile" build "$W/dlo-$SKIP" -o "$W/dlo-$SKIP.dlo" --budget 0.75 --calibration "$LAMBADA" \
     --calibration-tokens 2048 >&2
 fi
-run() { # args: routing flags...; prints one bench line with the best prefill and best decode speed of REPS runs
-  lines=""
-  for _ in $(seq "$REPS"); do
-    lines+="$("$BIN/dlo-run" "$W/dlo-$SKIP.dlo" --bench --threads "$THREADS" --prompt-tokens 128 --gen-tokens 64 "$@")"$'\n'
+# The settings are interleaved within each repetition, so that a slow spell of the (shared) machine hits all
+# of them alike; each setting keeps its best prefill and best decode speed over the REPS repetitions.
+declare -A lines
+for _ in $(seq "$REPS"); do
+  for b in on 0.75 0.5; do
+    if [ "$b" = on ]; then args=(--force-routing on); else args=(--budget "$b"); fi
+    lines[$b]+="$("$BIN/dlo-run" "$W/dlo-$SKIP.dlo" --bench --threads "$THREADS" --prompt-tokens 128 --gen-tokens 64 \
+      "${args[@]}")"$'\n'
   done
-  printf '%s' "$lines" | python3 -c '
+done
+best() {
+  printf '%s' "${lines[$1]}" | python3 -c '
 import sys
 rows = [dict(kv.split("=") for kv in l.split()) for l in sys.stdin if l.strip()]
 best = dict(rows[0])
@@ -39,10 +45,10 @@ for k in ("prefill_tok_s", "decode_tok_s"):
 print(" ".join(f"{k}={v}" for k, v in best.items()))'
 }
 field() { echo "$1" | tr ' ' '\n' | awk -F= -v k="$2" '$1==k{print $2}'; }
-base=$(run --force-routing on)
+base=$(best on)
 printf '| budget | exec rate | prefill tok/s | prefill saving: FLOP-ideal / measured / ratio | decode tok/s | decode saving: FLOP-ideal / measured / ratio |\n|---|---|---|---|---|---|\n'
 for b in on 0.75 0.5; do
-  if [ "$b" = on ]; then line="$base"; else line=$(run --budget "$b"); fi
+  line=$(best "$b")
   python3 - "$base" "$line" "$b" <<'PY'
 import sys
 def parse(s): return {k: float(v) for k, v in (kv.split("=") for kv in s.split())}
