@@ -44,7 +44,6 @@ for k in ("prefill_tok_s", "decode_tok_s"):
     best[k] = str(max(float(r[k]) for r in rows))
 print(" ".join(f"{k}={v}" for k, v in best.items()))'
 }
-field() { echo "$1" | tr ' ' '\n' | awk -F= -v k="$2" '$1==k{print $2}'; }
 base=$(best on)
 printf '| budget | exec rate | prefill tok/s | prefill saving: FLOP-ideal / measured / ratio | decode tok/s | decode saving: FLOP-ideal / measured / ratio |\n|---|---|---|---|---|---|\n'
 for b in on 0.75 0.5; do
