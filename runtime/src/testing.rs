@@ -108,6 +108,11 @@ impl XorShift {
         mean + half_width * (2.0 * self.unit_f32() - 1.0)
     }
 
+    /// `n` samples of [`XorShift::symmetric_f32`].
+    pub fn symmetric_vec(&mut self, n: usize, half_width: f32, mean: f32) -> Vec<f32> {
+        (0..n).map(|_| self.symmetric_f32(half_width, mean)).collect()
+    }
+
     /// A standard-normal sample (Box–Muller on two uniforms in the open interval `(0, 1)`).
     pub fn normal(&mut self) -> f64 {
         let mut open = || ((self.next_u64() >> 11) as f64 + 0.5) / (1u64 << 53) as f64;
@@ -198,9 +203,7 @@ pub fn random_weights(cfg: &ModelConfig, seed: u64) -> Weights {
 /// Uniform weights for `cfg` from `rng` ([`XorShift::symmetric_f32`] with the half-widths of `spread`), in
 /// the order of [`random_tensors`].
 pub fn uniform_tensors(cfg: &ModelConfig, rng: &mut XorShift, spread: Spread) -> Tensors {
-    fill(cfg, spread, |n, w, mean| {
-        (0..n).map(|_| rng.symmetric_f32(w, mean)).collect()
-    })
+    fill(cfg, spread, |n, w, mean| rng.symmetric_vec(n, w, mean))
 }
 
 /// Standard-normal tensors (candle's unseeded RNG) with exactly the names and shapes `cfg` needs.
