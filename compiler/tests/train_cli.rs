@@ -2,6 +2,7 @@
 //! a run, an interrupted run resumed to the same curve, and bad inputs refused before training starts.
 
 use candle_core::{Device, Tensor};
+use dlo_runtime::testing::{write_hf_checkpoint, XorShift};
 use serde_json::{json, Value};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -62,7 +63,6 @@ fn write_tokenizer(dir: &Path) {
 
 /// A tiny DLO checkpoint (3 layers, routers on 1 and 2) with random weights from `seed`.
 fn write_model(dir: &Path, seed: u64, layers: usize) {
-    std::fs::create_dir_all(dir).unwrap();
     let (d, f, h, kv, hd) = (16usize, 32usize, 4usize, 2usize, 4usize);
     let cfg = json!({
         "model_type": "llama_dlo_exattn", "architectures": ["LlamaDLOExAttnForCausalLM"],
@@ -73,17 +73,10 @@ fn write_model(dir: &Path, seed: u64, layers: usize) {
         "dlo_capacity": 0.75, "dlo_loss_type": "cos-global", "dlo_loss_coefficient": 1.0,
         "rescale_hidden_states": true, "scale_factor": 2.0, "scale_gap": 0.05, "gate_init_method": "random"
     });
-    std::fs::write(dir.join("config.json"), cfg.to_string()).unwrap();
-    let mut state = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    // Uniform with (about) the given standard deviation: sqrt(12) ≈ 3.46.
+    let mut rng = XorShift::new(seed);
     let mut rnd = |n: usize, std: f32, mean: f32| -> Vec<f32> {
-        (0..n)
-            .map(|_| {
-                state ^= state << 13;
-                state ^= state >> 7;
-                state ^= state << 17;
-                ((state >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * 3.46 * std + mean
-            })
-            .collect()
+        (0..n).map(|_| (rng.unit_f32() - 0.5) * 3.46 * std + mean).collect()
     };
     let dev = Device::Cpu;
     let mut m: HashMap<String, Tensor> = HashMap::new();
@@ -109,7 +102,7 @@ fn write_model(dir: &Path, seed: u64, layers: usize) {
             put(format!("model.routers.{l}.weight"), &[1, d], 0.5, 0.0);
         }
     }
-    candle_core::safetensors::save(&m, dir.join("model.safetensors")).unwrap();
+    write_hf_checkpoint(dir, &cfg, &m).unwrap();
     write_tokenizer(dir);
 }
 

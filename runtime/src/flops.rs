@@ -199,8 +199,8 @@ pub fn of_generation_dense(cfg: &ModelConfig, g: &Generation) -> Flops {
 mod tests {
     use super::*;
     use crate::generate::{GenerateParams, Generator};
-    use crate::model::tests::{random_weights, routed, tiny_config};
     use crate::model::{Batch, Forward, Model};
+    use crate::testing::{random_weights, routed, tiny_config};
     use candle_core::{DType, Device};
     use std::ops::ControlFlow;
 

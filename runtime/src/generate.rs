@@ -420,7 +420,7 @@ pub fn generate_batch(model: &Model, prompts: &[Vec<u32>], params: &GeneratePara
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::tests::{random_weights, tiny_config};
+    use crate::testing::{random_weights, tiny_config};
     use candle_core::{DType, Device};
 
     #[test]
@@ -530,7 +530,7 @@ mod tests {
 #[cfg(test)]
 mod batch_tests {
     use super::*;
-    use crate::model::tests::{random_weights, routed, tiny_config};
+    use crate::testing::{random_weights, routed, tiny_config};
     use candle_core::{DType, Device};
     use dlo_passes::SkipKind;
 

@@ -96,12 +96,9 @@ fn all_logits() -> Forward {
     }
 }
 
+/// [`crate::testing::max_abs_diff`] of f32 logits, in f32 like the tolerances above (exact: it is an f32 value).
 fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
-    (a - b)
-        .and_then(|d| d.abs())
-        .and_then(|d| d.max_all())
-        .and_then(|d| d.to_scalar::<f32>())
-        .expect("diff")
+    crate::testing::max_abs_diff(a, b) as f32
 }
 
 fn max_abs(a: &Tensor) -> f32 {

@@ -173,10 +173,10 @@ mod tests {
 
     #[test]
     fn matvec_matches_naive_for_odd_shapes() {
-        let mut seed = 17u64;
+        let mut rng = crate::testing::XorShift(17);
         for &(rows, out, inp) in &[(1, 1, 1), (1, 37, 77), (3, 130, 64), (4, 9, 1000), (2, 576, 576)] {
-            let w = crate::model::tests::normal_vec(out * inp, 1.0, &mut seed);
-            let x = crate::model::tests::normal_vec(rows * inp, 1.0, &mut seed);
+            let w = rng.normal_vec(out * inp, 1.0);
+            let x = rng.normal_vec(rows * inp, 1.0);
             let want = naive(&w, &x, rows, out, inp);
             let got = matvec(&w, &x, rows, out, inp);
             for (a, b) in got.iter().zip(&want) {

@@ -23,6 +23,8 @@ pub mod gguf;
 pub mod kernels;
 pub mod model;
 pub mod sentencepiece;
+#[doc(hidden)]
+pub mod testing;
 pub mod tokenizer;
 pub mod weights;
 

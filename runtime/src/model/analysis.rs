@@ -48,7 +48,7 @@ impl Model {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::tests::{random_weights, tiny_config};
+    use crate::testing::{random_weights, tiny_config};
     use crate::Weights;
     use candle_core::{DType, Device, Tensor};
 

@@ -429,35 +429,13 @@ impl CustomOp3 for SwiGluBwd {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::testing::{max_abs_diff, xorshift_uniform};
     use candle_core::{Device, Module, Var, D};
 
+    /// Values uniform in [-2, 2), seeded, in `dt`.
     fn rand(shape: &[usize], seed: u64, dt: DType) -> Tensor {
-        let n: usize = shape.iter().product();
-        let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-        let v: Vec<f64> = (0..n)
-            .map(|_| {
-                s ^= s << 13;
-                s ^= s >> 7;
-                s ^= s << 17;
-                (s >> 11) as f64 / (1u64 << 53) as f64 * 4.0 - 2.0
-            })
-            .collect();
+        let v = xorshift_uniform(shape.iter().product(), seed, -2.0, 2.0);
         Tensor::from_vec(v, shape, &Device::Cpu).unwrap().to_dtype(dt).unwrap()
-    }
-
-    fn max_diff(a: &Tensor, b: &Tensor) -> f64 {
-        (a - b)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .max(0)
-            .unwrap()
-            .to_dtype(DType::F64)
-            .unwrap()
-            .to_scalar::<f64>()
-            .unwrap()
     }
 
     /// Value and gradients of `f` (summed against fixed random weights) for the fused and the composed form.
@@ -480,11 +458,11 @@ mod tests {
             out.push((y, g.get(a.as_tensor()).unwrap().clone(), g.get(b.as_tensor()).cloned()));
         }
         let (f, c) = (&out[0], &out[1]);
-        assert!(max_diff(&f.0, &c.0) < tol, "value {}", max_diff(&f.0, &c.0));
-        assert!(max_diff(&f.1, &c.1) < tol, "grad a {}", max_diff(&f.1, &c.1));
+        assert!(max_abs_diff(&f.0, &c.0) < tol, "value {}", max_abs_diff(&f.0, &c.0));
+        assert!(max_abs_diff(&f.1, &c.1) < tol, "grad a {}", max_abs_diff(&f.1, &c.1));
         if grad_b {
             let (fb, cb) = (f.2.as_ref().unwrap(), c.2.as_ref().unwrap());
-            assert!(max_diff(fb, cb) < tol, "grad b {}", max_diff(fb, cb));
+            assert!(max_abs_diff(fb, cb) < tol, "grad b {}", max_abs_diff(fb, cb));
         }
     }
 

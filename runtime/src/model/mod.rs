@@ -518,4 +518,4 @@ fn layer_skip(
 }
 
 #[cfg(test)]
-pub(crate) mod tests;
+mod tests;

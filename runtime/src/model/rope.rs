@@ -101,7 +101,7 @@ mod tests {
     #[test]
     fn fused_and_composed_rope_agree_with_per_sequence_positions() {
         let dev = Device::Cpu;
-        let cfg = crate::model::tests::tiny_config(false);
+        let cfg = crate::testing::tiny_config(false);
         let rope = Rope::new(&cfg);
         let (b, h, t, hd) = (2, 3, 4, cfg.head_dim);
         let x = Tensor::randn(0f32, 1.0, (b, h, t, hd), &dev).unwrap();
@@ -109,14 +109,7 @@ mod tests {
         let (c, s) = rope.cos_sin(&pos, b, t, DType::F32, &dev).unwrap();
         let a = apply(&x, &c, &s, false).unwrap();
         let d = apply(&x, &c, &s, true).unwrap();
-        let diff = (a - d)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap();
+        let diff = crate::testing::max_abs_diff(&a, &d);
         assert!(diff < 1e-5, "{diff}");
     }
 }

@@ -2,115 +2,7 @@
 //! routed layers follow the reference rule.
 
 use super::*;
-use dlo_passes::{Arch, Capacity, LossType};
-use std::collections::HashMap;
-
-/// A small Llama config with GQA (4 query heads, 2 KV heads); `tied` ties lm_head to the embeddings.
-pub(crate) fn tiny_config(tied: bool) -> ModelConfig {
-    ModelConfig {
-        arch: Arch::Llama,
-        vocab_size: 97,
-        hidden_size: 32,
-        intermediate_size: 64,
-        num_hidden_layers: 3,
-        num_attention_heads: 4,
-        num_key_value_heads: 2,
-        head_dim: 8,
-        rms_norm_eps: 1e-5,
-        rope_theta: 10000.0,
-        rope_scaling: None,
-        max_position_embeddings: 256,
-        tie_word_embeddings: tied,
-        attention_bias: false,
-        bos_token_id: Some(1),
-        eos_token_ids: vec![2],
-        torch_dtype: None,
-        dlo: None,
-        extra: Default::default(),
-    }
-}
-
-/// `cfg` with routers on every layer but the first.
-pub(crate) fn routed(mut cfg: ModelConfig, skip: SkipKind) -> ModelConfig {
-    let n = cfg.num_hidden_layers;
-    cfg.dlo = Some(DloConfig {
-        skip,
-        is_dlo: (0..n).map(|l| l > 0).collect(),
-        capacity: Capacity::Scalar(0.9),
-        loss_coefficient: 1.0,
-        loss_type: LossType::CosGlobal,
-        rescale_hidden_states: true,
-        scale_factor: 2.0,
-        scale_gap: 0.05,
-        gate_init_method: "random".into(),
-    });
-    cfg
-}
-
-/// Deterministic standard-normal samples (xorshift + Box–Muller), independent of any RNG crate.
-pub(crate) fn normal_vec(n: usize, std: f32, seed: &mut u64) -> Vec<f32> {
-    let mut uniform = || {
-        *seed ^= *seed << 13;
-        *seed ^= *seed >> 7;
-        *seed ^= *seed << 17;
-        ((*seed >> 11) as f64 + 0.5) / (1u64 << 53) as f64
-    };
-    (0..n)
-        .map(|_| {
-            let (u1, u2) = (uniform(), uniform());
-            ((-2.0 * u1.ln()).sqrt() * (2.0 * std::f64::consts::PI * u2).cos()) as f32 * std
-        })
-        .collect()
-}
-
-/// Random weights matching `cfg` (norm scales around 1), routers scaled so that roughly half the
-/// tokens execute.
-pub(crate) fn random_weights(cfg: &ModelConfig, seed: u64) -> Weights {
-    let dev = Device::Cpu;
-    let mut state = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    let (v, d, f) = (cfg.vocab_size, cfg.hidden_size, cfg.intermediate_size);
-    let (h, kv, hd) = (cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim);
-    let mut m = HashMap::new();
-    let mut put = |name: String, shape: &[usize], std: f32, mean: f32| {
-        let n = shape.iter().product();
-        let data: Vec<f32> = normal_vec(n, std, &mut state).into_iter().map(|x| x + mean).collect();
-        m.insert(name, Tensor::from_vec(data, shape, &dev).unwrap());
-    };
-    put("model.embed_tokens.weight".into(), &[v, d], 1.0, 0.0);
-    for l in 0..cfg.num_hidden_layers {
-        let p = format!("model.layers.{l}");
-        put(format!("{p}.self_attn.q_proj.weight"), &[h * hd, d], 0.2, 0.0);
-        put(format!("{p}.self_attn.k_proj.weight"), &[kv * hd, d], 0.2, 0.0);
-        put(format!("{p}.self_attn.v_proj.weight"), &[kv * hd, d], 0.2, 0.0);
-        put(format!("{p}.self_attn.o_proj.weight"), &[d, h * hd], 0.2, 0.0);
-        put(format!("{p}.mlp.gate_proj.weight"), &[f, d], 0.2, 0.0);
-        put(format!("{p}.mlp.up_proj.weight"), &[f, d], 0.2, 0.0);
-        put(format!("{p}.mlp.down_proj.weight"), &[d, f], 0.2, 0.0);
-        put(format!("{p}.input_layernorm.weight"), &[d], 0.1, 1.0);
-        put(format!("{p}.post_attention_layernorm.weight"), &[d], 0.1, 1.0);
-        if cfg.is_routed(l) {
-            put(format!("model.routers.{l}.weight"), &[1, d], 0.5, 0.0);
-        }
-    }
-    put("model.norm.weight".into(), &[d], 0.1, 1.0);
-    if !cfg.tie_word_embeddings {
-        put("lm_head.weight".into(), &[v, d], 0.2, 0.0);
-    }
-    Weights::from_tensors(m, "random")
-}
-
-fn max_diff(a: &Tensor, b: &Tensor) -> f64 {
-    (a - b)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .max_all()
-        .unwrap()
-        .to_dtype(DType::F64)
-        .unwrap()
-        .to_scalar::<f64>()
-        .unwrap()
-}
+use crate::testing::{max_abs_diff, random_weights, routed, tiny_config};
 
 fn ids(n: usize, seed: u32) -> Vec<u32> {
     (0..n as u32).map(|i| (i * 31 + seed * 7 + 3) % 97).collect()
@@ -135,7 +27,7 @@ fn check_decode_equals_recompute_in(cfg: &ModelConfig, dtype: DType, prefill_tol
     let mut cache = m.new_cache();
     let pre = m.forward(&Batch::single(&seq[..5], 0), Some(&mut cache), &all).unwrap();
     assert_eq!(full.logits.dtype(), dtype);
-    assert!(max_diff(&pre.logits, &full.logits.narrow(1, 0, 5).unwrap()) < prefill_tol);
+    assert!(max_abs_diff(&pre.logits, &full.logits.narrow(1, 0, 5).unwrap()) < prefill_tol);
     for (i, &tok) in seq.iter().enumerate().skip(5) {
         let out = m
             .forward(
@@ -145,7 +37,7 @@ fn check_decode_equals_recompute_in(cfg: &ModelConfig, dtype: DType, prefill_tol
             )
             .unwrap();
         let want = full.logits.narrow(1, i, 1).unwrap();
-        let d = max_diff(&out.logits, &want);
+        let d = max_abs_diff(&out.logits, &want);
         assert!(
             d < decode_tol,
             "{dtype:?} position {i}: decode differs from recomputation by {d}"
@@ -210,7 +102,7 @@ fn check_padding_is_inert(cfg: &ModelConfig) {
         let alone = m.forward(&Batch::single(s, 0), None, &all).unwrap();
         let pad = 9 - s.len();
         let got = both.logits.get(bi).unwrap().narrow(0, pad, s.len()).unwrap();
-        let d = max_diff(&got, &alone.logits.get(0).unwrap());
+        let d = max_abs_diff(&got, &alone.logits.get(0).unwrap());
         // Batched matmuls block differently from single-sequence ones: allow f32 summation-order noise.
         assert!(d < 1e-4, "sequence {bi}: padding changed logits by {d}");
         for (l, tr) in both.trace.iter().enumerate() {
@@ -231,7 +123,7 @@ fn check_padding_is_inert(cfg: &ModelConfig) {
         let mut s = s;
         s.push(tok);
         let alone = m.forward(&Batch::single(&s, 0), None, &Forward::default()).unwrap();
-        let d = max_diff(&next.logits.get(bi).unwrap(), &alone.logits.get(0).unwrap());
+        let d = max_abs_diff(&next.logits.get(bi).unwrap(), &alone.logits.get(0).unwrap());
         assert!(d < 1e-4, "sequence {bi}: batched decode differs by {d}");
     }
 }
@@ -275,7 +167,7 @@ fn forced_routing_bounds_the_routed_model() {
             },
         )
         .unwrap();
-    assert!(max_diff(&off.logits, &dense1.logits) < 1e-5);
+    assert!(max_abs_diff(&off.logits, &dense1.logits) < 1e-5);
     assert!(off.trace[1].as_ref().unwrap().exec.iter().all(|e| !e));
 }
 

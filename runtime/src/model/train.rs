@@ -208,8 +208,8 @@ pub(crate) fn cosine_rows(x: &Tensor, y: &Tensor) -> candle_core::Result<Vec<f64
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::tests::{random_weights, routed, tiny_config};
     use crate::model::{Forward, Routing};
+    use crate::testing::{max_abs_diff, random_weights, routed, tiny_config};
 
     fn batch() -> Batch {
         // Two right-padded sequences.
@@ -272,14 +272,7 @@ mod tests {
                 let n = if i == 0 { 6 } else { 3 };
                 let a = tr.logits.get(i).unwrap().narrow(0, 0, n).unwrap();
                 let b = inf.logits.get(i).unwrap().narrow(0, 0, n).unwrap();
-                let d = (a - b)
-                    .unwrap()
-                    .abs()
-                    .unwrap()
-                    .max_all()
-                    .unwrap()
-                    .to_scalar::<f32>()
-                    .unwrap();
+                let d = max_abs_diff(&a, &b);
                 assert!(
                     d < 1e-4,
                     "{skip:?} sequence {i}: train vs inference logits differ by {d}"

