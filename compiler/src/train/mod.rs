@@ -952,16 +952,6 @@ pub fn train_run<M: TrainModel>(setup: RunSetup, sink: &mut dyn FileSink) -> Res
     }
     let log_path = output.join("metrics.jsonl");
     let mut log = MetricsLog::open(&log_path, tr.step)?;
-    let mut last_eval_step = None;
-    if tr.step == 0 && opts.eval_every > 0 && !eval.is_empty() {
-        // The starting point of the held-out curve (for a zero-router DLO model: every routed unit skipped).
-        let e = tr.evaluate(&eval)?;
-        if opts.progress {
-            eprintln!("step 0: held-out loss {:.4}, execution rate {:.3}", e.loss, e.exec_rate);
-        }
-        log.write(&Record::Eval(e))?;
-        last_eval_step = Some(0);
-    }
     let pb = if opts.progress {
         let pb = indicatif::ProgressBar::new(tr.total_steps);
         pb.set_style(
@@ -985,6 +975,25 @@ pub fn train_run<M: TrainModel>(setup: RunSetup, sink: &mut dyn FileSink) -> Res
         (true, true) => eprintln!("{line}"),
         (true, false) => pb.println(line),
     };
+    // one held-out evaluation, reported and logged
+    let held_out = |tr: &Trainer<M>, log: &mut MetricsLog, pb: &indicatif::ProgressBar| -> Result<()> {
+        let e = tr.evaluate(&eval)?;
+        say(
+            pb,
+            format!(
+                "step {}: held-out loss {:.4}, execution rate {:.3}",
+                e.step, e.loss, e.exec_rate
+            ),
+        );
+        log.write(&Record::Eval(e))?;
+        Ok(())
+    };
+    let mut last_eval_step = None;
+    if tr.step == 0 && opts.eval_every > 0 && !eval.is_empty() {
+        // The starting point of the held-out curve (for a zero-router DLO model: every routed unit skipped).
+        held_out(&tr, &mut log, &pb)?;
+        last_eval_step = Some(0);
+    }
     let mut tps = Vec::new();
     let mut recent = Vec::new();
     while tr.step < tr.total_steps && opts.stop_after.is_none_or(|s| tr.step < s) {
@@ -1004,15 +1013,7 @@ pub fn train_run<M: TrainModel>(setup: RunSetup, sink: &mut dyn FileSink) -> Res
         ));
         log.write(&Record::Train(m))?;
         if tr.step.checked_rem(opts.eval_every) == Some(0) && !eval.is_empty() {
-            let e = tr.evaluate(&eval)?;
-            say(
-                &pb,
-                format!(
-                    "step {}: held-out loss {:.4}, execution rate {:.3}",
-                    e.step, e.loss, e.exec_rate
-                ),
-            );
-            log.write(&Record::Eval(e))?;
+            held_out(&tr, &mut log, &pb)?;
             last_eval_step = Some(tr.step);
         }
         if tr.step.checked_rem(opts.save_every) == Some(0) && tr.step < tr.total_steps {
@@ -1024,8 +1025,7 @@ pub fn train_run<M: TrainModel>(setup: RunSetup, sink: &mut dyn FileSink) -> Res
     let mut final_checkpoint = None;
     if finished {
         if !eval.is_empty() && last_eval_step != Some(tr.step) {
-            let e = tr.evaluate(&eval)?;
-            log.write(&Record::Eval(e))?;
+            held_out(&tr, &mut log, &pb)?;
         }
         final_checkpoint = Some(save(&tr, "final".into(), sink)?);
     }
