@@ -3,8 +3,9 @@
 //! Tensor programs allocate and free many large buffers (activations, gradients, logits) every step. glibc's
 //! malloc serves every block above its mmap threshold (128 KiB, growing to at most 32 MiB) with a fresh `mmap`
 //! and unmaps it on free, and trims the heap's free top back to the OS, so each step pays page faults and kernel
-//! zeroing for memory it just released: on SmolLM2-DLO training that was ~40% of the wall time as system time. Libraries must not change the process's allocator behind a host program's
-//! back, so only the binaries call this.
+//! zeroing for memory it just released: on SmolLM2-DLO training that was ~40% of the wall time as system time.
+//! Libraries must not change the process's allocator behind a host program's back, so only the binaries call
+//! this.
 
 /// Serve every block from the heap and never give freed memory back to the OS (glibc only; a no-op
 /// elsewhere): the process keeps its peak footprint, and later steps reuse it without faulting pages in again.

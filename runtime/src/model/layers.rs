@@ -163,7 +163,8 @@ impl RmsNorm {
     /// Normalises over the last dimension (in f32, as HF does, then back to the input dtype; in f64 for f64
     /// models).
     pub fn forward(&self, x: &Tensor, ex: Exec) -> candle_core::Result<Tensor> {
-        // candle's fused kernel has no f64 (and sums in f32): f64 models (reference checks) take the composed form.
+        // candle's fused kernel drops gradients and has no f64 (it sums in f32): training and f64 models (reference
+        // checks) take ours, other devices/dtypes the composed form.
         if !ex.differentiable && x.dtype() != DType::F64 {
             return candle_nn::ops::rms_norm(&x.contiguous()?, &self.weight, self.eps as f32);
         }

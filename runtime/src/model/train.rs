@@ -237,16 +237,10 @@ mod tests {
         // to s = 1 (a tie with every untouched row); the label threshold must still see it as a change
         let mut a = vec![0f32; 8];
         a[0] = 1000.0;
-        let mut y = a.clone();
-        y[3] = 1e-3;
-        let x = Tensor::from_vec([a.clone(), a].concat(), (1, 2, 8), &Device::Cpu).unwrap();
-        let yy = Tensor::from_vec(
-            [y, x.flatten_all().unwrap().to_vec1::<f32>().unwrap()[..8].to_vec()].concat(),
-            (1, 2, 8),
-            &Device::Cpu,
-        )
-        .unwrap();
-        let s = cosine_rows(&x, &yy).unwrap();
+        let mut changed = a.clone();
+        changed[3] = 1e-3;
+        let rows = |r: [&[f32]; 2]| Tensor::from_vec(r.concat(), (1, 2, 8), &Device::Cpu).unwrap();
+        let s = cosine_rows(&rows([&a, &a]), &rows([&changed, &a])).unwrap();
         assert!(s[0] < 1.0 && s[0] > 1.0 - 1e-11, "{}", s[0]);
         assert_eq!(s[1], 1.0);
     }
