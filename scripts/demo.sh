@@ -28,7 +28,7 @@ step "3/5 train: short SFT with cos-global routing labels, capacity annealed to 
 
 step "4/5 build: engine with a compute budget of 0.5 calibrated on LAMBADA passages"
 "$BIN/dlo-compile" build "$W/sft/final" -o "$W/model.dlo" --budget 0.5 --calibration "$LAMBADA" \
-  --calibration-tokens 1024
+  --calibration-tokens 4096
 
 step "5/5 generate with the engine (routed layers skip what their routers skip)"
 "$BIN/dlo-run" "$W/model.dlo" --chat --prompt "What is the capital of France?" --max-tokens 48 --stats
