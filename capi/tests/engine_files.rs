@@ -7,7 +7,7 @@ use crate::support::*;
 use candle_core::{DType, Device};
 use dlo::dlo_status::*;
 use dlo::*;
-use dlo_runtime::engine::calibrate::{calibrate, CalibrationOptions};
+use dlo_runtime::engine::calibrate::{calibrate, CalibrationOptions, RateTarget};
 use dlo_runtime::engine::format::StorageDtype;
 use dlo_runtime::engine::{write_engine_file, EnginePlan, Provenance};
 use dlo_runtime::generate::SamplingParams;
@@ -25,7 +25,7 @@ fn build_engine(ckpt: &Path, out: &Path, budget: f64) -> PathBuf {
         &ids,
         None,
         &CalibrationOptions {
-            budget: Some(budget),
+            target: Some(RateTarget::Uniform(budget)),
             chunk_len: 64,
             ..Default::default()
         },

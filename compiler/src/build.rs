@@ -4,14 +4,16 @@
 //! tensors are written in the chosen storage dtype, with the tokenizer and chat template. With
 //! `--calibration FILE` the model is run over that text to record each routed layer's router-logit
 //! quantiles (so the runtime can set a budget at load time); with `--budget R` as well, per-layer thresholds
-//! are calibrated so that the mean execution rate is R, and checked on held-out text (the last fifth of
-//! the calibration tokens, or `--heldout FILE`). Without a budget the engine follows the reference rule
-//! (`z > 0`) bit for bit.
+//! are calibrated so that every routed layer executes a fraction R of tokens, and checked on held-out text
+//! (the last fifth of the calibration tokens, or `--heldout FILE`). `--budget capacity` instead calibrates
+//! each layer to its trained capacity (the config's `dlo_capacity`), so inference executes what training
+//! did, layer by layer. Without a budget the engine follows the reference rule (`z > 0`) bit for bit. ONNX
+//! exports take a budget too: the calibrated thresholds become constants of the graphs (no load-time budget).
 
 use anyhow::Context;
 use candle_core::{DType, Device};
 use dlo_passes::ModelConfig;
-use dlo_runtime::engine::calibrate::{calibrate, Calibration, CalibrationOptions};
+use dlo_runtime::engine::calibrate::{calibrate, Calibration, CalibrationOptions, RateTarget};
 use dlo_runtime::engine::format::StorageDtype;
 use dlo_runtime::engine::{write_engine_file, EnginePlan, Provenance};
 use dlo_runtime::{Error, Model, Result, Tokenizer, Weights};
@@ -32,9 +34,10 @@ pub struct BuildArgs {
     /// f64 (verification of the lowering against the runtime computing in f64).
     #[arg(long, default_value = "f32", value_parser = ["f32", "bf16", "f16", "f64"])]
     pub dtype: String,
-    /// Target mean execution rate of routed units, in (0, 1]; needs --calibration.
-    #[arg(long)]
-    pub budget: Option<f64>,
+    /// Execution rate of routed units: a number in (0, 1] (the same rate in every routed layer), or
+    /// `capacity` (each layer its trained capacity, `dlo_capacity`); needs --calibration.
+    #[arg(long, value_parser = parse_budget)]
+    pub budget: Option<BudgetArg>,
     /// Text file to calibrate router thresholds on (also records quantiles for load-time budgets).
     #[arg(long)]
     pub calibration: Option<PathBuf>,
@@ -47,6 +50,34 @@ pub struct BuildArgs {
     /// Tokens per calibration sequence.
     #[arg(long, default_value_t = 128)]
     pub chunk_len: usize,
+}
+
+/// The `--budget` of a build.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum BudgetArg {
+    /// The same execution rate in every routed layer.
+    Rate(f64),
+    /// Each routed layer at its trained capacity.
+    Capacity,
+}
+
+impl std::fmt::Display for BudgetArg {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            BudgetArg::Rate(r) => write!(f, "{r}"),
+            BudgetArg::Capacity => f.write_str("capacity"),
+        }
+    }
+}
+
+fn parse_budget(s: &str) -> std::result::Result<BudgetArg, String> {
+    match s {
+        "capacity" => Ok(BudgetArg::Capacity),
+        _ => s
+            .parse()
+            .map(BudgetArg::Rate)
+            .map_err(|_| format!("expected a rate in (0, 1] or `capacity`, found `{s}`")),
+    }
 }
 
 /// What `dlo-compile build` produces.
@@ -69,8 +100,8 @@ pub struct BuildPlan {
     pub output: PathBuf,
     /// Storage dtype of a native engine (f32 for ONNX, whose element type is in [`Target::Onnx`]).
     pub dtype: StorageDtype,
-    /// Target execution rate.
-    pub budget: Option<f64>,
+    /// Target execution rates.
+    pub budget: Option<BudgetArg>,
     /// Calibration text file.
     pub calibration: Option<PathBuf>,
     /// Held-out text file.
@@ -110,8 +141,10 @@ impl BuildPlan {
             }
             t => return Err(Error::InvalidArgument(format!("--target {t}: expected native or onnx"))),
         };
-        if let Some(r) = a.budget {
-            dlo_runtime::engine::plan::check_budget(r)?;
+        if let Some(b) = a.budget {
+            if let BudgetArg::Rate(r) = b {
+                dlo_runtime::engine::plan::check_budget(r)?;
+            }
             if a.calibration.is_none() {
                 return Err(Error::InvalidArgument(
                     "--budget needs --calibration FILE (sample text to calibrate the thresholds on)".into(),
@@ -123,9 +156,11 @@ impl BuildPlan {
                 "--heldout only makes sense with --budget".into(),
             ));
         }
-        if matches!(target, Target::Onnx(_)) && (a.budget.is_some() || a.calibration.is_some()) {
+        if matches!(target, Target::Onnx(_)) && a.calibration.is_some() && a.budget.is_none() {
             return Err(Error::InvalidArgument(
-                "--budget/--calibration apply to native engines; ONNX models follow the reference rule (z > 0)".into(),
+                "--calibration without --budget records quantiles for load-time budgets, which only native engines \
+                 have; ONNX models take a fixed budget (--budget) or follow the reference rule (z > 0)"
+                    .into(),
             ));
         }
         if a.calibration_tokens == 0 || a.chunk_len == 0 {
@@ -196,74 +231,12 @@ fn tokenize(tok: &Tokenizer, path: &Path, limit: usize) -> Result<Vec<u32>> {
 
 /// Lowers a loaded model (config, weights, tokenizer) into an engine as `plan` asks.
 pub fn build_from(plan: &BuildPlan, cfg: &ModelConfig, w: &Weights, tok: Option<&Tokenizer>) -> Result<BuildReport> {
-    let mut warnings = Vec::new();
+    let mut warnings = router_warnings(cfg, w)?;
     let mut engine_plan = EnginePlan::from_config(cfg);
     let routed = engine_plan.routed_layers();
-    if !routed.is_empty() {
-        let zero = zero_routers(cfg, w)?;
-        if zero.len() == routed.len() {
-            warnings.push(format!(
-                "all {} routers are zero: under the reference rule (execute iff z > 0) every routed unit is \
-                 skipped (dlo-method §9.4); fine-tune the model first",
-                routed.len()
-            ));
-        } else if !zero.is_empty() {
-            warnings.push(format!(
-                "the routers of layers {zero:?} are zero: those layers always skip their routed unit"
-            ));
-        }
-    }
-    let mut calibration = None;
-    if let Some(cal_path) = &plan.calibration {
-        if routed.is_empty() {
-            return Err(Error::InvalidArgument(format!(
-                "{}: the model has no routed layers, so there is nothing to calibrate",
-                plan.source.display()
-            )));
-        }
-        let tok = tok.ok_or_else(|| Error::NoTokenizer {
-            path: plan.source.clone(),
-        })?;
-        let mut ids = tokenize(tok, cal_path, plan.calibration_tokens)?;
-        let heldout = match (&plan.heldout, plan.budget) {
-            (Some(h), _) => Some(tokenize(tok, h, plan.calibration_tokens)?),
-            (None, Some(_)) if ids.len() >= 5 * plan.chunk_len => {
-                // Hold out the last fifth, cut at a sequence boundary.
-                let keep = ids.len() * 4 / 5 / plan.chunk_len * plan.chunk_len;
-                Some(ids.split_off(keep))
-            }
-            _ => None,
-        };
-        let model = Model::load(cfg, w, DType::F32, &Device::Cpu)?;
-        let opts = CalibrationOptions {
-            budget: plan.budget,
-            chunk_len: plan.chunk_len,
-            ..Default::default()
-        };
-        let cal = calibrate(&model, &ids, heldout.as_deref(), &opts)?;
-        if let Some(b) = &cal.budget {
-            if (b.calibration_rate - b.rate).abs() > 0.02 {
-                warnings.push(format!(
-                    "the calibrated rate {:.3} misses the budget {}: the router logits tie too much to split \
-                     them finely",
-                    b.calibration_rate, b.rate
-                ));
-            }
-            match b.heldout_rate {
-                Some(h) if (h - b.rate).abs() > 0.02 => warnings.push(format!(
-                    "on held-out text the execution rate is {h:.3}, more than 0.02 from the budget {}; use more \
-                     (or more representative) calibration text",
-                    b.rate
-                )),
-                None => warnings.push(format!(
-                    "no held-out check: the calibration text has fewer than {} tokens",
-                    5 * plan.chunk_len
-                )),
-                _ => {}
-            }
-        }
+    let calibration = calibrate_plan(plan, cfg, w, tok, &mut warnings)?;
+    if let Some(cal) = &calibration {
         cal.apply(&mut engine_plan);
-        calibration = Some(cal);
     }
     let bytes = write_engine_file(
         &plan.output,
@@ -281,14 +254,127 @@ pub fn build_from(plan: &BuildPlan, cfg: &ModelConfig, w: &Weights, tok: Option<
     })
 }
 
+/// Warnings about zero routers, which the reference rule reads as "always skip".
+fn router_warnings(cfg: &ModelConfig, w: &Weights) -> Result<Vec<String>> {
+    let mut warnings = Vec::new();
+    let routed: Vec<usize> = (0..cfg.num_hidden_layers).filter(|&l| cfg.is_routed(l)).collect();
+    if !routed.is_empty() {
+        let zero = zero_routers(cfg, w)?;
+        if zero.len() == routed.len() {
+            warnings.push(format!(
+                "all {} routers are zero: under the reference rule (execute iff z > 0) every routed unit is \
+                 skipped (dlo-method §9.4); fine-tune the model first",
+                routed.len()
+            ));
+        } else if !zero.is_empty() {
+            warnings.push(format!(
+                "the routers of layers {zero:?} are zero: those layers always skip their routed unit"
+            ));
+        }
+    }
+    Ok(warnings)
+}
+
+/// Runs the calibration `plan` asks for (none without `--calibration`), adding warnings when the budget is
+/// missed on the calibration or held-out text.
+fn calibrate_plan(
+    plan: &BuildPlan,
+    cfg: &ModelConfig,
+    w: &Weights,
+    tok: Option<&Tokenizer>,
+    warnings: &mut Vec<String>,
+) -> Result<Option<Calibration>> {
+    let Some(cal_path) = &plan.calibration else {
+        return Ok(None);
+    };
+    if !(0..cfg.num_hidden_layers).any(|l| cfg.is_routed(l)) {
+        return Err(Error::InvalidArgument(format!(
+            "{}: the model has no routed layers, so there is nothing to calibrate",
+            plan.source.display()
+        )));
+    }
+    let tok = tok.ok_or_else(|| Error::NoTokenizer {
+        path: plan.source.clone(),
+    })?;
+    let mut ids = tokenize(tok, cal_path, plan.calibration_tokens)?;
+    let heldout = match (&plan.heldout, plan.budget) {
+        (Some(h), _) => Some(tokenize(tok, h, plan.calibration_tokens)?),
+        (None, Some(_)) if ids.len() >= 5 * plan.chunk_len => {
+            // Hold out the last fifth, cut at a sequence boundary.
+            let keep = ids.len() * 4 / 5 / plan.chunk_len * plan.chunk_len;
+            Some(ids.split_off(keep))
+        }
+        _ => None,
+    };
+    let model = Model::load(cfg, w, DType::F32, &Device::Cpu)?;
+    let target = match plan.budget {
+        None => None,
+        Some(BudgetArg::Rate(r)) => Some(RateTarget::Uniform(r)),
+        Some(BudgetArg::Capacity) => Some(
+            RateTarget::trained_capacity(cfg)
+                .map_err(|e| Error::InvalidArgument(format!("{}: --budget capacity: {e}", plan.source.display())))?,
+        ),
+    };
+    let opts = CalibrationOptions {
+        target,
+        chunk_len: plan.chunk_len,
+        ..Default::default()
+    };
+    let cal = calibrate(&model, &ids, heldout.as_deref(), &opts)?;
+    if let Some(b) = &cal.budget {
+        if (b.calibration_rate - b.rate).abs() > 0.02 {
+            warnings.push(format!(
+                "the calibrated rate {:.3} misses the budget {:.3}: the router logits tie too much to split \
+                 them finely",
+                b.calibration_rate, b.rate
+            ));
+        }
+        match b.heldout_rate {
+            Some(h) if (h - b.rate).abs() > 0.02 => warnings.push(format!(
+                "on held-out text the execution rate is {h:.3}, more than 0.02 from the budget {:.3}; use \
+                 more (or more representative) calibration text",
+                b.rate
+            )),
+            None => warnings.push(format!(
+                "no held-out check: the calibration text has fewer than {} tokens",
+                5 * plan.chunk_len
+            )),
+            _ => {}
+        }
+    }
+    Ok(Some(cal))
+}
+
+fn report_budget(b: &dlo_runtime::engine::Budget) {
+    let held = b.heldout_rate.map_or("n/a".to_string(), |h| format!("{h:.3}"));
+    let what = match b.layer_rates {
+        Some(_) => format!("budget capacity (mean {:.3})", b.rate),
+        None => format!("budget {}", b.rate),
+    };
+    eprintln!(
+        "{what}: execution rate {:.3} on calibration text, {held} held out",
+        b.calibration_rate
+    );
+}
+
 /// Runs `dlo-compile build`.
 pub fn run(args: &BuildArgs) -> anyhow::Result<()> {
     let plan = BuildPlan::from_args(args)?;
     // An existing engine is a valid source too (e.g. to recalibrate its budget or change its dtype).
     let src = dlo_runtime::engine::open_any(&plan.source)?;
     if let Target::Onnx(elem) = plan.target {
+        let mut warnings = router_warnings(&src.config, &src.weights)?;
+        let cal = calibrate_plan(&plan, &src.config, &src.weights, src.tokenizer.as_ref(), &mut warnings)?;
+        for w in &warnings {
+            eprintln!("warning: {w}");
+        }
+        let budget = cal.and_then(|c| c.budget);
+        if let Some(b) = &budget {
+            report_budget(b);
+        }
         let opts = crate::onnx::OnnxOptions {
             elem,
+            thresholds: budget.map(|b| b.thresholds),
             ..Default::default()
         };
         let r = crate::onnx::export_onnx(&src.config, &src.weights, &plan.output, &opts).with_context(|| {
@@ -318,11 +404,7 @@ pub fn run(args: &BuildArgs) -> anyhow::Result<()> {
         eprintln!("warning: {w}");
     }
     if let Some(b) = report.calibration.as_ref().and_then(|c| c.budget.as_ref()) {
-        let held = b.heldout_rate.map_or("n/a".to_string(), |h| format!("{h:.3}"));
-        eprintln!(
-            "budget {}: execution rate {:.3} on calibration text, {held} held out",
-            b.rate, b.calibration_rate
-        );
+        report_budget(b);
     }
     eprintln!(
         "wrote {} ({:.1} MB, {} routed layers, {})",
@@ -552,7 +634,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         for bad in [0.0, 1.5, -1.0, f64::NAN] {
             let a = BuildArgs {
-                budget: Some(bad),
+                budget: Some(BudgetArg::Rate(bad)),
                 calibration: Some(dir.path().join("c.txt")),
                 ..args(dir.path())
             };
@@ -560,7 +642,7 @@ mod tests {
             assert!(e.contains("outside (0, 1]"), "{bad}: {e}");
         }
         let a = BuildArgs {
-            budget: Some(0.5),
+            budget: Some(BudgetArg::Rate(0.5)),
             ..args(dir.path())
         };
         let e = BuildPlan::from_args(&a).unwrap_err().to_string();
@@ -596,12 +678,17 @@ mod tests {
         }
         let a = BuildArgs {
             target: "onnx".into(),
-            budget: Some(0.5),
             calibration: Some(dir.path().join("c.txt")),
             ..args(dir.path())
         };
         let e = BuildPlan::from_args(&a).unwrap_err().to_string();
-        assert!(e.contains("apply to native engines"), "{e}");
+        assert!(e.contains("which only native engines"), "{e}");
+        // ONNX takes a fixed budget: its thresholds become graph constants
+        let a = BuildArgs {
+            budget: Some(BudgetArg::Capacity),
+            ..a
+        };
+        assert!(BuildPlan::from_args(&a).is_ok());
     }
 
     #[test]
@@ -615,7 +702,7 @@ mod tests {
         let cal = dir.path().join("cal.txt");
         std::fs::write(&cal, &text).unwrap();
         let a = BuildArgs {
-            budget: Some(0.5),
+            budget: Some(BudgetArg::Rate(0.5)),
             calibration: Some(cal.clone()),
             ..args(dir.path())
         };
@@ -642,5 +729,64 @@ mod tests {
         };
         let e = build_from(&BuildPlan::from_args(&a2).unwrap(), &dense, &weights(&dense, 0.0), None).unwrap_err();
         assert!(e.to_string().contains("no routed layers"), "{e}");
+    }
+
+    #[test]
+    fn budget_capacity_calibrates_each_layer_to_its_trained_capacity() {
+        assert_eq!(parse_budget("capacity"), Ok(BudgetArg::Capacity));
+        assert_eq!(parse_budget("0.25"), Ok(BudgetArg::Rate(0.25)));
+        assert!(parse_budget("most").unwrap_err().contains("`capacity`"));
+        let dir = tempfile::tempdir().unwrap();
+        let mut cfg = tiny(Some(SkipKind::Mlp));
+        let n = cfg.num_hidden_layers;
+        let caps: Vec<Option<f64>> = (0..n)
+            .map(|l| cfg.is_routed(l).then_some(if l % 2 == 1 { 1.0 } else { 0.3 }))
+            .collect();
+        cfg.dlo.as_mut().unwrap().capacity = dlo_passes::Capacity::PerLayer(caps.clone());
+        let w = weights(&cfg, 0.5);
+        let text = "the quick brown fox jumps over the lazy dog, and then it runs into the woods; \
+                    the dog, who is not so lazy after all, follows it. "
+            .repeat(60);
+        let cal = dir.path().join("cal.txt");
+        std::fs::write(&cal, &text).unwrap();
+        let a = BuildArgs {
+            budget: Some(BudgetArg::Capacity),
+            calibration: Some(cal),
+            ..args(dir.path())
+        };
+        let tok = char_tokenizer();
+        let r = build_from(&BuildPlan::from_args(&a).unwrap(), &cfg, &w, Some(&tok)).unwrap();
+        let b = r.calibration.as_ref().unwrap().budget.as_ref().unwrap();
+        assert_eq!(
+            b.layer_rates.as_ref(),
+            Some(&caps),
+            "the engine keeps the per-layer targets"
+        );
+        let mean = caps.iter().flatten().sum::<f64>() / caps.iter().flatten().count() as f64;
+        assert!((b.rate - mean).abs() < 1e-12);
+        // The engine's default routing executes each layer's capacity on the calibration text.
+        let e = Engine::open(&a.output).unwrap();
+        let model = Model::load(e.config(), &e.weights(), DType::F32, &Device::Cpu).unwrap();
+        let ids = tok.encode(&text, false).unwrap();
+        let stats =
+            dlo_runtime::engine::calibrate::routing_stats(&model, &ids, &e.routing(None).unwrap(), 64, 8).unwrap();
+        for (l, (c, r)) in caps.iter().zip(&stats.layer_rates).enumerate() {
+            match (c, r) {
+                (Some(c), Some(r)) => assert!((r - c).abs() <= 0.03, "layer {l}: rate {r}, capacity {c}"),
+                (None, None) => {}
+                other => panic!("layer {l}: {other:?}"),
+            }
+        }
+        // A model without a DLO config has no capacity to follow.
+        let dense = tiny(None);
+        let e = build_from(
+            &BuildPlan::from_args(&a).unwrap(),
+            &dense,
+            &weights(&dense, 0.0),
+            Some(&tok),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("no routed layers"), "{e}");
     }
 }

@@ -101,6 +101,7 @@ pub fn register_rope_tables(cfg: &ModelConfig, reg: &mut Registry, max_pos: usiz
 /// Lowers one graph of `cfg`, registering the tensors it uses in a registry shared by both graphs.
 pub struct Lower<'a> {
     cfg: &'a ModelConfig,
+    thresholds: Option<&'a [f32]>,
     b: Builder,
     reg: &'a mut Registry,
     used: Vec<String>,
@@ -116,16 +117,24 @@ struct Qkv {
 }
 
 impl<'a> Lower<'a> {
-    /// A lowering of `cfg` into `reg`, computing in the registry's element type.
-    pub fn new(cfg: &'a ModelConfig, reg: &'a mut Registry) -> Self {
+    /// A lowering of `cfg` into `reg`, computing in the registry's element type. A routed layer executes a
+    /// token iff its router logit exceeds `thresholds[l]` (`None`: the reference rule, 0).
+    pub fn new(cfg: &'a ModelConfig, reg: &'a mut Registry, thresholds: Option<&'a [f32]>) -> Self {
         Lower {
             cfg,
+            thresholds,
             b: Builder::new(reg.elem),
             reg,
             used: Vec::new(),
             inputs: Vec::new(),
             outputs: Vec::new(),
         }
+    }
+
+    /// The decision threshold of routed layer `l` as a graph constant.
+    fn threshold(&mut self, l: usize) -> String {
+        let t = self.thresholds.and_then(|t| t.get(l)).copied().unwrap_or(0.0);
+        self.b.scalar(t as f64)
     }
 
     fn finish(self, name: &str) -> LoweredGraph {
@@ -432,8 +441,8 @@ impl<'a> Lower<'a> {
                 None
             } else {
                 let (z, g) = self.router(l, &h);
-                let zero_f = self.b.scalar(0.0);
-                let exec = self.op("Greater", &[&z, &zero_f]); // [T, 1]
+                let threshold = self.threshold(l);
+                let exec = self.op("Greater", &[&z, &threshold]); // [T, 1]
                 let row = self.b.ints(&[1, -1]);
                 self.b
                     .node("Reshape", &[&z, &row], &[&format!("router_logit.{l}")], vec![]);
@@ -592,9 +601,9 @@ impl<'a> Lower<'a> {
             if kind != LayerKind::Dense {
                 let (z, g) = self.router(l, &h);
                 self.b.node("Identity", &[&z], &[&format!("router_logit.{l}")], vec![]);
-                let zero_f = self.b.scalar(0.0);
+                let threshold = self.threshold(l);
                 let exec = format!("exec.{l}");
-                self.b.node("Greater", &[&z, &zero_f], &[&exec], vec![]);
+                self.b.node("Greater", &[&z, &threshold], &[&exec], vec![]);
                 let scalar = self.b.ints(&[]);
                 cond = Some(self.op("Reshape", &[&exec, &scalar]));
                 gate = g;

@@ -128,6 +128,9 @@ pub struct OnnxOptions {
     /// Element type of every floating-point tensor: f32 (deployment) or f64 (verification of the lowering
     /// against the runtime computing in f64).
     pub elem: Elem,
+    /// Per layer, the router-logit threshold above which a routed unit executes (a calibrated budget, see
+    /// `dlo-compile build --budget`); `None` is the reference rule, `z > 0`.
+    pub thresholds: Option<Vec<f32>>,
 }
 
 /// What [`export_onnx`] wrote.
@@ -196,10 +199,21 @@ pub fn export_onnx(
             u32::MAX
         )));
     }
+    if let Some(t) = &opts.thresholds {
+        if t.len() != cfg.num_hidden_layers || t.iter().any(|x| x.is_nan()) {
+            return Err(OnnxError::InvalidOption(format!(
+                "{} router thresholds (NaN-free) are needed, one per layer; found {} ({} NaN)",
+                cfg.num_hidden_layers,
+                t.len(),
+                t.iter().filter(|x| x.is_nan()).count()
+            )));
+        }
+    }
+    let thresholds = opts.thresholds.as_deref();
     let mut reg = Registry::new(opts.elem);
     lower::register_rope_tables(cfg, &mut reg, max_pos)?;
-    let prefill = lower::Lower::new(cfg, &mut reg).prefill(opts.prefill == PrefillForm::Masked);
-    let decode = lower::Lower::new(cfg, &mut reg).decode();
+    let prefill = lower::Lower::new(cfg, &mut reg, thresholds).prefill(opts.prefill == PrefillForm::Masked);
+    let decode = lower::Lower::new(cfg, &mut reg, thresholds).decode();
     for spec in &reg.specs {
         if let Source::Checkpoint = spec.source {
             check_tensor(weights, spec)?;

@@ -6,7 +6,7 @@ use super::proto::{GraphProto, ModelProto, TensorProto, ValueInfoProto};
 use super::*;
 use candle_core::{DType, Device, Tensor};
 use dlo_passes::{DloConfig, SkipKind};
-use dlo_runtime::model::{Batch, Forward, Model};
+use dlo_runtime::model::{Batch, Forward, Model, Routing};
 use dlo_runtime::testing::{self, max_abs_diff, smollm2_gguf, venv_python, Spread, XorShift};
 use std::collections::HashMap;
 
@@ -45,11 +45,11 @@ fn token_ids(n: usize) -> Vec<u32> {
 
 /// Writes the runtime's reference for `ids` in `dlo-run --dump` format, plus `token_ids`, with the runtime
 /// computing in `elem`'s precision (logits in that dtype; router logits are recorded in f32 either way).
-fn write_reference(cfg: &ModelConfig, w: &Weights, ids: &[u32], path: &Path, elem: Elem) {
+fn write_reference(cfg: &ModelConfig, w: &Weights, ids: &[u32], path: &Path, elem: Elem, routing: Routing) {
     let model = Model::load(cfg, w, elem.dtype(), &Device::Cpu).unwrap();
     let fwd = Forward {
         all_logits: true,
-        ..Default::default()
+        routing,
     };
     let out = model.forward(&Batch::single(ids, 0), None, &fwd).unwrap();
     let n = ids.len();
@@ -408,7 +408,11 @@ fn check_options_with_onnxruntime(
     let dir = tempfile::tempdir().unwrap();
     export_onnx(cfg, w, dir.path(), opts).unwrap();
     let reference = dir.path().join("reference.safetensors");
-    write_reference(cfg, w, &token_ids(n), &reference, opts.elem);
+    let routing = match &opts.thresholds {
+        Some(t) => Routing::Thresholds(t.clone()),
+        None => Routing::Reference,
+    };
+    write_reference(cfg, w, &token_ids(n), &reference, opts.elem, routing);
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/check_onnx.py");
     let out = std::process::Command::new(py)
         .arg(&script)
@@ -448,6 +452,67 @@ fn onnxruntime_matches_runtime_layer_skip() {
         24,
         8,
     );
+}
+
+#[test]
+fn onnxruntime_matches_runtime_with_calibrated_thresholds() {
+    use dlo_runtime::engine::calibrate::{calibrate, CalibrationOptions, RateTarget};
+    for (skip, seed) in [(SkipKind::Mlp, 6), (SkipKind::Layer, 7)] {
+        let cfg = tiny_config(Some(skip), false);
+        let w = weights(&cfg, seed);
+        let model = Model::load(&cfg, &w, DType::F32, &Device::Cpu).unwrap();
+        let text: Vec<u32> = (0..2048u32).map(|i| (i * 53 + 7) % cfg.vocab_size as u32).collect();
+        // Layer 1 at 70% of tokens, layer 2 at 35%: thresholds away from the reference's 0.
+        let cal = calibrate(
+            &model,
+            &text,
+            None,
+            &CalibrationOptions {
+                target: Some(RateTarget::PerLayer(vec![None, Some(0.7), Some(0.35)])),
+                chunk_len: 32,
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        let thresholds = cal.budget.unwrap().thresholds;
+        assert!(thresholds[1] != 0.0 && thresholds[2] != 0.0, "{thresholds:?}");
+        let opts = OnnxOptions {
+            thresholds: Some(thresholds.clone()),
+            ..Default::default()
+        };
+        check_weights_with_options(&cfg, &w, &opts, 24, 8, &[]);
+        // The extremes: layer 1 always, layer 2 never (finite constants, in f32 and f64 graphs alike).
+        let extremes = vec![0.0, dlo_runtime::engine::plan::ALWAYS, dlo_runtime::engine::plan::NEVER];
+        let opts = OnnxOptions {
+            thresholds: Some(extremes),
+            ..Default::default()
+        };
+        check_weights_with_options(&cfg, &w, &opts, 16, 6, &["--allow-one-sided"]);
+    }
+    let cfg = tiny_config(Some(SkipKind::Mlp), false);
+    let opts = OnnxOptions {
+        thresholds: Some(vec![0.0; 2]),
+        ..Default::default()
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let e = export_onnx(&cfg, &weights(&cfg, 1), dir.path(), &opts)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("one per layer"), "{e}");
+}
+
+/// [`check_options_with_onnxruntime`] in f32 and f64 with the other settings of `opts`.
+fn check_weights_with_options(
+    cfg: &ModelConfig,
+    w: &Weights,
+    opts: &OnnxOptions,
+    n: usize,
+    prefill: usize,
+    extra: &[&str],
+) {
+    for elem in [Elem::F32, Elem::F64] {
+        check_options_with_onnxruntime(cfg, w, &OnnxOptions { elem, ..opts.clone() }, n, prefill, extra);
+    }
 }
 
 #[test]
@@ -617,7 +682,7 @@ fn check_real_model_in(py: &Path, label: &str, cfg: &ModelConfig, w: &Weights, i
     let rep = export_onnx(cfg, w, dir.path(), &opts).unwrap();
     assert!(rep.external_data && rep.files.len() == 3);
     let reference = dir.path().join("reference.safetensors");
-    write_reference(cfg, w, ids, &reference, elem);
+    write_reference(cfg, w, ids, &reference, elem, Routing::Reference);
     let floor = runtime_noise_floor(cfg, w, ids, 8, elem);
     let tol = match elem {
         Elem::F32 => (3.0 * floor).max(1e-4),

@@ -1,8 +1,11 @@
 //! Compute-budget calibration (`dlo-method.md` §9.5): choose per-layer router thresholds on sample text so
-//! that the mean execution rate over routed layers is a target R.
+//! that routed layers execute target fractions of tokens.
 //!
-//! Every routed layer gets the same rate R: its threshold is the (1 − R) quantile of the router logits it
-//! sees. What a layer sees depends on the thresholds of the layers before it (skipped units change the
+//! The target ([`RateTarget`]) is either one rate R for every routed layer (a compute budget), or one rate
+//! per layer, such as the per-layer capacities training ended with: inference then executes, layer by
+//! layer, the fraction of tokens the model was trained to execute, where the reference's rule (`z > 0`)
+//! executes whatever fraction the sign of a bias-free router gives. A layer's threshold is the (1 − r_l)
+//! quantile of the router logits it sees (rate 1: every token; rate 0: none). What a layer sees depends on the thresholds of the layers before it (skipped units change the
 //! residual stream), so the thresholds are found by a fixed-point iteration: run with the current
 //! thresholds (first round: the reference rule), set each layer's threshold from the logits of that run,
 //! repeat until the measured rate is within `tolerance` of R (at most `max_rounds` runs). The logits of
@@ -11,13 +14,93 @@
 
 use super::plan::{check_budget, quantile_table, threshold_for_rate, Budget, EnginePlan};
 use crate::error::{Error, Result};
-use crate::model::{Batch, Forward, Model, Routing};
+use crate::model::{Batch, Forward, LayerTrace, Model, Routing};
+use dlo_passes::ModelConfig;
+
+/// The execution rates calibration aims for.
+#[derive(Debug, Clone, PartialEq)]
+pub enum RateTarget {
+    /// The same rate R ∈ (0, 1] in every routed layer: a compute budget.
+    Uniform(f64),
+    /// One rate in [0, 1] per layer (`None` for dense layers), e.g. the trained per-layer capacities.
+    PerLayer(Vec<Option<f64>>),
+}
+
+impl RateTarget {
+    /// Per routed layer of `cfg`, its target rate; checks the ranges and the layer count.
+    pub fn layer_rates(&self, cfg: &ModelConfig) -> Result<Vec<Option<f64>>> {
+        let n = cfg.num_hidden_layers;
+        match self {
+            RateTarget::Uniform(r) => {
+                check_budget(*r)?;
+                Ok((0..n).map(|l| cfg.is_routed(l).then_some(*r)).collect())
+            }
+            RateTarget::PerLayer(v) => {
+                if v.len() != n {
+                    return Err(Error::InvalidArgument(format!(
+                        "{} per-layer target rates for a model with {n} layers",
+                        v.len()
+                    )));
+                }
+                (0..n)
+                    .map(|l| match (cfg.is_routed(l), v[l]) {
+                        (false, _) => Ok(None),
+                        (true, Some(r)) if (0.0..=1.0).contains(&r) => Ok(Some(r)),
+                        (true, Some(r)) => Err(Error::InvalidArgument(format!(
+                            "layer {l}: target rate {r} is outside [0, 1]"
+                        ))),
+                        (true, None) => Err(Error::InvalidArgument(format!(
+                            "layer {l} is routed but has no target rate"
+                        ))),
+                    })
+                    .collect()
+            }
+        }
+    }
+
+    /// The per-layer target of `cfg`'s training capacity (`dlo_capacity`: one value for every routed layer,
+    /// or the per-layer list that cos-global training leaves).
+    pub fn trained_capacity(cfg: &ModelConfig) -> Result<RateTarget> {
+        let Some(d) = &cfg.dlo else {
+            return Err(Error::InvalidArgument(
+                "the model has no DLO config, so it has no trained capacity to follow".into(),
+            ));
+        };
+        Ok(RateTarget::PerLayer(
+            (0..cfg.num_hidden_layers)
+                .map(|l| cfg.is_routed(l).then(|| d.capacity.of_layer(l)))
+                .collect(),
+        ))
+    }
+}
+
+/// A model calibration can observe: one inference forward pass under a routing rule, reporting each routed
+/// layer's router logits and decisions. [`Model`] is one; the trainer's test models are others.
+pub trait RouterProbe {
+    /// The model's configuration.
+    fn probe_config(&self) -> &ModelConfig;
+    /// Runs `batch` under `routing`; one entry per layer (`None` for dense layers).
+    fn probe(&self, batch: &Batch, routing: &Routing) -> Result<Vec<Option<LayerTrace>>>;
+}
+
+impl RouterProbe for Model {
+    fn probe_config(&self) -> &ModelConfig {
+        self.config()
+    }
+    fn probe(&self, batch: &Batch, routing: &Routing) -> Result<Vec<Option<LayerTrace>>> {
+        let opts = Forward {
+            routing: routing.clone(),
+            all_logits: false,
+        };
+        Ok(self.forward(batch, None, &opts)?.trace)
+    }
+}
 
 /// Settings of a calibration run.
 #[derive(Debug, Clone)]
 pub struct CalibrationOptions {
-    /// Target mean execution rate in (0, 1]; `None` keeps the reference rule and only records quantiles.
-    pub budget: Option<f64>,
+    /// The rates to calibrate for; `None` keeps the reference rule and only records quantiles.
+    pub target: Option<RateTarget>,
     /// Tokens per sequence the text is cut into (clamped to the model's context).
     pub chunk_len: usize,
     /// Sequences per forward pass.
@@ -31,7 +114,7 @@ pub struct CalibrationOptions {
 impl Default for CalibrationOptions {
     fn default() -> Self {
         CalibrationOptions {
-            budget: None,
+            target: None,
             chunk_len: 128,
             batch: 8,
             max_rounds: 5,
@@ -56,14 +139,15 @@ pub struct RoutingStats {
 /// Runs `model` over `ids` (cut into `chunk_len`-token sequences, `batch` at a time, each starting at
 /// position 0) with `routing`, collecting router logits and execution rates.
 pub fn routing_stats(
-    model: &Model,
+    model: &(impl RouterProbe + ?Sized),
     ids: &[u32],
     routing: &Routing,
     chunk_len: usize,
     batch: usize,
 ) -> Result<RoutingStats> {
-    let n_layers = model.config().num_hidden_layers;
-    let routed: Vec<usize> = (0..n_layers).filter(|&l| model.config().is_routed(l)).collect();
+    let cfg = model.probe_config();
+    let n_layers = cfg.num_hidden_layers;
+    let routed: Vec<usize> = (0..n_layers).filter(|&l| cfg.is_routed(l)).collect();
     if routed.is_empty() {
         return Err(Error::InvalidArgument(
             "the model has no routed layers, so it has no execution rate to calibrate".into(),
@@ -72,16 +156,12 @@ pub fn routing_stats(
     if ids.is_empty() {
         return Err(Error::InvalidArgument("calibration text has no tokens".into()));
     }
-    let chunk_len = chunk_len.clamp(1, model.config().max_position_embeddings.max(1));
+    let chunk_len = chunk_len.clamp(1, cfg.max_position_embeddings.max(1));
     let chunks: Vec<&[u32]> = ids.chunks(chunk_len).collect();
     let mut logits: Vec<Option<Vec<f32>>> = (0..n_layers)
         .map(|l| routed.contains(&l).then(|| Vec::with_capacity(ids.len())))
         .collect();
     let mut executed = vec![0usize; n_layers];
-    let opts = Forward {
-        routing: routing.clone(),
-        all_logits: false,
-    };
     // Full-length chunks go in batches; a shorter tail chunk runs alone (no padding needed).
     let (full, tail): (Vec<&[u32]>, Vec<&[u32]>) = chunks.into_iter().partition(|c| c.len() == chunk_len);
     let mut groups: Vec<Vec<&[u32]>> = full.chunks(batch.max(1)).map(|g| g.to_vec()).collect();
@@ -96,9 +176,9 @@ pub fn routing_stats(
             pos: (0..g.len()).flat_map(|_| 0..t as u32).collect(),
             valid: vec![true; g.len() * t],
         };
-        let out = model.forward(&b, None, &opts)?;
+        let trace = model.probe(&b, routing)?;
         for &l in &routed {
-            if let (Some(tr), Some(acc)) = (&out.trace[l], &mut logits[l]) {
+            if let (Some(tr), Some(acc)) = (trace.get(l).and_then(|t| t.as_ref()), &mut logits[l]) {
                 acc.extend_from_slice(&tr.logits);
                 executed[l] += tr.exec.iter().filter(|e| **e).count();
             }
@@ -147,17 +227,35 @@ impl Calibration {
     }
 }
 
-/// Calibrates `model` on `ids`; with a budget, also measures the resulting rate on `heldout` text.
+/// Calibrates `model` on `ids`; with a target, also measures the resulting rate on `heldout` text.
+///
+/// Stops when the measured rates are within `tolerance` of the target: the mean rate for a uniform
+/// target, every layer's rate for a per-layer one.
 pub fn calibrate(
-    model: &Model,
+    model: &(impl RouterProbe + ?Sized),
     ids: &[u32],
     heldout: Option<&[u32]>,
     opts: &CalibrationOptions,
 ) -> Result<Calibration> {
-    if let Some(r) = opts.budget {
-        check_budget(r)?;
-    }
-    let n_layers = model.config().num_hidden_layers;
+    let cfg = model.probe_config();
+    let n_layers = cfg.num_hidden_layers;
+    let targets = match &opts.target {
+        Some(t) => Some(t.layer_rates(cfg)?),
+        None => None,
+    };
+    let target_mean = match &targets {
+        Some(r) => {
+            let routed: Vec<f64> = r.iter().flatten().copied().collect();
+            let mean = routed.iter().sum::<f64>() / routed.len().max(1) as f64;
+            if mean <= 0.0 {
+                return Err(Error::InvalidArgument(
+                    "the target rates execute nothing in any routed layer".into(),
+                ));
+            }
+            Some(mean)
+        }
+        None => None,
+    };
     let mut thresholds = vec![0.0f32; n_layers];
     let mut round_rates = Vec::new();
     let mut stats;
@@ -170,15 +268,29 @@ pub fn calibrate(
             opts.batch,
         )?;
         round_rates.push(stats.rate);
-        let Some(r) = opts.budget else { break };
-        let first = round_rates.len() == 1; // the reference rule was just measured, not the budget
-        if (!first && (stats.rate - r).abs() <= opts.tolerance) || round_rates.len() > opts.max_rounds {
+        let (Some(targets), Some(mean)) = (&targets, target_mean) else {
+            break;
+        };
+        let miss = match opts.target {
+            Some(RateTarget::PerLayer(_)) => targets
+                .iter()
+                .zip(&stats.layer_rates)
+                .filter_map(|(t, r)| Some((t.as_ref()? - r.as_ref()?).abs()))
+                .fold(0.0, f64::max),
+            _ => (stats.rate - mean).abs(),
+        };
+        let first = round_rates.len() == 1; // the reference rule was just measured, not the target
+        if (!first && miss <= opts.tolerance) || round_rates.len() > opts.max_rounds {
             break;
         }
         thresholds = stats
             .logits
             .iter()
-            .map(|z| z.as_ref().map_or(0.0, |z| threshold_for_rate(z, r)))
+            .zip(targets)
+            .map(|(z, r)| match (z, r) {
+                (Some(z), Some(r)) => threshold_for_rate(z, *r),
+                _ => 0.0,
+            })
             .collect();
     }
     let quantiles = stats
@@ -186,7 +298,7 @@ pub fn calibrate(
         .iter()
         .map(|z| z.as_ref().map(|z| quantile_table(z)))
         .collect();
-    let budget = match opts.budget {
+    let budget = match target_mean {
         None => None,
         Some(rate) => {
             let heldout_rate = match heldout {
@@ -207,6 +319,10 @@ pub fn calibrate(
                 thresholds,
                 calibration_rate: stats.rate,
                 heldout_rate,
+                layer_rates: match &opts.target {
+                    Some(RateTarget::PerLayer(_)) => targets,
+                    _ => None,
+                },
             })
         }
     };

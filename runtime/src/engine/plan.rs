@@ -5,7 +5,8 @@
 //! ([`super::calibrate`]) stores, per routed layer, the thresholds for the build budget and a table of
 //! [`N_QUANTILES`] quantiles of the router-logit distribution it observed, so the runtime can map any
 //! other budget to thresholds ([`EnginePlan::routing`]) without recalibrating: layer l executes a token
-//! iff `z > q_l(1 − R)`.
+//! iff `z > q_l(1 − r_l)`, where r_l = R, or, for an engine calibrated to per-layer rates (its trained
+//! capacities), the rates of the same proportions whose mean is R ([`spread_rates`]).
 
 use crate::error::{Error, Result};
 use crate::model::Routing;
@@ -17,6 +18,9 @@ pub const N_QUANTILES: usize = 101;
 
 /// The threshold that executes every token (finite so it survives JSON).
 pub const ALWAYS: f32 = f32::MIN;
+
+/// The threshold that executes no token (a layer whose target rate is 0).
+pub const NEVER: f32 = f32::MAX;
 
 /// What a layer's router skips.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -52,6 +56,11 @@ pub struct Budget {
     pub calibration_rate: f64,
     /// Mean execution rate measured on held-out text, when there was some.
     pub heldout_rate: Option<f64>,
+    /// Per layer, the target rate when the layers were calibrated to different rates (e.g. their trained
+    /// capacities; `None` entries for dense layers); `None` when every routed layer targets `rate`. Other
+    /// budgets keep these proportions ([`spread_rates`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub layer_rates: Option<Vec<Option<f64>>>,
 }
 
 /// The lowered plan: layer schedule, gate, default routing and the quantile tables.
@@ -103,6 +112,9 @@ pub fn quantile_table(sorted: &[f32]) -> Vec<f32> {
 /// The threshold under which a fraction `1 − rate` of ascending `sorted` falls, so that `rate` of them
 /// are strictly above it: midway between the two values at the cut.
 pub fn threshold_for_rate(sorted: &[f32], rate: f64) -> f32 {
+    if rate <= 0.0 {
+        return NEVER;
+    }
     let n = sorted.len();
     let k = (rate * n as f64).round() as usize; // tokens that must execute
     if n == 0 || k >= n {
@@ -113,6 +125,41 @@ pub fn threshold_for_rate(sorted: &[f32], rate: f64) -> f32 {
     }
     let (lo, hi) = (sorted[n - k - 1], sorted[n - k]);
     lo + (hi - lo) * 0.5
+}
+
+/// Per-layer rates with mean `r` over the routed layers (the `Some` entries of `profile`) that keep the
+/// proportions of `profile`: r_l = min(1, s·p_l) with the scale s that gives mean r (layers that saturate
+/// at 1 pass their share to the others). `r` ≥ 1 executes everything. A layer whose profile is 0 stays
+/// off, so budgets above the fraction of layers with a positive profile cannot be met (an error).
+pub fn spread_rates(profile: &[Option<f64>], r: f64) -> Result<Vec<Option<f64>>> {
+    check_budget(r)?;
+    let routed: Vec<f64> = profile.iter().flatten().copied().collect();
+    if r >= 1.0 {
+        return Ok(profile.iter().map(|p| p.map(|_| 1.0)).collect());
+    }
+    let reach = routed.iter().filter(|p| **p > 0.0).count() as f64 / routed.len().max(1) as f64;
+    if r > reach {
+        return Err(Error::InvalidArgument(format!(
+            "budget {r} is out of reach: this engine's per-layer rates keep {:.0}% of its routed layers off, so \
+             at most {reach:.3} of routed units can execute below budget 1",
+            (1.0 - reach) * 100.0
+        )));
+    }
+    let mean_at = |s: f64| routed.iter().map(|p| (s * p).min(1.0)).sum::<f64>() / routed.len() as f64;
+    // mean_at is continuous and non-decreasing in s, from 0 at s = 0 to `reach` for large s: bisect
+    let (mut lo, mut hi) = (0.0f64, 1.0f64);
+    while mean_at(hi) < r && hi < 1e12 {
+        hi *= 2.0;
+    }
+    for _ in 0..100 {
+        let mid = 0.5 * (lo + hi);
+        if mean_at(mid) < r {
+            lo = mid;
+        } else {
+            hi = mid;
+        }
+    }
+    Ok(profile.iter().map(|p| p.map(|p| (hi * p).min(1.0))).collect())
 }
 
 impl EnginePlan {
@@ -177,6 +224,22 @@ impl EnginePlan {
             if b.thresholds.iter().any(|t| t.is_nan()) {
                 return Err("a threshold is NaN".into());
             }
+            if let Some(rates) = &b.layer_rates {
+                if rates.len() != self.schedule.len() {
+                    return Err(format!(
+                        "{} per-layer rates for {} layers",
+                        rates.len(),
+                        self.schedule.len()
+                    ));
+                }
+                for (l, r) in rates.iter().enumerate() {
+                    match (self.schedule[l] == RoutedUnit::None, r) {
+                        (true, None) => {}
+                        (false, Some(r)) if (0.0..=1.0).contains(r) => {}
+                        _ => return Err(format!("layer {l}: per-layer rate {r:?} does not fit the layer")),
+                    }
+                }
+            }
         }
         if self.quantiles.len() != self.schedule.len() {
             return Err(format!(
@@ -206,7 +269,8 @@ impl EnginePlan {
         !routed.is_empty() && routed.iter().all(|&l| self.quantiles[l].is_some())
     }
 
-    /// Per-layer thresholds for budget `r` from the quantile tables.
+    /// Per-layer thresholds for budget `r` from the quantile tables: every routed layer at rate `r`, or,
+    /// when the stored budget has per-layer rates, rates in the same proportions ([`spread_rates`]).
     pub fn thresholds_for(&self, r: f64) -> Result<Vec<f32>> {
         check_budget(r)?;
         if !self.has_quantiles() {
@@ -216,13 +280,19 @@ impl EnginePlan {
                     .into(),
             ));
         }
+        let rates = match self.budget.as_ref().and_then(|b| b.layer_rates.as_ref()) {
+            Some(profile) => spread_rates(profile, r)?,
+            None => self.quantiles.iter().map(|q| q.as_ref().map(|_| r)).collect(),
+        };
         Ok(self
             .quantiles
             .iter()
-            .map(|q| match q {
-                Some(_) if r >= 1.0 => ALWAYS,
-                Some(q) => quantile(q, 1.0 - r),
-                None => 0.0,
+            .zip(rates)
+            .map(|(q, r)| match (q, r) {
+                (Some(_), Some(r)) if r >= 1.0 => ALWAYS,
+                (Some(_), Some(r)) if r <= 0.0 => NEVER,
+                (Some(q), Some(r)) => quantile(q, 1.0 - r),
+                _ => 0.0,
             })
             .collect())
     }

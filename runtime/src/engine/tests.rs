@@ -1,8 +1,9 @@
 //! Engine tests: `header`, `alignment`, `round_trip`, `errors`, the write→read→compare `cycle` of routed
 //! models, and budget calibration.
 
-use super::calibrate::{calibrate, routing_stats, CalibrationOptions};
+use super::calibrate::{calibrate, routing_stats, CalibrationOptions, RateTarget};
 use super::format::{ALIGN, FORMAT_VERSION, MAGIC, PREFIX_LEN};
+use super::plan::spread_rates;
 use super::*;
 use crate::model::{Batch, Forward, Model};
 use crate::testing::{max_abs_diff, random_weights, routed, smollm2_gguf, tiny_config, XorShift};
@@ -196,6 +197,7 @@ fn round_trip() {
         thresholds: vec![0.0, 0.25, -0.5],
         calibration_rate: 0.51,
         heldout_rate: Some(0.49),
+        layer_rates: Some(vec![None, Some(0.3), Some(0.7)]),
     });
     plan.quantiles = vec![None, Some((0..101).map(|i| i as f32).collect()), Some(vec![0.5; 101])];
     plan.calibration_tokens = 1000;
@@ -538,6 +540,7 @@ fn errors_budget_outside_unit_interval() {
         thresholds: vec![0.0; 3],
         calibration_rate: 0.0,
         heldout_rate: None,
+        layer_rates: None,
     });
     let err = write_engine_file(
         &path,
@@ -607,7 +610,7 @@ fn calibration_hits_budget_on_heldout_text() {
             &calib,
             Some(&held),
             &CalibrationOptions {
-                budget: Some(target),
+                target: Some(RateTarget::Uniform(target)),
                 ..Default::default()
             },
         )
@@ -644,7 +647,7 @@ fn budget_override_from_quantiles_tracks_the_target() {
         &calib,
         None,
         &CalibrationOptions {
-            budget: Some(0.7),
+            target: Some(RateTarget::Uniform(0.7)),
             ..Default::default()
         },
     )
@@ -689,6 +692,120 @@ fn calibration_without_budget_records_reference_quantiles() {
     .unwrap();
     let err = calibrate(&dense, &ids, None, &CalibrationOptions::default()).unwrap_err();
     assert!(err.to_string().contains("no routed layers"), "{err}");
+}
+
+#[test]
+fn per_layer_calibration_gives_each_layer_its_own_rate() {
+    let cfg = routed(
+        ModelConfig {
+            num_hidden_layers: 5,
+            ..tiny_config(false)
+        },
+        SkipKind::Mlp,
+    );
+    let model = Model::load(&cfg, &random_weights(&cfg, 33), DType::F32, &Device::Cpu).unwrap();
+    let (calib, held) = split_corpus(cfg.vocab_size as u32);
+    // layer 0 is dense; the others: always, never, and two fractions
+    let targets = vec![None, Some(1.0), Some(0.0), Some(0.8), Some(0.4)];
+    let cal = calibrate(
+        &model,
+        &calib,
+        Some(&held),
+        &CalibrationOptions {
+            target: Some(RateTarget::PerLayer(targets.clone())),
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    let b = cal.budget.as_ref().unwrap();
+    assert!(
+        (b.rate - 0.55).abs() < 1e-12,
+        "the budget is the mean target: {}",
+        b.rate
+    );
+    assert_eq!(b.layer_rates.as_ref(), Some(&targets));
+    let mut plan = EnginePlan::from_config(&cfg);
+    cal.apply(&mut plan);
+    plan.validate(&cfg).unwrap();
+    let stats = routing_stats(&model, &held, &plan.routing(None).unwrap(), 128, 8).unwrap();
+    let rates = &stats.layer_rates;
+    assert_eq!(rates[0], None);
+    assert_eq!(rates[1], Some(1.0), "rate 1 executes every held-out token");
+    assert_eq!(rates[2], Some(0.0), "rate 0 executes none");
+    for l in [3, 4] {
+        let (r, t) = (rates[l].unwrap(), targets[l].unwrap());
+        assert!((r - t).abs() <= 0.03, "layer {l}: held-out rate {r}, target {t}");
+    }
+
+    // Another budget keeps the proportions: the never-layer stays off, the always-layer saturates.
+    let stats = routing_stats(&model, &held, &plan.routing(Some(0.4)).unwrap(), 128, 8).unwrap();
+    assert!((stats.rate - 0.4).abs() <= 0.04, "budget 0.4: {:?}", stats.layer_rates);
+    assert_eq!(stats.layer_rates[2], Some(0.0));
+    let (a, b) = (stats.layer_rates[3].unwrap(), stats.layer_rates[4].unwrap());
+    // (the quantile tables come from the calibrated run, whose upstream layers executed other fractions,
+    // so another budget's per-layer rates are approximate; their order is not)
+    assert!(a > b + 0.1 && b > 0.1, "0.8 : 0.4 keeps its order, got {a} : {b}");
+    let err = plan.routing(Some(0.9)).unwrap_err().to_string();
+    assert!(err.contains("out of reach"), "{err}");
+    let all = routing_stats(&model, &held, &plan.routing(Some(1.0)).unwrap(), 128, 8).unwrap();
+    assert_eq!(all.rate, 1.0, "budget 1 executes everything");
+}
+
+#[test]
+fn spread_rates_keeps_proportions_and_saturates_at_one() {
+    let profile = [None, Some(1.0), Some(0.5), Some(0.25), Some(0.0)];
+    let r = spread_rates(&profile, 0.35).unwrap();
+    let m: f64 = r.iter().flatten().sum::<f64>() / 4.0;
+    assert!((m - 0.35).abs() < 1e-9, "{r:?}");
+    assert_eq!(r[0], None);
+    assert!((r[1].unwrap() / r[2].unwrap() - 2.0).abs() < 1e-9, "{r:?}");
+    assert_eq!(r[4], Some(0.0));
+    // 0.6: the first layer saturates at 1 and the others take up its share
+    let r = spread_rates(&profile, 0.6).unwrap();
+    assert_eq!(r[1], Some(1.0));
+    assert!((r[2].unwrap() / r[3].unwrap() - 2.0).abs() < 1e-9, "{r:?}");
+    assert!((r.iter().flatten().sum::<f64>() / 4.0 - 0.6).abs() < 1e-9, "{r:?}");
+    assert!(spread_rates(&profile, 0.8)
+        .unwrap_err()
+        .to_string()
+        .contains("out of reach"));
+    assert_eq!(spread_rates(&profile, 1.0).unwrap()[4], Some(1.0));
+    assert!(spread_rates(&profile, 0.0).is_err());
+}
+
+#[test]
+fn rate_targets_are_checked_against_the_model() {
+    let cfg = routed_mlp(); // 3 layers, 1 and 2 routed
+    let err = |t: RateTarget| t.layer_rates(&cfg).unwrap_err().to_string();
+    assert!(err(RateTarget::PerLayer(vec![None, Some(0.5)])).contains("2 per-layer target rates"));
+    assert!(err(RateTarget::PerLayer(vec![None, Some(1.5), Some(0.5)])).contains("layer 1: target rate 1.5"));
+    assert!(err(RateTarget::PerLayer(vec![None, None, Some(0.5)])).contains("layer 1 is routed"));
+    assert!(err(RateTarget::Uniform(0.0)).contains("outside (0, 1]"));
+    // a dense layer's entry is ignored
+    assert_eq!(
+        RateTarget::PerLayer(vec![Some(0.3), Some(0.5), Some(1.0)])
+            .layer_rates(&cfg)
+            .unwrap(),
+        vec![None, Some(0.5), Some(1.0)]
+    );
+    // the trained capacity: a scalar applies to every routed layer
+    assert_eq!(
+        RateTarget::trained_capacity(&cfg).unwrap().layer_rates(&cfg).unwrap(),
+        vec![None, Some(0.9), Some(0.9)]
+    );
+    let dense = tiny_config(true);
+    assert!(RateTarget::trained_capacity(&dense)
+        .unwrap_err()
+        .to_string()
+        .contains("no DLO config"));
+    let model = Model::load(&cfg, &random_weights(&cfg, 2), DType::F32, &Device::Cpu).unwrap();
+    let ids = text_ids(CALIB_TEXT, cfg.vocab_size as u32);
+    let opts = CalibrationOptions {
+        target: Some(RateTarget::PerLayer(vec![None, Some(0.0), Some(0.0)])),
+        ..Default::default()
+    };
+    let e = calibrate(&model, &ids, None, &opts).unwrap_err().to_string();
+    assert!(e.contains("execute nothing"), "{e}");
 }
 
 // ----- SmolLM2-135M (real asset) -----
@@ -844,7 +961,7 @@ fn lower_budget_lowers_counted_flops_in_proportion() {
         &calib,
         None,
         &CalibrationOptions {
-            budget: Some(0.7),
+            target: Some(RateTarget::Uniform(0.7)),
             ..Default::default()
         },
     )

@@ -99,7 +99,8 @@ pub enum Routing {
 }
 
 impl Routing {
-    fn decide(&self, l: usize, z: f32) -> bool {
+    /// Whether layer `l` executes a token whose router logit is `z`.
+    pub fn decide(&self, l: usize, z: f32) -> bool {
         match self {
             Routing::Reference => z > 0.0,
             Routing::Thresholds(t) => z > t.get(l).copied().unwrap_or(0.0),
