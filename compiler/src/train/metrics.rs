@@ -71,14 +71,39 @@ pub struct Timing {
 pub struct EvalMetrics {
     /// After this many steps.
     pub step: u64,
+    /// The inference routing rule evaluated.
+    #[serde(default)]
+    pub routing: EvalRouting,
     /// CE per target token over the held-out split.
     pub loss: f64,
-    /// Mean execution rate over routed layers (σ(z) > 0.5).
+    /// Mean execution rate over routed layers under `routing`.
     pub exec_rate: f64,
     /// Per layer execution rate.
     pub exec: Vec<Option<f64>>,
     /// Target tokens evaluated.
     pub target_tokens: u64,
+}
+
+/// The inference routing rule of a held-out evaluation.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "snake_case")]
+pub enum EvalRouting {
+    /// The reference's rule: a unit runs iff its router logit is > 0 (σ(z) > 0.5).
+    #[default]
+    Reference,
+    /// Per-layer thresholds calibrated on training text so that each routed layer executes its current
+    /// training capacity (what `dlo-compile build --budget capacity` deploys).
+    Capacity,
+}
+
+impl EvalRouting {
+    /// Its name on the command line and in logs.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            EvalRouting::Reference => "reference",
+            EvalRouting::Capacity => "capacity",
+        }
+    }
 }
 
 /// Reads `metrics.jsonl`.
@@ -278,7 +303,7 @@ pub fn plot_svg(records: &[Record]) -> String {
         "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"940\" height=\"880\" viewBox=\"0 0 940 880\">\n\
          <rect width=\"100%\" height=\"100%\" fill=\"white\"/>\n",
     );
-    let losses = vec![
+    let mut losses = vec![
         (
             "train CE".to_string(),
             train.iter().map(|s| (s.step as f64, s.ce)).collect(),
@@ -287,11 +312,25 @@ pub fn plot_svg(records: &[Record]) -> String {
             "routing loss".to_string(),
             train.iter().map(|s| (s.step as f64, s.route)).collect(),
         ),
-        (
-            "held-out CE".to_string(),
-            evals.iter().map(|e| (e.step as f64, e.loss)).collect(),
-        ),
     ];
+    let rules: Vec<EvalRouting> = [EvalRouting::Reference, EvalRouting::Capacity]
+        .into_iter()
+        .filter(|r| evals.iter().any(|e| e.routing == *r))
+        .collect();
+    for r in &rules {
+        let name = match rules.len() {
+            1 => "held-out CE".to_string(),
+            _ => format!("held-out CE ({})", r.as_str()),
+        };
+        losses.push((
+            name,
+            evals
+                .iter()
+                .filter(|e| e.routing == *r)
+                .map(|e| (e.step as f64, e.loss))
+                .collect(),
+        ));
+    }
     panel(&mut svg, 30.0, "loss", &losses, None);
     panel(
         &mut svg,
@@ -346,6 +385,7 @@ mod tests {
         }
         log.write(&Record::Eval(EvalMetrics {
             step: 5,
+            routing: EvalRouting::Reference,
             loss: 2.0,
             exec_rate: 0.5,
             exec: vec![None, Some(0.5)],

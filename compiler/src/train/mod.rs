@@ -31,11 +31,12 @@ use candle_core::{DType, Device, Tensor, Var};
 use checkpoint::{CapacityRecord, CheckpointContents, FileSink, TrainerState};
 use data::{Example, Row, Source};
 use dlo_passes::{Capacity, LossType, ModelConfig};
+use dlo_runtime::engine::calibrate::{calibrate, CalibrationOptions, RateTarget, RouterProbe};
 use dlo_runtime::model::train::{TrainOutput, TrainRouting};
 use dlo_runtime::model::{Batch, Forward, Model, Routing};
 use dlo_runtime::Weights;
 use loss::{CapacityState, LayerSignals};
-use metrics::{EvalMetrics, MetricsLog, Record, StepMetrics};
+use metrics::{EvalMetrics, EvalRouting, MetricsLog, Record, StepMetrics};
 use optim::{AdamW, AdamWConfig, GradAccum, Schedule, TrainSet};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -122,6 +123,11 @@ pub struct TrainArgs {
     /// Turn off the layer-wise learning rate from the per-layer capacities.
     #[arg(long)]
     pub no_dynamic_lr: bool,
+    /// Inference routing rules of the held-out evaluation, comma-separated: `reference` (a unit runs iff its
+    /// router logit > 0) and/or `capacity` (each layer calibrated on training text to execute its current
+    /// training capacity, as `dlo-compile build --budget capacity` deploys). The summary reports the first.
+    #[arg(long, value_enum, value_delimiter = ',', default_value = "reference")]
+    pub eval_routing: Vec<EvalRouting>,
     /// Learning-rate multiplier for the routers. 1 trains them at the base rate, as the reference does over
     /// thousands of steps; zero-initialised routers in a run of a few hundred steps need 10–100 to reach
     /// logits whose sign (the inference rule) is reliable.
@@ -181,6 +187,8 @@ pub struct Options {
     pub dynamic_lr: bool,
     /// Learning-rate multiplier for `model.routers.*`.
     pub router_lr_scale: f64,
+    /// Held-out routing rules (at least one; the first is the summary's).
+    pub eval_routing: Vec<EvalRouting>,
     /// Stop early without a final save.
     pub stop_after: Option<u64>,
     /// Draw a progress bar.
@@ -191,6 +199,9 @@ impl TrainArgs {
     /// Checks ranges and builds [`Options`].
     pub fn options(&self) -> Result<Options> {
         let bad = |m: String| Err(TrainError::Invalid(m));
+        if self.eval_routing.is_empty() {
+            return bad("--eval-routing needs at least one rule (reference, capacity)".into());
+        }
         if self.batch == 0 || self.grad_accum == 0 {
             return bad("--batch and --grad-accum must be at least 1".into());
         }
@@ -254,6 +265,12 @@ impl TrainArgs {
             pack: self.pack,
             dynamic_lr: !self.no_dynamic_lr,
             router_lr_scale: self.router_lr_scale,
+            eval_routing: {
+                let mut rules = self.eval_routing.clone();
+                let mut seen = std::collections::HashSet::new();
+                rules.retain(|r| seen.insert(*r));
+                rules
+            },
             stop_after: self.stop_after,
             progress: true,
         })
@@ -261,8 +278,8 @@ impl TrainArgs {
 }
 
 /// A model the trainer can drive: built with some tensors as [`Var`]s, with a differentiable training
-/// forward and an inference forward for evaluation.
-pub trait TrainModel: Sized {
+/// forward and an inference forward for evaluation, whose routers calibration can observe.
+pub trait TrainModel: Sized + RouterProbe {
     /// Builds the model; tensors for which `trainable(name)` holds become variables (f32).
     fn load_trainable(
         cfg: &ModelConfig,
@@ -272,8 +289,8 @@ pub trait TrainModel: Sized {
     ) -> dlo_runtime::Result<(Self, Vec<(String, Var)>)>;
     /// The training forward (`Model::forward_train`).
     fn forward_train(&self, batch: &Batch, routing: &TrainRouting) -> dlo_runtime::Result<TrainOutput>;
-    /// Inference-rule forward: logits `[b, t, V]` (f32) and each routed layer's execution flags.
-    fn forward_eval(&self, batch: &Batch) -> dlo_runtime::Result<(Tensor, Vec<Option<Vec<bool>>>)>;
+    /// Inference forward under `routing`: logits `[b, t, V]` (f32) and each routed layer's execution flags.
+    fn forward_eval(&self, batch: &Batch, routing: &Routing) -> dlo_runtime::Result<(Tensor, Vec<Option<Vec<bool>>>)>;
 }
 
 impl TrainModel for Model {
@@ -288,12 +305,12 @@ impl TrainModel for Model {
     fn forward_train(&self, batch: &Batch, routing: &TrainRouting) -> dlo_runtime::Result<TrainOutput> {
         Model::forward_train(self, batch, routing)
     }
-    fn forward_eval(&self, batch: &Batch) -> dlo_runtime::Result<(Tensor, Vec<Option<Vec<bool>>>)> {
+    fn forward_eval(&self, batch: &Batch, routing: &Routing) -> dlo_runtime::Result<(Tensor, Vec<Option<Vec<bool>>>)> {
         let out = self.forward(
             batch,
             None,
             &Forward {
-                routing: Routing::Reference,
+                routing: routing.clone(),
                 all_logits: true,
             },
         )?;
@@ -325,6 +342,9 @@ pub struct MicroOutput {
     /// Target tokens.
     pub targets: usize,
 }
+
+/// Training tokens the `capacity` held-out rule calibrates its thresholds on.
+pub const CAPACITY_CALIBRATION_TOKENS: usize = 4096;
 
 /// The training loop's state around one model.
 pub struct Trainer<M: TrainModel> {
@@ -624,8 +644,43 @@ impl<M: TrainModel> Trainer<M> {
         Ok(self.step_on(&mbs)?.0)
     }
 
-    /// CE per target token on `examples` under the inference routing rule, and execution rates.
-    pub fn evaluate(&self, examples: &[Example]) -> Result<EvalMetrics> {
+    /// The inference routing of `rule` for the model as it is now. For [`EvalRouting::Capacity`]: per-layer
+    /// thresholds calibrated on the first [`CAPACITY_CALIBRATION_TOKENS`] training tokens so that each routed
+    /// layer executes its current capacity (a dense model has nothing to calibrate and follows the reference).
+    pub fn eval_routing(&self, rule: EvalRouting) -> Result<Routing> {
+        let Some(caps) = self.caps.as_ref().filter(|_| rule == EvalRouting::Capacity) else {
+            return Ok(Routing::Reference);
+        };
+        let n_layers = self.cfg.num_hidden_layers;
+        let rates = (0..n_layers)
+            .map(|l| caps.is_dlo[l].then(|| caps.capacity.of_layer(l).clamp(0.0, 1.0)))
+            .collect();
+        let mut ids = Vec::new();
+        for e in &self.train {
+            if ids.len() >= CAPACITY_CALIBRATION_TOKENS {
+                break;
+            }
+            ids.extend_from_slice(&e.ids);
+        }
+        let cal = calibrate(
+            &self.model,
+            &ids,
+            None,
+            &CalibrationOptions {
+                target: Some(RateTarget::PerLayer(rates)),
+                chunk_len: self.opts.seq_len,
+                batch: self.opts.batch,
+                ..Default::default()
+            },
+        )?;
+        Ok(cal
+            .budget
+            .map_or(Routing::Reference, |b| Routing::Thresholds(b.thresholds)))
+    }
+
+    /// CE per target token on `examples` under the inference routing `rule`, and execution rates.
+    pub fn evaluate(&self, examples: &[Example], rule: EvalRouting) -> Result<EvalMetrics> {
+        let routing = self.eval_routing(rule)?;
         let n_layers = self.cfg.num_hidden_layers;
         let (mut sum, mut n) = (0f64, 0usize);
         let mut exec_on = vec![0usize; n_layers];
@@ -641,7 +696,7 @@ impl<M: TrainModel> Trainer<M> {
         for chunk in rows.chunks(self.opts.batch) {
             let refs: Vec<&Row> = chunk.iter().collect();
             let (batch, targets) = data::make_batch(&refs, self.pad_id);
-            let (logits, trace) = self.model.forward_eval(&batch)?;
+            let (logits, trace) = self.model.forward_eval(&batch, &routing)?;
             let (ce, k) = loss::cross_entropy(&logits.detach(), &targets)?;
             sum += ce.to_scalar::<f32>()? as f64 * k as f64;
             n += k;
@@ -659,6 +714,7 @@ impl<M: TrainModel> Trainer<M> {
         let r: Vec<f64> = exec.iter().flatten().copied().collect();
         Ok(EvalMetrics {
             step: self.step,
+            routing: rule,
             loss: sum / n.max(1) as f64,
             exec_rate: if r.is_empty() {
                 1.0
@@ -872,8 +928,11 @@ pub struct Summary {
     pub eval_loss_first: Option<f64>,
     /// Last held-out CE.
     pub eval_loss_last: Option<f64>,
-    /// Last held-out execution rate (inference rule).
+    /// Last held-out execution rate.
     pub eval_exec_rate: Option<f64>,
+    /// The routing rule of the held-out numbers above (the first of `--eval-routing`).
+    #[serde(default)]
+    pub eval_routing: EvalRouting,
     /// Mean tokens per second.
     pub tokens_per_s: f64,
     /// Final per-layer capacity.
@@ -977,15 +1036,21 @@ pub fn train_run<M: TrainModel>(setup: RunSetup, sink: &mut dyn FileSink) -> Res
     };
     // one held-out evaluation, reported and logged
     let held_out = |tr: &Trainer<M>, log: &mut MetricsLog, pb: &indicatif::ProgressBar| -> Result<()> {
-        let e = tr.evaluate(&eval)?;
-        say(
-            pb,
-            format!(
-                "step {}: held-out loss {:.4}, execution rate {:.3}",
-                e.step, e.loss, e.exec_rate
-            ),
-        );
-        log.write(&Record::Eval(e))?;
+        for &rule in &opts.eval_routing {
+            let e = tr.evaluate(&eval, rule)?;
+            let which = match opts.eval_routing.len() {
+                1 => String::new(),
+                _ => format!(" ({} routing)", rule.as_str()),
+            };
+            say(
+                pb,
+                format!(
+                    "step {}: held-out loss {:.4}, execution rate {:.3}{which}",
+                    e.step, e.loss, e.exec_rate
+                ),
+            );
+            log.write(&Record::Eval(e))?;
+        }
         Ok(())
     };
     let mut last_eval_step = None;
@@ -1031,10 +1096,11 @@ pub fn train_run<M: TrainModel>(setup: RunSetup, sink: &mut dyn FileSink) -> Res
     }
     pb.finish_and_clear();
     let records = metrics::read_log(&log_path)?;
+    let summary_rule = opts.eval_routing.first().copied().unwrap_or_default();
     let evals: Vec<&EvalMetrics> = records
         .iter()
         .filter_map(|r| match r {
-            Record::Eval(e) => Some(e),
+            Record::Eval(e) if e.routing == summary_rule => Some(e),
             _ => None,
         })
         .collect();
@@ -1048,6 +1114,7 @@ pub fn train_run<M: TrainModel>(setup: RunSetup, sink: &mut dyn FileSink) -> Res
         eval_loss_first: evals.first().map(|e| e.loss),
         eval_loss_last: evals.last().map(|e| e.loss),
         eval_exec_rate: evals.last().map(|e| e.exec_rate),
+        eval_routing: summary_rule,
         tokens_per_s: tps.iter().sum::<f64>() / tps.len().max(1) as f64,
         capacity: tr.caps.as_ref().map(|c| c.capacity_list()).unwrap_or_default(),
         data: data_stats,

@@ -6,7 +6,9 @@ use super::checkpoint::{FileSink, Fs};
 use super::data::{Example, Row};
 use super::*;
 use candle_core::D;
+use dlo_runtime::engine::calibrate::RouterProbe;
 use dlo_runtime::model::train::TrainLayerTrace;
+use dlo_runtime::model::LayerTrace;
 use serde_json::json;
 
 /// A tiny differentiable stand-in with DLO routing (see the module docs).
@@ -23,13 +25,21 @@ fn sigmoid(z: &Tensor) -> candle_core::Result<Tensor> {
 }
 
 impl Toy {
-    fn run(&self, batch: &Batch, routing: Option<&TrainRouting>) -> dlo_runtime::Result<TrainOutput> {
+    /// Training routing with `routing`, else inference routing by `eval`; also returns each routed layer's
+    /// router logits.
+    fn run(
+        &self,
+        batch: &Batch,
+        routing: Option<&TrainRouting>,
+        eval: &Routing,
+    ) -> dlo_runtime::Result<(TrainOutput, Vec<Option<Vec<f32>>>)> {
         let dev = Device::Cpu;
         let (b, t) = (batch.b, batch.t);
         let ids = Tensor::from_vec(batch.ids.clone(), b * t, &dev)?;
         let mut h = self.emb.index_select(&ids, 0)?; // [bt, d]
         let dlo = self.cfg.dlo.clone();
         let mut layers = Vec::new();
+        let mut logits = Vec::new();
         for (l, w) in self.units.iter().enumerate() {
             let delta = h.matmul(&w.t()?)?.tanh()?;
             match (&self.routers[l], &dlo) {
@@ -37,10 +47,16 @@ impl Toy {
                     let z = h.matmul(&r.t()?)?.reshape((b, t))?;
                     let s = sigmoid(&z)?;
                     let sv: Vec<f32> = s.flatten_all()?.to_vec1()?;
+                    let zv: Vec<f32> = z.flatten_all()?.to_vec1()?;
                     let exec = match routing {
                         Some(rt) => loss::topk_select(&sv, &batch.valid, t, rt.capacity[l].min(1.0), rt.per_sequence),
-                        None => sv.iter().zip(&batch.valid).map(|(x, v)| *v && *x > 0.5).collect(),
+                        None => zv
+                            .iter()
+                            .zip(&batch.valid)
+                            .map(|(z, v)| *v && eval.decide(l, *z))
+                            .collect(),
                     };
+                    logits.push(Some(zv));
                     let similarity = if routing.is_some_and(|r| r.similarity) {
                         let x = h.detach();
                         let y = (&x + delta.detach())?;
@@ -68,11 +84,32 @@ impl Toy {
                 _ => {
                     h = (&h + delta)?;
                     layers.push(None);
+                    logits.push(None);
                 }
             }
         }
-        let logits = h.matmul(&self.head.t()?)?.reshape((b, t, self.cfg.vocab_size))?;
-        Ok(TrainOutput { logits, layers })
+        let out = h.matmul(&self.head.t()?)?.reshape((b, t, self.cfg.vocab_size))?;
+        Ok((TrainOutput { logits: out, layers }, logits))
+    }
+}
+
+impl RouterProbe for Toy {
+    fn probe_config(&self) -> &ModelConfig {
+        &self.cfg
+    }
+    fn probe(&self, batch: &Batch, routing: &Routing) -> dlo_runtime::Result<Vec<Option<LayerTrace>>> {
+        let (out, logits) = self.run(batch, None, routing)?;
+        Ok(out
+            .layers
+            .into_iter()
+            .zip(logits)
+            .map(|(l, z)| {
+                Some(LayerTrace {
+                    logits: z?,
+                    exec: l?.exec,
+                })
+            })
+            .collect())
     }
 }
 
@@ -120,10 +157,10 @@ impl TrainModel for Toy {
         ))
     }
     fn forward_train(&self, batch: &Batch, routing: &TrainRouting) -> dlo_runtime::Result<TrainOutput> {
-        self.run(batch, Some(routing))
+        Ok(self.run(batch, Some(routing), &Routing::Reference)?.0)
     }
-    fn forward_eval(&self, batch: &Batch) -> dlo_runtime::Result<(Tensor, Vec<Option<Vec<bool>>>)> {
-        let o = self.run(batch, None)?;
+    fn forward_eval(&self, batch: &Batch, routing: &Routing) -> dlo_runtime::Result<(Tensor, Vec<Option<Vec<bool>>>)> {
+        let o = self.run(batch, None, routing)?.0;
         Ok((o.logits, o.layers.into_iter().map(|l| l.map(|l| l.exec)).collect()))
     }
 }
@@ -220,6 +257,7 @@ fn opts(steps: u64) -> Options {
         pack: false,
         dynamic_lr: true,
         router_lr_scale: 1.0,
+        eval_routing: vec![EvalRouting::Reference],
         stop_after: None,
         progress: false,
     }
@@ -394,7 +432,7 @@ fn training_lowers_held_out_loss_for_every_loss_type_and_dense() {
             },
         );
         let held = toy_examples(24)[16..].to_vec();
-        let before = t.evaluate(&held).unwrap().loss;
+        let before = t.evaluate(&held, EvalRouting::Reference).unwrap().loss;
         let mut first = None;
         let mut last = 0.0;
         for _ in 0..40 {
@@ -407,7 +445,7 @@ fn training_lowers_held_out_loss_for_every_loss_type_and_dense() {
                 assert_eq!(m.route, 0.0);
             }
         }
-        let after = t.evaluate(&held).unwrap().loss;
+        let after = t.evaluate(&held, EvalRouting::Reference).unwrap().loss;
         assert!(after < before && last < first.unwrap(), "{lt}: {before} → {after}");
     }
 }
@@ -933,4 +971,68 @@ fn out_of_range_settings_are_refused_with_the_flag_named() {
         let e = parse(flags).unwrap_err().to_string();
         assert!(e.contains(named), "{flags:?}: {e}");
     }
+}
+
+#[test]
+fn capacity_eval_routing_executes_each_layers_capacity() {
+    let cfg = toy_config("cos-global", true);
+    let mut t = trainer(
+        &cfg,
+        Options {
+            anneal_steps: 0,
+            ..opts(4)
+        },
+    );
+    for _ in 0..3 {
+        t.train_step().unwrap();
+    }
+    let caps = vec![None, Some(0.9), Some(0.4)];
+    t.caps.as_mut().unwrap().capacity = Capacity::PerLayer(caps.clone());
+    // The toy's routing is per token (no attention), so on the calibration tokens themselves (the training
+    // examples) each layer executes its capacity up to rounding.
+    let train = toy_examples(16);
+    let e = t.evaluate(&train, EvalRouting::Capacity).unwrap();
+    assert_eq!(e.routing, EvalRouting::Capacity);
+    for (l, (r, c)) in e.exec.iter().zip(&caps).enumerate().skip(1) {
+        let (r, c) = (r.unwrap(), c.unwrap());
+        assert!((r - c).abs() <= 0.02, "layer {l}: rate {r}, capacity {c}");
+    }
+    // The reference rule follows the routers' signs instead, so it gives other rates.
+    let r = t.evaluate(&train, EvalRouting::Reference).unwrap();
+    assert_ne!(r.exec, e.exec);
+    // A dense model has nothing to calibrate: the capacity rule is the reference rule.
+    let dense = toy_config("self", false);
+    let t = trainer(&dense, opts(4));
+    let held = toy_examples(24)[16..].to_vec();
+    assert_eq!(
+        t.evaluate(&held, EvalRouting::Capacity).unwrap().loss,
+        t.evaluate(&held, EvalRouting::Reference).unwrap().loss
+    );
+}
+
+#[test]
+fn run_logs_every_eval_routing_and_summarises_the_first() {
+    let cfg = toy_config("cos-global", true);
+    let dir = tempfile::tempdir().unwrap();
+    let o = Options {
+        eval_routing: vec![EvalRouting::Capacity, EvalRouting::Reference],
+        ..opts(4)
+    };
+    let s = train_run::<Toy>(setup(&cfg, 1, dir.path(), None, o), &mut Fs).unwrap();
+    let evals: Vec<EvalMetrics> = metrics::read_log(&dir.path().join("metrics.jsonl"))
+        .unwrap()
+        .into_iter()
+        .filter_map(|r| match r {
+            Record::Eval(e) => Some(e),
+            _ => None,
+        })
+        .collect();
+    let of = |rule| -> Vec<u64> { evals.iter().filter(|e| e.routing == rule).map(|e| e.step).collect() };
+    assert_eq!(of(EvalRouting::Capacity), vec![0, 2, 4]);
+    assert_eq!(of(EvalRouting::Reference), vec![0, 2, 4]);
+    assert_eq!(s.eval_routing, EvalRouting::Capacity);
+    let last_cap = evals.iter().rfind(|e| e.routing == EvalRouting::Capacity).unwrap();
+    assert_eq!(s.eval_loss_last, Some(last_cap.loss));
+    let svg = std::fs::read_to_string(dir.path().join("plot.svg")).unwrap();
+    assert!(svg.contains("held-out CE (capacity)") && svg.contains("held-out CE (reference)"));
 }
