@@ -61,15 +61,6 @@ pub enum BudgetArg {
     Capacity,
 }
 
-impl std::fmt::Display for BudgetArg {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            BudgetArg::Rate(r) => write!(f, "{r}"),
-            BudgetArg::Capacity => f.write_str("capacity"),
-        }
-    }
-}
-
 fn parse_budget(s: &str) -> std::result::Result<BudgetArg, String> {
     match s {
         "capacity" => Ok(BudgetArg::Capacity),

@@ -55,7 +55,8 @@ struct Args {
     /// Worker threads (default: all cores).
     #[arg(long)]
     threads: Option<usize>,
-    /// Mean execution rate of routed units, in (0, 1] (engines built with --calibration only).
+    /// Mean execution rate of routed units, in (0, 1] (engines built with --calibration only; an engine built
+    /// with `--budget capacity` keeps its per-layer proportions).
     #[arg(long)]
     budget: Option<f64>,
     /// Force every routed unit on (`on`) or off (`off`) instead of following the routers.
