@@ -682,16 +682,22 @@ mod tests {
         assert!(BuildPlan::from_args(&a).is_ok());
     }
 
+    /// English-like calibration text (60 repeats of two sentences) written to `dir/cal.txt`.
+    fn calibration_text(dir: &Path) -> (String, PathBuf) {
+        let text = "the quick brown fox jumps over the lazy dog, and then it runs into the woods; \
+                    the dog, who is not so lazy after all, follows it. "
+            .repeat(60);
+        let cal = dir.join("cal.txt");
+        std::fs::write(&cal, &text).unwrap();
+        (text, cal)
+    }
+
     #[test]
     fn budget_build_calibrates_and_stores_thresholds() {
         let dir = tempfile::tempdir().unwrap();
         let cfg = tiny(Some(SkipKind::Mlp));
         let w = weights(&cfg, 0.5);
-        let text = "the quick brown fox jumps over the lazy dog, and then it runs into the woods; \
-                    the dog, who is not so lazy after all, follows it. "
-            .repeat(60);
-        let cal = dir.path().join("cal.txt");
-        std::fs::write(&cal, &text).unwrap();
+        let (_, cal) = calibration_text(dir.path());
         let a = BuildArgs {
             budget: Some(BudgetArg::Rate(0.5)),
             calibration: Some(cal.clone()),
@@ -735,11 +741,7 @@ mod tests {
             .collect();
         cfg.dlo.as_mut().unwrap().capacity = dlo_passes::Capacity::PerLayer(caps.clone());
         let w = weights(&cfg, 0.5);
-        let text = "the quick brown fox jumps over the lazy dog, and then it runs into the woods; \
-                    the dog, who is not so lazy after all, follows it. "
-            .repeat(60);
-        let cal = dir.path().join("cal.txt");
-        std::fs::write(&cal, &text).unwrap();
+        let (text, cal) = calibration_text(dir.path());
         let a = BuildArgs {
             budget: Some(BudgetArg::Capacity),
             calibration: Some(cal),
