@@ -535,6 +535,23 @@ fn errors_budget_outside_unit_interval() {
     });
     let err = open_err(&write_bytes(dir.path(), "b2.dlo", &bytes));
     assert!(err.contains("budget 1.5 is outside (0, 1]"), "{err}");
+    // Per-layer rates must match the layers: one per layer, in [0, 1] on routed layers, null on dense ones.
+    for (rates, problem) in [
+        (serde_json::json!([null, 0.5]), "2 per-layer rates for 3 layers"),
+        (serde_json::json!([null, 0.5, 1.5]), "layer 2: per-layer rate Some(1.5)"),
+        (serde_json::json!([0.5, 0.5, 0.5]), "layer 0: per-layer rate Some(0.5)"),
+        (serde_json::json!([null, null, 0.5]), "layer 1: per-layer rate None"),
+    ] {
+        let mut bytes = std::fs::read(&path).unwrap();
+        patch_header(&mut bytes, |v| {
+            v["manifest"]["plan"]["budget"] = serde_json::json!({
+                "rate": 0.5, "thresholds": [0.0, 0.0, 0.0], "calibration_rate": 0.5, "heldout_rate": null,
+                "layer_rates": rates
+            })
+        });
+        let err = open_err(&write_bytes(dir.path(), "b3.dlo", &bytes));
+        assert!(err.contains(problem), "{rates}: {err}");
+    }
     plan.budget = Some(Budget {
         rate: 0.0,
         thresholds: vec![0.0; 3],
