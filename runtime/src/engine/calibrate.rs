@@ -2,15 +2,17 @@
 //! that routed layers execute target fractions of tokens.
 //!
 //! The target ([`RateTarget`]) is either one rate R for every routed layer (a compute budget), or one rate
-//! per layer, such as the per-layer capacities training ended with: inference then executes, layer by
+//! per layer, such as the per-layer capacities training ended with. Inference then executes, layer by
 //! layer, the fraction of tokens the model was trained to execute, where the reference's rule (`z > 0`)
 //! executes whatever fraction the sign of a bias-free router gives. A layer's threshold is the (1 − r_l)
-//! quantile of the router logits it sees (rate 1: every token; rate 0: none). What a layer sees depends on the thresholds of the layers before it (skipped units change the
-//! residual stream), so the thresholds are found by a fixed-point iteration: run with the current
-//! thresholds (first round: the reference rule), set each layer's threshold from the logits of that run,
-//! repeat until the measured rate is within `tolerance` of R (at most `max_rounds` runs). The logits of
-//! the final run also give each layer's [`N_QUANTILES`](super::plan::N_QUANTILES)-entry quantile table,
-//! from which the runtime derives thresholds for other budgets.
+//! quantile of the router logits it sees (rate 1: every token; rate 0: none).
+//!
+//! What a layer sees depends on the thresholds of the layers before it (skipped units change the residual
+//! stream), so the thresholds are found by a fixed-point iteration: run with the current thresholds (first
+//! round: the reference rule), set each layer's threshold from the logits of that run, repeat until the
+//! measured rates are within `tolerance` of the target (at most `max_rounds` runs). The logits of the final
+//! run also give each layer's [`N_QUANTILES`](super::plan::N_QUANTILES)-entry quantile table, from which the
+//! runtime derives thresholds for other budgets.
 
 use super::plan::{check_budget, quantile_table, threshold_for_rate, Budget, EnginePlan};
 use crate::error::{Error, Result};
