@@ -651,10 +651,6 @@ impl<M: TrainModel> Trainer<M> {
         let Some(caps) = self.caps.as_ref().filter(|_| rule == EvalRouting::Capacity) else {
             return Ok(Routing::Reference);
         };
-        let n_layers = self.cfg.num_hidden_layers;
-        let rates = (0..n_layers)
-            .map(|l| caps.is_dlo[l].then(|| caps.capacity.of_layer(l).clamp(0.0, 1.0)))
-            .collect();
         let mut ids = Vec::new();
         for e in &self.train {
             if ids.len() >= CAPACITY_CALIBRATION_TOKENS {
@@ -667,7 +663,7 @@ impl<M: TrainModel> Trainer<M> {
             &ids,
             None,
             &CalibrationOptions {
-                target: Some(RateTarget::PerLayer(rates)),
+                target: Some(RateTarget::of_capacity(&caps.capacity, &caps.is_dlo)),
                 chunk_len: self.opts.seq_len,
                 batch: self.opts.batch,
                 ..Default::default()

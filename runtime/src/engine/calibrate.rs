@@ -17,7 +17,7 @@
 use super::plan::{check_budget, quantile_table, threshold_for_rate, Budget, EnginePlan};
 use crate::error::{Error, Result};
 use crate::model::{Batch, Forward, LayerTrace, Model, Routing};
-use dlo_passes::ModelConfig;
+use dlo_passes::{Capacity, ModelConfig};
 
 /// The execution rates calibration aims for.
 #[derive(Debug, Clone, PartialEq)]
@@ -61,18 +61,26 @@ impl RateTarget {
     }
 
     /// The per-layer target of `cfg`'s training capacity (`dlo_capacity`: one value for every routed layer,
-    /// or the per-layer list that cos-global training leaves).
+    /// or the per-layer list that cos-global training leaves); see [`RateTarget::of_capacity`].
     pub fn trained_capacity(cfg: &ModelConfig) -> Result<RateTarget> {
         let Some(d) = &cfg.dlo else {
             return Err(Error::InvalidArgument(
                 "the model has no DLO config, so it has no trained capacity to follow".into(),
             ));
         };
-        Ok(RateTarget::PerLayer(
-            (0..cfg.num_hidden_layers)
-                .map(|l| cfg.is_routed(l).then(|| d.capacity.of_layer(l)))
+        Ok(RateTarget::of_capacity(&d.capacity, &d.is_dlo))
+    }
+
+    /// Each routed layer (`is_routed[l]`) at the fraction of tokens training's top-k executes at capacity
+    /// `capacity`: its capacity clamped to [0, 1] (annealing's rescale can leave a per-layer value above 1).
+    pub fn of_capacity(capacity: &Capacity, is_routed: &[bool]) -> RateTarget {
+        RateTarget::PerLayer(
+            is_routed
+                .iter()
+                .enumerate()
+                .map(|(l, r)| r.then(|| capacity.of_layer(l).clamp(0.0, 1.0)))
                 .collect(),
-        ))
+        )
     }
 }
 

@@ -810,6 +810,14 @@ fn rate_targets_are_checked_against_the_model() {
         RateTarget::trained_capacity(&cfg).unwrap().layer_rates(&cfg).unwrap(),
         vec![None, Some(0.9), Some(0.9)]
     );
+    // a per-layer capacity above 1 (annealing's rescale can leave one) executes every token, as training's
+    // top-k does
+    let mut over = cfg.clone();
+    over.dlo.as_mut().unwrap().capacity = dlo_passes::Capacity::PerLayer(vec![None, Some(1.2), Some(0.4)]);
+    assert_eq!(
+        RateTarget::trained_capacity(&over).unwrap().layer_rates(&over).unwrap(),
+        vec![None, Some(1.0), Some(0.4)]
+    );
     let dense = tiny_config(true);
     assert!(RateTarget::trained_capacity(&dense)
         .unwrap_err()
