@@ -77,9 +77,12 @@ fn data<'a, T: Real>(s: &'a CpuStorage, l: &Layout, op: &'static str) -> Result<
     }
 }
 
-/// Rows per rayon task: enough work per task to amortise scheduling.
+/// Elements per rayon task: enough work per task to amortise scheduling.
+const TASK_ELEMS: usize = 16384;
+
+/// Rows per rayon task (at least one), for rows of `width` elements.
 fn chunk_rows(width: usize) -> usize {
-    (16384 / width.max(1)).max(1)
+    (TASK_ELEMS / width.max(1)).max(1)
 }
 
 /// Dispatches `$body` with `T` = f32 or f64 according to the storage `$s`.
@@ -372,11 +375,13 @@ impl CustomOp2 for SwiGlu {
             let g = data::<T>(s1, l1, self.name())?;
             let u = data::<T>(s2, l2, self.name())?;
             let mut y = g.to_vec();
-            y.par_chunks_mut(16384).zip(u.par_chunks(16384)).for_each(|(yc, uc)| {
-                for (v, uv) in yc.iter_mut().zip(uc) {
-                    *v = *v / (T::ONE + (-*v).exp()) * *uv;
-                }
-            });
+            y.par_chunks_mut(TASK_ELEMS)
+                .zip(u.par_chunks(TASK_ELEMS))
+                .for_each(|(yc, uc)| {
+                    for (v, uv) in yc.iter_mut().zip(uc) {
+                        *v = *v / (T::ONE + (-*v).exp()) * *uv;
+                    }
+                });
             Ok((T::storage(y), l1.shape().clone()))
         })
     }
@@ -409,9 +414,13 @@ impl CustomOp3 for SwiGluBwd {
             let n = g.len();
             let mut out = vec![T::ZERO; 2 * n];
             let (dg, du) = out.split_at_mut(n);
-            dg.par_chunks_mut(16384)
-                .zip(du.par_chunks_mut(16384))
-                .zip(g.par_chunks(16384).zip(u.par_chunks(16384)).zip(dy.par_chunks(16384)))
+            dg.par_chunks_mut(TASK_ELEMS)
+                .zip(du.par_chunks_mut(TASK_ELEMS))
+                .zip(
+                    g.par_chunks(TASK_ELEMS)
+                        .zip(u.par_chunks(TASK_ELEMS))
+                        .zip(dy.par_chunks(TASK_ELEMS)),
+                )
                 .for_each(|((dgc, duc), ((gc, uc), dyc))| {
                     for i in 0..gc.len() {
                         let s = T::ONE / (T::ONE + (-gc[i]).exp());
