@@ -971,6 +971,18 @@ fn out_of_range_settings_are_refused_with_the_flag_named() {
         let e = parse(flags).unwrap_err().to_string();
         assert!(e.contains(named), "{flags:?}: {e}");
     }
+    // --eval-routing: rules are listed once each, in order; unknown ones are refused by the parser, and an empty
+    // list (which only a library caller can build) by options()
+    let o = parse(&["--eval-routing", "capacity,reference,capacity"]).unwrap();
+    assert_eq!(o.eval_routing, vec![EvalRouting::Capacity, EvalRouting::Reference]);
+    use clap::Parser;
+    let base = ["train", "model", "--data", "d.jsonl", "-o", "out"];
+    let e = Cli::try_parse_from(base.iter().chain(&["--eval-routing", "sometimes"]));
+    assert!(e.is_err_and(|e| e.to_string().contains("--eval-routing")));
+    let mut a = Cli::try_parse_from(base).unwrap().args;
+    a.eval_routing.clear();
+    let e = a.options().unwrap_err().to_string();
+    assert!(e.contains("--eval-routing needs at least one rule"), "{e}");
 }
 
 #[test]
