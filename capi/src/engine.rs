@@ -5,7 +5,7 @@ use crate::handles;
 use crate::status::{dlo_status, guard, Failure, Result};
 use candle_core::{DType, Device};
 use dlo_runtime::chat::Message;
-use dlo_runtime::engine::{open_any, EnginePlan};
+use dlo_runtime::engine::{open_any, routing_for, EnginePlan};
 use dlo_runtime::model::Routing;
 use dlo_runtime::{Model, Tokenizer};
 use std::ffi::c_char;
@@ -123,10 +123,7 @@ impl EngineInner {
         let opened = open_any(path)?;
         let default_routing = opened.routing(budget.map(f64::from))?;
         let model = Model::load(&opened.config, &opened.weights, dtype, &Device::Cpu)?;
-        let mut stop_tokens = opened.config.eos_token_ids.clone();
-        if let Some(t) = &opened.tokenizer {
-            stop_tokens.extend(&t.eos_token_ids);
-        }
+        let stop_tokens = opened.stop_tokens();
         Ok(EngineInner {
             model,
             tokenizer: opened.tokenizer,
@@ -140,14 +137,10 @@ impl EngineInner {
 
     /// The routing rule for a session budget (`None`: the engine's default).
     pub fn routing(&self, budget: Option<f32>) -> Result<Routing> {
-        match (budget, &self.plan) {
-            (None, _) => Ok(self.default_routing.clone()),
-            (Some(b), Some(plan)) => Ok(plan.routing(Some(f64::from(b)))?),
-            (Some(b), None) => Err(Failure::invalid(format!(
-                "a budget of {b} needs an engine file (dlo-compile build with calibration); {} is a checkpoint, \
-                 which follows the reference rule",
-                self.path.display()
-            ))),
+        match budget {
+            None => Ok(self.default_routing.clone()),
+            Some(b) => routing_for(self.plan.as_ref(), Some(f64::from(b)))
+                .map_err(|e| Failure::invalid(format!("{}: {e}", self.path.display()))),
         }
     }
 

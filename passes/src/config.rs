@@ -220,13 +220,9 @@ impl DloConfig {
         }
     }
 
-    /// The gate g for router score r (`dlo-method.md` §4.3).
+    /// The gate g for router score r (`dlo-method.md` §4.3; [`crate::Gate`]).
     pub fn gate(&self, r: f64) -> f64 {
-        if self.rescale_hidden_states {
-            0.5 * self.scale_factor + self.scale_gap * (r - 0.5)
-        } else {
-            1.0
-        }
+        self.gate_params().of_score(r)
     }
 }
 

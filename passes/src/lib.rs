@@ -5,6 +5,7 @@
 //! - [`ir`]: the model as a list of output layers with provenance and routers ([`ModelSpec`]).
 //! - [`pass`], [`expand`], [`insert_routers`], [`set_hparams`]: the passes and the pipeline that runs them.
 //! - [`recipe`]: the expansion pipeline as data ([`Recipe`] file ↔ validated [`ExpandPlan`]).
+//! - [`routing`]: the DLO rules every stage shares: the routed unit of each layer and the gate.
 //! - [`source`], [`writer`]: reading base tensors ([`TensorSource`]) and streaming the result to an HF
 //!   directory in the DLO reference format.
 //!
@@ -28,6 +29,7 @@ pub mod insert_routers;
 pub mod ir;
 pub mod pass;
 pub mod recipe;
+pub mod routing;
 pub mod set_hparams;
 pub mod source;
 pub mod writer;
@@ -39,6 +41,7 @@ pub use insert_routers::{InsertRouters, RouterInitKind};
 pub use ir::{CopyInit, DloParams, LayerSource, LayerSpec, ModelSpec, RouterInit};
 pub use pass::{Pass, Pipeline};
 pub use recipe::{ExpandPlan, Recipe};
+pub use routing::{Gate, GateTerms, RoutedUnit};
 pub use set_hparams::SetHparams;
 pub use source::{SafetensorsDir, SyntheticSource, TensorSource};
 pub use writer::{write_model, ExtraFile, OutDtype, WriteOptions, WriteReport};

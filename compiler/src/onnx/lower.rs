@@ -10,7 +10,7 @@
 use super::builder::{attr_g, attr_i, attr_ints, attr_t, raw_tensor, value_info, Builder, Dim};
 use super::builder::{Registry, Source, TensorSpec};
 use super::proto::{data_type, GraphProto, NodeProto, TensorProto, ValueInfoProto};
-use dlo_passes::{ModelConfig, SkipKind};
+use dlo_passes::{ModelConfig, RoutedUnit};
 
 /// Additive mask value of a hidden key slot: the runtime's `MASKED` (finite, so an all-masked row of a
 /// discarded query stays finite).
@@ -20,28 +20,6 @@ const MASKED: f64 = dlo_runtime::model::cache::MASKED as f64;
 pub const ROPE_COS: &str = "rope.cos";
 /// Name of the RoPE sine table initializer.
 pub const ROPE_SIN: &str = "rope.sin";
-
-/// What a layer lowers to.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum LayerKind {
-    /// No router: attention and MLP for every token.
-    Dense,
-    /// Routed, `mlp` skipping (`llama_dlo_exattn`).
-    SkipMlp,
-    /// Routed, whole-layer skipping (`llama_dlo`).
-    SkipLayer,
-}
-
-/// The kind of layer `l` of `cfg`.
-pub fn layer_kind(cfg: &ModelConfig, l: usize) -> LayerKind {
-    match (&cfg.dlo, cfg.is_routed(l)) {
-        (Some(d), true) => match d.skip {
-            SkipKind::Mlp => LayerKind::SkipMlp,
-            SkipKind::Layer => LayerKind::SkipLayer,
-        },
-        _ => LayerKind::Dense,
-    }
-}
 
 /// A lowered graph before its large initializers are attached.
 pub struct LoweredGraph {
@@ -350,13 +328,13 @@ impl<'a> Lower<'a> {
         let w = self.w(&format!("model.routers.{l}.weight"), &[1, self.cfg.hidden_size]);
         let z = self.op_a("Gemm", &[h, &w], vec![attr_i("transB", 1)]);
         let dlo = self.cfg.dlo.as_ref().expect("routed layers have a DLO config");
-        if !dlo.rescale_hidden_states {
+        let Some(terms) = dlo.gate_params().terms() else {
             return (z, None);
-        }
+        };
         let (half, beta, base) = (
-            self.b.scalar(0.5),
-            self.b.scalar(dlo.scale_gap),
-            self.b.scalar(0.5 * dlo.scale_factor),
+            self.b.scalar(terms.centre),
+            self.b.scalar(terms.gap),
+            self.b.scalar(terms.base),
         );
         let r = self.op("Sigmoid", &[&z]);
         let centred = self.op("Sub", &[&r, &half]);
@@ -433,11 +411,11 @@ impl<'a> Lower<'a> {
         );
         for l in 0..c.num_hidden_layers {
             self.b.prefix = format!("l{l}.");
-            let kind = layer_kind(c, l);
+            let kind = c.routed_unit(l);
             let (pk, pv) = (format!("present_key.{l}"), format!("present_value.{l}"));
             let k_rows;
             let v_rows;
-            let routing = if kind == LayerKind::Dense {
+            let routing = if kind == RoutedUnit::None {
                 None
             } else {
                 let (z, g) = self.router(l, &h);
@@ -457,7 +435,7 @@ impl<'a> Lower<'a> {
                 Some((g, exec, idx))
             };
             match (kind, routing) {
-                (LayerKind::SkipLayer, Some((g, _, Some(idx)))) => {
+                (RoutedUnit::Layer, Some((g, _, Some(idx)))) => {
                     // Gather the executed rows, run the whole layer on them (attending among themselves,
                     // causally by original position), scatter back; skipped rows pass unchanged.
                     let h_e = self.op("GatherND", &[&h, &idx]);
@@ -480,7 +458,7 @@ impl<'a> Lower<'a> {
                     self.b
                         .node("Identity", &[&exec_out], &[&format!("present_valid.{l}")], vec![]);
                 }
-                (LayerKind::SkipLayer, Some((g, exec, None))) => {
+                (RoutedUnit::Layer, Some((g, exec, None))) => {
                     // Masked dense form: every row runs the layer, keys of skipped rows are hidden, and
                     // skipped rows keep their input (their K/V slots are zeroed, as the gather form leaves them).
                     let x = self.rms(&h, &format!("model.layers.{l}.input_layernorm"));
@@ -509,14 +487,14 @@ impl<'a> Lower<'a> {
                     let o = self.attend(l, &q, &ka, &va, &mask);
                     let a = self.op("Add", &[&h, &o]);
                     h = match (kind, routing) {
-                        (LayerKind::SkipMlp, Some((g, _, Some(idx)))) => {
+                        (RoutedUnit::Mlp, Some((g, _, Some(idx)))) => {
                             // MLP only on the executed rows: gather, run, scatter back.
                             let a_e = self.op("GatherND", &[&a, &idx]);
                             let g_e = g.as_ref().map(|g| self.op("GatherND", &[g, &idx]));
                             let y_e = self.gated_mlp_residual(l, &a_e, g_e.as_deref());
                             self.op("ScatterND", &[&a, &idx, &y_e])
                         }
-                        (LayerKind::SkipMlp, Some((g, exec, None))) => {
+                        (RoutedUnit::Mlp, Some((g, exec, None))) => {
                             // Masked dense form: the MLP runs on every row, skipped rows keep `a`.
                             let y = self.gated_mlp_residual(l, &a, g.as_deref());
                             self.op("Where", &[&exec, &y, &a])
@@ -534,9 +512,9 @@ impl<'a> Lower<'a> {
             let kv_dims = self.kv_dims(Dim::Sym("seq"));
             self.output(&pk, float, &kv_dims);
             self.output(&pv, float, &kv_dims);
-            if kind != LayerKind::Dense {
+            if kind != RoutedUnit::None {
                 let row = [Dim::Fixed(1), Dim::Sym("seq")];
-                if kind == LayerKind::SkipLayer {
+                if kind == RoutedUnit::Layer {
                     self.output(&format!("present_valid.{l}"), data_type::BOOL, &row);
                 }
                 self.output(&format!("exec.{l}"), data_type::BOOL, &row);
@@ -565,7 +543,7 @@ impl<'a> Lower<'a> {
                 .push(value_info(&format!("past_key.{l}"), float, &cache_dims));
             self.inputs
                 .push(value_info(&format!("past_value.{l}"), float, &cache_dims));
-            if layer_kind(c, l) == LayerKind::SkipLayer {
+            if c.routed_unit(l) == RoutedUnit::Layer {
                 self.inputs
                     .push(value_info(&format!("past_valid.{l}"), data_type::BOOL, &valid_dims));
             }
@@ -593,12 +571,12 @@ impl<'a> Lower<'a> {
 
         for l in 0..n {
             self.b.prefix = format!("l{l}.");
-            let kind = layer_kind(c, l);
+            let kind = c.routed_unit(l);
             let (past_k, past_v) = (format!("past_key.{l}"), format!("past_value.{l}"));
             let (pk, pv) = (format!("present_key.{l}"), format!("present_value.{l}"));
             let mut cond = None;
             let mut gate = None;
-            if kind != LayerKind::Dense {
+            if kind != RoutedUnit::None {
                 let (z, g) = self.router(l, &h);
                 self.b.node("Identity", &[&z], &[&format!("router_logit.{l}")], vec![]);
                 let threshold = self.threshold(l);
@@ -609,7 +587,7 @@ impl<'a> Lower<'a> {
                 gate = g;
             }
             match kind {
-                LayerKind::SkipLayer => {
+                RoutedUnit::Layer => {
                     let cond = cond.expect("routed");
                     let (past_valid, present_valid) = (format!("past_valid.{l}"), format!("present_valid.{l}"));
                     // then: the whole layer runs, writing its K/V into slot p and marking the slot valid.
@@ -687,7 +665,7 @@ impl<'a> Lower<'a> {
             }
             self.output(&pk, float, &cache_dims);
             self.output(&pv, float, &cache_dims);
-            if kind != LayerKind::Dense {
+            if kind != RoutedUnit::None {
                 self.output(&format!("exec.{l}"), data_type::BOOL, &one_one);
                 self.output(&format!("router_logit.{l}"), float, &one_one);
             }

@@ -71,9 +71,9 @@ mod tests;
 
 pub use builder::Elem;
 use builder::{raw_tensor, Registry, Source, TensorSpec};
-use dlo_passes::ModelConfig;
+use dlo_passes::{ModelConfig, RoutedUnit};
 use dlo_runtime::Weights;
-use lower::{layer_kind, LayerKind, LoweredGraph};
+use lower::LoweredGraph;
 use prost::Message;
 use proto::{ModelProto, OperatorSetIdProto, StringStringEntryProto, TensorProto};
 use std::io::Write;
@@ -254,7 +254,7 @@ pub fn export_onnx(
         prefill_nodes: prefill.node_count(),
         decode_nodes: decode.node_count(),
         routed_layers: (0..cfg.num_hidden_layers)
-            .filter(|&l| layer_kind(cfg, l) != LayerKind::Dense)
+            .filter(|&l| cfg.routed_unit(l).is_routed())
             .count(),
         max_positions: max_pos,
     })
@@ -399,8 +399,8 @@ fn write_all(
 }
 
 fn model_proto(cfg: &ModelConfig, g: &LoweredGraph, initializer: Vec<TensorProto>) -> ModelProto {
-    let kinds: Vec<LayerKind> = (0..cfg.num_hidden_layers).map(|l| layer_kind(cfg, l)).collect();
-    let list = |k: LayerKind| {
+    let kinds = cfg.schedule();
+    let list = |k: RoutedUnit| {
         kinds
             .iter()
             .enumerate()
@@ -415,8 +415,8 @@ fn model_proto(cfg: &ModelConfig, g: &LoweredGraph, initializer: Vec<TensorProto
         ("dlo.kv_heads", cfg.num_key_value_heads.to_string()),
         ("dlo.head_dim", cfg.head_dim.to_string()),
         ("dlo.vocab_size", cfg.vocab_size.to_string()),
-        ("dlo.mlp_skip_layers", list(LayerKind::SkipMlp)),
-        ("dlo.layer_skip_layers", list(LayerKind::SkipLayer)),
+        ("dlo.mlp_skip_layers", list(RoutedUnit::Mlp)),
+        ("dlo.layer_skip_layers", list(RoutedUnit::Layer)),
         ("dlo.cache", "fixed-capacity, slot = position".to_string()),
     ];
     ModelProto {

@@ -25,7 +25,7 @@ use crate::weights::Weights;
 use candle_core::Device;
 use dlo_passes::ModelConfig;
 use format::{EngineFile, StorageDtype, TensorSpec};
-pub use plan::{Budget, EnginePlan, GateParams, RoutedUnit};
+pub use plan::{Budget, EnginePlan, Gate, RoutedUnit};
 use serde::{Deserialize, Serialize};
 use std::io::Read;
 use std::path::{Path, PathBuf};
@@ -291,22 +291,44 @@ pub struct Opened {
 }
 
 impl Opened {
-    /// The routing rule for an optional budget override: an engine's plan decides (see
-    /// [`EnginePlan::routing`]); a checkpoint follows the reference rule and refuses a budget.
+    /// The routing rule for an optional budget override ([`routing_for`] with this model's plan).
     pub fn routing(&self, budget: Option<f64>) -> Result<Routing> {
-        match (&self.plan, budget) {
-            (Some(p), b) => p.routing(b),
-            (None, None) => Ok(Routing::Reference),
-            (None, Some(r)) => {
-                plan::check_budget(r)?;
-                Err(Error::InvalidArgument(
-                    "a budget needs an engine (dlo-compile build --calibration FILE); checkpoints follow the \
-                     reference rule"
-                        .into(),
-                ))
-            }
+        routing_for(self.plan.as_ref(), budget)
+    }
+
+    /// Token ids that end generation ([`stop_tokens`] of this model's config and tokenizer).
+    pub fn stop_tokens(&self) -> Vec<u32> {
+        stop_tokens(&self.config, self.tokenizer.as_ref())
+    }
+}
+
+/// The routing rule of a model for an optional budget override — the one budget → routing rule of every
+/// front end (dlo-run, the C ABI, evaluation): an engine's plan decides ([`EnginePlan::routing`]); a model
+/// without one (a checkpoint) follows the reference rule and refuses a budget.
+pub fn routing_for(plan: Option<&EnginePlan>, budget: Option<f64>) -> Result<Routing> {
+    match (plan, budget) {
+        (Some(p), b) => p.routing(b),
+        (None, None) => Ok(Routing::Reference),
+        (None, Some(r)) => {
+            plan::check_budget(r)?;
+            Err(Error::InvalidArgument(
+                "a budget needs an engine (dlo-compile build --calibration FILE); checkpoints follow the \
+                 reference rule"
+                    .into(),
+            ))
         }
     }
+}
+
+/// Token ids that end generation: the config's EOS ids, then the tokenizer's that are not among them.
+pub fn stop_tokens(cfg: &ModelConfig, tokenizer: Option<&Tokenizer>) -> Vec<u32> {
+    let mut ids = cfg.eos_token_ids.clone();
+    for &t in tokenizer.map(|t| t.eos_token_ids.as_slice()).unwrap_or_default() {
+        if !ids.contains(&t) {
+            ids.push(t);
+        }
+    }
+    ids
 }
 
 /// Opens `path` as an engine when it starts with the engine magic, otherwise as a checkpoint

@@ -10,7 +10,8 @@
 
 use crate::error::{Error, Result};
 use crate::model::Routing;
-use dlo_passes::{ModelConfig, SkipKind};
+use dlo_passes::ModelConfig;
+pub use dlo_passes::{Gate, RoutedUnit};
 use serde::{Deserialize, Serialize};
 
 /// Quantiles stored per routed layer: probabilities 0, 0.01, …, 1.
@@ -21,29 +22,6 @@ pub const ALWAYS: f32 = f32::MIN;
 
 /// The threshold that executes no token (a layer whose target rate is 0).
 pub const NEVER: f32 = f32::MAX;
-
-/// What a layer's router skips.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum RoutedUnit {
-    /// A dense layer (no router).
-    None,
-    /// The MLP sub-block (`llama_dlo_exattn`).
-    Mlp,
-    /// The whole layer (`llama_dlo`).
-    Layer,
-}
-
-/// The gate `g = 0.5α + β(σ(z) − 0.5)` applied to a routed unit's output.
-#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
-pub struct GateParams {
-    /// Whether the gate is applied at all (`rescale_hidden_states`).
-    pub rescale: bool,
-    /// α (`scale_factor`).
-    pub alpha: f64,
-    /// β (`scale_gap`).
-    pub beta: f64,
-}
 
 /// A calibrated compute budget.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -69,7 +47,7 @@ pub struct EnginePlan {
     /// One entry per layer: the unit its router skips.
     pub schedule: Vec<RoutedUnit>,
     /// Gate parameters (`None` for dense models).
-    pub gate: Option<GateParams>,
+    pub gate: Option<Gate>,
     /// The default budget; `None` means the reference rule (`z > 0`).
     pub budget: Option<Budget>,
     /// Per layer: [`N_QUANTILES`] ascending quantiles of calibrated router logits (`None` for dense layers,
@@ -165,22 +143,9 @@ pub fn spread_rates(profile: &[Option<f64>], r: f64) -> Result<Vec<Option<f64>>>
 impl EnginePlan {
     /// The plan of `cfg` with the reference rule and no calibration.
     pub fn from_config(cfg: &ModelConfig) -> Self {
-        let schedule = (0..cfg.num_hidden_layers)
-            .map(|l| match (&cfg.dlo, cfg.is_routed(l)) {
-                (Some(d), true) => match d.skip {
-                    SkipKind::Mlp => RoutedUnit::Mlp,
-                    SkipKind::Layer => RoutedUnit::Layer,
-                },
-                _ => RoutedUnit::None,
-            })
-            .collect();
         EnginePlan {
-            schedule,
-            gate: cfg.dlo.as_ref().map(|d| GateParams {
-                rescale: d.rescale_hidden_states,
-                alpha: d.scale_factor,
-                beta: d.scale_gap,
-            }),
+            schedule: cfg.schedule(),
+            gate: cfg.dlo.as_ref().map(|d| d.gate_params()),
             budget: None,
             quantiles: vec![None; cfg.num_hidden_layers],
             calibration_tokens: 0,

@@ -3,6 +3,7 @@
 
 use super::*;
 use crate::testing::{max_abs_diff, random_weights, routed, tiny_config};
+use dlo_passes::SkipKind;
 
 fn ids(n: usize, seed: u32) -> Vec<u32> {
     (0..n as u32).map(|i| (i * 31 + seed * 7 + 3) % 97).collect()

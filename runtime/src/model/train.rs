@@ -108,13 +108,9 @@ impl Model {
                 h.device(),
             )?
             .to_dtype(h.dtype())?;
-            let g = if dlo.rescale_hidden_states {
-                ((&scores - 0.5)? * dlo.scale_gap)?.affine(1.0, 0.5 * dlo.scale_factor)?
-            } else {
-                scores.ones_like()?
-            }
-            .reshape((b, t, 1))?
-            .to_dtype(h.dtype())?;
+            let g = super::gate_of_scores(&scores, &dlo.gate_params())?
+                .reshape((b, t, 1))?
+                .to_dtype(h.dtype())?;
             let (next, similarity) = match dlo.skip {
                 SkipKind::Mlp => {
                     // Attention for all tokens; the MLP runs densely (its output is the similarity signal
