@@ -168,6 +168,7 @@ fn time_it(n: usize, mut f: impl FnMut() -> Result<()>) -> Result<f64> {
 fn profile(m: &Model, decode_tok_s: f64) -> Result<()> {
     use dlo_runtime::kernels::{matvec, WeightElem};
     use dlo_runtime::model::layers::Linear;
+    use dlo_runtime::model::weight::Weight;
     let step_s = 1.0 / decode_tok_s;
     let d = m.config().hidden_size;
     let f = m.config().intermediate_size;
@@ -185,7 +186,7 @@ fn profile(m: &Model, decode_tok_s: f64) -> Result<()> {
     let head = match &m.lm_head {
         Some(h) => h.clone(),
         None => Linear {
-            weight: m.embed_tokens.clone(),
+            weight: Weight::dense(m.embed_tokens.clone()),
             bias: None,
         },
     };
@@ -203,7 +204,7 @@ fn profile(m: &Model, decode_tok_s: f64) -> Result<()> {
     projs.push((&head, &xd));
     let bytes: usize = projs
         .iter()
-        .map(|(l, _)| l.weight.elem_count() * m.dtype().size_in_bytes())
+        .map(|(l, _)| l.weight.as_dense().map_or(0, |w| w.elem_count()) * m.dtype().size_in_bytes())
         .sum();
     let gbs = |s: f64| bytes as f64 / s / 1e9;
     let via_linear = time_it(n, || {
@@ -229,9 +230,10 @@ fn profile(m: &Model, decode_tok_s: f64) -> Result<()> {
     let ws: Vec<(Vec<f32>, Vec<f32>, usize, usize)> = projs
         .iter()
         .map(|(l, x)| -> Result<_> {
-            let (o, i) = l.weight.dims2()?;
+            let w = l.weight.as_dense().expect("the profile loads dense weights");
+            let (o, i) = w.dims2()?;
             Ok((
-                l.weight.flatten_all()?.to_vec1::<f32>()?,
+                w.flatten_all()?.to_vec1::<f32>()?,
                 x.flatten_all()?.to_vec1::<f32>()?,
                 o,
                 i,

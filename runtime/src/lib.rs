@@ -8,7 +8,8 @@
 //! | [`gguf`] | GGUF files → config + dequantized weights |
 //! | [`tokenizer`], [`chat`] | text ↔ ids, chat templates |
 //! | [`sentencepiece`] | `tokenizer.model` files and SentencePiece → `tokenizers` conversion |
-//! | [`model`] | the Llama/DLO model definition: eval and training routing, KV caches |
+//! | [`model`] | the Llama/DLO model definition: eval and training routing, KV caches, projection weights |
+//! | [`options`] | [`RuntimeOptions`]: device, dtype, threads and kernels of a run, in one value |
 //! | [`generate`] | sampling and the generation loop |
 //! | [`flops`] | executed matmul FLOPs, counted as the reference does |
 
@@ -22,6 +23,7 @@ pub mod generate;
 pub mod gguf;
 pub mod kernels;
 pub mod model;
+pub mod options;
 pub mod sentencepiece;
 #[doc(hidden)]
 pub mod testing;
@@ -34,5 +36,6 @@ mod golden_tests;
 pub use checkpoint::{Checkpoint, SourceFormat};
 pub use error::{Error, Result};
 pub use model::Model;
+pub use options::{DeviceSpec, RuntimeOptions};
 pub use tokenizer::{TextStream, Tokenizer};
 pub use weights::Weights;

@@ -12,6 +12,7 @@
 //! OWNER: loader work (issue 2). The API below is what the model definition uses; keep it.
 
 use crate::error::{Error, Result};
+use crate::model::weight::{DenseWeight, Weight};
 use candle_core::{DType, Device, Tensor};
 use dlo_passes::ModelConfig;
 use std::collections::{HashMap, HashSet};
@@ -160,6 +161,15 @@ impl Weights {
             Store::Engine(e) => e.load(name, device)?,
         };
         Ok(t.to_dtype(dtype)?)
+    }
+
+    /// The projection weight `name` of shape `[out, in]` in the form its storage calls for ([`Weight`]):
+    /// today every stored dtype becomes a dense tensor in `dtype` on `device`; a block-quantized storage
+    /// kind becomes its own [`Weight`] variant here, and the model code does not change. `matvec` allows the
+    /// CPU decode kernel for few-row products.
+    pub fn weight(&self, name: &str, shape: &[usize], dtype: DType, device: &Device, matvec: bool) -> Result<Weight> {
+        let tensor = self.get(name, shape, dtype, device)?;
+        Ok(Weight::Dense(DenseWeight { tensor, matvec }))
     }
 }
 

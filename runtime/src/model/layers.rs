@@ -7,6 +7,7 @@
 use super::cache::{build_mask, LayerCache};
 use super::fused;
 use super::rope;
+use super::weight::Weight;
 use crate::error::Result;
 use crate::weights::Weights;
 use candle_core::{DType, Device, Module, Tensor, D};
@@ -28,21 +29,21 @@ pub fn wide(dt: DType) -> DType {
     }
 }
 
-/// A dense projection `y = x Wᵀ (+ b)` with `W: [out, in]`.
+/// A projection `y = x Wᵀ (+ b)` with `W: [out, in]` ([`Weight`]: the weight owns how it multiplies).
 #[derive(Debug, Clone)]
 pub struct Linear {
     /// `[out, in]`.
-    pub weight: Tensor,
+    pub weight: Weight,
     /// `[out]`, if the projection has a bias.
     pub bias: Option<Tensor>,
 }
 
 impl Linear {
     /// Loads `{name}.weight` (and `{name}.bias` when `bias`).
-    pub fn load(w: &Weights, name: &str, out: usize, inp: usize, bias: bool, dt: DType, dev: &Device) -> Result<Self> {
-        let weight = w.get(&format!("{name}.weight"), &[out, inp], dt, dev)?;
+    pub fn load(w: &Weights, name: &str, out: usize, inp: usize, bias: bool, ld: &Load) -> Result<Self> {
+        let weight = w.weight(&format!("{name}.weight"), &[out, inp], ld.dtype, ld.device, ld.matvec)?;
         let bias = if bias {
-            Some(w.get(&format!("{name}.bias"), &[out], dt, dev)?)
+            Some(w.get(&format!("{name}.bias"), &[out], ld.dtype, ld.device)?)
         } else {
             None
         };
@@ -54,42 +55,30 @@ impl Linear {
         let dims = x.dims().to_vec();
         let inp = dims[dims.len() - 1];
         let rows: usize = dims[..dims.len() - 1].iter().product();
-        let y = match self.matvec(x, rows, inp)? {
-            Some(y) => y,
-            // candle's CPU bf16 GEMM is slow; widening to f32 (as PyTorch's CPU kernels accumulate anyway)
-            // is several times faster for prefill-sized inputs.
-            None if x.device().is_cpu() && x.dtype() == DType::BF16 && !self.weight.track_op() => x
-                .reshape((rows, inp))?
-                .to_dtype(DType::F32)?
-                .matmul(&self.weight.to_dtype(DType::F32)?.t()?)?
-                .to_dtype(DType::BF16)?,
-            // On CPU compute (W xᵀ)ᵀ: the rows land on GEMM's narrow column tile instead of its tall row tile,
-            // so a gathered subset of rows (routed MLPs) costs in proportion to its size.
-            None if x.device().is_cpu() => self.weight.matmul(&x.reshape((rows, inp))?.t()?)?.t()?.contiguous()?,
-            None => x.reshape((rows, inp))?.matmul(&self.weight.t()?)?,
-        };
+        let y = self.weight.matmul(&x.reshape((rows, inp))?)?;
         let y = match &self.bias {
             Some(b) => y.broadcast_add(b)?,
             None => y,
         };
         let mut out_dims = dims;
         let last = out_dims.len() - 1;
-        out_dims[last] = self.weight.dim(0)?;
+        out_dims[last] = self.weight.out_features()?;
         y.reshape(out_dims)
     }
-}
 
-impl Linear {
     /// Concatenates projections that read the same input into one `[Σ out, in]` projection and turns each part
     /// into a row view of it, so inference runs one matvec / GEMM instead of several. Skipped (`None`) when a
-    /// part is a training variable: the optimiser updates variables in place, which a copy would not see.
+    /// part is a training variable (the optimiser updates variables in place, which a copy would not see) or
+    /// the weights' kinds cannot be stacked.
     pub fn fuse(parts: &mut [&mut Linear]) -> candle_core::Result<Option<Linear>> {
         let tracked = |l: &Linear| l.weight.is_variable() || l.bias.as_ref().is_some_and(Tensor::is_variable);
         let has_bias = parts.iter().filter(|l| l.bias.is_some()).count();
         if parts.iter().any(|l| tracked(l)) || (has_bias != 0 && has_bias != parts.len()) {
             return Ok(None);
         }
-        let weight = Tensor::cat(&parts.iter().map(|l| &l.weight).collect::<Vec<_>>(), 0)?;
+        let Some(weight) = Weight::cat_rows(&parts.iter().map(|l| &l.weight).collect::<Vec<_>>())? else {
+            return Ok(None);
+        };
         let bias = if has_bias == 0 {
             None
         } else {
@@ -100,8 +89,8 @@ impl Linear {
         };
         let mut off = 0;
         for l in parts.iter_mut() {
-            let n = l.weight.dim(0)?;
-            l.weight = weight.narrow(0, off, n)?;
+            let n = l.weight.out_features()?;
+            l.weight = weight.narrow_rows(off, n)?;
             if let Some(b) = &bias {
                 l.bias = Some(b.narrow(0, off, n)?);
             }
@@ -109,38 +98,18 @@ impl Linear {
         }
         Ok(Some(Linear { weight, bias }))
     }
+}
 
-    /// The decode fast path ([`crate::kernels::matvec`]) for a few rows on CPU, outside autograd.
-    /// `None` when it does not apply (GPU, many rows, a tracked variable, other dtypes).
-    fn matvec(&self, x: &Tensor, rows: usize, inp: usize) -> candle_core::Result<Option<Tensor>> {
-        use candle_core::{CpuStorage, Storage};
-        if std::env::var_os("DLO_NO_MATVEC").is_some()
-            || rows > crate::kernels::MAX_ROWS
-            || !x.device().is_cpu()
-            || self.weight.track_op()
-            || x.track_op()
-            || !self.weight.is_contiguous()
-            || x.dtype() != self.weight.dtype()
-        {
-            return Ok(None);
-        }
-        let out = self.weight.dim(0)?;
-        let (st, layout) = self.weight.storage_and_layout();
-        let off = layout.start_offset();
-        let y = match (&*st, x.dtype()) {
-            (Storage::Cpu(CpuStorage::F32(w)), DType::F32) => {
-                let xs: Vec<f32> = x.flatten_all()?.to_vec1()?;
-                crate::kernels::matvec(&w[off..off + out * inp], &xs, rows, out, inp)
-            }
-            (Storage::Cpu(CpuStorage::BF16(w)), DType::BF16) => {
-                let xs: Vec<f32> = x.flatten_all()?.to_dtype(DType::F32)?.to_vec1()?;
-                crate::kernels::matvec(&w[off..off + out * inp], &xs, rows, out, inp)
-            }
-            _ => return Ok(None),
-        };
-        drop(st);
-        Ok(Some(Tensor::from_vec(y, (rows, out), x.device())?.to_dtype(x.dtype())?))
-    }
+/// How the model's tensors are loaded: compute dtype, device and kernel choices (from
+/// [`crate::RuntimeOptions`]).
+#[derive(Debug, Clone, Copy)]
+pub struct Load<'a> {
+    /// Compute dtype the weights are converted to.
+    pub dtype: DType,
+    /// Device they are placed on.
+    pub device: &'a Device,
+    /// Whether dense projections may use the CPU decode matvec.
+    pub matvec: bool,
 }
 
 /// RMSNorm with a learned scale.
@@ -153,9 +122,9 @@ pub struct RmsNorm {
 
 impl RmsNorm {
     /// Loads `{name}.weight`.
-    pub fn load(w: &Weights, name: &str, d: usize, eps: f64, dt: DType, dev: &Device) -> Result<Self> {
+    pub fn load(w: &Weights, name: &str, d: usize, eps: f64, ld: &Load) -> Result<Self> {
         Ok(RmsNorm {
-            weight: w.get(&format!("{name}.weight"), &[d], dt, dev)?,
+            weight: w.get(&format!("{name}.weight"), &[d], ld.dtype, ld.device)?,
             eps,
         })
     }
@@ -193,12 +162,12 @@ pub struct Mlp {
 }
 
 impl Mlp {
-    fn load(w: &Weights, p: &str, cfg: &ModelConfig, dt: DType, dev: &Device) -> Result<Self> {
+    fn load(w: &Weights, p: &str, cfg: &ModelConfig, ld: &Load) -> Result<Self> {
         let (d, f) = (cfg.hidden_size, cfg.intermediate_size);
         let mut m = Mlp {
-            gate_proj: Linear::load(w, &format!("{p}.gate_proj"), f, d, false, dt, dev)?,
-            up_proj: Linear::load(w, &format!("{p}.up_proj"), f, d, false, dt, dev)?,
-            down_proj: Linear::load(w, &format!("{p}.down_proj"), d, f, false, dt, dev)?,
+            gate_proj: Linear::load(w, &format!("{p}.gate_proj"), f, d, false, ld)?,
+            up_proj: Linear::load(w, &format!("{p}.up_proj"), f, d, false, ld)?,
+            down_proj: Linear::load(w, &format!("{p}.down_proj"), d, f, false, ld)?,
             gate_up: None,
         };
         m.gate_up = Linear::fuse(&mut [&mut m.gate_proj, &mut m.up_proj])?;
@@ -210,7 +179,7 @@ impl Mlp {
         let (g, u) = match &self.gate_up {
             Some(f) => {
                 let y = f.forward(x)?;
-                let n = self.gate_proj.weight.dim(0)?;
+                let n = self.gate_proj.weight.out_features()?;
                 (y.narrow(D::Minus1, 0, n)?, y.narrow(D::Minus1, n, n)?)
             }
             None => (self.gate_proj.forward(x)?, self.up_proj.forward(x)?),
@@ -259,7 +228,7 @@ pub struct Attention {
 }
 
 impl Attention {
-    fn load(w: &Weights, p: &str, cfg: &ModelConfig, dt: DType, dev: &Device) -> Result<Self> {
+    fn load(w: &Weights, p: &str, cfg: &ModelConfig, ld: &Load) -> Result<Self> {
         let (d, h, kv, hd) = (
             cfg.hidden_size,
             cfg.num_attention_heads,
@@ -268,10 +237,10 @@ impl Attention {
         );
         let bias = cfg.attention_bias;
         let mut a = Attention {
-            q_proj: Linear::load(w, &format!("{p}.q_proj"), h * hd, d, bias, dt, dev)?,
-            k_proj: Linear::load(w, &format!("{p}.k_proj"), kv * hd, d, bias, dt, dev)?,
-            v_proj: Linear::load(w, &format!("{p}.v_proj"), kv * hd, d, bias, dt, dev)?,
-            o_proj: Linear::load(w, &format!("{p}.o_proj"), d, h * hd, false, dt, dev)?,
+            q_proj: Linear::load(w, &format!("{p}.q_proj"), h * hd, d, bias, ld)?,
+            k_proj: Linear::load(w, &format!("{p}.k_proj"), kv * hd, d, bias, ld)?,
+            v_proj: Linear::load(w, &format!("{p}.v_proj"), kv * hd, d, bias, ld)?,
+            o_proj: Linear::load(w, &format!("{p}.o_proj"), d, h * hd, false, ld)?,
             n_heads: h,
             n_kv: kv,
             qkv: None,
@@ -378,14 +347,14 @@ pub struct DecoderLayer {
 
 impl DecoderLayer {
     /// Loads `model.layers.{i}`.
-    pub fn load(w: &Weights, i: usize, cfg: &ModelConfig, dt: DType, dev: &Device) -> Result<Self> {
+    pub fn load(w: &Weights, i: usize, cfg: &ModelConfig, ld: &Load) -> Result<Self> {
         let p = format!("model.layers.{i}");
         let (d, eps) = (cfg.hidden_size, cfg.rms_norm_eps);
         Ok(DecoderLayer {
-            input_layernorm: RmsNorm::load(w, &format!("{p}.input_layernorm"), d, eps, dt, dev)?,
-            self_attn: Attention::load(w, &format!("{p}.self_attn"), cfg, dt, dev)?,
-            post_attention_layernorm: RmsNorm::load(w, &format!("{p}.post_attention_layernorm"), d, eps, dt, dev)?,
-            mlp: Mlp::load(w, &format!("{p}.mlp"), cfg, dt, dev)?,
+            input_layernorm: RmsNorm::load(w, &format!("{p}.input_layernorm"), d, eps, ld)?,
+            self_attn: Attention::load(w, &format!("{p}.self_attn"), cfg, ld)?,
+            post_attention_layernorm: RmsNorm::load(w, &format!("{p}.post_attention_layernorm"), d, eps, ld)?,
+            mlp: Mlp::load(w, &format!("{p}.mlp"), cfg, ld)?,
         })
     }
 
@@ -415,9 +384,9 @@ pub struct Router {
 
 impl Router {
     /// Loads `model.routers.{l}.weight`.
-    pub fn load(w: &Weights, l: usize, d: usize, dt: DType, dev: &Device) -> Result<Self> {
+    pub fn load(w: &Weights, l: usize, d: usize, ld: &Load) -> Result<Self> {
         Ok(Router {
-            weight: w.get(&format!("model.routers.{l}.weight"), &[1, d], dt, dev)?,
+            weight: w.get(&format!("model.routers.{l}.weight"), &[1, d], ld.dtype, ld.device)?,
         })
     }
 

@@ -16,13 +16,16 @@ pub mod fused;
 pub mod layers;
 pub mod rope;
 pub mod train;
+pub mod weight;
 
 use crate::error::{Error, Result};
+use crate::options::RuntimeOptions;
 use crate::weights::Weights;
 use cache::{Cache, LayerCache};
 use candle_core::{DType, Device, IndexOp, Tensor, D};
-use dlo_passes::{DloConfig, ModelConfig, SkipKind};
-use layers::{DecoderLayer, Exec, Kv, Linear, RmsNorm, Router, Step};
+use dlo_passes::{Gate, ModelConfig, RoutedUnit};
+use layers::{DecoderLayer, Exec, Kv, Linear, Load, RmsNorm, Router, Step};
+use weight::{DenseWeight, Weight};
 
 /// A batch of token sequences for one forward step.
 #[derive(Debug, Clone)]
@@ -175,30 +178,51 @@ pub struct Model {
     rope: rope::Rope,
     dtype: DType,
     device: Device,
+    /// Whether the tied lm_head may use the CPU decode matvec (as the other projections).
+    matvec: bool,
 }
 
 impl Model {
     /// Builds the model from weights in HF naming, converting them to `dtype` on `device`.
     pub fn load(cfg: &ModelConfig, w: &Weights, dtype: DType, device: &Device) -> Result<Self> {
+        Self::load_with(
+            cfg,
+            w,
+            &Load {
+                dtype,
+                device,
+                matvec: true,
+            },
+        )
+    }
+
+    /// Builds the model from weights in HF naming as `opts` says ([`RuntimeOptions::load`]).
+    pub fn load_opts(cfg: &ModelConfig, w: &Weights, opts: &RuntimeOptions) -> Result<Self> {
+        let device = opts.device.device()?;
+        Self::load_with(cfg, w, &opts.load(&device))
+    }
+
+    fn load_with(cfg: &ModelConfig, w: &Weights, ld: &Load) -> Result<Self> {
         let (v, d) = (cfg.vocab_size, cfg.hidden_size);
+        let (dtype, device) = (ld.dtype, ld.device);
         let embed_tokens = w.get("model.embed_tokens.weight", &[v, d], dtype, device)?;
         let layers = (0..cfg.num_hidden_layers)
-            .map(|i| DecoderLayer::load(w, i, cfg, dtype, device))
+            .map(|i| DecoderLayer::load(w, i, cfg, ld))
             .collect::<Result<Vec<_>>>()?;
         let routers = (0..cfg.num_hidden_layers)
             .map(|l| {
                 if cfg.is_routed(l) {
-                    Router::load(w, l, d, dtype, device).map(Some)
+                    Router::load(w, l, d, ld).map(Some)
                 } else {
                     Ok(None)
                 }
             })
             .collect::<Result<Vec<_>>>()?;
-        let norm = RmsNorm::load(w, "model.norm", d, cfg.rms_norm_eps, dtype, device)?;
+        let norm = RmsNorm::load(w, "model.norm", d, cfg.rms_norm_eps, ld)?;
         let lm_head = if cfg.tie_word_embeddings {
             None
         } else {
-            Some(Linear::load(w, "lm_head", v, d, false, dtype, device)?)
+            Some(Linear::load(w, "lm_head", v, d, false, ld)?)
         };
         Ok(Model {
             cfg: cfg.clone(),
@@ -210,6 +234,7 @@ impl Model {
             rope: rope::Rope::new(cfg),
             dtype,
             device: device.clone(),
+            matvec: ld.matvec,
         })
     }
 
@@ -257,8 +282,8 @@ impl Model {
         let mut trace = Vec::with_capacity(self.layers.len());
         for (l, layer) in self.layers.iter().enumerate() {
             let lc = &mut cache.layers[l];
-            let (next, tr) = match (&self.routers[l], &self.cfg.dlo) {
-                (Some(router), Some(dlo)) => {
+            let (next, tr) = match (&self.routers[l], self.cfg.routed_unit(l), &self.cfg.dlo) {
+                (Some(router), unit, Some(dlo)) if unit.is_routed() => {
                     let z = router.logits(&h)?;
                     let zs: Vec<f32> = z.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
                     let exec: Vec<bool> = zs
@@ -266,10 +291,12 @@ impl Model {
                         .zip(&batch.valid)
                         .map(|(&z, &v)| v && opts.routing.decide(l, z))
                         .collect();
-                    let gate = gate(&z, dlo)?;
-                    let next = match dlo.skip {
-                        SkipKind::Mlp => mlp_skip(layer, &h, &step, lc, &exec, &gate, ex)?,
-                        SkipKind::Layer => layer_skip(layer, &h, &step, lc, &exec, &gate, ex)?,
+                    let (b, t) = z.dims2()?;
+                    let gate = gate_of_scores(&candle_nn::ops::sigmoid(&z)?, &dlo.gate_params())?.reshape((b, t, 1))?;
+                    let next = if unit == RoutedUnit::Layer {
+                        layer_skip(layer, &h, &step, lc, &exec, &gate, ex)?
+                    } else {
+                        mlp_skip(layer, &h, &step, lc, &exec, &gate, ex)?
                     };
                     (next, Some(LayerTrace { logits: zs, exec }))
                 }
@@ -330,7 +357,10 @@ impl Model {
         let logits = match &self.lm_head {
             Some(head) => head.forward(&h)?,
             None => Linear {
-                weight: self.embed_tokens.clone(),
+                weight: Weight::Dense(DenseWeight {
+                    tensor: self.embed_tokens.clone(),
+                    matvec: self.matvec,
+                }),
                 bias: None,
             }
             .forward(&h)?,
@@ -358,7 +388,9 @@ impl Model {
                 ("mlp.up_proj", &l.mlp.up_proj),
                 ("mlp.down_proj", &l.mlp.down_proj),
             ] {
-                v.push((format!("{p}.{n}.weight"), lin.weight.clone()));
+                if let Some(w) = lin.weight.as_dense() {
+                    v.push((format!("{p}.{n}.weight"), w.clone()));
+                }
                 if let Some(b) = &lin.bias {
                     v.push((format!("{p}.{n}.bias"), b.clone()));
                 }
@@ -375,23 +407,20 @@ impl Model {
             }
         }
         v.push(("model.norm.weight".into(), self.norm.weight.clone()));
-        if let Some(h) = &self.lm_head {
-            v.push(("lm_head.weight".into(), h.weight.clone()));
+        if let Some(w) = self.lm_head.as_ref().and_then(|h| h.weight.as_dense()) {
+            v.push(("lm_head.weight".into(), w.clone()));
         }
         v
     }
 }
 
-/// The gate `g = 0.5α + β(σ(z) − 0.5)` per token, `[b, t, 1]` in z's dtype (1 when rescaling is off).
-fn gate(z: &Tensor, dlo: &DloConfig) -> candle_core::Result<Tensor> {
-    let (b, t) = z.dims2()?;
-    if !dlo.rescale_hidden_states {
-        return Tensor::ones((b, t, 1), z.dtype(), z.device());
+/// The gate ([`Gate`]: `g = 0.5α + β(r − 0.5)`, or 1 when rescaling is off) of router scores `r = σ(z)`,
+/// elementwise: same shape and dtype as `r`. The eval and training forwards both call it.
+pub(crate) fn gate_of_scores(r: &Tensor, gate: &Gate) -> candle_core::Result<Tensor> {
+    match gate.terms() {
+        Some(t) => ((r - t.centre)? * t.gap)?.affine(1.0, t.base),
+        None => r.ones_like(),
     }
-    let r = candle_nn::ops::sigmoid(z)?;
-    ((r - 0.5)? * dlo.scale_gap)?
-        .affine(1.0, 0.5 * dlo.scale_factor)?
-        .reshape((b, t, 1))
 }
 
 /// Row indices (into the flattened `b*t` axis) of executed tokens.
