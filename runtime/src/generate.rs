@@ -1,13 +1,13 @@
 //! Sampling and the generation loop.
 //!
-//! [`Generator`] owns a KV cache and runs prefill then one decode step per token, streaming each token to a
+//! [`Generator`] owns a KV cache (of any [`Backend`]) and runs prefill then one decode step per token, streaming each token to a
 //! callback that may stop generation. Routing statistics (tokens executed per routed layer) accumulate as it
 //! goes, so callers can report the realised execution rate.
 
+use crate::backend::Backend;
 use crate::error::{Error, Result};
-use crate::model::cache::Cache;
 use crate::model::{Batch, Forward, ForwardOutput, Model, Routing};
-use candle_core::{IndexOp, Tensor};
+use candle_core::{DType, IndexOp, Tensor};
 use rand::{rngs::StdRng, Rng, SeedableRng};
 use std::ops::ControlFlow;
 use std::time::{Duration, Instant};
@@ -235,19 +235,19 @@ impl Generation {
     }
 }
 
-/// Generates text for one sequence with a KV cache.
-pub struct Generator<'m> {
-    model: &'m Model,
-    cache: Cache,
+/// Generates text for one sequence with a KV cache, on any [`Backend`] (the native [`Model`] by default).
+pub struct Generator<'m, B: Backend = Model> {
+    model: &'m B,
+    cache: B::Cache,
     sampler: Sampler,
     params: GenerateParams,
     pos: u32,
     last_logits: Option<Tensor>,
 }
 
-impl<'m> Generator<'m> {
+impl<'m, B: Backend> Generator<'m, B> {
     /// A generator with an empty cache.
-    pub fn new(model: &'m Model, params: GenerateParams) -> Result<Self> {
+    pub fn new(model: &'m B, params: GenerateParams) -> Result<Self> {
         params.sampling.validate()?;
         Ok(Generator {
             model,
@@ -280,7 +280,8 @@ impl<'m> Generator<'m> {
         let out = self.model.forward(&batch, Some(&mut self.cache), &fwd)?;
         stats.add(&out, &batch.valid);
         self.pos += ids.len() as u32;
-        let logits = out.logits.i((0, 0))?;
+        // f32 for sampling (an f64 verification model's logits are f64).
+        let logits = out.logits.i((0, 0))?.to_dtype(DType::F32)?;
         let row: Vec<f32> = logits.to_vec1()?;
         self.last_logits = Some(logits);
         Ok(self.sampler.sample(&row))
@@ -332,7 +333,7 @@ impl<'m> Generator<'m> {
 /// sequence routes its own tokens. Finished sequences stop contributing (their slots are padding).
 /// Sequence i samples with its own sampler seeded from `params.sampling.seed`, so each result equals
 /// a single-sequence [`Generator`] run with the same parameters.
-pub fn generate_batch(model: &Model, prompts: &[Vec<u32>], params: &GenerateParams) -> Result<Vec<Generation>> {
+pub fn generate_batch<B: Backend>(model: &B, prompts: &[Vec<u32>], params: &GenerateParams) -> Result<Vec<Generation>> {
     params.sampling.validate()?;
     if prompts.is_empty() || prompts.iter().any(Vec::is_empty) {
         return Err(Error::InvalidArgument("every prompt needs at least one token".into()));
@@ -363,7 +364,7 @@ pub fn generate_batch(model: &Model, prompts: &[Vec<u32>], params: &GeneratePara
     let mut prefill_stats = stats.clone();
     let t1 = Instant::now();
     let mut next: Vec<u32> = (0..n)
-        .map(|i| Ok(samplers[i].sample(&out.logits.i((i, 0))?.to_vec1::<f32>()?)))
+        .map(|i| Ok(samplers[i].sample(&out.logits.i((i, 0))?.to_dtype(DType::F32)?.to_vec1::<f32>()?)))
         .collect::<Result<_>>()?;
     let mut pos: Vec<u32> = prompts.iter().map(|p| p.len() as u32).collect();
     let mut tokens: Vec<Vec<u32>> = vec![Vec::new(); n];
@@ -398,7 +399,7 @@ pub fn generate_batch(model: &Model, prompts: &[Vec<u32>], params: &GeneratePara
         for i in 0..n {
             if stop[i].is_none() {
                 stats[i].add_rows(&out, &step.valid, i..i + 1);
-                next[i] = samplers[i].sample(&out.logits.i((i, 0))?.to_vec1::<f32>()?);
+                next[i] = samplers[i].sample(&out.logits.i((i, 0))?.to_dtype(DType::F32)?.to_vec1::<f32>()?);
                 pos[i] += 1;
             }
         }
@@ -524,6 +525,86 @@ mod tests {
         let mut g = Generator::new(&m, GenerateParams::default()).unwrap();
         let e = g.generate(&[1; 9], |_| ControlFlow::Continue(())).unwrap_err();
         assert!(e.to_string().contains("exceed the context length 8"), "{e}");
+    }
+}
+
+#[cfg(test)]
+mod backend_tests {
+    use super::*;
+    use crate::testing::{random_weights, routed, tiny_config};
+    use candle_core::Device;
+    use dlo_passes::{ModelConfig, SkipKind};
+    use std::cell::Cell;
+
+    /// A backend that forwards to a model and counts its forward passes: generation must run on it unchanged.
+    struct Counting<'a> {
+        model: &'a Model,
+        calls: Cell<usize>,
+    }
+
+    impl Backend for Counting<'_> {
+        type Cache = crate::model::cache::Cache;
+        fn config(&self) -> &ModelConfig {
+            self.model.config()
+        }
+        fn new_cache(&self) -> Self::Cache {
+            self.model.new_cache()
+        }
+        fn forward(&self, batch: &Batch, cache: Option<&mut Self::Cache>, opts: &Forward) -> Result<ForwardOutput> {
+            self.calls.set(self.calls.get() + 1);
+            self.model.forward(batch, cache, opts)
+        }
+    }
+
+    fn greedy<B: Backend>(b: &B, prompt: &[u32]) -> Generation {
+        let params = GenerateParams {
+            max_tokens: 6,
+            ..Default::default()
+        };
+        Generator::new(b, params)
+            .unwrap()
+            .generate(prompt, |_| ControlFlow::Continue(()))
+            .unwrap()
+    }
+
+    #[test]
+    fn generation_runs_on_any_backend() {
+        let cfg = routed(tiny_config(false), SkipKind::Layer);
+        let m = Model::load(&cfg, &random_weights(&cfg, 5), DType::F32, &Device::Cpu).unwrap();
+        let counting = Counting {
+            model: &m,
+            calls: Cell::new(0),
+        };
+        let prompt = [4u32, 8, 15, 16, 23];
+        let direct = greedy(&m, &prompt);
+        let through = greedy(&counting, &prompt);
+        assert_eq!(through.tokens, direct.tokens);
+        assert_eq!(through.routing, direct.routing);
+        // one prefill, then one decode step per emitted token but the last
+        assert_eq!(counting.calls.get(), 1 + direct.decode_steps());
+        let batched = generate_batch(
+            &counting,
+            &[prompt.to_vec(), prompt[..3].to_vec()],
+            &GenerateParams {
+                max_tokens: 6,
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        assert_eq!(batched[0].tokens, direct.tokens);
+    }
+
+    /// f64 is a verification dtype; generation used to fail on its f64 logits ("expected F32, got F64").
+    #[test]
+    fn f64_models_generate_the_f32_tokens() {
+        let cfg = routed(tiny_config(false), SkipKind::Mlp);
+        let w = random_weights(&cfg, 9);
+        let m32 = Model::load(&cfg, &w, DType::F32, &Device::Cpu).unwrap();
+        let m64 = Model::load(&cfg, &w, DType::F64, &Device::Cpu).unwrap();
+        let prompt = [7u32, 1, 30, 2, 11, 5];
+        let g64 = greedy(&m64, &prompt);
+        assert_eq!(g64.tokens.len(), 6);
+        assert_eq!(g64.tokens, greedy(&m32, &prompt).tokens);
     }
 }
 

@@ -10,10 +10,12 @@
 //! | [`sentencepiece`] | `tokenizer.model` files and SentencePiece → `tokenizers` conversion |
 //! | [`model`] | the Llama/DLO model definition: eval and training routing, KV caches, projection weights |
 //! | [`options`] | [`RuntimeOptions`]: device, dtype, threads and kernels of a run, in one value |
+//! | [`backend`] | [`Backend`]: the forward seam generation, the C ABI and calibration run on |
 //! | [`generate`] | sampling and the generation loop |
 //! | [`flops`] | executed matmul FLOPs, counted as the reference does |
 
 pub mod alloc;
+pub mod backend;
 pub mod chat;
 pub mod checkpoint;
 pub mod engine;
@@ -33,6 +35,7 @@ pub mod weights;
 #[cfg(test)]
 mod golden_tests;
 
+pub use backend::Backend;
 pub use checkpoint::{Checkpoint, SourceFormat};
 pub use error::{Error, Result};
 pub use model::Model;

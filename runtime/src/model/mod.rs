@@ -285,20 +285,15 @@ impl Model {
             let (next, tr) = match (&self.routers[l], self.cfg.routed_unit(l), &self.cfg.dlo) {
                 (Some(router), unit, Some(dlo)) if unit.is_routed() => {
                     let z = router.logits(&h)?;
-                    let zs: Vec<f32> = z.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
-                    let exec: Vec<bool> = zs
-                        .iter()
-                        .zip(&batch.valid)
-                        .map(|(&z, &v)| v && opts.routing.decide(l, z))
-                        .collect();
+                    let tr = decide_on_host(l, &z, &batch.valid, &opts.routing)?;
                     let (b, t) = z.dims2()?;
                     let gate = gate_of_scores(&candle_nn::ops::sigmoid(&z)?, &dlo.gate_params())?.reshape((b, t, 1))?;
                     let next = if unit == RoutedUnit::Layer {
-                        layer_skip(layer, &h, &step, lc, &exec, &gate, ex)?
+                        layer_skip(layer, &h, &step, lc, &tr.exec, &gate, ex)?
                     } else {
-                        mlp_skip(layer, &h, &step, lc, &exec, &gate, ex)?
+                        mlp_skip(layer, &h, &step, lc, &tr.exec, &gate, ex)?
                     };
-                    (next, Some(LayerTrace { logits: zs, exec }))
+                    (next, Some(tr))
                 }
                 _ => {
                     let a = layer.attn_unit(&h, &step, Kv::Cache(lc), ex)?;
@@ -412,6 +407,19 @@ impl Model {
         }
         v
     }
+}
+
+/// The routing decisions of routed layer `l`, made on the host: its router logits `z` (`[b, t]`) are copied
+/// there — the one host synchronisation of a routed layer; dense layers have none — and each real token
+/// executes iff `rule` says so. Gathering executed rows needs their indices on the host anyway.
+fn decide_on_host(l: usize, z: &Tensor, valid: &[bool], rule: &Routing) -> Result<LayerTrace> {
+    let logits: Vec<f32> = z.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
+    let exec = logits
+        .iter()
+        .zip(valid)
+        .map(|(&z, &v)| v && rule.decide(l, z))
+        .collect();
+    Ok(LayerTrace { logits, exec })
 }
 
 /// The gate ([`Gate`]: `g = 0.5α + β(r − 0.5)`, or 1 when rescaling is off) of router scores `r = σ(z)`,
