@@ -3,11 +3,11 @@
 use crate::ffi::{c_str, check_out, id_of, read_params, write_out, write_text};
 use crate::handles;
 use crate::status::{dlo_status, guard, Failure, Result};
-use candle_core::{DType, Device};
+use candle_core::DType;
 use dlo_runtime::chat::Message;
 use dlo_runtime::engine::{open_any, routing_for, EnginePlan};
 use dlo_runtime::model::Routing;
-use dlo_runtime::{Model, Tokenizer};
+use dlo_runtime::{Model, RuntimeOptions, Tokenizer};
 use std::ffi::c_char;
 use std::path::{Path, PathBuf};
 
@@ -38,7 +38,8 @@ pub struct dlo_engine_params {
     /// DLO_ERR_INVALID_ARG.
     pub dtype: i32,
     /// Worker threads of sessions that leave their own `n_threads` at 0. 0 (default) = all cores (the
-    /// process-wide pool); n > 0 = a private pool of n threads per session; < 0 is DLO_ERR_INVALID_ARG.
+    /// process-wide pool); 0 < n <= 1024 = a private pool of n threads per session; < 0 or > 1024 is
+    /// DLO_ERR_INVALID_ARG.
     pub n_threads: i32,
     /// Default compute budget of sessions that leave their own `budget` at 0: a target mean execution rate
     /// of routed layers in (0, 1]. <= 0 (default) = the model's own routing: an engine file's calibrated
@@ -119,10 +120,17 @@ impl EngineInner {
         };
         let n_threads = usize::try_from(p.n_threads)
             .map_err(|_| Failure::invalid(format!("dlo_engine_params.n_threads: {} < 0", p.n_threads)))?;
+        let opts = RuntimeOptions {
+            dtype,
+            threads: (n_threads > 0).then_some(n_threads),
+            ..RuntimeOptions::default()
+        };
+        opts.validate()
+            .map_err(|e| Failure::invalid(format!("dlo_engine_params.n_threads: {e}")))?;
         let budget = check_budget(p.budget, "dlo_engine_params.budget")?;
         let opened = open_any(path)?;
         let default_routing = opened.routing(budget.map(f64::from))?;
-        let model = Model::load(&opened.config, &opened.weights, dtype, &Device::Cpu)?;
+        let model = Model::load_opts(&opened.config, &opened.weights, &opts)?;
         let stop_tokens = opened.stop_tokens();
         Ok(EngineInner {
             model,

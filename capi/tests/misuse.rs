@@ -378,6 +378,10 @@ fn bad_parameters_are_rejected() {
         ),
         (|p| p.dtype = 7, "dtype"),
         (|p| p.n_threads = -2, "n_threads"),
+        (
+            |p| p.n_threads = 100_000,
+            "100000 threads: the thread count must be between 1 and 1024",
+        ),
         (|p| p.budget = 1.5, "budget"),
         (|p| p.budget = 0.5, "needs an engine"),
     ] {
@@ -397,6 +401,7 @@ fn bad_parameters_are_rejected() {
             "struct_size",
         ),
         (|p| p.n_threads = -1, "n_threads"),
+        (|p| p.n_threads = 1025, "n_threads: 1025 exceeds the limit of 1024"),
         (|p| p.max_tokens = -1, "max_tokens"),
         (|p| p.top_k = -1, "top_k"),
         (|p| p.top_p = 0.0, "top-p"),
