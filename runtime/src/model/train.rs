@@ -102,29 +102,51 @@ impl Model {
             let scores = candle_nn::ops::sigmoid(&z)?;
             let r: Vec<f32> = scores.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
             let exec = top_k(&r, &batch.valid, b, t, routing.capacity[l], routing.per_sequence);
-            let sel = Tensor::from_vec(
-                exec.iter().map(|&e| e as u8 as f32).collect::<Vec<_>>(),
-                (b, t, 1),
-                h.device(),
-            )?
-            .to_dtype(h.dtype())?;
             let g = super::gate_of_scores(&scores, &dlo.gate_params())?
                 .reshape((b, t, 1))?
                 .to_dtype(h.dtype())?;
             let (next, similarity) = match dlo.skip {
                 SkipKind::Mlp => {
-                    // Attention for all tokens; the MLP runs densely (its output is the similarity signal
-                    // for every token) and only selected tokens keep it.
+                    // Attention for all tokens. The MLP's output reaches the loss only on selected rows, so
+                    // only those run it with a gradient path (gathered into a dense tile: a skipped row's
+                    // backward would multiply by 0). The similarity signal needs every row's MLP output; the
+                    // skipped rows run it without one, and only when it is asked for.
                     let a = layer.attn_unit(&h, &step, Kv::Local(None), ex)?;
-                    let m = layer.mlp_delta(&a, ex)?;
+                    let d = a.dim(D::Minus1)?;
+                    let a2 = a.reshape((b * t, d))?;
+                    let sel_idx = row_index(&exec, true, a.device())?;
+                    let (out, m_sel) = match &sel_idx {
+                        Some(idx) => {
+                            let m = layer.mlp_delta(&a2.index_select(idx, 0)?, ex)?;
+                            let g_sel = g.reshape((b * t, 1))?.index_select(idx, 0)?;
+                            (a2.index_add(idx, &m.broadcast_mul(&g_sel)?, 0)?, Some(m))
+                        }
+                        None => (a2.clone(), None),
+                    };
                     let sim = if routing.similarity {
-                        Some(cosine_rows(&a.detach(), &(a.detach() + m.detach())?)?)
+                        let ad = a2.detach();
+                        let mut m_all = ad.zeros_like()?;
+                        if let (Some(idx), Some(m)) = (&sel_idx, &m_sel) {
+                            m_all = m_all.index_add(idx, &m.detach(), 0)?;
+                        }
+                        if let Some(idx) = row_index(&exec, false, a.device())? {
+                            let m = layer.mlp_delta(&ad.index_select(&idx, 0)?, ex)?.detach();
+                            m_all = m_all.index_add(&idx, &m, 0)?;
+                        }
+                        let y = (&ad + m_all)?.reshape((b, t, d))?;
+                        Some(cosine_rows(&ad.reshape((b, t, d))?, &y)?)
                     } else {
                         None
                     };
-                    ((&a + m.broadcast_mul(&g)?.broadcast_mul(&sel)?)?, sim)
+                    (out.reshape((b, t, d))?, sim)
                 }
                 SkipKind::Layer => {
+                    let sel = Tensor::from_vec(
+                        exec.iter().map(|&e| e as u8 as f32).collect::<Vec<_>>(),
+                        (b, t, 1),
+                        h.device(),
+                    )?
+                    .to_dtype(h.dtype())?;
                     // Selected tokens attend only among selected tokens (masking is the same as packing,
                     // positions are the original ones); the others pass unchanged.
                     let a = layer.attn_unit(&h, &step, Kv::Local(Some(&exec)), ex)?;
@@ -155,6 +177,17 @@ impl Model {
             layers: traces,
         })
     }
+}
+
+/// The indices (into the flattened `b*t` axis) of the rows whose `exec` flag equals `want`, as a tensor on
+/// `dev`; `None` when there are none.
+fn row_index(exec: &[bool], want: bool, dev: &Device) -> candle_core::Result<Option<Tensor>> {
+    let rows: Vec<u32> = (0..exec.len() as u32).filter(|&i| exec[i as usize] == want).collect();
+    if rows.is_empty() {
+        return Ok(None);
+    }
+    let n = rows.len();
+    Tensor::from_vec(rows, n, dev).map(Some)
 }
 
 /// Top-k selection over router scores (`dlo-method.md` §4.2): k = max(1, ⌈c·N⌉) over the real tokens of the
