@@ -9,10 +9,12 @@
 //! | lower a model into a native engine | [`build`] |
 //! | lower to ONNX (prefill + decode, `If` for routed layers) | [`onnx`] |
 //!
-//! Shared pieces: [`corpus`] (reading sample text), [`plot`] (PNG/SVG charts).
+//! Shared pieces: [`calibrate`] (router thresholds for a compute budget, used by `build` and by `train`'s
+//! held-out rule), [`corpus`] (reading sample text), [`plot`] (PNG/SVG charts).
 
 pub mod analyze;
 pub mod build;
+pub mod calibrate;
 pub mod corpus;
 pub mod expand;
 pub mod import;

@@ -4,13 +4,16 @@
 //! |---|---|
 //! | [`checkpoint`] | open HF directories and GGUF files |
 //! | [`weights`] | named tensors behind one interface |
-//! | [`engine`] | native engine files: format, plan, budget calibration |
+//! | [`engine`] | native engine files: format, plan (the thresholds a budget gives) |
 //! | [`gguf`] | GGUF files → config + dequantized weights |
 //! | [`tokenizer`], [`chat`] | text ↔ ids, chat templates |
 //! | [`sentencepiece`] | `tokenizer.model` files and SentencePiece → `tokenizers` conversion |
 //! | [`model`] | the Llama/DLO model definition: eval and training routing, KV caches |
 //! | [`generate`] | sampling and the generation loop |
 //! | [`flops`] | executed matmul FLOPs, counted as the reference does |
+//!
+//! Compiler-only work lives in `dlo-compiler`: budget calibration (`dlo_compiler::calibrate`), which the
+//! runtime reads back from an engine's plan. The `dlo-run` command is its own crate (`run/`).
 
 pub mod alloc;
 pub mod chat;
