@@ -1,14 +1,15 @@
-//! `dlo-compile analyze`: per-layer, per-token similarity of unit input vs output on real text.
+//! `dlo-compile analyze`: per-layer, per-token similarity of unit input vs output on real text
+//! ([`crate::analysis`]).
 //!
 //! Writes `similarity.json` (per-layer statistics: mean, quantiles, ShortGPT block influence 1 − mean cos,
 //! for the MLP unit and the whole layer) and `similarity.png` / `.svg` (a layer × token heatmap of how much
 //! each layer changes each token, with per-layer block influence beside it) into a new directory.
 
+use crate::analysis::{similarity_profile, LayerSimilarity};
 use crate::corpus::read_documents;
 use crate::plot::{heatmap_with_bars, Heatmap};
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device};
-use dlo_runtime::model::analysis::LayerSimilarity;
 use dlo_runtime::model::Batch;
 use dlo_runtime::{Checkpoint, Model};
 use serde_json::json;
@@ -99,7 +100,7 @@ pub fn run(args: &AnalyzeArgs) -> Result<()> {
     let mut first: Option<Vec<LayerSimilarity>> = None;
     for group in seqs.chunks(4) {
         let batch = Batch::left_padded(group, 0);
-        let prof = model.similarity_profile(&batch)?;
+        let prof = similarity_profile(&model, &batch)?;
         for (acc, p) in per_layer.iter_mut().zip(&prof) {
             acc.0.extend(&p.mlp);
             acc.1.extend(&p.layer);

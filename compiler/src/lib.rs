@@ -3,7 +3,7 @@
 //! | stage | module |
 //! |---|---|
 //! | import a checkpoint to an HF directory | [`import`] |
-//! | per-layer similarity analysis on real text | [`analyze`] |
+//! | per-layer similarity analysis on real text | [`analyze`] (the measure: [`analysis`]) |
 //! | deepen a base model into a DLO model | [`expand`] |
 //! | fine-tune with DLO routing | [`train`] |
 //! | lower a model into a native engine | [`build`] |
@@ -12,6 +12,7 @@
 //! Shared pieces: [`calibrate`] (router thresholds for a compute budget, used by `build` and by `train`'s
 //! held-out rule), [`corpus`] (reading sample text), [`plot`] (PNG/SVG charts).
 
+pub mod analysis;
 pub mod analyze;
 pub mod build;
 pub mod calibrate;

@@ -13,7 +13,8 @@
 //! | [`flops`] | executed matmul FLOPs, counted as the reference does |
 //!
 //! Compiler-only work lives in `dlo-compiler`: budget calibration (`dlo_compiler::calibrate`), which the
-//! runtime reads back from an engine's plan. The `dlo-run` command is its own crate (`run/`).
+//! runtime reads back from an engine's plan, and layer-similarity analysis (`dlo_compiler::analysis`, on
+//! [`model::activations`]). The `dlo-run` command is its own crate (`run/`).
 
 pub mod alloc;
 pub mod chat;
