@@ -46,13 +46,25 @@ fn import(args: &dlo_compiler::import::ImportArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// `dlo-compile analyze`: what was analysed and where it went.
+fn analyze(args: &dlo_compiler::analyze::AnalyzeArgs) -> anyhow::Result<()> {
+    let r = dlo_compiler::analyze::run(&args.plan()?)?;
+    eprintln!(
+        "analysed {} tokens in {} sequences; wrote {}/similarity.{{json,png,svg}}",
+        r.tokens,
+        r.sequences,
+        r.output.display()
+    );
+    Ok(())
+}
+
 fn main() -> std::process::ExitCode {
     dlo_runtime::alloc::tune_for_large_tensors();
     let cli = Cli::parse();
     let result = match &cli.command {
         Command::Import(a) => import(a),
         Command::Build(a) => dlo_compiler::build::run(a),
-        Command::Analyze(a) => dlo_compiler::analyze::run(a),
+        Command::Analyze(a) => analyze(a),
         Command::Expand(a) => dlo_compiler::expand::run(a),
         Command::Train(a) => dlo_compiler::train::run(a),
     };
