@@ -47,7 +47,7 @@ fi
 
 # Our benchmark binary, built from this checkout and copied aside: a shared target directory may be rebuilt
 # by other checkouts while the benchmark runs.
-(cd "$ROOT" && cargo build --release -q -p dlo-runtime --bin dlo-run) >&2
+(cd "$ROOT" && cargo build --release -q -p dlo-run) >&2
 if "$CARGO_TARGET_DIR/release/dlo-run" --help 2>/dev/null | grep -q -- '--bench'; then
   cp "$CARGO_TARGET_DIR/release/dlo-run" "$WORK/ours.bin"
   OURS=("$WORK/ours.bin" "$HF" --bench)

@@ -9,7 +9,7 @@ root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root"
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$root/target}"
 
-cargo build --release -p dlo-runtime --bin dlo-run
+cargo build --release -p dlo-run
 tmp="$(mktemp -d)"
 trap 'rm -rf "$tmp"' EXIT
 # Copy right away: target/release/dlo-run may be shared with other checkouts using the same target dir.

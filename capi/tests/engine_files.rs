@@ -7,7 +7,7 @@ use crate::support::*;
 use candle_core::{DType, Device};
 use dlo::dlo_status::*;
 use dlo::*;
-use dlo_runtime::engine::calibrate::{calibrate, CalibrationOptions, RateTarget};
+use dlo_compiler::calibrate::{calibrate, CalibrationOptions, RateTarget};
 use dlo_runtime::engine::format::StorageDtype;
 use dlo_runtime::engine::{write_engine_file, EnginePlan, Provenance};
 use dlo_runtime::generate::SamplingParams;

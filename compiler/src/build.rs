@@ -10,10 +10,10 @@
 //! did, layer by layer. Without a budget the engine follows the reference rule (`z > 0`) bit for bit. ONNX
 //! exports take a budget too: the calibrated thresholds become constants of the graphs (no load-time budget).
 
+use crate::calibrate::{calibrate, Calibration, CalibrationOptions, RateTarget};
 use anyhow::Context;
 use candle_core::{DType, Device};
 use dlo_passes::ModelConfig;
-use dlo_runtime::engine::calibrate::{calibrate, Calibration, CalibrationOptions, RateTarget};
 use dlo_runtime::engine::format::StorageDtype;
 use dlo_runtime::engine::{write_engine_file, EnginePlan, Provenance};
 use dlo_runtime::{Error, Model, Result, Tokenizer, Weights};
@@ -761,8 +761,7 @@ mod tests {
         let e = Engine::open(&a.output).unwrap();
         let model = Model::load(e.config(), &e.weights(), DType::F32, &Device::Cpu).unwrap();
         let ids = tok.encode(&text, false).unwrap();
-        let stats =
-            dlo_runtime::engine::calibrate::routing_stats(&model, &ids, &e.routing(None).unwrap(), 64, 8).unwrap();
+        let stats = crate::calibrate::routing_stats(&model, &ids, &e.routing(None).unwrap(), 64, 8).unwrap();
         for (l, (c, r)) in caps.iter().zip(&stats.layer_rates).enumerate() {
             match (c, r) {
                 (Some(c), Some(r)) => assert!((r - c).abs() <= 0.03, "layer {l}: rate {r}, capacity {c}"),

@@ -8,7 +8,6 @@
 //!
 //! OWNER: loader work (issue 2).
 
-use anyhow::Context;
 use candle_core::{DType, Device, Tensor};
 use dlo_passes::ModelConfig;
 use dlo_runtime::weights::expected_tensors;
@@ -17,7 +16,7 @@ use serde_json::{json, Value};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
-/// Arguments of `dlo-compile import`.
+/// Arguments of `dlo-compile import`; [`ImportArgs::plan`] validates them.
 #[derive(Debug, clap::Args)]
 pub struct ImportArgs {
     /// Source checkpoint: an HF directory or a GGUF file.
@@ -30,36 +29,114 @@ pub struct ImportArgs {
     pub dtype: String,
 }
 
-/// Runs the import.
-pub fn run(args: &ImportArgs) -> anyhow::Result<()> {
-    let dtype = parse_dtype(&args.dtype)?;
-    let ck = Checkpoint::open(&args.src).with_context(|| format!("cannot import {}", args.src.display()))?;
-    for w in ck.report.warnings() {
-        eprintln!("warning: {}: {w} (not written)", ck.path.display());
+impl ImportArgs {
+    /// The import these arguments ask for.
+    pub fn plan(&self) -> Result<ImportPlan, ImportError> {
+        Ok(ImportPlan {
+            src: self.src.clone(),
+            output: self.output.clone(),
+            dtype: parse_dtype(&self.dtype)?,
+        })
     }
-    if ck.tokenizer.is_none() {
-        eprintln!(
-            "warning: {}: no tokenizer; the output will have none",
-            ck.path.display()
-        );
+}
+
+/// What to import: a source checkpoint, the output directory and the storage dtype.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ImportPlan {
+    /// Source checkpoint: an HF directory or a GGUF file.
+    pub src: PathBuf,
+    /// Output directory (must not exist).
+    pub output: PathBuf,
+    /// Storage dtype of the written tensors: f32, bf16 or f16.
+    pub dtype: DType,
+}
+
+/// Why an import failed.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ImportError {
+    /// A setting is invalid (an unsupported storage dtype).
+    #[error("{0}")]
+    Invalid(String),
+    /// The source cannot be opened as a checkpoint.
+    #[error("cannot import {}", path.display())]
+    Open {
+        /// The source.
+        path: PathBuf,
+        /// Why it cannot be opened.
+        #[source]
+        source: Error,
+    },
+    /// Converting or writing the output failed (nothing is left behind), or the output already exists.
+    #[error(transparent)]
+    Write(#[from] Error),
+}
+
+/// What an import wrote.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ImportReport {
+    /// The output directory.
+    pub output: PathBuf,
+    /// Tensors written.
+    pub tensors: usize,
+    /// Their storage dtype.
+    pub dtype: DType,
+}
+
+/// An import whose source is open and not yet written: [`Import::warnings`] are known before
+/// [`Import::write`] runs (the command prints them first).
+pub struct Import {
+    plan: ImportPlan,
+    ck: Checkpoint,
+}
+
+impl Import {
+    /// Opens the source of `plan`.
+    pub fn open(plan: ImportPlan) -> Result<Import, ImportError> {
+        let ck = Checkpoint::open(&plan.src).map_err(|source| ImportError::Open {
+            path: plan.src.clone(),
+            source,
+        })?;
+        Ok(Import { plan, ck })
     }
-    import_checkpoint(&ck, &args.output, dtype)?;
-    eprintln!(
-        "wrote {} ({} tensors, {})",
-        args.output.display(),
-        expected_tensors(&ck.config).len(),
-        args.dtype
-    );
-    Ok(())
+
+    /// What the output will lack: source tensors the config does not use, a missing tokenizer.
+    pub fn warnings(&self) -> Vec<String> {
+        let path = self.ck.path.display();
+        let mut w: Vec<String> = (self.ck.report.warnings().iter())
+            .map(|w| format!("{path}: {w} (not written)"))
+            .collect();
+        if self.ck.tokenizer.is_none() {
+            w.push(format!("{path}: no tokenizer; the output will have none"));
+        }
+        w
+    }
+
+    /// Writes the output directory ([`import_checkpoint`]).
+    pub fn write(self) -> Result<ImportReport, ImportError> {
+        import_checkpoint(&self.ck, &self.plan.output, self.plan.dtype)?;
+        Ok(ImportReport {
+            output: self.plan.output,
+            tensors: expected_tensors(&self.ck.config).len(),
+            dtype: self.plan.dtype,
+        })
+    }
+}
+
+/// Opens and writes the import `plan` asks for, ignoring warnings (see [`Import`] to see them first).
+pub fn run(plan: ImportPlan) -> Result<ImportReport, ImportError> {
+    Import::open(plan)?.write()
 }
 
 /// `f32` / `bf16` / `f16` → the candle dtype.
-pub fn parse_dtype(s: &str) -> anyhow::Result<DType> {
+pub fn parse_dtype(s: &str) -> Result<DType, ImportError> {
     match s {
         "f32" => Ok(DType::F32),
         "bf16" => Ok(DType::BF16),
         "f16" => Ok(DType::F16),
-        other => anyhow::bail!("unsupported --dtype `{other}` (f32, bf16, f16)"),
+        other => Err(ImportError::Invalid(format!(
+            "unsupported --dtype `{other}` (f32, bf16, f16)"
+        ))),
     }
 }
 

@@ -125,12 +125,12 @@ fn import_refuses_an_existing_output() {
     let out = tmp.path().join("out");
     std::fs::create_dir(&out).unwrap();
     std::fs::write(out.join("keep.txt"), "mine").unwrap();
-    let args = ImportArgs {
+    let plan = ImportPlan {
         src: src.clone(),
         output: out.clone(),
-        dtype: "f32".into(),
+        dtype: DType::F32,
     };
-    let msg = format!("{:#}", run(&args).unwrap_err());
+    let msg = dlo_runtime::error::report(&run(plan).unwrap_err());
     assert!(
         msg.contains(&out.display().to_string()) && msg.contains("already exists"),
         "{msg}"
@@ -185,12 +185,12 @@ fn import_of_a_bad_source_leaves_no_output() {
         .set_len(len / 2)
         .unwrap();
     let out = tmp.path().join("out");
-    let args = ImportArgs {
+    let plan = ImportPlan {
         src,
         output: out.clone(),
-        dtype: "bf16".into(),
+        dtype: DType::BF16,
     };
-    let msg = format!("{:#}", run(&args).unwrap_err());
+    let msg = dlo_runtime::error::report(&run(plan).unwrap_err());
     assert!(
         msg.contains(&st.display().to_string()) && msg.contains("truncated"),
         "{msg}"
@@ -261,4 +261,43 @@ fn import_writes_tokenizer_files() {
     assert_eq!(ids.first(), Some(&1));
     assert_eq!(tok_b.encode("hello world", true).unwrap(), ids);
     assert_eq!(tok_b.eos_token_ids, tok.eos_token_ids);
+}
+
+#[test]
+fn import_args_become_a_plan_and_warnings_come_before_writing() {
+    let tmp = tempfile::tempdir().unwrap();
+    let src = tmp.path().join("src");
+    write_hf(&src, &tiny_config_json());
+    let out = tmp.path().join("out");
+    let args = ImportArgs {
+        src: src.clone(),
+        output: out.clone(),
+        dtype: "bf16".into(),
+    };
+    let plan = args.plan().unwrap();
+    assert_eq!(plan.dtype, DType::BF16);
+    let bad = ImportArgs {
+        dtype: "q4".into(),
+        ..args
+    };
+    assert!(bad.plan().unwrap_err().to_string().contains("unsupported --dtype `q4`"));
+    let import = Import::open(plan).unwrap();
+    let w = import.warnings();
+    assert!(
+        w.len() == 1 && w[0].ends_with("no tokenizer; the output will have none"),
+        "{w:?}"
+    );
+    assert!(!out.exists(), "opening writes nothing");
+    let r = import.write().unwrap();
+    assert_eq!((r.output.as_path(), r.dtype), (out.as_path(), DType::BF16));
+    assert_eq!(r.tensors, Checkpoint::open(&out).unwrap().weights.names().len());
+    let e = Import::open(ImportPlan {
+        src: tmp.path().join("missing"),
+        output: tmp.path().join("out2"),
+        dtype: DType::F32,
+    })
+    .err()
+    .unwrap();
+    assert!(matches!(e, ImportError::Open { .. }), "{e}");
+    assert!(e.to_string().starts_with("cannot import "), "{e}");
 }

@@ -3,16 +3,19 @@
 //! | stage | module |
 //! |---|---|
 //! | import a checkpoint to an HF directory | [`import`] |
-//! | per-layer similarity analysis on real text | [`analyze`] |
+//! | per-layer similarity analysis on real text | [`analyze`] (the measure: [`analysis`]) |
 //! | deepen a base model into a DLO model | [`expand`] |
 //! | fine-tune with DLO routing | [`train`] |
 //! | lower a model into a native engine | [`build`] |
 //! | lower to ONNX (prefill + decode, `If` for routed layers) | [`onnx`] |
 //!
-//! Shared pieces: [`corpus`] (reading sample text), [`plot`] (PNG/SVG charts).
+//! Shared pieces: [`calibrate`] (router thresholds for a compute budget, used by `build` and by `train`'s
+//! held-out rule), [`corpus`] (reading sample text), [`plot`] (PNG/SVG charts).
 
+pub mod analysis;
 pub mod analyze;
 pub mod build;
+pub mod calibrate;
 pub mod corpus;
 pub mod expand;
 pub mod import;

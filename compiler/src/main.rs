@@ -1,4 +1,7 @@
 //! `dlo-compile`: turn a Llama-family checkpoint into a DLO model and deploy it.
+//!
+//! Arguments become a plan (`XArgs::plan`), the library runs it and returns a report, and only this file
+//! prints (the commands not converted yet still print from the library).
 
 use clap::{Parser, Subcommand};
 
@@ -27,13 +30,41 @@ enum Command {
     Train(Box<dlo_compiler::train::TrainArgs>),
 }
 
+/// `dlo-compile import`: warnings about what the output will lack, then what was written.
+fn import(args: &dlo_compiler::import::ImportArgs) -> anyhow::Result<()> {
+    let import = dlo_compiler::import::Import::open(args.plan()?)?;
+    for w in import.warnings() {
+        eprintln!("warning: {w}");
+    }
+    let r = import.write()?;
+    eprintln!(
+        "wrote {} ({} tensors, {})",
+        r.output.display(),
+        r.tensors,
+        r.dtype.as_str()
+    );
+    Ok(())
+}
+
+/// `dlo-compile analyze`: what was analysed and where it went.
+fn analyze(args: &dlo_compiler::analyze::AnalyzeArgs) -> anyhow::Result<()> {
+    let r = dlo_compiler::analyze::run(&args.plan()?)?;
+    eprintln!(
+        "analysed {} tokens in {} sequences; wrote {}/similarity.{{json,png,svg}}",
+        r.tokens,
+        r.sequences,
+        r.output.display()
+    );
+    Ok(())
+}
+
 fn main() -> std::process::ExitCode {
     dlo_runtime::alloc::tune_for_large_tensors();
     let cli = Cli::parse();
     let result = match &cli.command {
-        Command::Import(a) => dlo_compiler::import::run(a),
+        Command::Import(a) => import(a),
         Command::Build(a) => dlo_compiler::build::run(a),
-        Command::Analyze(a) => dlo_compiler::analyze::run(a),
+        Command::Analyze(a) => analyze(a),
         Command::Expand(a) => dlo_compiler::expand::run(a),
         Command::Train(a) => dlo_compiler::train::run(a),
     };

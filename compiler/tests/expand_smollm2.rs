@@ -82,7 +82,7 @@ fn smollm2_30_to_36_zeros_is_identity_and_copy_places_layers() {
 #[test]
 fn smollm2_dlo_engine_with_budget_capacity_follows_each_layers_capacity() {
     use dlo_compiler::build::{BudgetArg, BuildArgs};
-    use dlo_runtime::engine::calibrate::routing_stats;
+    use dlo_compiler::calibrate::routing_stats;
     use dlo_runtime::engine::Engine;
     let Some(base) = smollm2_gguf() else { return };
     let Some(gsm8k) = gsm8k_requests() else {

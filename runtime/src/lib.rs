@@ -4,7 +4,7 @@
 //! |---|---|
 //! | [`checkpoint`] | open HF directories and GGUF files |
 //! | [`weights`] | named tensors behind one interface |
-//! | [`engine`] | native engine files: format, plan, budget calibration |
+//! | [`engine`] | native engine files: format, plan (the thresholds a budget gives) |
 //! | [`gguf`] | GGUF files → config + dequantized weights |
 //! | [`tokenizer`], [`chat`] | text ↔ ids, chat templates |
 //! | [`sentencepiece`] | `tokenizer.model` files and SentencePiece → `tokenizers` conversion |
@@ -13,6 +13,10 @@
 //! | [`backend`] | [`Backend`]: the forward seam generation, the C ABI and calibration run on |
 //! | [`generate`] | sampling and the generation loop |
 //! | [`flops`] | executed matmul FLOPs, counted as the reference does |
+//!
+//! Compiler-only work lives in `dlo-compiler`: budget calibration (`dlo_compiler::calibrate`), which the
+//! runtime reads back from an engine's plan, and layer-similarity analysis (`dlo_compiler::analysis`, on
+//! [`model::activations`]). The `dlo-run` command is its own crate (`run/`).
 
 pub mod alloc;
 pub mod backend;

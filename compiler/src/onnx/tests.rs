@@ -456,7 +456,7 @@ fn onnxruntime_matches_runtime_layer_skip() {
 
 #[test]
 fn onnxruntime_matches_runtime_with_calibrated_thresholds() {
-    use dlo_runtime::engine::calibrate::{calibrate, CalibrationOptions, RateTarget};
+    use crate::calibrate::{calibrate, CalibrationOptions, RateTarget};
     for (skip, seed) in [(SkipKind::Mlp, 6), (SkipKind::Layer, 7)] {
         let cfg = tiny_config(Some(skip), false);
         let w = weights(&cfg, seed);

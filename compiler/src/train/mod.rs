@@ -27,11 +27,11 @@ mod tests;
 
 pub use error::{Result, TrainError};
 
+use crate::calibrate::{calibrate, CalibrationOptions, RateTarget, RouterProbe};
 use candle_core::{DType, Device, Tensor, Var};
 use checkpoint::{CapacityRecord, CheckpointContents, FileSink, TrainerState};
 use data::{Example, Row, Source};
 use dlo_passes::{Capacity, LossType, ModelConfig};
-use dlo_runtime::engine::calibrate::{calibrate, CalibrationOptions, RateTarget, RouterProbe};
 use dlo_runtime::model::train::{TrainOutput, TrainRouting};
 use dlo_runtime::model::{Batch, Forward, Model, Routing};
 use dlo_runtime::Weights;

@@ -5,8 +5,8 @@
 use super::checkpoint::{FileSink, Fs};
 use super::data::{Example, Row};
 use super::*;
+use crate::calibrate::RouterProbe;
 use candle_core::D;
-use dlo_runtime::engine::calibrate::RouterProbe;
 use dlo_runtime::model::train::TrainLayerTrace;
 use dlo_runtime::model::LayerTrace;
 use serde_json::json;

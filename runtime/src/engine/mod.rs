@@ -2,14 +2,15 @@
 //!
 //! - [`format`]: the file layout (the spec), the reader [`format::EngineFile`] and the streaming writer.
 //! - [`plan`]: the lowered plan (layer schedule, gate, budget thresholds, quantile tables).
-//! - [`calibrate`]: choose per-layer thresholds on sample text so the mean execution rate meets a budget.
+//!
+//! Choosing the thresholds and quantile tables on sample text (budget calibration) is the compiler's job
+//! (`dlo_compiler::calibrate`); the runtime only reads them from the plan.
 //!
 //! [`Engine::open`] maps a file, checks its header and plan, and hands out [`Weights`] that read tensors
 //! straight from the mapping (each checksummed on first access). [`write_engine_file`] lowers a model
 //! (config + weights + tokenizer + plan) into an engine. [`open_any`] opens an engine or a checkpoint by
 //! looking at the file's magic.
 
-pub mod calibrate;
 pub mod format;
 pub mod plan;
 

@@ -10,7 +10,7 @@
 //! - `layer` skipping: executed tokens of each sequence are packed (original positions kept), attend only
 //!   to the layer's earlier executed tokens (its own ragged KV cache), and skipped tokens pass unchanged.
 
-pub mod analysis;
+pub mod activations;
 pub mod cache;
 pub mod fused;
 pub mod layers;

@@ -92,7 +92,9 @@ fn run(args: Args) -> Result<()> {
         if n == 0 {
             bail!("--threads must be at least 1");
         }
-        // candle's CPU kernels size their parallelism from RAYON_NUM_THREADS.
+        // candle's CPU GEMM sizes its parallelism from RAYON_NUM_THREADS, read at every call
+        // (candle_core::utils::get_num_threads has no setter), so the variable is the only knob. Set here,
+        // before any thread of ours or candle's starts.
         std::env::set_var("RAYON_NUM_THREADS", n.to_string());
         rayon::ThreadPoolBuilder::new().num_threads(n).build_global().ok();
     }

@@ -11,13 +11,16 @@
 //! stream), so the thresholds are found by a fixed-point iteration: run with the current thresholds (first
 //! round: the reference rule), set each layer's threshold from the logits of that run, repeat until the
 //! measured rates are within `tolerance` of the target (at most `max_rounds` runs). The logits of the final
-//! run also give each layer's [`N_QUANTILES`](super::plan::N_QUANTILES)-entry quantile table, from which the
-//! runtime derives thresholds for other budgets.
+//! run also give each layer's [`N_QUANTILES`](dlo_runtime::engine::plan::N_QUANTILES)-entry quantile table, from
+//! which the runtime derives thresholds for other budgets ([`EnginePlan::routing`]).
+//!
+//! Only the compiler calibrates (`dlo-compile build`, and training's `capacity` held-out rule); the runtime
+//! reads the result from an engine's plan.
 
-use super::plan::{check_budget, quantile_table, threshold_for_rate, Budget, EnginePlan};
-use crate::error::{Error, Result};
-use crate::model::{Batch, Forward, LayerTrace, Model, Routing};
 use dlo_passes::{Capacity, ModelConfig};
+use dlo_runtime::engine::plan::{check_budget, quantile_table, threshold_for_rate, Budget, EnginePlan};
+use dlo_runtime::model::{Batch, Forward, LayerTrace, Model, Routing};
+use dlo_runtime::{Error, Result};
 
 /// The execution rates calibration aims for.
 #[derive(Debug, Clone, PartialEq)]
@@ -343,3 +346,7 @@ pub fn calibrate(
         round_rates,
     })
 }
+
+#[cfg(test)]
+#[path = "calibrate_tests.rs"]
+mod tests;

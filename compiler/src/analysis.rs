@@ -3,11 +3,11 @@
 //! For every layer and token: cos(a, a + MLP(RMSNorm₂(a))) for the MLP unit and cos(h, layer(h)) for the
 //! whole layer, on a dense forward pass (routers ignored, every unit runs). A high similarity means the unit
 //! is nearly an identity for that token: the signal DLO's `cos` labels are built from (`dlo-method.md` §5.1).
+//! `dlo-compile analyze` ([`crate::analyze`]) summarises and plots it.
 
-use super::layers::{Exec, Kv};
-use super::train::cosine_rows;
-use super::{Batch, Model};
-use crate::error::Result;
+use dlo_runtime::model::activations::cosine_rows;
+use dlo_runtime::model::{Batch, Model};
+use dlo_runtime::Result;
 
 /// Per-token similarities of one layer, over the real tokens of the batch (row-major).
 #[derive(Debug, Clone, PartialEq)]
@@ -18,39 +18,32 @@ pub struct LayerSimilarity {
     pub layer: Vec<f32>,
 }
 
-impl Model {
-    /// Dense forward over `batch`, returning per-layer, per-token unit similarities (padding dropped).
-    pub fn similarity_profile(&self, batch: &Batch) -> Result<Vec<LayerSimilarity>> {
-        let ex = Exec { differentiable: false };
-        let (mut h, step) = self.embed(batch)?;
-        let mut cache = self.new_cache();
-        let keep = |v: Vec<f64>| -> Vec<f32> {
-            v.into_iter()
-                .zip(&batch.valid)
-                .filter(|(_, ok)| **ok)
-                .map(|(x, _)| x as f32)
-                .collect()
-        };
-        let mut out = Vec::with_capacity(self.layers.len());
-        for (l, layer) in self.layers.iter().enumerate() {
-            let a = layer.attn_unit(&h, &step, Kv::Cache(&mut cache.layers[l]), ex)?;
-            let y = (&a + layer.mlp_delta(&a, ex)?)?;
-            out.push(LayerSimilarity {
-                mlp: keep(cosine_rows(&a, &y)?),
-                layer: keep(cosine_rows(&h, &y)?),
-            });
-            h = y;
-        }
-        Ok(out)
-    }
+/// Dense forward of `model` over `batch`, returning per-layer, per-token unit similarities (padding dropped).
+pub fn similarity_profile(model: &Model, batch: &Batch) -> Result<Vec<LayerSimilarity>> {
+    let keep = |v: Vec<f64>| -> Vec<f32> {
+        v.into_iter()
+            .zip(&batch.valid)
+            .filter(|(_, ok)| **ok)
+            .map(|(x, _)| x as f32)
+            .collect()
+    };
+    let mut out = Vec::with_capacity(model.layers.len());
+    model.visit_dense_units(batch, |_, u| {
+        out.push(LayerSimilarity {
+            mlp: keep(cosine_rows(u.attn_out, u.output)?),
+            layer: keep(cosine_rows(u.input, u.output)?),
+        });
+        Ok(())
+    })?;
+    Ok(out)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::testing::{random_weights, tiny_config};
-    use crate::Weights;
     use candle_core::{DType, Device, Tensor};
+    use dlo_runtime::testing::{random_weights, tiny_config};
+    use dlo_runtime::Weights;
 
     #[test]
     fn identity_layers_have_similarity_one() {
@@ -68,7 +61,7 @@ mod tests {
         }
         let model = Model::load(&cfg, &Weights::from_tensors(m, "t"), DType::F32, &Device::Cpu).unwrap();
         let batch = Batch::left_padded(&[vec![3, 5, 7, 9], vec![4, 6]], 0);
-        let prof = model.similarity_profile(&batch).unwrap();
+        let prof = similarity_profile(&model, &batch).unwrap();
         assert_eq!(prof.len(), 3);
         assert_eq!(prof[1].layer.len(), 6, "padding dropped");
         assert!(prof[1].layer.iter().chain(&prof[1].mlp).all(|s| (s - 1.0).abs() < 1e-5));
