@@ -7,7 +7,7 @@ use dlo_runtime::chat::Message;
 use dlo_runtime::engine::open_any;
 use dlo_runtime::generate::{GenerateParams, Generator, SamplingParams};
 use dlo_runtime::model::{Batch, Forward, Routing};
-use dlo_runtime::Model;
+use dlo_runtime::{Model, RuntimeOptions};
 use std::collections::HashMap;
 use std::io::Write;
 use std::ops::ControlFlow;
@@ -52,9 +52,12 @@ struct Args {
     /// Compute dtype (f64: a slow verification mode, e.g. `--dump` references for f64 ONNX exports).
     #[arg(long, default_value = "f32", value_parser = ["f32", "bf16", "f64"])]
     dtype: String,
-    /// Worker threads (default: all cores).
+    /// Worker threads, 1 to 1024 (default: all cores).
     #[arg(long)]
     threads: Option<usize>,
+    /// Where the model runs: `cpu`, or `cuda` / `cuda:N` in a build with CUDA support.
+    #[arg(long, default_value = "cpu")]
+    device: String,
     /// Mean execution rate of routed units, in (0, 1] (engines built with --calibration only; an engine built
     /// with `--budget capacity` keeps its per-layer proportions).
     #[arg(long)]
@@ -88,28 +91,23 @@ fn main() -> std::process::ExitCode {
 }
 
 fn run(args: Args) -> Result<()> {
-    if let Some(n) = args.threads {
-        if n == 0 {
-            bail!("--threads must be at least 1");
-        }
-        // candle's CPU GEMM sizes its parallelism from RAYON_NUM_THREADS, read at every call
-        // (candle_core::utils::get_num_threads has no setter), so the variable is the only knob. Set here,
-        // before any thread of ours or candle's starts.
-        std::env::set_var("RAYON_NUM_THREADS", n.to_string());
-        rayon::ThreadPoolBuilder::new().num_threads(n).build_global().ok();
-    }
-    let dtype = match args.dtype.as_str() {
-        "bf16" => DType::BF16,
-        "f64" => DType::F64,
-        _ => DType::F32,
+    let opts = RuntimeOptions {
+        device: args.device.parse()?,
+        dtype: match args.dtype.as_str() {
+            "bf16" => DType::BF16,
+            "f64" => DType::F64,
+            _ => DType::F32,
+        },
+        threads: args.threads,
+        ..RuntimeOptions::default()
     };
-    let device = Device::Cpu;
+    opts.init_process_threads().context("--threads")?;
     let t0 = Instant::now();
     let ckpt = open_any(&args.model)?;
     for w in &ckpt.warnings {
         eprintln!("warning: {w}");
     }
-    let model = Model::load(&ckpt.config, &ckpt.weights, dtype, &device)
+    let model = Model::load_opts(&ckpt.config, &ckpt.weights, &opts)
         .with_context(|| format!("building the model from {}", args.model.display()))?;
     let load_time = t0.elapsed();
     let routing = match args.force_routing.as_deref() {
@@ -151,13 +149,9 @@ fn run(args: Args) -> Result<()> {
         (Some(_), Some(_)) => bail!("give either --prompt or --token-ids, not both"),
         (None, None) => bail!("nothing to do: give --prompt TEXT or --token-ids IDS"),
     };
-    let mut stop_tokens = ckpt.config.eos_token_ids.clone();
-    if let Some(t) = tok {
-        stop_tokens.extend(&t.eos_token_ids);
-    }
     let params = GenerateParams {
         max_tokens: args.max_tokens,
-        stop_tokens,
+        stop_tokens: ckpt.stop_tokens(),
         sampling: SamplingParams {
             temperature: args.temperature,
             top_k: args.top_k,

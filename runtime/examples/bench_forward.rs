@@ -88,8 +88,11 @@ fn load(path: &Path, dtype: DType) -> Result<Model> {
 
 fn main() -> Result<()> {
     let a = parse_args()?;
-    // candle's CPU kernels size their thread pools from RAYON_NUM_THREADS; set it before any of them runs.
-    std::env::set_var("RAYON_NUM_THREADS", a.threads.to_string());
+    dlo_runtime::RuntimeOptions {
+        threads: Some(a.threads),
+        ..Default::default()
+    }
+    .init_process_threads()?;
     let t0 = Instant::now();
     let m = load(&a.model, a.dtype)?;
     let vocab = m.config().vocab_size as u32;

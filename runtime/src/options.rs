@@ -113,6 +113,21 @@ impl RuntimeOptions {
         }
     }
 
+    /// Makes [`Self::threads`] the whole process's thread count, for programs that own their process (`dlo-run`,
+    /// `dlo-compile`, benchmarks): the global rayon pool, and `RAYON_NUM_THREADS`, which candle's CPU GEMM
+    /// reads at every call to size its parallelism (candle-core 0.11 has no other knob). Call it first thing,
+    /// before any thread starts; a library inside someone else's process (the C ABI) uses
+    /// [`Self::thread_pool`] instead. Does nothing when `threads` is `None`.
+    pub fn init_process_threads(&self) -> Result<()> {
+        self.validate()?;
+        if let Some(n) = self.threads {
+            std::env::set_var("RAYON_NUM_THREADS", n.to_string());
+            // Fails only when the global pool already exists: then it keeps its size.
+            rayon::ThreadPoolBuilder::new().num_threads(n).build_global().ok();
+        }
+        Ok(())
+    }
+
     /// A rayon pool with [`Self::threads`] workers, for callers that must not touch the global pool (the C
     /// ABI's sessions); `None` when the options leave the thread count to the global pool.
     pub fn thread_pool(&self) -> Result<Option<rayon::ThreadPool>> {
