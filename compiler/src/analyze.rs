@@ -8,11 +8,12 @@ use crate::corpus::read_documents;
 use crate::plot::{heatmap_with_bars, Heatmap};
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device};
+use dlo_passes::fsutil::AtomicDir;
 use dlo_runtime::model::analysis::LayerSimilarity;
 use dlo_runtime::model::Batch;
 use dlo_runtime::{Checkpoint, Model};
 use serde_json::json;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 /// Arguments of `dlo-compile analyze`.
 #[derive(Debug, clap::Args)]
@@ -132,9 +133,12 @@ pub fn run(args: &AnalyzeArgs) -> Result<()> {
         "definition": "cosine similarity of unit input vs output per token; block_influence = 1 - mean (ShortGPT)",
         "layers": layers,
     });
-    let tmp = tmp_dir_for(&args.output);
-    std::fs::create_dir_all(&tmp).with_context(|| format!("{}: cannot create", tmp.display()))?;
-    let result = (|| -> Result<()> {
+    if let Some(parent) = args.output.parent().filter(|p| !p.as_os_str().is_empty()) {
+        std::fs::create_dir_all(parent).with_context(|| format!("{}: cannot create", parent.display()))?;
+    }
+    let out = AtomicDir::create(&args.output)?;
+    let tmp = out.path();
+    (|| -> Result<()> {
         std::fs::write(tmp.join("similarity.json"), serde_json::to_string_pretty(&report)?)?;
         let first = first.expect("at least one batch");
         // Colour: log10(1 − cos) of the whole layer, i.e. how much the layer changes the token, on a log scale
@@ -180,28 +184,14 @@ pub fn run(args: &AnalyzeArgs) -> Result<()> {
             },
             &tmp.join("similarity"),
         )
-    })();
-    if let Err(e) = result {
-        let _ = std::fs::remove_dir_all(&tmp);
-        return Err(e);
-    }
-    std::fs::rename(&tmp, &args.output)
-        .with_context(|| format!("renaming {} to {}", tmp.display(), args.output.display()))?;
+    })()?;
+    out.commit_new()?;
     eprintln!(
         "analysed {total} tokens in {} sequences; wrote {}/similarity.{{json,png,svg}}",
         seqs.len(),
         args.output.display()
     );
     Ok(())
-}
-
-/// A sibling temporary path for an output that is renamed into place at the end.
-pub fn tmp_dir_for(out: &Path) -> PathBuf {
-    let name = out
-        .file_name()
-        .map(|s| s.to_string_lossy().into_owned())
-        .unwrap_or_else(|| "out".into());
-    out.with_file_name(format!(".{name}.tmp-{}", std::process::id()))
 }
 
 #[cfg(test)]

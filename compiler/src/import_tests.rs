@@ -156,7 +156,7 @@ fn failing_midway_leaves_no_output() {
     assert!(err.to_string().contains("simulated failure"), "{err}");
     let seen = seen.unwrap();
     assert!(
-        seen.file_name().unwrap().to_str().unwrap().starts_with("out.tmp-"),
+        seen.file_name().unwrap().to_str().unwrap().starts_with(".out.tmp-"),
         "{}",
         seen.display()
     );
@@ -236,7 +236,10 @@ fn import_writes_tokenizer_files() {
     let tc = json!({"bos_token": "<s>", "eos_token": "</s>", "add_bos_token": true, "chat_template": template});
     std::fs::write(src.join("tokenizer_config.json"), tc.to_string()).unwrap();
     let a = Checkpoint::open(&src).unwrap();
-    let tok = a.tokenizer.as_ref().expect("Tokenizer::from_hf_dir reads tokenizer.json");
+    let tok = a
+        .tokenizer
+        .as_ref()
+        .expect("Tokenizer::from_hf_dir reads tokenizer.json");
     let out = tmp.path().join("out");
     import_checkpoint(&a, &out, DType::F32).unwrap();
     let tc: Value = serde_json::from_str(&std::fs::read_to_string(out.join("tokenizer_config.json")).unwrap()).unwrap();

@@ -4,6 +4,7 @@
 //! - [`config`]: the Llama-family + DLO configuration, read from and written to HF `config.json`.
 //! - [`ir`]: the model as a list of output layers with provenance and routers ([`ModelSpec`]).
 //! - [`pass`], [`expand`], [`insert_routers`], [`set_hparams`]: the passes and the pipeline that runs them.
+//! - [`fsutil`]: atomic writes of output files and directories (temporary sibling, then rename).
 //! - [`recipe`]: the expansion pipeline as data ([`Recipe`] file ↔ validated [`ExpandPlan`]).
 //! - [`source`], [`writer`]: reading base tensors ([`TensorSource`]) and streaming the result to an HF
 //!   directory in the DLO reference format.
@@ -23,6 +24,7 @@
 pub mod config;
 pub mod error;
 pub mod expand;
+pub mod fsutil;
 pub mod init;
 pub mod insert_routers;
 pub mod ir;

@@ -9,6 +9,7 @@ use crate::chat::ChatTemplate;
 use crate::error::{Error, Result};
 use crate::sentencepiece::{bos_post_processor, ModelProto, PieceType, SpmKind, SpmVocab};
 use candle_core::quantized::gguf_file::Value as GgufValue;
+use dlo_passes::fsutil::write_atomic;
 use serde_json::{json, Value as Json};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -390,7 +391,8 @@ impl Tokenizer {
         let tok = self.to_hf_tokenizer_json()?;
         let cfg = serde_json::to_string_pretty(&self.hf_tokenizer_config()).map_err(|e| tok_err(dir, e.to_string()))?;
         write_atomic(&dir.join("tokenizer.json"), tok.as_bytes())?;
-        write_atomic(&dir.join("tokenizer_config.json"), cfg.as_bytes())
+        write_atomic(&dir.join("tokenizer_config.json"), cfg.as_bytes())?;
+        Ok(())
     }
 }
 
@@ -619,19 +621,6 @@ fn add_config_added_tokens(inner: &mut tokenizers::Tokenizer, dir: &Path, n_piec
         }
     }
     Ok(())
-}
-
-fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
-    let name = path
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    let tmp = path.with_file_name(format!(".{name}.tmp"));
-    std::fs::write(&tmp, bytes).map_err(|e| Error::io(&tmp, e))?;
-    std::fs::rename(&tmp, path).map_err(|e| {
-        let _ = std::fs::remove_file(&tmp);
-        Error::io(path, e)
-    })
 }
 
 // ---- GGUF metadata ----

@@ -403,7 +403,13 @@ fn disk_full_during_a_run_keeps_the_previous_checkpoint() {
         .unwrap()
         .to_string();
     assert!(e.contains("No space left"), "{e}");
-    assert!(!out.join("final").exists() && !out.join(".tmp-final").exists());
+    assert!(!out.join("final").exists());
+    let temps: Vec<_> = std::fs::read_dir(&out)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with(".final.tmp-"))
+        .collect();
+    assert!(temps.is_empty(), "temporary directories left behind: {temps:?}");
     let l = checkpoint::load(&out.join("checkpoint-3"), "x", "x")
         .err()
         .unwrap()
