@@ -42,5 +42,5 @@ pub use ir::{CopyInit, DloParams, LayerSource, LayerSpec, ModelSpec, RouterInit}
 pub use pass::{Pass, Pipeline};
 pub use recipe::{ExpandPlan, Recipe};
 pub use set_hparams::SetHparams;
-pub use source::{SafetensorsDir, SyntheticSource, TensorSource};
+pub use source::{SafetensorsDir, SafetensorsIndex, SyntheticSource, TensorSource};
 pub use writer::{write_model, ExtraFile, OutDtype, WriteOptions, WriteReport};
