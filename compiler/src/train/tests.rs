@@ -5,11 +5,21 @@
 use super::checkpoint::{FileSink, Fs};
 use super::data::{Example, Row};
 use super::*;
+// What the tests used from train/mod.rs's imports before the split.
+use super::metrics::{EvalMetrics, EvalRouting, Record};
+use super::optim::{AdamWConfig, Schedule, TrainSet};
 use candle_core::D;
+use candle_core::{DType, Device, Tensor, Var};
+use dlo_passes::{Capacity, ModelConfig};
 use dlo_runtime::engine::calibrate::RouterProbe;
 use dlo_runtime::model::train::TrainLayerTrace;
+use dlo_runtime::model::train::{TrainOutput, TrainRouting};
 use dlo_runtime::model::LayerTrace;
+use dlo_runtime::model::{Batch, Model, Routing};
+use dlo_runtime::Weights;
 use serde_json::json;
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
 
 /// A tiny differentiable stand-in with DLO routing (see the module docs).
 pub(crate) struct Toy {
