@@ -5,6 +5,12 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 while IFS="=" read -r k v; do export "$k=$v"; done < <(DLO_FETCH_LLAMA_CPP=1 bash scripts/fetch-assets.sh)
 while IFS='=' read -r k v; do export "$k=$v"; done < <(bash scripts/setup-python.sh)
+# Tests that need an asset or the Python env fail when it is missing (instead of skipping), and each one that
+# found what it needs appends a line to this log, counted at the end (dlo_runtime::testing::found_or_skip).
+export DLO_REQUIRE_ASSETS=1
+DLO_ASSET_TEST_LOG="$(mktemp)"
+export DLO_ASSET_TEST_LOG
+trap 'rm -f "$DLO_ASSET_TEST_LOG"' EXIT
 cargo fmt --all --check
 cargo clippy --release --workspace --all-targets -- -D warnings
 cargo build --release --workspace --bins
@@ -13,3 +19,10 @@ cargo test --release --workspace
 bash scripts/check-header.sh
 bash scripts/check-c-example.sh
 bash scripts/valgrind-c-example.sh
+# Distinct `<test binary> <test name>` lines: a test that looks up several assets, or runs twice, counts once.
+ran="$(sort -u "$DLO_ASSET_TEST_LOG" | grep -c . || true)"
+echo "asset-dependent tests run: $ran"
+if [ "$ran" -eq 0 ]; then
+  echo "error: no asset-dependent test ran (DLO_REQUIRE_ASSETS=1)" >&2
+  exit 1
+fi

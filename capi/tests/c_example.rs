@@ -10,7 +10,7 @@ use candle_core::{DType, Device};
 use dlo_runtime::chat::Message;
 use dlo_runtime::generate::{GenerateParams, Generator, SamplingParams};
 use dlo_runtime::model::Routing;
-use dlo_runtime::testing::smollm2_gguf;
+use dlo_runtime::testing::{found_or_skip, smollm2_gguf};
 use dlo_runtime::{Checkpoint, Model, Tokenizer};
 use std::ops::ControlFlow;
 use std::path::{Path, PathBuf};
@@ -73,13 +73,15 @@ fn dlo_run(args: &[&str]) -> Option<String> {
     Some(run(Command::new(bin).args(args)))
 }
 
-/// The Python example's output, when python3 is installed.
+/// The Python example's output, when python3 is installed (see `found_or_skip`).
 fn python(args: &[&str]) -> Option<String> {
     let py = std::env::var("PYTHON").unwrap_or_else(|_| "python3".into());
-    if Command::new(&py).arg("--version").output().is_err() {
-        eprintln!("skipped the Python example: {py} is not installed");
-        return None;
-    }
+    let installed = Command::new(&py).arg("--version").output().is_ok().then_some(());
+    found_or_skip(
+        installed,
+        &format!("{py} for the Python example (set PYTHON)"),
+        "apt-get install python3",
+    )?;
     Some(run(Command::new(py)
         .arg(root().join("examples/python/generate.py"))
         .args(args)

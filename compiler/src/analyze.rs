@@ -9,10 +9,11 @@ use crate::analysis::{similarity_profile, LayerSimilarity};
 use crate::corpus::read_documents;
 use crate::plot::{heatmap_with_bars, Heatmap};
 use candle_core::{DType, Device};
+use dlo_passes::fsutil::{AtomicDir, FsError};
 use dlo_runtime::model::Batch;
 use dlo_runtime::{Checkpoint, Model};
 use serde_json::json;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 /// Arguments of `dlo-compile analyze`; [`AnalyzeArgs::plan`] validates them.
 #[derive(Debug, clap::Args)]
@@ -97,7 +98,7 @@ pub enum AnalyzeError {
     /// Loading or running the model, or reading the text, failed.
     #[error(transparent)]
     Runtime(#[from] dlo_runtime::Error),
-    /// The temporary output directory cannot be created.
+    /// The output's parent directory cannot be created.
     #[error("{}: cannot create", path.display())]
     Create {
         /// The directory.
@@ -106,17 +107,9 @@ pub enum AnalyzeError {
         #[source]
         source: std::io::Error,
     },
-    /// The finished output cannot be renamed into place.
-    #[error("renaming {} to {}", from.display(), to.display())]
-    Rename {
-        /// The temporary directory.
-        from: PathBuf,
-        /// The output directory.
-        to: PathBuf,
-        /// Why.
-        #[source]
-        source: std::io::Error,
-    },
+    /// The temporary output directory cannot be made or renamed into place (nothing is left behind).
+    #[error(transparent)]
+    Fs(#[from] FsError),
     /// Writing `similarity.json` failed.
     #[error(transparent)]
     Io(#[from] std::io::Error),
@@ -230,12 +223,15 @@ pub fn run(plan: &AnalyzePlan) -> Result<AnalyzeReport, AnalyzeError> {
         "definition": "cosine similarity of unit input vs output per token; block_influence = 1 - mean (ShortGPT)",
         "layers": layers,
     });
-    let tmp = tmp_dir_for(&plan.output);
-    std::fs::create_dir_all(&tmp).map_err(|source| AnalyzeError::Create {
-        path: tmp.clone(),
-        source,
-    })?;
-    let result = (|| -> Result<(), AnalyzeError> {
+    if let Some(parent) = plan.output.parent().filter(|p| !p.as_os_str().is_empty()) {
+        std::fs::create_dir_all(parent).map_err(|source| AnalyzeError::Create {
+            path: parent.to_path_buf(),
+            source,
+        })?;
+    }
+    let out = AtomicDir::create(&plan.output)?;
+    let tmp = out.path().to_path_buf();
+    (|| -> Result<(), AnalyzeError> {
         std::fs::write(tmp.join("similarity.json"), serde_json::to_string_pretty(&report)?)?;
         let first = first.expect("at least one batch");
         // Colour: log10(1 − cos) of the whole layer, i.e. how much the layer changes the token, on a log scale
@@ -282,30 +278,13 @@ pub fn run(plan: &AnalyzePlan) -> Result<AnalyzeReport, AnalyzeError> {
             &tmp.join("similarity"),
         )?;
         Ok(())
-    })();
-    if let Err(e) = result {
-        let _ = std::fs::remove_dir_all(&tmp);
-        return Err(e);
-    }
-    std::fs::rename(&tmp, &plan.output).map_err(|source| AnalyzeError::Rename {
-        from: tmp.clone(),
-        to: plan.output.clone(),
-        source,
-    })?;
+    })()?;
+    out.commit_new()?;
     Ok(AnalyzeReport {
         output: plan.output.clone(),
         tokens: total,
         sequences: seqs.len(),
     })
-}
-
-/// A sibling temporary path for an output that is renamed into place at the end.
-pub fn tmp_dir_for(out: &Path) -> PathBuf {
-    let name = out
-        .file_name()
-        .map(|s| s.to_string_lossy().into_owned())
-        .unwrap_or_else(|| "out".into());
-    out.with_file_name(format!(".{name}.tmp-{}", std::process::id()))
 }
 
 #[cfg(test)]
@@ -341,7 +320,7 @@ mod tests {
         std::fs::remove_dir(&plan.output).unwrap();
         // A checkpoint without a tokenizer cannot cut the text.
         let v = tiny_hf_config_json();
-        let cfg = dlo_passes::ModelConfig::from_hf_json(&v, Path::new("config.json")).unwrap();
+        let cfg = dlo_passes::ModelConfig::from_hf_json(&v, std::path::Path::new("config.json")).unwrap();
         write_hf_checkpoint(&plan.model, &v, &randn_tensors(&cfg)).unwrap();
         let e = run(&plan).unwrap_err();
         assert!(matches!(e, AnalyzeError::NoTokenizer(_)), "{e}");

@@ -9,6 +9,7 @@
 //! OWNER: loader work (issue 2).
 
 use candle_core::{DType, Device, Tensor};
+use dlo_passes::fsutil::AtomicDir;
 use dlo_passes::ModelConfig;
 use dlo_runtime::weights::expected_tensors;
 use dlo_runtime::{Checkpoint, Error, Result, Tokenizer};
@@ -170,36 +171,28 @@ pub fn import_checkpoint(ck: &Checkpoint, out: &Path, dtype: DType) -> Result<()
     })
 }
 
-/// Creates `out` by running `fill` on a fresh temporary directory next to it (`<out>.tmp-<pid>`) and
-/// renaming that into place. Refuses an existing `out`; on any error the temporary directory is removed
-/// and `out` is not created.
+/// Creates `out` by running `fill` on a fresh temporary directory next to it ([`AtomicDir`]) and renaming
+/// that into place. Refuses an existing `out`; on any error the temporary directory is removed and `out` is
+/// not created.
 pub fn write_dir_atomically(out: &Path, fill: impl FnOnce(&Path) -> Result<()>) -> Result<()> {
     if out.symlink_metadata().is_ok() {
         return Err(already_exists(out));
     }
-    let name = out
-        .file_name()
-        .ok_or_else(|| Error::InvalidArgument(format!("{}: not a directory name", out.display())))?;
-    let parent = match out.parent() {
-        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
-        _ => PathBuf::from("."),
-    };
-    let mut tmp_name = name.to_os_string();
-    tmp_name.push(format!(".tmp-{}", std::process::id()));
-    let tmp = parent.join(tmp_name);
-    if tmp.symlink_metadata().is_ok() {
-        // Left over from an earlier run that died with the same pid: it is ours by name.
-        std::fs::remove_dir_all(&tmp).map_err(|e| Error::io(&tmp, e))?;
+    if out.file_name().is_none() {
+        return Err(Error::InvalidArgument(format!(
+            "{}: not a directory name",
+            out.display()
+        )));
     }
-    std::fs::create_dir(&tmp).map_err(|e| Error::io(&tmp, e))?;
-    let guard = RemoveOnDrop(Some(tmp.clone()));
-    fill(&tmp)?;
-    if out.symlink_metadata().is_ok() {
-        return Err(already_exists(out));
-    }
-    std::fs::rename(&tmp, out).map_err(|e| Error::io(out, e))?;
-    guard.disarm();
-    Ok(())
+    let tmp = AtomicDir::create(out)?;
+    fill(tmp.path())?;
+    tmp.commit_new().map_err(|e| {
+        if e.already_exists() {
+            already_exists(out)
+        } else {
+            e.into()
+        }
+    })
 }
 
 fn already_exists(out: &Path) -> Error {
@@ -210,23 +203,6 @@ fn already_exists(out: &Path) -> Error {
             "output already exists (refusing to overwrite it)",
         ),
     )
-}
-
-/// Removes a directory tree when dropped, unless disarmed.
-struct RemoveOnDrop(Option<PathBuf>);
-
-impl RemoveOnDrop {
-    fn disarm(mut self) {
-        self.0 = None;
-    }
-}
-
-impl Drop for RemoveOnDrop {
-    fn drop(&mut self) {
-        if let Some(p) = self.0.take() {
-            let _ = std::fs::remove_dir_all(p);
-        }
-    }
 }
 
 /// Writes every tensor `cfg` needs, converted to `dtype`, as one safetensors file with the

@@ -4,6 +4,7 @@
 //! - [`config`]: the Llama-family + DLO configuration, read from and written to HF `config.json`.
 //! - [`ir`]: the model as a list of output layers with provenance and routers ([`ModelSpec`]).
 //! - [`pass`], [`expand`], [`insert_routers`], [`set_hparams`]: the passes and the pipeline that runs them.
+//! - [`fsutil`]: atomic writes of output files and directories (temporary sibling, then rename).
 //! - [`recipe`]: the expansion pipeline as data ([`Recipe`] file ↔ validated [`ExpandPlan`]).
 //! - [`routing`]: the DLO rules every stage shares: the routed unit of each layer and the gate.
 //! - [`source`], [`writer`]: reading base tensors ([`TensorSource`]) and streaming the result to an HF
@@ -24,6 +25,7 @@
 pub mod config;
 pub mod error;
 pub mod expand;
+pub mod fsutil;
 pub mod init;
 pub mod insert_routers;
 pub mod ir;
@@ -43,5 +45,5 @@ pub use pass::{Pass, Pipeline};
 pub use recipe::{ExpandPlan, Recipe};
 pub use routing::{Gate, GateTerms, RoutedUnit};
 pub use set_hparams::SetHparams;
-pub use source::{SafetensorsDir, SyntheticSource, TensorSource};
+pub use source::{SafetensorsDir, SafetensorsIndex, SyntheticSource, TensorSource};
 pub use writer::{write_model, ExtraFile, OutDtype, WriteOptions, WriteReport};

@@ -35,6 +35,76 @@ pub struct SafetensorsDir {
     entries: HashMap<String, Entry>,
 }
 
+/// The index file of a sharded safetensors checkpoint directory.
+pub const INDEX_FILE: &str = "model.safetensors.index.json";
+
+/// A sharded checkpoint's index (`model.safetensors.index.json`): which shard holds each tensor. The one
+/// reader of the format, for the compiler's sources and the runtime's checkpoints alike.
+#[derive(Debug, Clone)]
+pub struct SafetensorsIndex {
+    /// The index file.
+    pub path: PathBuf,
+    /// Tensor name → shard, a plain file name in the index's directory.
+    pub weight_map: HashMap<String, String>,
+}
+
+impl SafetensorsIndex {
+    /// Reads and checks `index`: JSON with a `weight_map` object whose values are plain file names of
+    /// shards that exist beside it. Every problem is an error naming the index file.
+    pub fn read(index: &Path) -> Result<Self> {
+        let text = std::fs::read_to_string(index).map_err(|e| Error::io(index, e))?;
+        let v: serde_json::Value =
+            serde_json::from_str(&text).map_err(|e| Error::format(index, format!("not valid JSON: {e}")))?;
+        let map = v
+            .get("weight_map")
+            .and_then(|m| m.as_object())
+            .ok_or_else(|| Error::format(index, "no `weight_map` object"))?;
+        let mut weight_map = HashMap::with_capacity(map.len());
+        for (name, file) in map {
+            let file = file
+                .as_str()
+                .ok_or_else(|| Error::format(index, format!("`weight_map` entry `{name}` is not a file name")))?;
+            let plain = Path::new(file).file_name().and_then(|f| f.to_str()) == Some(file);
+            if !plain {
+                return Err(Error::format(index, format!("shard `{file}` is not a plain file name")));
+            }
+            weight_map.insert(name.clone(), file.to_string());
+        }
+        let read = SafetensorsIndex {
+            path: index.to_path_buf(),
+            weight_map,
+        };
+        let dir = read.dir();
+        for s in read.shards() {
+            if !dir.join(s).is_file() {
+                return Err(Error::format(
+                    index,
+                    format!("names shard `{s}`, which does not exist in {}", dir.display()),
+                ));
+            }
+        }
+        Ok(read)
+    }
+
+    /// The directory the index and its shards are in.
+    pub fn dir(&self) -> &Path {
+        self.path.parent().unwrap_or(Path::new("."))
+    }
+
+    /// The distinct shard file names, sorted.
+    pub fn shards(&self) -> Vec<&str> {
+        let mut shards: Vec<&str> = self.weight_map.values().map(String::as_str).collect();
+        shards.sort_unstable();
+        shards.dedup();
+        shards
+    }
+
+    /// The distinct shards as paths beside the index, sorted.
+    pub fn shard_files(&self) -> Vec<PathBuf> {
+        self.shards().into_iter().map(|s| self.dir().join(s)).collect()
+    }
+}
+
 /// The safetensors files of a checkpoint: a `.safetensors` file itself; a directory's
 /// `model.safetensors.index.json` shards; or every `*.safetensors` in the directory.
 pub fn safetensors_files(path: &Path) -> Result<Vec<PathBuf>> {
@@ -47,27 +117,9 @@ pub fn safetensors_files(path: &Path) -> Result<Vec<PathBuf>> {
             std::io::Error::new(std::io::ErrorKind::NotFound, "no such file or directory"),
         ));
     }
-    let index = path.join("model.safetensors.index.json");
+    let index = path.join(INDEX_FILE);
     if index.is_file() {
-        let text = std::fs::read_to_string(&index).map_err(|e| Error::io(&index, e))?;
-        let v: serde_json::Value =
-            serde_json::from_str(&text).map_err(|e| Error::format(&index, format!("not valid JSON: {e}")))?;
-        let map = v
-            .get("weight_map")
-            .and_then(|m| m.as_object())
-            .ok_or_else(|| Error::format(&index, "no `weight_map` object"))?;
-        let mut files: Vec<PathBuf> = Vec::new();
-        for (name, f) in map {
-            let f = f
-                .as_str()
-                .ok_or_else(|| Error::format(&index, format!("weight_map[{name}] is not a file name")))?;
-            let p = path.join(f);
-            if !files.contains(&p) {
-                files.push(p);
-            }
-        }
-        files.sort();
-        return Ok(files);
+        return Ok(SafetensorsIndex::read(&index)?.shard_files());
     }
     let mut files: Vec<PathBuf> = std::fs::read_dir(path)
         .map_err(|e| Error::io(path, e))?

@@ -14,6 +14,7 @@
 //! (1, hidden); non-layer tensors (embeddings, final norm, lm_head) are copied unchanged.
 
 use crate::error::{Error, Result};
+use crate::fsutil::{AtomicDir, FsError};
 use crate::init::{merge_linear, name_hash, normal, slerp};
 use crate::ir::{mix_seed, CopyInit, LayerSource, ModelSpec, RouterInit};
 use crate::source::TensorSource;
@@ -393,18 +394,8 @@ fn encode_into(values: &[f32], dtype: OutDtype, w: &mut impl Write) -> std::io::
     Ok(())
 }
 
-/// Removes the temporary directory unless disarmed.
-struct TempDir {
-    path: PathBuf,
-    armed: bool,
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        if self.armed {
-            let _ = std::fs::remove_dir_all(&self.path);
-        }
-    }
+fn fs_error(e: FsError) -> Error {
+    Error::io(e.path, e.source)
 }
 
 /// Writes `model.safetensors` for the spec into `path`, streaming one tensor at a time.
@@ -447,11 +438,9 @@ pub fn write_model(
     if out.exists() {
         return Err(Error::OutputExists { path: out.into() });
     }
-    let file_name = out
-        .file_name()
-        .ok_or_else(|| Error::format(out, "output path has no directory name"))?
-        .to_string_lossy()
-        .into_owned();
+    if out.file_name().is_none() {
+        return Err(Error::format(out, "output path has no directory name"));
+    }
     let parent = match out.parent() {
         Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
         _ => PathBuf::from("."),
@@ -467,16 +456,9 @@ pub fn write_model(
     }
     // Validate the plan before creating anything.
     plan_tensors(spec, source)?;
-    let tmp = TempDir {
-        path: parent.join(format!(".{file_name}.dlo-tmp-{}", std::process::id())),
-        armed: true,
-    };
-    if tmp.path.exists() {
-        std::fs::remove_dir_all(&tmp.path).map_err(|e| Error::io(&tmp.path, e))?;
-    }
-    std::fs::create_dir(&tmp.path).map_err(|e| Error::io(&tmp.path, e))?;
+    let tmp = AtomicDir::create(out).map_err(fs_error)?;
 
-    let st_path = tmp.path.join("model.safetensors");
+    let st_path = tmp.path().join("model.safetensors");
     let (tensors, safetensors_bytes) = write_safetensors(spec, source, &st_path, opts.dtype)?;
 
     let mut cfg = spec.output_config();
@@ -484,7 +466,7 @@ pub fn write_model(
     let json = cfg.to_hf_json();
     // The written config must read back (catches any inconsistency before the output appears).
     crate::config::ModelConfig::from_hf_json(&json, &out.join("config.json"))?;
-    let cfg_path = tmp.path.join("config.json");
+    let cfg_path = tmp.path().join("config.json");
     let text = serde_json::to_string_pretty(&json).map_err(|e| Error::format(&cfg_path, e.to_string()))?;
     std::fs::write(&cfg_path, text + "\n").map_err(|e| Error::io(&cfg_path, e))?;
 
@@ -504,7 +486,7 @@ pub fn write_model(
                 problem: format!("`{name}` is not a plain file name or is already in the output"),
             });
         }
-        let dest = tmp.path.join(&name);
+        let dest = tmp.path().join(&name);
         match f {
             ExtraFile::Copy(p) => {
                 std::fs::copy(p, &dest).map_err(|e| Error::io(p, e))?;
@@ -515,16 +497,17 @@ pub fn write_model(
     }
     let mut total_bytes = 0;
     for f in &files {
-        let p = tmp.path.join(f);
+        let p = tmp.path().join(f);
         total_bytes += std::fs::metadata(&p).map_err(|e| Error::io(&p, e))?.len();
     }
-    // rename(2) would replace an empty directory created meanwhile; check again.
-    if out.exists() {
-        return Err(Error::OutputExists { path: out.into() });
-    }
-    std::fs::rename(&tmp.path, out).map_err(|e| Error::io(out, e))?;
-    let mut tmp = tmp;
-    tmp.armed = false;
+    // An output created meanwhile is refused, not replaced.
+    tmp.commit_new().map_err(|e| {
+        if e.already_exists() {
+            Error::OutputExists { path: out.into() }
+        } else {
+            fs_error(e)
+        }
+    })?;
     Ok(WriteReport {
         tensors,
         safetensors_bytes,

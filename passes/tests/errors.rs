@@ -3,7 +3,9 @@
 mod common;
 
 use dlo_passes::writer::write_model;
-use dlo_passes::{Error, ExpandPlan, ModelConfig, ModelSpec, OutDtype, Recipe, SafetensorsDir, WriteOptions};
+use dlo_passes::{
+    Error, ExpandPlan, ModelConfig, ModelSpec, OutDtype, Recipe, SafetensorsDir, SafetensorsIndex, WriteOptions,
+};
 use std::path::Path;
 
 fn plan_err(r: Recipe) -> String {
@@ -275,6 +277,58 @@ fn not_safetensors_names_the_file() {
         .unwrap()
         .to_string();
     assert!(e.contains("nope"), "{e}");
+}
+
+#[test]
+fn a_bad_shard_index_names_the_index_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let index = dir.path().join("model.safetensors.index.json");
+    std::fs::write(dir.path().join("a.safetensors"), b"x").unwrap();
+    let cases: [(&str, &str); 5] = [
+        ("{ not json", "not valid JSON"),
+        (r#"{"metadata": {}}"#, "no `weight_map` object"),
+        (
+            r#"{"weight_map": {"w": 3}}"#,
+            "`weight_map` entry `w` is not a file name",
+        ),
+        (
+            r#"{"weight_map": {"w": "../a.safetensors"}}"#,
+            "shard `../a.safetensors` is not a plain file name",
+        ),
+        (
+            r#"{"weight_map": {"w": "b.safetensors"}}"#,
+            "names shard `b.safetensors`, which does not exist",
+        ),
+    ];
+    for (text, want) in cases {
+        std::fs::write(&index, text).unwrap();
+        for e in [
+            SafetensorsIndex::read(&index).unwrap_err().to_string(),
+            SafetensorsDir::open(dir.path()).err().unwrap().to_string(),
+        ] {
+            assert!(
+                e.contains(&index.display().to_string()) && e.contains(want),
+                "{text}: {e}"
+            );
+        }
+    }
+    let e = SafetensorsIndex::read(&dir.path().join("missing.json"))
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("missing.json"), "{e}");
+    // A good index lists each shard once, sorted.
+    std::fs::write(dir.path().join("b.safetensors"), b"x").unwrap();
+    std::fs::write(
+        &index,
+        r#"{"weight_map": {"x": "b.safetensors", "y": "a.safetensors", "z": "b.safetensors"}}"#,
+    )
+    .unwrap();
+    let read = SafetensorsIndex::read(&index).unwrap();
+    assert_eq!(read.shards(), ["a.safetensors", "b.safetensors"]);
+    assert_eq!(
+        read.shard_files(),
+        [dir.path().join("a.safetensors"), dir.path().join("b.safetensors")]
+    );
 }
 
 #[test]

@@ -13,7 +13,8 @@
 use crate::error::{Error, Result};
 use crate::tokenizer::Tokenizer;
 use crate::weights::{LoadReport, Weights};
-use dlo_passes::ModelConfig;
+use dlo_passes::source::INDEX_FILE;
+use dlo_passes::{ModelConfig, SafetensorsIndex};
 use std::collections::HashMap;
 use std::io::Read;
 use std::path::{Path, PathBuf};
@@ -127,26 +128,15 @@ fn read_up_to(f: &mut std::fs::File, buf: &mut [u8]) -> std::io::Result<usize> {
 /// checkpoint, the index is checked too (every shard exists, every tensor is where the index says, no tensor
 /// in two shards).
 fn safetensors_files(dir: &Path) -> Result<Vec<PathBuf>> {
-    let index = dir.join("model.safetensors.index.json");
+    let index = dir.join(INDEX_FILE);
     let single = dir.join("model.safetensors");
     if index.is_file() {
-        let weight_map = read_index(&index)?;
-        let mut shards: Vec<String> = weight_map.values().cloned().collect();
-        shards.sort();
-        shards.dedup();
-        for s in &shards {
-            if !dir.join(s).is_file() {
-                return Err(Error::format(
-                    &index,
-                    format!("names shard `{s}`, which does not exist in {}", dir.display()),
-                ));
-            }
-        }
-        let files: Vec<PathBuf> = shards.iter().map(|s| dir.join(s)).collect();
-        let mut location: HashMap<String, String> = HashMap::new();
-        for (file, shard) in files.iter().zip(&shards) {
+        let read = SafetensorsIndex::read(&index).map_err(passes_error)?;
+        let files = read.shard_files();
+        let mut location: HashMap<String, &str> = HashMap::new();
+        for (file, shard) in files.iter().zip(read.shards()) {
             for name in safetensors_names(file)? {
-                if let Some(other) = location.insert(name.clone(), shard.clone()) {
+                if let Some(other) = location.insert(name.clone(), shard) {
                     return Err(Error::format(
                         &index,
                         format!("tensor `{name}` is stored in both `{other}` and `{shard}`"),
@@ -154,11 +144,11 @@ fn safetensors_files(dir: &Path) -> Result<Vec<PathBuf>> {
                 }
             }
         }
-        let mut names: Vec<&String> = weight_map.keys().collect();
+        let mut names: Vec<&String> = read.weight_map.keys().collect();
         names.sort();
         for name in names {
-            let shard = &weight_map[name];
-            if location.get(name) != Some(shard) {
+            let shard = &read.weight_map[name];
+            if location.get(name) != Some(&shard.as_str()) {
                 return Err(Error::format(
                     &index,
                     format!("maps tensor `{name}` to `{shard}`, which does not contain it"),
@@ -182,27 +172,13 @@ fn safetensors_files(dir: &Path) -> Result<Vec<PathBuf>> {
     }
 }
 
-/// Reads `weight_map` of a sharded-checkpoint index; shard names must be plain file names.
-fn read_index(index: &Path) -> Result<HashMap<String, String>> {
-    let text = std::fs::read_to_string(index).map_err(|e| Error::io(index, e))?;
-    let v: serde_json::Value =
-        serde_json::from_str(&text).map_err(|e| Error::format(index, format!("not valid JSON: {e}")))?;
-    let map = v
-        .get("weight_map")
-        .and_then(|m| m.as_object())
-        .ok_or_else(|| Error::format(index, "no `weight_map` object"))?;
-    let mut out = HashMap::with_capacity(map.len());
-    for (name, file) in map {
-        let file = file
-            .as_str()
-            .ok_or_else(|| Error::format(index, format!("`weight_map` entry `{name}` is not a file name")))?;
-        let plain = Path::new(file).file_name().and_then(|f| f.to_str()) == Some(file);
-        if !plain {
-            return Err(Error::format(index, format!("shard `{file}` is not a plain file name")));
-        }
-        out.insert(name.clone(), file.to_string());
+/// A file error from [`dlo_passes`] (the index reader) as the runtime's error.
+fn passes_error(e: dlo_passes::Error) -> Error {
+    match e {
+        dlo_passes::Error::Io { path, source } => Error::Io { path, source },
+        dlo_passes::Error::Format { path, problem } => Error::Format { path, problem },
+        other => Error::InvalidArgument(other.to_string()),
     }
-    Ok(out)
 }
 
 /// Validates one safetensors file (header, offsets, length) and returns its tensor names.

@@ -73,6 +73,12 @@ pub enum Error {
     },
 }
 
+impl From<dlo_passes::fsutil::FsError> for Error {
+    fn from(e: dlo_passes::fsutil::FsError) -> Self {
+        Error::io(e.path, e.source)
+    }
+}
+
 impl Error {
     /// Builds an [`Error::Format`] for `path`.
     pub fn format(path: impl Into<PathBuf>, problem: impl Into<String>) -> Self {

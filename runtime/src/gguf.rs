@@ -280,9 +280,157 @@ fn ggml_type_name(ty: u32) -> String {
     format!("ggml type {ty} ({name})")
 }
 
-/// Prefix-scoped metadata getters: every error names the full key and the file.
-struct Meta<'a> {
+/// Typed getters for GGUF metadata, shared by the config translation here and the tokenizer conversion
+/// ([`crate::tokenizer`]): an absent key is `Ok(None)`, a value of the wrong type an error naming the key,
+/// what was expected and the file.
+pub(crate) struct Metadata<'a> {
     md: &'a HashMap<String, Value>,
+    path: &'a Path,
+}
+
+impl<'a> Metadata<'a> {
+    /// Getters over the metadata `md` of the GGUF file `path`.
+    pub(crate) fn new(md: &'a HashMap<String, Value>, path: &'a Path) -> Self {
+        Metadata { md, path }
+    }
+
+    /// The raw value of `key`.
+    pub(crate) fn get(&self, key: &str) -> Option<&'a Value> {
+        self.md.get(key)
+    }
+
+    /// The error for a required key that is absent.
+    pub(crate) fn missing(&self, key: &str) -> Error {
+        Error::format(self.path, format!("missing GGUF metadata key `{key}`"))
+    }
+
+    /// The error for a value of `key` that is not `expected`.
+    pub(crate) fn invalid(&self, key: &str, expected: &str, v: &Value) -> Error {
+        Error::format(
+            self.path,
+            format!("GGUF metadata key `{key}`: expected {expected}, found {}", describe(v)),
+        )
+    }
+
+    /// A string value.
+    pub(crate) fn string(&self, key: &str) -> Result<Option<&'a str>> {
+        match self.md.get(key) {
+            None => Ok(None),
+            Some(Value::String(s)) => Ok(Some(s)),
+            Some(v) => Err(self.invalid(key, "a string", v)),
+        }
+    }
+
+    /// A bool value.
+    pub(crate) fn bool(&self, key: &str) -> Result<Option<bool>> {
+        match self.md.get(key) {
+            None => Ok(None),
+            Some(Value::Bool(b)) => Ok(Some(*b)),
+            Some(v) => Err(self.invalid(key, "a bool", v)),
+        }
+    }
+
+    /// An integer value (of any integer type) that fits a `usize`.
+    pub(crate) fn usize(&self, key: &str) -> Result<Option<usize>> {
+        self.int_as(key, "a non-negative integer")
+    }
+
+    /// An integer value (of any integer type) that fits a `u32`, such as a token id.
+    pub(crate) fn u32(&self, key: &str) -> Result<Option<u32>> {
+        self.int_as(key, "an integer in 0..=4294967295")
+    }
+
+    fn int_as<T: TryFrom<i128>>(&self, key: &str, expected: &str) -> Result<Option<T>> {
+        let Some(v) = self.md.get(key) else { return Ok(None) };
+        int(v)
+            .and_then(|i| T::try_from(i).ok())
+            .map(Some)
+            .ok_or_else(|| self.invalid(key, expected, v))
+    }
+
+    /// An array value.
+    pub(crate) fn array(&self, key: &str) -> Result<Option<&'a [Value]>> {
+        match self.md.get(key) {
+            None => Ok(None),
+            Some(Value::Array(a)) => Ok(Some(a)),
+            Some(v) => Err(self.invalid(key, "an array", v)),
+        }
+    }
+
+    /// An array of strings.
+    pub(crate) fn string_array(&self, key: &str) -> Result<Option<Vec<String>>> {
+        self.array_of(key, "strings", |v| match v {
+            Value::String(s) => Some(s.clone()),
+            _ => None,
+        })
+    }
+
+    /// An array of floats (f32, or f64 narrowed to f32).
+    pub(crate) fn f32_array(&self, key: &str) -> Result<Option<Vec<f32>>> {
+        self.array_of(key, "floats", |v| match v {
+            Value::F32(x) => Some(*x),
+            Value::F64(x) => Some(*x as f32),
+            _ => None,
+        })
+    }
+
+    /// An array of integers (of any integer type).
+    pub(crate) fn int_array(&self, key: &str) -> Result<Option<Vec<i128>>> {
+        self.array_of(key, "integers", int)
+    }
+
+    fn array_of<T>(&self, key: &str, what: &str, elem: impl Fn(&Value) -> Option<T>) -> Result<Option<Vec<T>>> {
+        let Some(a) = self.array(key)? else {
+            return Ok(None);
+        };
+        a.iter()
+            .enumerate()
+            .map(|(i, v)| {
+                elem(v).ok_or_else(|| {
+                    Error::format(
+                        self.path,
+                        format!(
+                            "GGUF metadata key `{key}`: expected an array of {what}, element {i} is {}",
+                            describe(v)
+                        ),
+                    )
+                })
+            })
+            .collect::<Result<Vec<_>>>()
+            .map(Some)
+    }
+}
+
+/// An integer metadata value, whatever its width and sign.
+fn int(v: &Value) -> Option<i128> {
+    Some(match v {
+        Value::U8(x) => i128::from(*x),
+        Value::I8(x) => i128::from(*x),
+        Value::U16(x) => i128::from(*x),
+        Value::I16(x) => i128::from(*x),
+        Value::U32(x) => i128::from(*x),
+        Value::I32(x) => i128::from(*x),
+        Value::U64(x) => i128::from(*x),
+        Value::I64(x) => i128::from(*x),
+        _ => return None,
+    })
+}
+
+/// A metadata value for error messages: scalars as they are, strings and arrays by type (they can be long).
+fn describe(v: &Value) -> String {
+    match v {
+        Value::String(_) => "a string".into(),
+        Value::Array(a) => match a.first() {
+            Some(first) => format!("an array of {:?} ({} elements)", first.value_type(), a.len()),
+            None => "an empty array".into(),
+        },
+        v => format!("{v:?}"),
+    }
+}
+
+/// Prefix-scoped hyperparameter getters over [`Metadata`]: every error names the full key and the file.
+struct Meta<'a> {
+    get: Metadata<'a>,
     path: &'a Path,
     arch: String,
     n_head: usize,
@@ -293,7 +441,7 @@ impl<'a> Meta<'a> {
     /// Reads `general.architecture` and checks we support it.
     fn new(md: &'a HashMap<String, Value>, path: &'a Path) -> Result<Self> {
         let mut m = Meta {
-            md,
+            get: Metadata::new(md, path),
             path,
             arch: String::new(),
             n_head: 0,
@@ -321,40 +469,19 @@ impl<'a> Meta<'a> {
     }
 
     fn missing(&self, key: &str) -> Error {
-        Error::format(self.path, format!("missing GGUF metadata key `{key}`"))
+        self.get.missing(key)
     }
 
     fn invalid(&self, key: &str, want: &str, v: &Value) -> Error {
-        Error::format(
-            self.path,
-            format!("GGUF metadata key `{key}`: expected {want}, found {v:?}"),
-        )
+        self.get.invalid(key, want, v)
     }
 
     fn string(&self, key: &str) -> Result<&'a str> {
-        match self.md.get(key) {
-            None => Err(self.missing(key)),
-            Some(Value::String(s)) => Ok(s),
-            Some(v) => Err(self.invalid(key, "a string", v)),
-        }
+        self.get.string(key)?.ok_or_else(|| self.missing(key))
     }
 
     fn uint_opt(&self, key: &str) -> Result<Option<usize>> {
-        let Some(v) = self.md.get(key) else { return Ok(None) };
-        let n: Option<u64> = match v {
-            Value::U8(x) => Some(u64::from(*x)),
-            Value::U16(x) => Some(u64::from(*x)),
-            Value::U32(x) => Some(u64::from(*x)),
-            Value::U64(x) => Some(*x),
-            Value::I8(x) => u64::try_from(*x).ok(),
-            Value::I16(x) => u64::try_from(*x).ok(),
-            Value::I32(x) => u64::try_from(*x).ok(),
-            Value::I64(x) => u64::try_from(*x).ok(),
-            _ => None,
-        };
-        n.and_then(|n| usize::try_from(n).ok())
-            .map(Some)
-            .ok_or_else(|| self.invalid(key, "a non-negative integer", v))
+        self.get.usize(key)
     }
 
     fn uint(&self, key: &str) -> Result<usize> {
@@ -362,7 +489,7 @@ impl<'a> Meta<'a> {
     }
 
     fn float_opt(&self, key: &str) -> Result<Option<f64>> {
-        let Some(v) = self.md.get(key) else { return Ok(None) };
+        let Some(v) = self.get.get(key) else { return Ok(None) };
         let x = match v {
             // The shortest decimal that rounds to this f32 (1e-5, not 9.999999747378752e-6): GGUF stores
             // f32 what config.json wrote as a decimal.
@@ -409,7 +536,7 @@ impl<'a> Meta<'a> {
         }
         let vocab = match (
             self.uint_opt(&k("vocab_size"))?,
-            self.md.get("tokenizer.ggml.tokens"),
+            self.get.get("tokenizer.ggml.tokens"),
             embed_rows,
         ) {
             (Some(v), _, _) => v,
@@ -417,7 +544,7 @@ impl<'a> Meta<'a> {
             (None, _, Some(rows)) => rows,
             (None, _, None) => return Err(self.missing(&k("vocab_size"))),
         };
-        let rope_scaling = match self.md.get(&k("rope.scaling.type")) {
+        let rope_scaling = match self.get.get(&k("rope.scaling.type")) {
             None => None,
             Some(Value::String(s)) if s == "none" => None,
             Some(Value::String(s)) if s == "linear" => {

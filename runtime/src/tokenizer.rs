@@ -1,23 +1,24 @@
 //! Tokenizers: `tokenizer.json`, SentencePiece `tokenizer.model`, or built from GGUF metadata; plus the
 //! special tokens and chat template that travel with them.
 //!
+//! The GGUF conversion (`tokenizer.ggml.*` metadata → `tokenizers`) lives in the `gguf` submodule
+//! (tokenizer/gguf.rs).
+//!
 //! Whatever the source, the result is one `tokenizers` tokenizer ([`Tokenizer::inner`]) that can be saved as
 //! an HF `tokenizer.json` ([`Tokenizer::write_hf_files`]), with BOS handled by [`Tokenizer::encode`] itself.
 //! [`TextStream`] turns generated ids into text incrementally.
 
+mod gguf;
+
+pub use gguf::gguf_spm_vocab;
+
 use crate::chat::ChatTemplate;
 use crate::error::{Error, Result};
-use crate::sentencepiece::{bos_post_processor, ModelProto, PieceType, SpmKind, SpmVocab};
-use candle_core::quantized::gguf_file::Value as GgufValue;
+use crate::sentencepiece::{ModelProto, SpmVocab};
+use dlo_passes::fsutil::write_atomic;
 use serde_json::{json, Value as Json};
-use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use tokenizers::models::bpe::{Vocab, BPE};
-use tokenizers::pre_tokenizers::byte_level::ByteLevel;
-use tokenizers::pre_tokenizers::digits::Digits;
-use tokenizers::pre_tokenizers::sequence::Sequence as PreSequence;
-use tokenizers::pre_tokenizers::split::{Split, SplitPattern};
-use tokenizers::{AddedToken, PreTokenizerWrapper, SplitDelimiterBehavior};
+use tokenizers::AddedToken;
 
 /// A text tokenizer with its special tokens and chat template.
 pub struct Tokenizer {
@@ -117,71 +118,6 @@ impl Tokenizer {
             .map_err(|p| tok_err(path, p))?;
         add_config_added_tokens(&mut inner, dir, vocab.pieces.len(), path)?;
         Self::finish(inner, path.to_path_buf(), specials, Some(true))
-    }
-
-    /// Builds the tokenizer embedded in GGUF metadata (`tokenizer.ggml.*`): `gpt2` (byte-level BPE) or `llama`
-    /// (SentencePiece BPE). `Ok(None)` when the file has no vocabulary (`tokenizer.ggml.model` absent, `none`
-    /// or `no_vocab`). Malformed metadata gives an error naming `path` and the key.
-    pub fn from_gguf(md: &HashMap<String, GgufValue>, path: &Path) -> Result<Option<Self>> {
-        let Some(model) = gguf_string(md, "tokenizer.ggml.model", path)? else {
-            return Ok(None);
-        };
-        let tokens = || -> Result<Vec<String>> {
-            gguf_string_array(md, "tokenizer.ggml.tokens", path)?
-                .ok_or_else(|| Error::format(path, "GGUF metadata lacks `tokenizer.ggml.tokens`"))
-        };
-        let (inner, tokens, default_add_bos) = match model.as_str() {
-            "none" | "no_vocab" => return Ok(None),
-            "gpt2" => {
-                let tokens = tokens()?;
-                let (inner, add_bos) = gguf_byte_level_bpe(md, path, &tokens)?;
-                (inner, tokens, add_bos)
-            }
-            "llama" => {
-                let tokens = tokens()?;
-                (gguf_sentencepiece(md, path, &tokens)?, tokens, true)
-            }
-            other => {
-                return Err(tok_err(
-                    path,
-                    format!("unsupported GGUF tokenizer `tokenizer.ggml.model` = {other:?} (supported: gpt2, llama)"),
-                ))
-            }
-        };
-        let id_to_text = |key: &str| -> Result<Option<String>> {
-            match gguf_u32(md, key, path)? {
-                None => Ok(None),
-                Some(id) => tokens
-                    .get(id as usize)
-                    .cloned()
-                    .map(Some)
-                    .ok_or_else(|| Error::format(path, format!("GGUF metadata `{key}` = {id} is not a token id"))),
-            }
-        };
-        let mut extra_eos_ids = Vec::new();
-        for key in ["tokenizer.ggml.eot_token_id", "tokenizer.ggml.eom_token_id"] {
-            if let Some(id) = gguf_u32(md, key, path)? {
-                if (id as usize) < tokens.len() {
-                    extra_eos_ids.push(id);
-                }
-            }
-        }
-        let specials = Specials {
-            add_bos: gguf_bool(md, "tokenizer.ggml.add_bos_token", path)?.or(Some(default_add_bos)),
-            bos: id_to_text("tokenizer.ggml.bos_token_id")?,
-            eos: id_to_text("tokenizer.ggml.eos_token_id")?,
-            extra_eos_ids,
-            chat_template: gguf_string(md, "tokenizer.chat_template", path)?,
-        };
-        let mut inner = inner;
-        if specials.add_bos == Some(true) {
-            if let Some(bos) = &specials.bos {
-                if let Some(id) = inner.token_to_id(bos) {
-                    inner.with_post_processor(Some(bos_post_processor(bos, id).map_err(|p| tok_err(path, p))?));
-                }
-            }
-        }
-        Self::finish(inner, path.to_path_buf(), specials, Some(default_add_bos)).map(Some)
     }
 
     fn finish(
@@ -390,7 +326,8 @@ impl Tokenizer {
         let tok = self.to_hf_tokenizer_json()?;
         let cfg = serde_json::to_string_pretty(&self.hf_tokenizer_config()).map_err(|e| tok_err(dir, e.to_string()))?;
         write_atomic(&dir.join("tokenizer.json"), tok.as_bytes())?;
-        write_atomic(&dir.join("tokenizer_config.json"), cfg.as_bytes())
+        write_atomic(&dir.join("tokenizer_config.json"), cfg.as_bytes())?;
+        Ok(())
     }
 }
 
@@ -619,350 +556,6 @@ fn add_config_added_tokens(inner: &mut tokenizers::Tokenizer, dir: &Path, n_piec
         }
     }
     Ok(())
-}
-
-fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
-    let name = path
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    let tmp = path.with_file_name(format!(".{name}.tmp"));
-    std::fs::write(&tmp, bytes).map_err(|e| Error::io(&tmp, e))?;
-    std::fs::rename(&tmp, path).map_err(|e| {
-        let _ = std::fs::remove_file(&tmp);
-        Error::io(path, e)
-    })
-}
-
-// ---- GGUF metadata ----
-
-fn gguf_type_name(v: &GgufValue) -> String {
-    match v {
-        GgufValue::Array(a) => match a.first() {
-            Some(first) => format!("array of {:?}", first.value_type()),
-            None => "empty array".into(),
-        },
-        v => format!("{:?}", v.value_type()),
-    }
-}
-
-fn gguf_wrong_type(path: &Path, key: &str, expected: &str, v: &GgufValue) -> Error {
-    Error::format(
-        path,
-        format!(
-            "GGUF metadata `{key}`: expected {expected}, found {}",
-            gguf_type_name(v)
-        ),
-    )
-}
-
-fn gguf_string(md: &HashMap<String, GgufValue>, key: &str, path: &Path) -> Result<Option<String>> {
-    match md.get(key) {
-        None => Ok(None),
-        Some(GgufValue::String(s)) => Ok(Some(s.clone())),
-        Some(v) => Err(gguf_wrong_type(path, key, "a string", v)),
-    }
-}
-
-fn gguf_bool(md: &HashMap<String, GgufValue>, key: &str, path: &Path) -> Result<Option<bool>> {
-    match md.get(key) {
-        None => Ok(None),
-        Some(GgufValue::Bool(b)) => Ok(Some(*b)),
-        Some(v) => Err(gguf_wrong_type(path, key, "a bool", v)),
-    }
-}
-
-fn gguf_int(v: &GgufValue) -> Option<i64> {
-    Some(match v {
-        GgufValue::U8(x) => i64::from(*x),
-        GgufValue::I8(x) => i64::from(*x),
-        GgufValue::U16(x) => i64::from(*x),
-        GgufValue::I16(x) => i64::from(*x),
-        GgufValue::U32(x) => i64::from(*x),
-        GgufValue::I32(x) => i64::from(*x),
-        GgufValue::U64(x) => i64::try_from(*x).ok()?,
-        GgufValue::I64(x) => *x,
-        _ => return None,
-    })
-}
-
-fn gguf_u32(md: &HashMap<String, GgufValue>, key: &str, path: &Path) -> Result<Option<u32>> {
-    match md.get(key) {
-        None => Ok(None),
-        Some(v) => match gguf_int(v) {
-            Some(i) => u32::try_from(i)
-                .map(Some)
-                .map_err(|_| Error::format(path, format!("GGUF metadata `{key}` = {i} is not a token id"))),
-            None => Err(gguf_wrong_type(path, key, "an integer", v)),
-        },
-    }
-}
-
-fn gguf_array<'a>(md: &'a HashMap<String, GgufValue>, key: &str, path: &Path) -> Result<Option<&'a [GgufValue]>> {
-    match md.get(key) {
-        None => Ok(None),
-        Some(GgufValue::Array(a)) => Ok(Some(a)),
-        Some(v) => Err(gguf_wrong_type(path, key, "an array", v)),
-    }
-}
-
-fn gguf_string_array(md: &HashMap<String, GgufValue>, key: &str, path: &Path) -> Result<Option<Vec<String>>> {
-    let Some(a) = gguf_array(md, key, path)? else {
-        return Ok(None);
-    };
-    a.iter()
-        .enumerate()
-        .map(|(i, v)| match v {
-            GgufValue::String(s) => Ok(s.clone()),
-            v => Err(Error::format(
-                path,
-                format!(
-                    "GGUF metadata `{key}`: expected an array of strings, element {i} is {}",
-                    gguf_type_name(v)
-                ),
-            )),
-        })
-        .collect::<Result<Vec<_>>>()
-        .map(Some)
-}
-
-fn gguf_f32_array(md: &HashMap<String, GgufValue>, key: &str, path: &Path) -> Result<Option<Vec<f32>>> {
-    let Some(a) = gguf_array(md, key, path)? else {
-        return Ok(None);
-    };
-    a.iter()
-        .enumerate()
-        .map(|(i, v)| match v {
-            GgufValue::F32(x) => Ok(*x),
-            GgufValue::F64(x) => Ok(*x as f32),
-            v => Err(Error::format(
-                path,
-                format!(
-                    "GGUF metadata `{key}`: expected an array of floats, element {i} is {}",
-                    gguf_type_name(v)
-                ),
-            )),
-        })
-        .collect::<Result<Vec<_>>>()
-        .map(Some)
-}
-
-/// `tokenizer.ggml.token_type`, checked against the number of tokens; all `Normal` when absent.
-fn gguf_token_types(md: &HashMap<String, GgufValue>, path: &Path, n: usize) -> Result<Vec<PieceType>> {
-    const KEY: &str = "tokenizer.ggml.token_type";
-    let Some(a) = gguf_array(md, KEY, path)? else {
-        return Ok(vec![PieceType::Normal; n]);
-    };
-    if a.len() != n {
-        return Err(Error::format(
-            path,
-            format!("GGUF metadata `{KEY}` has {} entries for {n} tokens", a.len()),
-        ));
-    }
-    a.iter()
-        .enumerate()
-        .map(|(i, v)| {
-            let t = gguf_int(v).ok_or_else(|| {
-                Error::format(
-                    path,
-                    format!(
-                        "GGUF metadata `{KEY}`: expected an array of integers, element {i} is {}",
-                        gguf_type_name(v)
-                    ),
-                )
-            })?;
-            i32::try_from(t)
-                .ok()
-                .and_then(PieceType::from_i32)
-                .ok_or_else(|| Error::format(path, format!("GGUF metadata `{KEY}`: token {i} has unknown type {t}")))
-        })
-        .collect()
-}
-
-/// llama.cpp's pre-tokenizer regexes (`llm_tokenizer_bpe`), each applied in turn like an HF `Split(Isolated)`;
-/// where HF's own `tokenizer.json` writes a regex differently (`(?i:'s|…)`), HF's form is used.
-const RE_GPT2: &str = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)";
-const RE_LLAMA3: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
-const RE_QWEN2: &str =
-    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
-const RE_QWEN35: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?[\p{L}\p{M}]+|\p{N}| ?[^\s\p{L}\p{M}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
-const RE_DEFAULT: &[&str] = &[r"[\p{P}\$\+<=>\^~\|]+", RE_GPT2, r"\p{N}+", r"[0-9][0-9][0-9]"];
-const RE_FALCON: &[&str] = &[r"[\p{P}\$\+<=>\^~\|`]+", RE_GPT2, r"[0-9][0-9][0-9]"];
-const RE_DEEPSEEK_CODER: &[&str] = &["[\r\n]", r"\s?\p{L}+", r"\s?\p{P}+", "[一-龥ࠀ-一가-퟿]+", r"\p{N}"];
-const RE_DEEPSEEK_LLM: &[&str] = &[
-    "[\r\n]",
-    "\\s?[A-Za-zµÀ-ÖØ-öø-ƺƼ-ƿǄ-ʓʕ-ʯͰ-ͳͶͷͻ-ͽͿΆΈ-ΊΌΎ-ΡΣ-ϵϷ-ҁҊ-ԯԱ-ՖႠ-ჅᎠ-Ᏽᏸ-ᏽᲐ-ᲺᲽ-Ჿᴀ-ᴫᵫ-ᵷᵹ-ᶚḀ-ἕἘ-Ἕἠ-ὅὈ-Ὅὐ-ὗὙὛὝὟ-ώᾀ-ᾴᾶ-ᾼιῂ-ῄῆ-ῌῐ-ΐῖ-Ίῠ-Ῥῲ-ῴῶ-ῼℂℇℊ-ℓℕℙ-ℝℤΩℨK-ℭℯ-ℴℹℼ-ℿⅅ-ⅉⅎↃↄⰀ-ⱻⱾ-ⳤⳫ-ⳮⳲⳳꙀ-ꙭꚀ-ꚛꜢ-ꝯꝱ-ꞇꞋ-ꞎꭰ-ꮿﬀ-ﬆﬓ-ﬗＡ-Ｚａ-ｚ𐐀-𐑏𐒰-𐓓𐓘-𐓻𐲀-𐲲𐳀-𐳲𑢠-𑣟𞤀-𞥃]+",
-    "\\s?[!-/:-~！-／：-～‘-‟　-。]+",
-    "\\s+$",
-    "[一-龥ࠀ-一가-퟿]+",
-    "\\p{N}+",
-];
-
-/// How llama.cpp splits text for `tokenizer.ggml.pre`: the pre-tokenizer, whether whole words in the
-/// vocabulary skip the merges (`ignore_merges`), and whether BOS is added when the GGUF does not say.
-fn gguf_pre_tokenizer(pre: Option<&str>, path: &Path) -> Result<(PreTokenizerWrapper, bool, bool)> {
-    let splits = |res: &[&str]| -> Result<PreTokenizerWrapper> {
-        let mut seq: Vec<PreTokenizerWrapper> = Vec::with_capacity(res.len() + 1);
-        for re in res {
-            let s = Split::new(
-                SplitPattern::Regex((*re).into()),
-                SplitDelimiterBehavior::Isolated,
-                false,
-            )
-            .map_err(|e| tok_err(path, format!("pre-tokenizer regex {re:?}: {e}")))?;
-            seq.push(s.into());
-        }
-        seq.push(ByteLevel::new(false, true, false).into());
-        Ok(PreSequence::new(seq).into())
-    };
-    // GPT-2's regex is ByteLevel's own (plus a trailing `\s+`, which changes nothing when splitting).
-    let gpt2 = || -> PreTokenizerWrapper { ByteLevel::new(false, true, true).into() };
-    Ok(match pre.unwrap_or("default") {
-        "default" => (splits(RE_DEFAULT)?, false, false),
-        "gpt-2" | "phi-2" | "mpt" | "olmo" | "jais" | "exaone4" => (gpt2(), false, false),
-        "smollm" | "starcoder" | "refact" | "command-r" | "codeshell" | "exaone" => (
-            PreSequence::new(vec![Digits::new(true).into(), gpt2()]).into(),
-            false,
-            false,
-        ),
-        "llama3" | "llama-v3" | "llama-bpe" | "falcon3" | "falcon-h1" | "pixtral" => {
-            (splits(&[RE_LLAMA3])?, true, true)
-        }
-        "dbrx" | "smaug-bpe" => (splits(&[RE_LLAMA3])?, false, false),
-        "qwen2" | "deepseek-r1-qwen" | "stablelm2" => (splits(&[RE_QWEN2])?, false, false),
-        "qwen35" => (splits(&[RE_QWEN35])?, false, false),
-        "falcon" => (splits(RE_FALCON)?, false, false),
-        "deepseek-coder" => (splits(RE_DEEPSEEK_CODER)?, false, false),
-        "deepseek-llm" => (splits(RE_DEEPSEEK_LLM)?, false, false),
-        other => {
-            return Err(tok_err(
-                path,
-                format!(
-                    "unsupported GGUF pre-tokenizer `tokenizer.ggml.pre` = {other:?} (supported: default, gpt-2, \
-                     phi-2, mpt, olmo, jais, exaone4, smollm, starcoder, refact, command-r, codeshell, exaone, \
-                     llama3, llama-v3, llama-bpe, falcon3, falcon-h1, pixtral, dbrx, smaug-bpe, qwen2, \
-                     deepseek-r1-qwen, stablelm2, qwen35, falcon, deepseek-coder, deepseek-llm)"
-                ),
-            ))
-        }
-    })
-}
-
-/// `tokenizer.ggml.model = gpt2`: byte-level BPE, control tokens special, user-defined tokens added. Also
-/// returns whether llama.cpp adds BOS for this pre-tokenizer when `tokenizer.ggml.add_bos_token` is absent.
-fn gguf_byte_level_bpe(
-    md: &HashMap<String, GgufValue>,
-    path: &Path,
-    tokens: &[String],
-) -> Result<(tokenizers::Tokenizer, bool)> {
-    let merges_raw = gguf_string_array(md, "tokenizer.ggml.merges", path)?
-        .ok_or_else(|| Error::format(path, "GGUF metadata lacks `tokenizer.ggml.merges` (needed for gpt2)"))?;
-    let types = gguf_token_types(md, path, tokens.len())?;
-    let mut vocab = Vocab::default();
-    for (i, t) in tokens.iter().enumerate() {
-        vocab.entry(t.clone()).or_insert(i as u32);
-    }
-    let mut merges = Vec::with_capacity(merges_raw.len());
-    for (i, m) in merges_raw.iter().enumerate() {
-        let (a, b) = m.split_once(' ').ok_or_else(|| {
-            Error::format(
-                path,
-                format!("GGUF metadata `tokenizer.ggml.merges`: merge {i} ({m:?}) is not `a b`"),
-            )
-        })?;
-        if !vocab.contains_key(a) || !vocab.contains_key(b) || !vocab.contains_key(&format!("{a}{b}")) {
-            return Err(Error::format(
-                path,
-                format!("GGUF metadata `tokenizer.ggml.merges`: merge {i} ({m:?}) uses a token not in the vocabulary"),
-            ));
-        }
-        merges.push((a.to_string(), b.to_string()));
-    }
-    let pre = gguf_string(md, "tokenizer.ggml.pre", path)?;
-    let (pre_tok, ignore_merges, add_bos) = gguf_pre_tokenizer(pre.as_deref(), path)?;
-    let bpe = BPE::builder()
-        .vocab_and_merges(vocab, merges)
-        .ignore_merges(ignore_merges)
-        .build()
-        .map_err(|e| tok_err(path, format!("building the BPE model: {e}")))?;
-    let mut inner = tokenizers::Tokenizer::new(bpe);
-    inner.with_pre_tokenizer(Some(pre_tok));
-    inner.with_decoder(Some(ByteLevel::new(true, true, true)));
-    let mut special = Vec::new();
-    let mut user = Vec::new();
-    for (t, ty) in tokens.iter().zip(&types) {
-        match ty {
-            PieceType::Control | PieceType::Unknown => {
-                special.push(AddedToken::from(t.clone(), true).normalized(false))
-            }
-            PieceType::UserDefined => user.push(AddedToken::from(t.clone(), false).normalized(false)),
-            _ => {}
-        }
-    }
-    inner
-        .add_special_tokens(special)
-        .map_err(|e| tok_err(path, e.to_string()))?;
-    inner.add_tokens(user).map_err(|e| tok_err(path, e.to_string()))?;
-    Ok((inner, add_bos))
-}
-
-/// `tokenizer.ggml.model = llama`: a SentencePiece BPE vocabulary with scores.
-fn gguf_sentencepiece(
-    md: &HashMap<String, GgufValue>,
-    path: &Path,
-    tokens: &[String],
-) -> Result<tokenizers::Tokenizer> {
-    // BOS post-processing is attached by the caller once add_bos is known.
-    spm_vocab_from_gguf(md, path, tokens)?
-        .build(None)
-        .map_err(|p| tok_err(path, p))
-}
-
-fn spm_vocab_from_gguf(md: &HashMap<String, GgufValue>, path: &Path, tokens: &[String]) -> Result<SpmVocab> {
-    const SCORES: &str = "tokenizer.ggml.scores";
-    let scores = gguf_f32_array(md, SCORES, path)?
-        .ok_or_else(|| Error::format(path, format!("GGUF metadata lacks `{SCORES}` (needed for llama)")))?;
-    if scores.len() != tokens.len() {
-        return Err(Error::format(
-            path,
-            format!(
-                "GGUF metadata `{SCORES}` has {} entries for {} tokens",
-                scores.len(),
-                tokens.len()
-            ),
-        ));
-    }
-    let types = gguf_token_types(md, path, tokens.len())?;
-    let unk_id = match gguf_u32(md, "tokenizer.ggml.unknown_token_id", path)? {
-        Some(id) if (id as usize) < tokens.len() => Some(id),
-        _ => types.iter().position(|t| *t == PieceType::Unknown).map(|i| i as u32),
-    };
-    Ok(SpmVocab {
-        byte_fallback: types.contains(&PieceType::Byte),
-        pieces: tokens
-            .iter()
-            .zip(scores)
-            .zip(types)
-            .map(|((t, s), ty)| (t.clone(), s, ty))
-            .collect(),
-        kind: SpmKind::Bpe,
-        add_dummy_prefix: gguf_bool(md, "tokenizer.ggml.add_space_prefix", path)?.unwrap_or(true),
-        // llama.cpp does not collapse whitespace.
-        remove_extra_whitespaces: false,
-        unk_id,
-        precompiled_charsmap: None,
-    })
-}
-
-/// The SentencePiece view of a GGUF `llama` vocabulary (pieces, scores, types), e.g. to write a
-/// `tokenizer.model` with [`SpmVocab::to_proto`]. `Ok(None)` for other tokenizer kinds.
-pub fn gguf_spm_vocab(md: &HashMap<String, GgufValue>, path: &Path) -> Result<Option<SpmVocab>> {
-    if gguf_string(md, "tokenizer.ggml.model", path)?.as_deref() != Some("llama") {
-        return Ok(None);
-    }
-    let tokens = gguf_string_array(md, "tokenizer.ggml.tokens", path)?
-        .ok_or_else(|| Error::format(path, "GGUF metadata lacks `tokenizer.ggml.tokens`"))?;
-    spm_vocab_from_gguf(md, path, &tokens).map(Some)
 }
 
 impl Tokenizer {

@@ -1,12 +1,12 @@
 //! Tokenizer tests on real vocabularies: SmolLM2's byte-level BPE (GGUF) against HF `tokenizers` ids
 //! (tests/fixtures/tokenizer/smollm2_ids.json, from scripts/gen_tokenizer_fixture.py), and the Llama
 //! SentencePiece vocabulary (GGUF and `tokenizer.model`) against llama.cpp's 46 test vectors. Tests whose
-//! asset is absent print a skip message and pass; CI fetches the assets first.
+//! asset is absent print a skip message and pass, or fail under `DLO_REQUIRE_ASSETS=1` (as in CI).
 
 use candle_core::quantized::gguf_file::{self, Value};
 use dlo_runtime::chat::Message;
 use dlo_runtime::sentencepiece::{PieceType, SpmKind, SpmVocab};
-use dlo_runtime::testing::{cache_dir, smollm2_gguf};
+use dlo_runtime::testing::{cache_dir, found_or_skip, smollm2_gguf};
 use dlo_runtime::tokenizer::gguf_spm_vocab;
 use dlo_runtime::{Error, TextStream, Tokenizer};
 use std::collections::HashMap;
@@ -20,21 +20,16 @@ fn llama_spm_paths() -> Option<(PathBuf, PathBuf, PathBuf)> {
             .map(|e| e.path().join("vendor/llama.cpp/models/ggml-vocab-llama-spm.gguf"))
             .find(|p| p.is_file())
     });
-    match found {
-        Some(p) => {
-            let inp = PathBuf::from(format!("{}.inp", p.display()));
-            let out = PathBuf::from(format!("{}.out", p.display()));
-            Some((p, inp, out))
-        }
-        None => {
-            eprintln!(
-                "skipped: asset missing ({}/*/vendor/llama.cpp/models/ggml-vocab-llama-spm.gguf), run \
-                 DLO_FETCH_LLAMA_CPP=1 scripts/fetch-assets.sh",
-                root.display()
-            );
-            None
-        }
-    }
+    let found = found.map(|p| {
+        let inp = PathBuf::from(format!("{}.inp", p.display()));
+        let out = PathBuf::from(format!("{}.out", p.display()));
+        (p, inp, out)
+    });
+    let missing = format!(
+        "asset {}/*/vendor/llama.cpp/models/ggml-vocab-llama-spm.gguf",
+        root.display()
+    );
+    found_or_skip(found, &missing, "DLO_FETCH_LLAMA_CPP=1 bash scripts/fetch-assets.sh")
 }
 
 fn read_metadata(path: &Path) -> HashMap<String, Value> {

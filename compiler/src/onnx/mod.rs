@@ -301,10 +301,11 @@ struct Pending {
 }
 
 impl Pending {
-    fn temp_for(&mut self, dir: &Path, name: &str) -> PathBuf {
-        let tmp = dir.join(format!(".{name}.tmp"));
-        self.files.push((tmp.clone(), dir.join(name)));
-        tmp
+    fn temp_for(&mut self, dir: &Path, name: &str) -> Result<PathBuf, OnnxError> {
+        let dst = dir.join(name);
+        let tmp = dlo_passes::fsutil::temp_sibling(&dst).map_err(|e| io_err(&e.path)(e.source))?;
+        self.files.push((tmp.clone(), dst));
+        Ok(tmp)
     }
     fn discard(&self) {
         for (tmp, _) in &self.files {
@@ -339,7 +340,7 @@ fn write_all(
     // External mode: stream every tensor once into weights.bin; both models point into it.
     let mut external_refs = std::collections::HashMap::new();
     if external {
-        let tmp = pending.temp_for(dir, WEIGHTS_FILE);
+        let tmp = pending.temp_for(dir, WEIGHTS_FILE)?;
         let file = std::fs::File::create(&tmp).map_err(io_err(&tmp))?;
         let mut w = std::io::BufWriter::new(file);
         let mut offset = 0u64;
@@ -390,7 +391,7 @@ fn write_all(
         }
         initializers.extend(g.consts.iter().cloned());
         let model = model_proto(cfg, g, initializers);
-        let tmp = pending.temp_for(dir, file_name);
+        let tmp = pending.temp_for(dir, file_name)?;
         let bytes = model.encode_to_vec();
         drop(model);
         std::fs::write(&tmp, bytes).map_err(io_err(&tmp))?;

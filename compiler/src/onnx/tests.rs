@@ -355,7 +355,7 @@ fn bad_options_and_unwritable_output_are_errors() {
     let left: Vec<_> = std::fs::read_dir(&ro)
         .unwrap()
         .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-        .filter(|n| n.ends_with(".tmp"))
+        .filter(|n| n.contains(".tmp-"))
         .collect();
     assert!(left.is_empty(), "temporary files left: {left:?}");
 }

@@ -8,11 +8,13 @@
 //! - `trainer_state.safetensors` (AdamW moments `m.{name}` / `v.{name}`) and `trainer_state.json` (step, data
 //!   position, RNG, capacities, learning-rate ratios, and fingerprints of the model and data).
 //!
-//! Everything is written into `.tmp-{name}` beside the target and renamed into place at the end; on any
-//! failure the temporary directory is removed and whatever was at the target before is left untouched.
+//! Everything is written into a temporary directory beside the target (`.{name}.tmp-…`, see
+//! [`dlo_passes::fsutil::AtomicDir`]) and renamed into place at the end; on any failure the temporary
+//! directory is removed and whatever was at the target before is left untouched.
 
 use super::error::{Result, TrainError};
 use candle_core::Tensor;
+use dlo_passes::fsutil::{AtomicDir, FsError};
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
@@ -130,70 +132,40 @@ fn safetensors_bytes(tensors: &[(String, Tensor)], path: &Path) -> Result<Vec<u8
 
 /// Writes `contents` to `dir` atomically (see the module docs).
 pub fn save(dir: &Path, contents: &CheckpointContents, sink: &mut dyn FileSink) -> Result<()> {
-    let parent = dir
-        .parent()
-        .filter(|p| !p.as_os_str().is_empty())
-        .unwrap_or(Path::new("."));
-    let name = dir
-        .file_name()
-        .ok_or_else(|| TrainError::Invalid(format!("bad checkpoint path {}", dir.display())))?
-        .to_string_lossy()
-        .to_string();
-    std::fs::create_dir_all(parent).map_err(|e| TrainError::io(parent, e))?;
-    let tmp = parent.join(format!(".tmp-{name}"));
-    if tmp.exists() {
-        std::fs::remove_dir_all(&tmp).map_err(|e| TrainError::io(&tmp, e))?;
+    let fs_err = |e: FsError| TrainError::io(e.path, e.source);
+    if dir.file_name().is_none() {
+        return Err(TrainError::Invalid(format!("bad checkpoint path {}", dir.display())));
     }
-    let result = (|| -> Result<()> {
-        std::fs::create_dir(&tmp).map_err(|e| TrainError::io(&tmp, e))?;
-        let w = |sink: &mut dyn FileSink, file: &str, bytes: &[u8]| -> Result<()> {
-            let p = tmp.join(file);
-            sink.write(&p, bytes).map_err(|e| TrainError::io(&p, e))
-        };
-        let cfg = serde_json::to_vec_pretty(&contents.config).map_err(|e| TrainError::Invalid(e.to_string()))?;
-        w(sink, "config.json", &cfg)?;
-        let model = safetensors_bytes(&contents.tensors, &tmp.join("model.safetensors"))?;
-        w(sink, "model.safetensors", &model)?;
-        drop(model);
-        if let Some(src) = contents.tokenizer_dir {
-            for f in TOKENIZER_FILES {
-                let p = src.join(f);
-                if p.is_file() {
-                    let bytes = std::fs::read(&p).map_err(|e| TrainError::io(&p, e))?;
-                    w(sink, f, &bytes)?;
-                }
-            }
-        }
-        let mut opt: Vec<(String, Tensor)> = contents.optimizer.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
-        opt.sort_by(|a, b| a.0.cmp(&b.0));
-        let opt = safetensors_bytes(&opt, &tmp.join("trainer_state.safetensors"))?;
-        w(sink, "trainer_state.safetensors", &opt)?;
-        let st = serde_json::to_vec_pretty(&contents.state).map_err(|e| TrainError::Invalid(e.to_string()))?;
-        w(sink, "trainer_state.json", &st)?;
-        // Replace the target: move an old one aside first so that a failed rename loses nothing.
-        let old = parent.join(format!(".old-{name}"));
-        let had_old = dir.exists();
-        if had_old {
-            if old.exists() {
-                std::fs::remove_dir_all(&old).map_err(|e| TrainError::io(&old, e))?;
-            }
-            std::fs::rename(dir, &old).map_err(|e| TrainError::io(dir, e))?;
-        }
-        if let Err(e) = std::fs::rename(&tmp, dir) {
-            if had_old {
-                let _ = std::fs::rename(&old, dir);
-            }
-            return Err(TrainError::io(dir, e));
-        }
-        if had_old {
-            let _ = std::fs::remove_dir_all(&old);
-        }
-        Ok(())
-    })();
-    if result.is_err() {
-        let _ = std::fs::remove_dir_all(&tmp);
+    if let Some(parent) = dir.parent().filter(|p| !p.as_os_str().is_empty()) {
+        std::fs::create_dir_all(parent).map_err(|e| TrainError::io(parent, e))?;
     }
-    result
+    let tmp = AtomicDir::create(dir).map_err(fs_err)?;
+    let w = |sink: &mut dyn FileSink, file: &str, bytes: &[u8]| -> Result<()> {
+        let p = tmp.path().join(file);
+        sink.write(&p, bytes).map_err(|e| TrainError::io(&p, e))
+    };
+    let cfg = serde_json::to_vec_pretty(&contents.config).map_err(|e| TrainError::Invalid(e.to_string()))?;
+    w(sink, "config.json", &cfg)?;
+    let model = safetensors_bytes(&contents.tensors, &tmp.path().join("model.safetensors"))?;
+    w(sink, "model.safetensors", &model)?;
+    drop(model);
+    if let Some(src) = contents.tokenizer_dir {
+        for f in TOKENIZER_FILES {
+            let p = src.join(f);
+            if p.is_file() {
+                let bytes = std::fs::read(&p).map_err(|e| TrainError::io(&p, e))?;
+                w(sink, f, &bytes)?;
+            }
+        }
+    }
+    let mut opt: Vec<(String, Tensor)> = contents.optimizer.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+    opt.sort_by(|a, b| a.0.cmp(&b.0));
+    let opt = safetensors_bytes(&opt, &tmp.path().join("trainer_state.safetensors"))?;
+    w(sink, "trainer_state.safetensors", &opt)?;
+    let st = serde_json::to_vec_pretty(&contents.state).map_err(|e| TrainError::Invalid(e.to_string()))?;
+    w(sink, "trainer_state.json", &st)?;
+    // Replaces the target: an old one is moved aside first, so that a failed rename loses nothing.
+    tmp.commit_replace().map_err(fs_err)
 }
 
 /// A checkpoint read back for resuming.
@@ -306,7 +278,7 @@ mod tests {
         let before = std::fs::read(dir.join("model.safetensors")).unwrap();
         for n in 0..4 {
             let e = save(&dir, &contents(6.0), &mut FailAt(n)).unwrap_err().to_string();
-            assert!(e.contains("No space left") && e.contains(".tmp-final"), "{e}");
+            assert!(e.contains("No space left") && e.contains(".final.tmp-"), "{e}");
             assert_eq!(std::fs::read(dir.join("model.safetensors")).unwrap(), before);
             let l = load(&dir, "abc", "tiny").unwrap();
             assert_eq!(l.state.step, 3);

@@ -47,6 +47,7 @@
 
 use crate::error::{Error, Result};
 use candle_core::{DType, Device, Tensor};
+use dlo_passes::fsutil::AtomicFile;
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
 use std::fs::File;
@@ -566,16 +567,6 @@ fn hash_parallel(src: &[u8]) -> u32 {
 }
 
 /// Removes a temporary file unless disarmed.
-struct TempGuard(Option<PathBuf>);
-
-impl Drop for TempGuard {
-    fn drop(&mut self) {
-        if let Some(p) = self.0.take() {
-            let _ = std::fs::remove_file(p);
-        }
-    }
-}
-
 /// Writes an engine to `path`: the manifest JSON and the tensors `specs`, whose bytes `data(i)` yields one
 /// at a time (little-endian, exactly `product(shape) × dtype size` bytes). Streams into a temporary file
 /// in the same directory and renames it into place. Returns the file size.
@@ -639,18 +630,13 @@ pub fn write_engine(
             "engine header of {header_len} bytes exceeds the limit of {MAX_HEADER_BYTES}"
         )));
     }
-    let file_name = path
-        .file_name()
-        .ok_or_else(|| Error::InvalidArgument(format!("{}: not a file path", path.display())))?;
-    let dir = path
-        .parent()
-        .filter(|p| !p.as_os_str().is_empty())
-        .unwrap_or(Path::new("."));
-    let tmp = dir.join(format!(".{}.tmp-{}", file_name.to_string_lossy(), std::process::id()));
-    let f = File::create(&tmp).map_err(|e| Error::io(&tmp, e))?;
-    let mut guard = TempGuard(Some(tmp.clone()));
+    if path.file_name().is_none() {
+        return Err(Error::InvalidArgument(format!("{}: not a file path", path.display())));
+    }
+    let mut out = AtomicFile::create(path)?;
+    let tmp = out.temp_path().to_path_buf();
     let io = |e| Error::io(&tmp, e);
-    let mut w = BufWriter::with_capacity(1 << 20, f);
+    let mut w = BufWriter::with_capacity(1 << 20, out.file());
     w.write_all(&[0u8; PREFIX_LEN]).map_err(io)?;
     w.write_all(&vec![b' '; header_len]).map_err(io)?;
     let mut pos = (PREFIX_LEN + header_len) as u64;
@@ -687,13 +673,10 @@ pub fn write_engine(
     prefix.extend_from_slice(&0u16.to_le_bytes());
     prefix.extend_from_slice(&(header_len as u32).to_le_bytes());
     prefix.extend_from_slice(&crc32fast::hash(&json).to_le_bytes());
-    let mut f = w.into_inner().map_err(|e| io(e.into_error()))?;
+    let f = w.into_inner().map_err(|e| io(e.into_error()))?;
     f.seek(SeekFrom::Start(0)).map_err(io)?;
     f.write_all(&prefix).map_err(io)?;
     f.write_all(&json).map_err(io)?;
-    f.sync_all().map_err(io)?;
-    drop(f);
-    std::fs::rename(&tmp, path).map_err(|e| Error::io(path, e))?;
-    guard.0 = None;
+    out.commit()?;
     Ok(header.file_len)
 }

@@ -654,15 +654,7 @@ fn engine_load_timing_smollm2_shapes() {
 #[test]
 fn smollm2_engine_load_time_and_agreement() {
     let Some(gguf) = smollm2_gguf() else { return };
-    let ckpt = match Checkpoint::open(&gguf) {
-        Ok(c) => c,
-        // Until the GGUF loader lands on this branch, `Checkpoint::open` is a stub.
-        Err(e) if e.to_string().contains("not implemented") => {
-            eprintln!("skipped: checkpoint loading is not available yet ({e})");
-            return;
-        }
-        Err(e) => panic!("{e}"),
-    };
+    let ckpt = Checkpoint::open(&gguf).unwrap();
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("smollm2.dlo");
     let t = std::time::Instant::now();
