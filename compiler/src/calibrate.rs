@@ -19,8 +19,8 @@
 
 use dlo_passes::{Capacity, ModelConfig};
 use dlo_runtime::engine::plan::{check_budget, quantile_table, threshold_for_rate, Budget, EnginePlan};
-use dlo_runtime::model::{Batch, Forward, LayerTrace, Model, Routing};
-use dlo_runtime::{Error, Result};
+use dlo_runtime::model::{Batch, Forward, Routing};
+use dlo_runtime::{Backend, Error, Result};
 
 /// The execution rates calibration aims for.
 #[derive(Debug, Clone, PartialEq)]
@@ -87,28 +87,6 @@ impl RateTarget {
     }
 }
 
-/// A model calibration can observe: one inference forward pass under a routing rule, reporting each routed
-/// layer's router logits and decisions. [`Model`] is one; the trainer's test models are others.
-pub trait RouterProbe {
-    /// The model's configuration.
-    fn probe_config(&self) -> &ModelConfig;
-    /// Runs `batch` under `routing`; one entry per layer (`None` for dense layers).
-    fn probe(&self, batch: &Batch, routing: &Routing) -> Result<Vec<Option<LayerTrace>>>;
-}
-
-impl RouterProbe for Model {
-    fn probe_config(&self) -> &ModelConfig {
-        self.config()
-    }
-    fn probe(&self, batch: &Batch, routing: &Routing) -> Result<Vec<Option<LayerTrace>>> {
-        let opts = Forward {
-            routing: routing.clone(),
-            all_logits: false,
-        };
-        Ok(self.forward(batch, None, &opts)?.trace)
-    }
-}
-
 /// Settings of a calibration run.
 #[derive(Debug, Clone)]
 pub struct CalibrationOptions {
@@ -152,13 +130,13 @@ pub struct RoutingStats {
 /// Runs `model` over `ids` (cut into `chunk_len`-token sequences, `batch` at a time, each starting at
 /// position 0) with `routing`, collecting router logits and execution rates.
 pub fn routing_stats(
-    model: &(impl RouterProbe + ?Sized),
+    model: &(impl Backend + ?Sized),
     ids: &[u32],
     routing: &Routing,
     chunk_len: usize,
     batch: usize,
 ) -> Result<RoutingStats> {
-    let cfg = model.probe_config();
+    let cfg = model.config();
     let n_layers = cfg.num_hidden_layers;
     let routed: Vec<usize> = (0..n_layers).filter(|&l| cfg.is_routed(l)).collect();
     if routed.is_empty() {
@@ -189,7 +167,11 @@ pub fn routing_stats(
             pos: (0..g.len()).flat_map(|_| 0..t as u32).collect(),
             valid: vec![true; g.len() * t],
         };
-        let trace = model.probe(&b, routing)?;
+        let opts = Forward {
+            routing: routing.clone(),
+            all_logits: false,
+        };
+        let trace = model.forward(&b, None, &opts)?.trace;
         for &l in &routed {
             if let (Some(tr), Some(acc)) = (trace.get(l).and_then(|t| t.as_ref()), &mut logits[l]) {
                 acc.extend_from_slice(&tr.logits);
@@ -245,12 +227,12 @@ impl Calibration {
 /// Stops when the measured rates are within `tolerance` of the target: the mean rate for a uniform
 /// target, every layer's rate for a per-layer one.
 pub fn calibrate(
-    model: &(impl RouterProbe + ?Sized),
+    model: &(impl Backend + ?Sized),
     ids: &[u32],
     heldout: Option<&[u32]>,
     opts: &CalibrationOptions,
 ) -> Result<Calibration> {
-    let cfg = model.probe_config();
+    let cfg = model.config();
     let n_layers = cfg.num_hidden_layers;
     let targets = match &opts.target {
         Some(t) => Some(t.layer_rates(cfg)?),

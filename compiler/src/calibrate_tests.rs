@@ -4,25 +4,8 @@
 use super::*;
 use candle_core::{DType, Device};
 use dlo_passes::SkipKind;
-use dlo_runtime::testing::{random_weights, routed, tiny_config, XorShift};
-
-/// A tiny three-layer model whose layers 1 and 2 skip their MLPs.
-fn routed_mlp() -> ModelConfig {
-    routed(tiny_config(false), SkipKind::Mlp)
-}
-
-/// Text-like token ids: the bytes of English prose folded into the tiny vocabulary.
-fn text_ids(text: &str, vocab: u32) -> Vec<u32> {
-    text.bytes().map(|b| b as u32 % vocab).collect()
-}
-
-const CALIB_TEXT: &str = "The history of the region is long and varied. Farmers settled the river valley \
-early, growing wheat and barley on the fertile plains, while traders carried salt, copper and cloth along \
-the coast. Over the centuries small villages grew into market towns, and the towns into cities with walls, \
-temples and harbours. Scholars wrote down the laws, the harvests and the names of kings; poets sang of \
-floods and droughts, of wars won and lost. When the railway arrived the old roads fell quiet, and the \
-factories that followed drew people from the countryside into crowded streets. Today the valley is known \
-for its vineyards, its festivals in late summer, and a university that attracts students from abroad. ";
+use dlo_runtime::testing::{random_weights, routed, routed_mlp, text_ids, tiny_config, XorShift, CALIB_TEXT};
+use dlo_runtime::Model;
 
 const HELDOUT_TEXT: &str = "Mountains rise to the north of the city, and in winter the passes close for \
 weeks at a time. Shepherds once drove their flocks up to the high meadows each spring and down again in \

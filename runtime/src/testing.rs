@@ -326,6 +326,25 @@ pub fn venv_python() -> Option<PathBuf> {
     )
 }
 
+/// A tiny three-layer model whose layers 1 and 2 skip their MLPs.
+pub fn routed_mlp() -> ModelConfig {
+    routed(tiny_config(false), SkipKind::Mlp)
+}
+
+/// Text-like token ids: the bytes of English prose folded into the tiny vocabulary.
+pub fn text_ids(text: &str, vocab: u32) -> Vec<u32> {
+    text.bytes().map(|b| b as u32 % vocab).collect()
+}
+
+/// English prose for calibration tests (one paragraph).
+pub const CALIB_TEXT: &str = "The history of the region is long and varied. Farmers settled the river valley \
+early, growing wheat and barley on the fertile plains, while traders carried salt, copper and cloth along \
+the coast. Over the centuries small villages grew into market towns, and the towns into cities with walls, \
+temples and harbours. Scholars wrote down the laws, the harvests and the names of kings; poets sang of \
+floods and droughts, of wars won and lost. When the railway arrived the old roads fell quiet, and the \
+factories that followed drew people from the countryside into crowded streets. Today the valley is known \
+for its vineyards, its festivals in late summer, and a university that attracts students from abroad. ";
+
 #[cfg(test)]
 mod tests {
     use super::*;

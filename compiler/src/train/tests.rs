@@ -8,7 +8,6 @@ use super::*;
 // What the tests used from train/mod.rs's imports before the split.
 use super::metrics::{EvalMetrics, EvalRouting, Record};
 use super::optim::{AdamWConfig, Schedule, TrainSet};
-use crate::calibrate::RouterProbe;
 use candle_core::D;
 use candle_core::{DType, Device, Tensor, Var};
 use dlo_passes::{Capacity, ModelConfig};
@@ -16,6 +15,8 @@ use dlo_runtime::model::train::TrainLayerTrace;
 use dlo_runtime::model::train::{TrainOutput, TrainRouting};
 use dlo_runtime::model::LayerTrace;
 use dlo_runtime::model::{Batch, Model, Routing};
+use dlo_runtime::model::{Forward, ForwardOutput};
+use dlo_runtime::Backend;
 use dlo_runtime::Weights;
 use serde_json::json;
 use std::collections::HashMap;
@@ -103,13 +104,15 @@ impl Toy {
     }
 }
 
-impl RouterProbe for Toy {
-    fn probe_config(&self) -> &ModelConfig {
+impl Backend for Toy {
+    type Cache = ();
+    fn config(&self) -> &ModelConfig {
         &self.cfg
     }
-    fn probe(&self, batch: &Batch, routing: &Routing) -> dlo_runtime::Result<Vec<Option<LayerTrace>>> {
-        let (out, logits) = self.run(batch, None, routing)?;
-        Ok(out
+    fn new_cache(&self) {}
+    fn forward(&self, batch: &Batch, _cache: Option<&mut ()>, opts: &Forward) -> dlo_runtime::Result<ForwardOutput> {
+        let (out, logits) = self.run(batch, None, &opts.routing)?;
+        let trace = out
             .layers
             .into_iter()
             .zip(logits)
@@ -119,7 +122,14 @@ impl RouterProbe for Toy {
                     exec: l?.exec,
                 })
             })
-            .collect())
+            .collect();
+        let t = batch.t;
+        let logits = if opts.all_logits {
+            out.logits
+        } else {
+            out.logits.narrow(1, t - 1, 1)?
+        };
+        Ok(ForwardOutput { logits, trace })
     }
 }
 
@@ -168,10 +178,6 @@ impl TrainModel for Toy {
     }
     fn forward_train(&self, batch: &Batch, routing: &TrainRouting) -> dlo_runtime::Result<TrainOutput> {
         Ok(self.run(batch, Some(routing), &Routing::Reference)?.0)
-    }
-    fn forward_eval(&self, batch: &Batch, routing: &Routing) -> dlo_runtime::Result<(Tensor, Vec<Option<Vec<bool>>>)> {
-        let o = self.run(batch, None, routing)?.0;
-        Ok((o.logits, o.layers.into_iter().map(|l| l.map(|l| l.exec)).collect()))
     }
 }
 

@@ -8,19 +8,20 @@ use super::loss::{self, CapacityState, LayerSignals};
 use super::metrics::{self, EvalMetrics, EvalRouting, StepMetrics};
 use super::optim::{self, AdamW, GradAccum};
 use super::options::Options;
-use crate::calibrate::{calibrate, CalibrationOptions, RateTarget, RouterProbe};
+use crate::calibrate::{calibrate, CalibrationOptions, RateTarget};
 use candle_core::{DType, Device, Tensor, Var};
 use dlo_passes::{Capacity, LossType, ModelConfig};
 use dlo_runtime::model::train::{TrainOutput, TrainRouting};
 use dlo_runtime::model::{Batch, Forward, Model, Routing};
+use dlo_runtime::Backend;
 use dlo_runtime::Weights;
 use std::collections::HashMap;
 use std::path::Path;
 use std::time::Instant;
 
 /// A model the trainer can drive: built with some tensors as [`Var`]s, with a differentiable training
-/// forward and an inference forward for evaluation, whose routers calibration can observe.
-pub trait TrainModel: Sized + RouterProbe {
+/// forward; its inference forward ([`Backend`]) serves held-out evaluation and calibration.
+pub trait TrainModel: Sized + Backend {
     /// Builds the model; tensors for which `trainable(name)` holds become variables (f32).
     fn load_trainable(
         cfg: &ModelConfig,
@@ -30,8 +31,16 @@ pub trait TrainModel: Sized + RouterProbe {
     ) -> dlo_runtime::Result<(Self, Vec<(String, Var)>)>;
     /// The training forward (`Model::forward_train`).
     fn forward_train(&self, batch: &Batch, routing: &TrainRouting) -> dlo_runtime::Result<TrainOutput>;
-    /// Inference forward under `routing`: logits `[b, t, V]` (f32) and each routed layer's execution flags.
-    fn forward_eval(&self, batch: &Batch, routing: &Routing) -> dlo_runtime::Result<(Tensor, Vec<Option<Vec<bool>>>)>;
+    /// Inference forward under `routing` ([`Backend::forward`]): logits `[b, t, V]` (f32) and each routed layer's
+    /// execution flags.
+    fn forward_eval(&self, batch: &Batch, routing: &Routing) -> dlo_runtime::Result<(Tensor, Vec<Option<Vec<bool>>>)> {
+        let opts = Forward {
+            routing: routing.clone(),
+            all_logits: true,
+        };
+        let out = Backend::forward(self, batch, None, &opts)?;
+        Ok((out.logits, out.trace.into_iter().map(|t| t.map(|t| t.exec)).collect()))
+    }
 }
 
 impl TrainModel for Model {
@@ -45,17 +54,6 @@ impl TrainModel for Model {
     }
     fn forward_train(&self, batch: &Batch, routing: &TrainRouting) -> dlo_runtime::Result<TrainOutput> {
         Model::forward_train(self, batch, routing)
-    }
-    fn forward_eval(&self, batch: &Batch, routing: &Routing) -> dlo_runtime::Result<(Tensor, Vec<Option<Vec<bool>>>)> {
-        let out = self.forward(
-            batch,
-            None,
-            &Forward {
-                routing: routing.clone(),
-                all_logits: true,
-            },
-        )?;
-        Ok((out.logits, out.trace.into_iter().map(|t| t.map(|t| t.exec)).collect()))
     }
 }
 

@@ -6,7 +6,9 @@ use super::format::{ALIGN, FORMAT_VERSION, MAGIC, PREFIX_LEN};
 use super::plan::spread_rates;
 use super::*;
 use crate::model::{Batch, Forward, Model};
-use crate::testing::{max_abs_diff, random_weights, routed, smollm2_gguf, tiny_config};
+use crate::testing::{
+    max_abs_diff, random_weights, routed, routed_mlp, smollm2_gguf, text_ids, tiny_config, CALIB_TEXT,
+};
 use candle_core::{DType, Tensor};
 use dlo_passes::SkipKind;
 
@@ -46,23 +48,6 @@ fn write_tiny(dir: &Path, cfg: &ModelConfig, dtype: StorageDtype, name: &str) ->
     .unwrap();
     (path, w)
 }
-
-fn routed_mlp() -> ModelConfig {
-    routed(tiny_config(false), SkipKind::Mlp)
-}
-
-/// Text-like token ids: the bytes of English prose folded into the tiny vocabulary.
-fn text_ids(text: &str, vocab: u32) -> Vec<u32> {
-    text.bytes().map(|b| b as u32 % vocab).collect()
-}
-
-const CALIB_TEXT: &str = "The history of the region is long and varied. Farmers settled the river valley \
-early, growing wheat and barley on the fertile plains, while traders carried salt, copper and cloth along \
-the coast. Over the centuries small villages grew into market towns, and the towns into cities with walls, \
-temples and harbours. Scholars wrote down the laws, the harvests and the names of kings; poets sang of \
-floods and droughts, of wars won and lost. When the railway arrived the old roads fell quiet, and the \
-factories that followed drew people from the countryside into crowded streets. Today the valley is known \
-for its vineyards, its festivals in late summer, and a university that attracts students from abroad. ";
 
 fn tensor_eq(a: &Tensor, b: &Tensor) -> bool {
     a.dims() == b.dims()
