@@ -3,6 +3,7 @@
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, IndexOp, Tensor};
 use clap::Parser;
+use dlo_passes::fsutil::AtomicFile;
 use dlo_runtime::chat::Message;
 use dlo_runtime::engine::open_any;
 use dlo_runtime::generate::{GenerateParams, Generator, SamplingParams};
@@ -232,9 +233,11 @@ fn dump(model: &Model, ids: &[u32], path: &Path, routing: Routing) -> Result<()>
             );
         }
     }
-    let tmp = path.with_extension("tmp");
-    candle_core::safetensors::save(&tensors, &tmp).with_context(|| format!("writing {}", tmp.display()))?;
-    std::fs::rename(&tmp, path).with_context(|| format!("renaming {} to {}", tmp.display(), path.display()))?;
+    // A temporary beside the destination, renamed into place; removed on any failure, the rename included.
+    let file = AtomicFile::create(path)?;
+    candle_core::safetensors::save(&tensors, file.temp_path())
+        .with_context(|| format!("writing {}", file.temp_path().display()))?;
+    file.commit()?;
     Ok(())
 }
 

@@ -70,3 +70,27 @@ fn f64_generates_the_f32_tokens() {
     assert_eq!(f32_tokens.split_whitespace().count(), 6, "{f32_tokens}");
     assert_eq!(gen("f64"), f32_tokens);
 }
+
+/// A dump whose rename fails (the destination is a directory) is an error naming it and leaves no temporary
+/// file; one that succeeds leaves only the dump.
+#[test]
+fn dump_is_written_atomically() {
+    let dir = std::env::temp_dir().join(format!("dlo-run-dump-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(dir.join("taken")).unwrap();
+    let taken = dir.join("taken");
+    let o = dlo_run(&["--token-ids", "1,2,3", "--dump", taken.to_str().unwrap()]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success());
+    assert!(err.contains("taken"), "{err}");
+    let ok = dir.join("d.safetensors");
+    let o = dlo_run(&["--token-ids", "1,2,3", "--dump", ok.to_str().unwrap()]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let mut left: Vec<String> = std::fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    left.sort();
+    assert_eq!(left, ["d.safetensors", "taken"]);
+    std::fs::remove_dir_all(&dir).unwrap();
+}
