@@ -10,7 +10,7 @@
 //! | lower to ONNX (prefill + decode, `If` for routed layers) | [`onnx`] |
 //!
 //! Shared pieces: [`calibrate`] (router thresholds for a compute budget, used by `build` and by `train`'s
-//! held-out rule), [`corpus`] (reading sample text), [`plot`] (PNG/SVG charts).
+//! held-out rule), [`corpus`] (reading sample text), [`plot`] (PNG/SVG charts), [`runtime_args`] (`--device`, `--threads`).
 
 pub mod analysis;
 pub mod analyze;
@@ -21,4 +21,5 @@ pub mod expand;
 pub mod import;
 pub mod onnx;
 pub mod plot;
+pub mod runtime_args;
 pub mod train;

@@ -58,6 +58,12 @@ fn analyze(args: &dlo_compiler::analyze::AnalyzeArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Applies `--threads` to the whole process before a command that runs the model starts any thread.
+fn process_threads(args: &dlo_compiler::runtime_args::RuntimeArgs) -> anyhow::Result<()> {
+    args.options(candle_core::DType::F32)?.init_process_threads()?;
+    Ok(())
+}
+
 fn main() -> std::process::ExitCode {
     dlo_runtime::alloc::tune_for_large_tensors();
     let cli = Cli::parse();
@@ -66,7 +72,7 @@ fn main() -> std::process::ExitCode {
         Command::Build(a) => dlo_compiler::build::run(a),
         Command::Analyze(a) => analyze(a),
         Command::Expand(a) => dlo_compiler::expand::run(a),
-        Command::Train(a) => dlo_compiler::train::run(a),
+        Command::Train(a) => process_threads(&a.runtime).and_then(|()| dlo_compiler::train::run(a)),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

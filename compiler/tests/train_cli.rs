@@ -304,6 +304,25 @@ fn cli_refuses_bad_data_and_foreign_resume_before_training() {
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("different model") && err.contains("4 layers"), "{err}");
+    // runtime flags: out-of-range threads and unknown or unavailable devices, before anything is written
+    let o = d.path().join("o2");
+    for (flags, needle) in [
+        (
+            ["--threads", "0"],
+            "0 threads: the thread count must be between 1 and 1024",
+        ),
+        (["--threads", "5000"], "5000 threads"),
+        (["--device", "gpu"], "device `gpu` is not `cpu`, `cuda` or `cuda:N`"),
+        (["--device", "cuda:0"], "device cuda:0: cannot open it"),
+    ] {
+        let mut args = vec![m, "--data", dt, "-o", o.to_str().unwrap(), "--steps", "1"];
+        args.extend(flags);
+        let out = train(&args);
+        assert!(!out.status.success(), "{flags:?}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains(needle), "{flags:?}: {err}");
+        assert!(!o.exists(), "{flags:?} wrote {}", o.display());
+    }
 }
 
 /// Kill the process for real (SIGKILL) part-way, resume from its last checkpoint: the curve and the final

@@ -5,6 +5,8 @@ use super::error::{Result, TrainError};
 use super::metrics::EvalRouting;
 use super::optim::{AdamWConfig, Schedule, TrainSet};
 use super::options::Options;
+use crate::runtime_args::RuntimeArgs;
+use candle_core::DType;
 use dlo_passes::LossType;
 use std::path::PathBuf;
 
@@ -20,6 +22,9 @@ pub struct TrainArgs {
     /// Output directory: `checkpoint-N/`, `final/`, `metrics.jsonl`, `summary.json`, `plot.svg`.
     #[arg(short = 'o', long)]
     pub output: PathBuf,
+    /// Where the model trains, and with how many threads.
+    #[command(flatten)]
+    pub runtime: RuntimeArgs,
     /// Optimizer steps (default: as many as `--epochs` take).
     #[arg(long, conflicts_with = "epochs")]
     pub steps: Option<u64>,
@@ -147,6 +152,9 @@ impl TrainArgs {
                     .ok_or_else(|| TrainError::Invalid(format!("--loss-type `{s}` (self, cos, cos-global)")))?,
             ),
         };
+        let device = self.runtime.options(DType::F32)?.device;
+        // Opened once here so that an unavailable device fails before anything is read or written.
+        device.device()?;
         Ok(Options {
             batch: self.batch,
             grad_accum: self.grad_accum,
@@ -182,6 +190,7 @@ impl TrainArgs {
             },
             stop_after: self.stop_after,
             progress: true,
+            device,
         })
     }
 }

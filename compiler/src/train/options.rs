@@ -3,6 +3,7 @@
 use super::metrics::EvalRouting;
 use super::optim::{AdamWConfig, Schedule, TrainSet};
 use dlo_passes::LossType;
+use dlo_runtime::DeviceSpec;
 
 /// Validated run settings.
 #[derive(Debug, Clone, PartialEq)]
@@ -59,4 +60,6 @@ pub struct Options {
     pub stop_after: Option<u64>,
     /// Draw a progress bar.
     pub progress: bool,
+    /// Where the model trains.
+    pub device: DeviceSpec,
 }

@@ -276,6 +276,7 @@ fn opts(steps: u64) -> Options {
         eval_routing: vec![EvalRouting::Reference],
         stop_after: None,
         progress: false,
+        device: dlo_runtime::DeviceSpec::Cpu,
     }
 }
 

@@ -129,7 +129,7 @@ impl<M: TrainModel> Trainer<M> {
                 "no training examples left after tokenization and the split".into(),
             ));
         }
-        let device = Device::Cpu;
+        let device = opts.device.device()?;
         let filter = optim::trainable_filter(opts.train, &cfg)?;
         let (model, vars) = M::load_trainable(&cfg, &weights, &*filter, &device)?;
         if vars.is_empty() {
