@@ -58,6 +58,28 @@ fn analyze(args: &dlo_compiler::analyze::AnalyzeArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// `dlo-compile expand`: the plan's summary on stdout before writing, then what was written.
+fn expand(args: &dlo_compiler::expand::ExpandArgs) -> anyhow::Result<()> {
+    use dlo_compiler::expand::{human_bytes, Expansion};
+    let e = Expansion::prepare(&args.base, &args.output, args.plan()?)?;
+    println!("{e}");
+    if args.dry_run {
+        println!("dry run: nothing written");
+        return Ok(());
+    }
+    let r = e.write()?;
+    println!(
+        "wrote {} ({} tensors, {} {}; {} in total) in {:.1}s",
+        r.output.display(),
+        r.tensors,
+        human_bytes(r.safetensors_bytes),
+        r.dtype.as_str(),
+        human_bytes(r.total_bytes),
+        r.elapsed.as_secs_f64()
+    );
+    Ok(())
+}
+
 fn main() -> std::process::ExitCode {
     dlo_runtime::alloc::tune_for_large_tensors();
     let cli = Cli::parse();
@@ -65,7 +87,7 @@ fn main() -> std::process::ExitCode {
         Command::Import(a) => import(a),
         Command::Build(a) => dlo_compiler::build::run(a),
         Command::Analyze(a) => analyze(a),
-        Command::Expand(a) => dlo_compiler::expand::run(a),
+        Command::Expand(a) => expand(a),
         Command::Train(a) => dlo_compiler::train::run(a),
     };
     match result {
