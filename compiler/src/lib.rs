@@ -2,8 +2,8 @@
 //!
 //! As in ripgrep, argv, plans and printing are apart: a command's clap arguments (`XArgs`) become a validated
 //! plan, the library runs the plan and returns a report or a typed error, and only `dlo-compile`'s `main`
-//! prints. [`import`], [`analyze`] and [`expand`] work this way; [`build`] and [`train`] still take their
-//! arguments and print from the library.
+//! prints. [`import`], [`analyze`], [`expand`] and [`build`] work this way; [`train`] still takes its
+//! arguments and prints from the library.
 //!
 //! | stage | module |
 //! |---|---|
