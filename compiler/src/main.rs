@@ -49,6 +49,9 @@ fn import(args: &dlo_compiler::import::ImportArgs) -> anyhow::Result<()> {
 /// `dlo-compile analyze`: what was analysed and where it went.
 fn analyze(args: &dlo_compiler::analyze::AnalyzeArgs) -> anyhow::Result<()> {
     let r = dlo_compiler::analyze::run(&args.plan()?)?;
+    for w in &r.warnings {
+        eprintln!("warning: {w}");
+    }
     eprintln!(
         "analysed {} tokens in {} sequences; wrote {}/similarity.{{json,png,svg}}",
         r.tokens,
