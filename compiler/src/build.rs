@@ -190,9 +190,9 @@ pub enum BuildError {
         output: PathBuf,
         /// The source checkpoint.
         source_path: PathBuf,
-        /// Why.
+        /// Why (boxed: keeps results small).
         #[source]
-        source: Error,
+        source: Box<Error>,
     },
     /// Lowering to ONNX failed.
     #[error("lowering {} to ONNX in {}", source_path.display(), output.display())]
@@ -201,9 +201,9 @@ pub enum BuildError {
         source_path: PathBuf,
         /// The output directory.
         output: PathBuf,
-        /// Why.
+        /// Why (boxed: keeps results small).
         #[source]
-        source: OnnxError,
+        source: Box<OnnxError>,
     },
 }
 
@@ -296,7 +296,7 @@ impl Build {
                     .map_err(|source| BuildError::Onnx {
                         source_path: plan.source.clone(),
                         output: plan.output.clone(),
-                        source,
+                        source: Box::new(source),
                     })
             }
         }
@@ -309,7 +309,7 @@ impl BuildPlan {
         BuildError::Engine {
             output: self.output.clone(),
             source_path: self.source.clone(),
-            source,
+            source: Box::new(source),
         }
     }
 }
