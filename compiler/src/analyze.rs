@@ -76,6 +76,8 @@ pub struct AnalyzeReport {
     pub tokens: usize,
     /// Sequences they were cut into.
     pub sequences: usize,
+    /// Things the user should know (plots without text for want of a font).
+    pub warnings: Vec<String>,
 }
 
 /// Why an analysis failed. Nothing is left behind: the output is written to a temporary directory and
@@ -284,6 +286,7 @@ pub fn run(plan: &AnalyzePlan) -> Result<AnalyzeReport, AnalyzeError> {
         output: plan.output.clone(),
         tokens: total,
         sequences: seqs.len(),
+        warnings: crate::plot::font_warning().into_iter().map(String::from).collect(),
     })
 }
 

@@ -9,17 +9,20 @@
 //! each layer to its trained capacity (the config's `dlo_capacity`), so inference executes what training
 //! did, layer by layer. Without a budget the engine follows the reference rule (`z > 0`) bit for bit. ONNX
 //! exports take a budget too: the calibrated thresholds become constants of the graphs (no load-time budget).
+//!
+//! [`Build::prepare`] opens the source and calibrates, so its warnings and budget are known before
+//! [`Build::write`] writes the engine or the ONNX models; `dlo-compile build` prints them in that order.
 
 use crate::calibrate::{calibrate, Calibration, CalibrationOptions, RateTarget};
-use anyhow::Context;
+use crate::onnx::{OnnxError, OnnxReport};
 use candle_core::{DType, Device};
 use dlo_passes::ModelConfig;
 use dlo_runtime::engine::format::StorageDtype;
-use dlo_runtime::engine::{write_engine_file, EnginePlan, Provenance};
+use dlo_runtime::engine::{open_any, write_engine_file, Budget, EnginePlan, Opened, Provenance};
 use dlo_runtime::{Error, Model, Result, Tokenizer, Weights};
 use std::path::{Path, PathBuf};
 
-/// Arguments of `dlo-compile build`.
+/// Arguments of `dlo-compile build`; [`BuildPlan::from_args`] validates them.
 #[derive(Debug, clap::Args)]
 pub struct BuildArgs {
     /// Source: an HF directory, a GGUF file, or an existing engine.
@@ -173,7 +176,150 @@ impl BuildPlan {
     }
 }
 
-/// What a build did.
+/// Why a build failed.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum BuildError {
+    /// The source cannot be opened, or (for ONNX) calibration failed.
+    #[error(transparent)]
+    Runtime(#[from] Error),
+    /// Calibrating or writing the native engine failed.
+    #[error("building {} from {}", output.display(), source_path.display())]
+    Engine {
+        /// The engine file.
+        output: PathBuf,
+        /// The source checkpoint.
+        source_path: PathBuf,
+        /// Why (boxed: keeps results small).
+        #[source]
+        source: Box<Error>,
+    },
+    /// Lowering to ONNX failed.
+    #[error("lowering {} to ONNX in {}", source_path.display(), output.display())]
+    Onnx {
+        /// The source checkpoint.
+        source_path: PathBuf,
+        /// The output directory.
+        output: PathBuf,
+        /// Why (boxed: keeps results small).
+        #[source]
+        source: Box<OnnxError>,
+    },
+}
+
+/// What [`Build::write`] wrote.
+#[derive(Debug)]
+pub enum BuildOutput {
+    /// A native engine file.
+    Native(BuildReport),
+    /// ONNX models.
+    Onnx {
+        /// What the export wrote.
+        report: OnnxReport,
+        /// Their element type.
+        elem: crate::onnx::Elem,
+    },
+}
+
+/// A build whose source is open and calibrated (when the plan asks), not yet written.
+pub struct Build {
+    plan: BuildPlan,
+    src: Opened,
+    calibration: Option<Calibration>,
+    warnings: Vec<String>,
+}
+
+impl Build {
+    /// Opens the source (an engine is a valid source too, e.g. to recalibrate its budget or change its
+    /// dtype) and runs the calibration `plan` asks for.
+    pub fn prepare(plan: BuildPlan) -> Result<Build, BuildError> {
+        let src = open_any(&plan.source)?;
+        let calibrated = router_warnings(&src.config, &src.weights).and_then(|mut warnings| {
+            let cal = calibrate_plan(&plan, &src.config, &src.weights, src.tokenizer.as_ref(), &mut warnings)?;
+            Ok((warnings, cal))
+        });
+        let (warnings, calibration) = match plan.target {
+            Target::Native => calibrated.map_err(|e| plan.engine_error(e))?,
+            Target::Onnx(_) => calibrated?,
+        };
+        Ok(Build {
+            plan,
+            src,
+            calibration,
+            warnings,
+        })
+    }
+
+    /// Things the user should know (all-zero routers, a budget the routers cannot meet, ...).
+    pub fn warnings(&self) -> &[String] {
+        &self.warnings
+    }
+
+    /// The calibrated budget, when the plan has one.
+    pub fn budget(&self) -> Option<&Budget> {
+        self.calibration.as_ref().and_then(|c| c.budget.as_ref())
+    }
+
+    /// Writes the engine, or the ONNX models with the calibrated thresholds as constants.
+    pub fn write(self) -> Result<BuildOutput, BuildError> {
+        let Build {
+            plan,
+            src,
+            calibration,
+            warnings,
+        } = self;
+        match plan.target {
+            Target::Native => {
+                let (bytes, routed_layers) = write_native(
+                    &plan,
+                    &src.config,
+                    &src.weights,
+                    src.tokenizer.as_ref(),
+                    calibration.as_ref(),
+                )
+                .map_err(|e| plan.engine_error(e))?;
+                Ok(BuildOutput::Native(BuildReport {
+                    bytes,
+                    routed_layers,
+                    calibration,
+                    warnings,
+                }))
+            }
+            Target::Onnx(elem) => {
+                let opts = crate::onnx::OnnxOptions {
+                    elem,
+                    thresholds: calibration.and_then(|c| c.budget).map(|b| b.thresholds),
+                    ..Default::default()
+                };
+                crate::onnx::export_onnx(&src.config, &src.weights, &plan.output, &opts)
+                    .map(|report| BuildOutput::Onnx { report, elem })
+                    .map_err(|source| BuildError::Onnx {
+                        source_path: plan.source.clone(),
+                        output: plan.output.clone(),
+                        source: Box::new(source),
+                    })
+            }
+        }
+    }
+}
+
+impl BuildPlan {
+    /// A [`BuildError::Engine`] for this plan.
+    fn engine_error(&self, source: Error) -> BuildError {
+        BuildError::Engine {
+            output: self.output.clone(),
+            source_path: self.source.clone(),
+            source: Box::new(source),
+        }
+    }
+}
+
+/// Builds what `plan` asks for ([`Build::prepare`], then [`Build::write`]), printing nothing.
+pub fn run(plan: BuildPlan) -> Result<BuildOutput, BuildError> {
+    Build::prepare(plan)?.write()
+}
+
+/// What a native build did.
 #[derive(Debug)]
 pub struct BuildReport {
     /// Engine size in bytes.
@@ -223,10 +369,27 @@ fn tokenize(tok: &Tokenizer, path: &Path, limit: usize) -> Result<Vec<u32>> {
 /// Lowers a loaded model (config, weights, tokenizer) into an engine as `plan` asks.
 pub fn build_from(plan: &BuildPlan, cfg: &ModelConfig, w: &Weights, tok: Option<&Tokenizer>) -> Result<BuildReport> {
     let mut warnings = router_warnings(cfg, w)?;
+    let calibration = calibrate_plan(plan, cfg, w, tok, &mut warnings)?;
+    let (bytes, routed_layers) = write_native(plan, cfg, w, tok, calibration.as_ref())?;
+    Ok(BuildReport {
+        bytes,
+        routed_layers,
+        calibration,
+        warnings,
+    })
+}
+
+/// Writes the engine with `calibration`'s budget and quantiles; returns its size and routed layer count.
+fn write_native(
+    plan: &BuildPlan,
+    cfg: &ModelConfig,
+    w: &Weights,
+    tok: Option<&Tokenizer>,
+    calibration: Option<&Calibration>,
+) -> Result<(u64, usize)> {
     let mut engine_plan = EnginePlan::from_config(cfg);
     let routed = engine_plan.routed_layers();
-    let calibration = calibrate_plan(plan, cfg, w, tok, &mut warnings)?;
-    if let Some(cal) = &calibration {
+    if let Some(cal) = calibration {
         cal.apply(&mut engine_plan);
     }
     let bytes = write_engine_file(
@@ -237,12 +400,7 @@ pub fn build_from(plan: &BuildPlan, cfg: &ModelConfig, w: &Weights, tok: Option<
         &engine_plan,
         Provenance::now(&plan.source, plan.dtype),
     )?;
-    Ok(BuildReport {
-        bytes,
-        routed_layers: routed.len(),
-        calibration,
-        warnings,
-    })
+    Ok((bytes, routed.len()))
 }
 
 /// Warnings about zero routers, which the reference rule reads as "always skip".
@@ -334,77 +492,6 @@ fn calibrate_plan(
         }
     }
     Ok(Some(cal))
-}
-
-fn report_budget(b: &dlo_runtime::engine::Budget) {
-    let held = b.heldout_rate.map_or("n/a".to_string(), |h| format!("{h:.3}"));
-    let what = match b.layer_rates {
-        Some(_) => format!("budget capacity (mean {:.3})", b.rate),
-        None => format!("budget {}", b.rate),
-    };
-    eprintln!(
-        "{what}: execution rate {:.3} on calibration text, {held} held out",
-        b.calibration_rate
-    );
-}
-
-/// Runs `dlo-compile build`.
-pub fn run(args: &BuildArgs) -> anyhow::Result<()> {
-    let plan = BuildPlan::from_args(args)?;
-    // An existing engine is a valid source too (e.g. to recalibrate its budget or change its dtype).
-    let src = dlo_runtime::engine::open_any(&plan.source)?;
-    if let Target::Onnx(elem) = plan.target {
-        let mut warnings = router_warnings(&src.config, &src.weights)?;
-        let cal = calibrate_plan(&plan, &src.config, &src.weights, src.tokenizer.as_ref(), &mut warnings)?;
-        for w in &warnings {
-            eprintln!("warning: {w}");
-        }
-        let budget = cal.and_then(|c| c.budget);
-        if let Some(b) = &budget {
-            report_budget(b);
-        }
-        let opts = crate::onnx::OnnxOptions {
-            elem,
-            thresholds: budget.map(|b| b.thresholds),
-            ..Default::default()
-        };
-        let r = crate::onnx::export_onnx(&src.config, &src.weights, &plan.output, &opts).with_context(|| {
-            format!(
-                "lowering {} to ONNX in {}",
-                plan.source.display(),
-                plan.output.display()
-            )
-        })?;
-        eprintln!(
-            "wrote {} ({} routed layers, {:.1} MB of {} tensors{})",
-            r.files
-                .iter()
-                .map(|f| f.display().to_string())
-                .collect::<Vec<_>>()
-                .join(", "),
-            r.routed_layers,
-            r.tensor_bytes as f64 / 1e6,
-            elem.as_str(),
-            if r.external_data { ", external data" } else { "" }
-        );
-        return Ok(());
-    }
-    let report = build_from(&plan, &src.config, &src.weights, src.tokenizer.as_ref())
-        .with_context(|| format!("building {} from {}", plan.output.display(), plan.source.display()))?;
-    for w in &report.warnings {
-        eprintln!("warning: {w}");
-    }
-    if let Some(b) = report.calibration.as_ref().and_then(|c| c.budget.as_ref()) {
-        report_budget(b);
-    }
-    eprintln!(
-        "wrote {} ({:.1} MB, {} routed layers, {})",
-        plan.output.display(),
-        report.bytes as f64 / 1e6,
-        report.routed_layers,
-        plan.dtype.as_str()
-    );
-    Ok(())
 }
 
 #[cfg(test)]
@@ -523,7 +610,7 @@ mod tests {
         candle_core::safetensors::save(&tensors, src.join("model.safetensors")).unwrap();
         std::fs::write(src.join("config.json"), cfg.to_hf_json().to_string()).unwrap();
         let a = args(dir.path());
-        run(&a).unwrap();
+        run(BuildPlan::from_args(&a).unwrap()).unwrap();
         let e = Engine::open(&a.output).unwrap();
         let ck = Checkpoint::open(&src).unwrap();
         let m1 = Model::load(&ck.config, &ck.weights, DType::F32, &Device::Cpu).unwrap();
@@ -545,7 +632,7 @@ mod tests {
             dtype: "bf16".into(),
             ..args(dir.path())
         };
-        run(&again).unwrap();
+        run(BuildPlan::from_args(&again).unwrap()).unwrap();
         let e2 = Engine::open(&again.output).unwrap();
         assert_eq!(e2.plan(), e.plan());
         assert_eq!(e2.manifest().provenance.dtype, StorageDtype::Bf16);
@@ -555,7 +642,7 @@ mod tests {
             output: dir.path().join("onnx"),
             ..args(dir.path())
         };
-        run(&onnx).unwrap();
+        run(BuildPlan::from_args(&onnx).unwrap()).unwrap();
         assert!(onnx.output.join("prefill.onnx").is_file() && onnx.output.join("decode.onnx").is_file());
         // --dtype f64 makes the whole ONNX pair f64: weights, caches and logits.
         let onnx64 = BuildArgs {
@@ -564,7 +651,7 @@ mod tests {
             output: dir.path().join("onnx64"),
             ..args(dir.path())
         };
-        run(&onnx64).unwrap();
+        run(BuildPlan::from_args(&onnx64).unwrap()).unwrap();
         let elem_types = |dir: &Path| {
             use prost::Message;
             let bytes = std::fs::read(dir.join("decode.onnx")).unwrap();
@@ -590,7 +677,7 @@ mod tests {
             output: dir.path().join("nope.dlo"),
             ..args(dir.path())
         };
-        let err = format!("{:#}", run(&bad).unwrap_err());
+        let err = dlo_runtime::error::report(&run(BuildPlan::from_args(&bad).unwrap()).unwrap_err());
         assert!(err.contains("nope"), "{err}");
         assert!(!bad.output.exists());
     }

@@ -4,11 +4,16 @@
 //! [`ExpandPlan`]; flags override the recipe. The plan runs as a pass pipeline over the
 //! [`ModelSpec`] IR, and the streaming writer materialises the result into a new HF directory in the
 //! reference checkpoint format, with the complete recipe stored next to it as `dlo-expand-recipe.toml`.
+//!
+//! [`Expansion::prepare`] opens the base and applies the plan to the IR; its summary ([`Expansion`]'s
+//! `Display`: passes, layer map, routers) is known before [`Expansion::write`] writes anything, which is
+//! how `dlo-compile expand` prints it first (and all of it, for `--dry-run`).
 
-use anyhow::Context;
 use dlo_passes::writer::{tokenizer_files, write_model, ExtraFile, WriteOptions};
-use dlo_passes::{ExpandPlan, ModelConfig, ModelSpec, Recipe, SafetensorsDir, TensorSource};
+use dlo_passes::{ExpandPlan, ModelConfig, ModelSpec, OutDtype, Recipe, SafetensorsDir, TensorSource};
+use std::fmt;
 use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
 
 /// File name of the recipe stored in the output directory.
 pub const RECIPE_FILE: &str = "dlo-expand-recipe.toml";
@@ -105,13 +110,51 @@ impl ExpandArgs {
     }
 
     /// The validated plan: recipe file (if any) overlaid with the flags, then paper defaults.
-    pub fn plan(&self) -> anyhow::Result<ExpandPlan> {
+    pub fn plan(&self) -> Result<ExpandPlan, ExpandError> {
         let file = match &self.recipe {
             Some(p) => Recipe::from_file(p)?,
             None => Recipe::default(),
         };
         Ok(ExpandPlan::from_recipe(&file.overlay(&self.flags_recipe()))?)
     }
+}
+
+/// Why an expansion failed.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ExpandError {
+    /// The output directory already exists.
+    #[error("{}: output already exists; choose a new directory or remove it", .0.display())]
+    OutputExists(PathBuf),
+    /// The base is a directory without `config.json`.
+    #[error("{}: not an HF checkpoint directory (no config.json)", .0.display())]
+    NotACheckpoint(PathBuf),
+    /// The base cannot be opened by the runtime's loaders (GGUF and the rest).
+    #[error("opening {}", path.display())]
+    Open {
+        /// The base.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: dlo_runtime::Error,
+    },
+    /// Carrying the base's tokenizer into the output failed.
+    #[error("{action} {}", path.display())]
+    Io {
+        /// What was being done (`creating`, `reading`).
+        action: &'static str,
+        /// The file or directory.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The recipe, the plan, the IR or the writer refused (every message names what is wrong).
+    #[error(transparent)]
+    Passes(#[from] dlo_passes::Error),
+    /// Converting the base's tokenizer failed.
+    #[error(transparent)]
+    Runtime(#[from] dlo_runtime::Error),
 }
 
 /// A base checkpoint opened for expansion.
@@ -126,9 +169,9 @@ pub struct OpenedBase {
 
 /// Opens the base checkpoint: an HF directory through the passes crate's memory-mapped reader; anything
 /// else (GGUF) through the runtime's [`dlo_runtime::Checkpoint`].
-pub fn open_source(path: &Path) -> anyhow::Result<OpenedBase> {
+pub fn open_source(path: &Path) -> Result<OpenedBase, ExpandError> {
     if path.is_dir() && path.join("config.json").is_file() {
-        let config = ModelConfig::from_hf_file(&path.join("config.json"))?;
+        let config = ModelConfig::from_hf_file(&path.join("config.json")).map_err(dlo_passes::Error::from)?;
         let source = SafetensorsDir::open(path)?;
         return Ok(OpenedBase {
             config,
@@ -137,23 +180,34 @@ pub fn open_source(path: &Path) -> anyhow::Result<OpenedBase> {
         });
     }
     if path.is_dir() {
-        anyhow::bail!("{}: not an HF checkpoint directory (no config.json)", path.display());
+        return Err(ExpandError::NotACheckpoint(path.to_path_buf()));
     }
-    let ckpt = dlo_runtime::Checkpoint::open(path).with_context(|| format!("opening {}", path.display()))?;
+    let ckpt = dlo_runtime::Checkpoint::open(path).map_err(|source| ExpandError::Open {
+        path: path.to_path_buf(),
+        source,
+    })?;
     let mut extra_files = Vec::new();
     if let Some(tok) = &ckpt.tokenizer {
         // The importer's tokenizer files (tokenizer.json + tokenizer_config.json with the chat template),
         // written to a scratch directory and carried as bytes.
         let scratch = std::env::temp_dir().join(format!("dlo-expand-tokenizer-{}", std::process::id()));
-        std::fs::create_dir_all(&scratch).with_context(|| format!("creating {}", scratch.display()))?;
+        std::fs::create_dir_all(&scratch).map_err(|source| ExpandError::Io {
+            action: "creating",
+            path: scratch.clone(),
+            source,
+        })?;
         let written = crate::import::write_tokenizer_files(tok, ckpt.config.max_position_embeddings, &scratch)
-            .map_err(anyhow::Error::from)
+            .map_err(ExpandError::from)
             .and_then(|()| {
                 let mut files = Vec::new();
                 for name in ["tokenizer.json", "tokenizer_config.json"] {
                     let p = scratch.join(name);
                     if p.is_file() {
-                        let data = std::fs::read(&p).with_context(|| format!("reading {}", p.display()))?;
+                        let data = std::fs::read(&p).map_err(|source| ExpandError::Io {
+                            action: "reading",
+                            path: p.clone(),
+                            source,
+                        })?;
                         files.push(ExtraFile::Bytes {
                             name: name.into(),
                             data,
@@ -208,7 +262,8 @@ impl TensorSource for RuntimeSource {
     }
 }
 
-fn human_bytes(b: u64) -> String {
+/// A size in MiB (or GiB from 1 GiB on), as the expand report shows it.
+pub fn human_bytes(b: u64) -> String {
     if b >= 1 << 30 {
         format!("{:.2} GiB", b as f64 / (1u64 << 30) as f64)
     } else {
@@ -216,83 +271,138 @@ fn human_bytes(b: u64) -> String {
     }
 }
 
-/// Runs `dlo-compile expand`.
-pub fn run(args: &ExpandArgs) -> anyhow::Result<()> {
-    let plan = args.plan()?;
-    if args.output.exists() {
-        anyhow::bail!(
-            "{}: output already exists; choose a new directory or remove it",
-            args.output.display()
-        );
+/// An expansion applied to the IR and not yet written. `Display` gives its summary: the passes, the layer
+/// map and the routers.
+pub struct Expansion {
+    /// The validated plan.
+    pub plan: ExpandPlan,
+    /// The expanded model.
+    pub spec: ModelSpec,
+    /// Each pass that ran, and whether it changed the model.
+    pub passes: Vec<(&'static str, bool)>,
+    base_path: PathBuf,
+    output: PathBuf,
+    base: OpenedBase,
+}
+
+/// What an expansion wrote.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ExpandReport {
+    /// The output directory.
+    pub output: PathBuf,
+    /// Tensors in `model.safetensors`.
+    pub tensors: usize,
+    /// Size of `model.safetensors` in bytes.
+    pub safetensors_bytes: u64,
+    /// Size of every file written, in bytes.
+    pub total_bytes: u64,
+    /// Storage dtype of the tensors.
+    pub dtype: OutDtype,
+    /// Time spent writing.
+    pub elapsed: Duration,
+}
+
+impl Expansion {
+    /// Checks that `output` does not exist, opens `base` ([`open_source`]) and applies `plan` to it.
+    pub fn prepare(base: &Path, output: &Path, plan: ExpandPlan) -> Result<Expansion, ExpandError> {
+        if output.exists() {
+            return Err(ExpandError::OutputExists(output.to_path_buf()));
+        }
+        let opened = open_source(base)?;
+        let mut spec = ModelSpec::from_base(opened.config.clone(), base)?;
+        let passes = plan.apply(&mut spec)?;
+        Ok(Expansion {
+            plan,
+            spec,
+            passes,
+            base_path: base.to_path_buf(),
+            output: output.to_path_buf(),
+            base: opened,
+        })
     }
-    let base = open_source(&args.base)?;
-    let mut spec = ModelSpec::from_base(base.config.clone(), &args.base)?;
-    let passes = plan.apply(&mut spec)?;
-    let l_in = spec.base_layers();
-    let l_out = spec.layers.len();
-    println!(
-        "expand {} → {}: {l_in} → {l_out} layers ({}, init {}); passes: {}",
-        args.base.display(),
-        args.output.display(),
-        plan.expand.method.name(),
-        plan.expand.init.as_str(),
-        passes
-            .iter()
-            .map(|(n, c)| format!("{n}{}", if *c { "" } else { " (no change)" }))
-            .collect::<Vec<_>>()
-            .join(", ")
-    );
-    println!("layer map:");
-    for line in spec.layer_map() {
-        println!("  {line}");
+
+    /// Writes the expanded model, the base's tokenizer files and the recipe into the output directory.
+    pub fn write(self) -> Result<ExpandReport, ExpandError> {
+        let mut extra_files = self.base.extra_files;
+        extra_files.push(ExtraFile::Bytes {
+            name: RECIPE_FILE.into(),
+            data: self.plan.to_recipe().to_toml().into_bytes(),
+        });
+        let start = Instant::now();
+        let report = write_model(
+            &self.spec,
+            self.base.source.as_ref(),
+            &self.output,
+            &WriteOptions {
+                dtype: self.plan.dtype,
+                extra_files,
+            },
+        )?;
+        Ok(ExpandReport {
+            output: self.output,
+            tensors: report.tensors,
+            safetensors_bytes: report.safetensors_bytes,
+            total_bytes: report.total_bytes,
+            dtype: self.plan.dtype,
+            elapsed: start.elapsed(),
+        })
     }
-    let routed = spec.is_dlo().iter().filter(|&&r| r).count();
-    println!(
-        "routers: {routed}/{l_out} layers ({} init); skip {}; capacity {}; loss {} λ={}; gate α={} β={}; rescale {}",
-        spec.gate_init_method(),
-        spec.dlo.skip.as_str(),
-        match &spec.dlo.capacity {
-            dlo_passes::Capacity::Scalar(c) => c.to_string(),
-            dlo_passes::Capacity::PerLayer(v) => format!("{v:?}"),
-        },
-        spec.dlo.loss_type.as_str(),
-        spec.dlo.loss_coefficient,
-        spec.dlo.scale_factor,
-        spec.dlo.scale_gap,
-        spec.dlo.rescale_hidden_states
-    );
-    if routed > 0 && spec.gate_init_method() == "zero" {
-        println!(
-            "note: zero-initialised routers skip every routed layer at eval until trained (reference rule: execute iff logit > 0)"
-        );
+}
+
+impl fmt::Display for Expansion {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let (plan, spec) = (&self.plan, &self.spec);
+        let l_in = spec.base_layers();
+        let l_out = spec.layers.len();
+        writeln!(
+            f,
+            "expand {} → {}: {l_in} → {l_out} layers ({}, init {}); passes: {}",
+            self.base_path.display(),
+            self.output.display(),
+            plan.expand.method.name(),
+            plan.expand.init.as_str(),
+            self.passes
+                .iter()
+                .map(|(n, c)| format!("{n}{}", if *c { "" } else { " (no change)" }))
+                .collect::<Vec<_>>()
+                .join(", ")
+        )?;
+        writeln!(f, "layer map:")?;
+        for line in spec.layer_map() {
+            writeln!(f, "  {line}")?;
+        }
+        let routed = spec.is_dlo().iter().filter(|&&r| r).count();
+        write!(
+            f,
+            "routers: {routed}/{l_out} layers ({} init); skip {}; capacity {}; loss {} λ={}; gate α={} β={}; rescale {}",
+            spec.gate_init_method(),
+            spec.dlo.skip.as_str(),
+            match &spec.dlo.capacity {
+                dlo_passes::Capacity::Scalar(c) => c.to_string(),
+                dlo_passes::Capacity::PerLayer(v) => format!("{v:?}"),
+            },
+            spec.dlo.loss_type.as_str(),
+            spec.dlo.loss_coefficient,
+            spec.dlo.scale_factor,
+            spec.dlo.scale_gap,
+            spec.dlo.rescale_hidden_states
+        )?;
+        if routed > 0 && spec.gate_init_method() == "zero" {
+            write!(
+                f,
+                "\nnote: zero-initialised routers skip every routed layer at eval until trained (reference rule: execute iff logit > 0)"
+            )?;
+        }
+        Ok(())
     }
+}
+
+/// Plans and prepares the expansion `args` ask for and, unless it is a dry run, writes it (`None` for a dry
+/// run). Prints nothing: `dlo-compile expand` prints the [`Expansion`] summary and the report.
+pub fn run(args: &ExpandArgs) -> Result<Option<ExpandReport>, ExpandError> {
+    let e = Expansion::prepare(&args.base, &args.output, args.plan()?)?;
     if args.dry_run {
-        println!("dry run: nothing written");
-        return Ok(());
+        return Ok(None);
     }
-    let mut extra_files = base.extra_files;
-    extra_files.push(ExtraFile::Bytes {
-        name: RECIPE_FILE.into(),
-        data: plan.to_recipe().to_toml().into_bytes(),
-    });
-    let start = std::time::Instant::now();
-    let report = write_model(
-        &spec,
-        base.source.as_ref(),
-        &args.output,
-        &WriteOptions {
-            dtype: plan.dtype,
-            extra_files,
-        },
-    )?;
-    println!(
-        "wrote {} ({} tensors, {} {}; {} in total) in {:.1}s",
-        args.output.display(),
-        report.tensors,
-        human_bytes(report.safetensors_bytes),
-        plan.dtype.as_str(),
-        human_bytes(report.total_bytes),
-        start.elapsed().as_secs_f64()
-    );
-    Ok(())
+    e.write().map(Some)
 }

@@ -1,4 +1,9 @@
-//! The `dlo-compile` library: each subcommand is a module that takes validated arguments.
+//! The `dlo-compile` library: each subcommand is a module.
+//!
+//! As in ripgrep, argv, plans and printing are apart: a command's clap arguments (`XArgs`) become a validated
+//! plan, the library runs the plan and returns a report or a typed error, and only `dlo-compile`'s `main`
+//! prints. [`import`], [`analyze`], [`expand`] and [`build`] work this way; [`train`] still takes its
+//! arguments and prints from the library.
 //!
 //! | stage | module |
 //! |---|---|

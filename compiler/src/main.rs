@@ -1,7 +1,7 @@
 //! `dlo-compile`: turn a Llama-family checkpoint into a DLO model and deploy it.
 //!
-//! Arguments become a plan (`XArgs::plan`), the library runs it and returns a report, and only this file
-//! prints (the commands not converted yet still print from the library).
+//! Arguments become a plan (`XArgs::plan`, `BuildPlan::from_args`), the library runs it and returns a
+//! report, and only this file prints (`train` still prints from the library).
 
 use clap::{Parser, Subcommand};
 
@@ -49,12 +49,80 @@ fn import(args: &dlo_compiler::import::ImportArgs) -> anyhow::Result<()> {
 /// `dlo-compile analyze`: what was analysed and where it went.
 fn analyze(args: &dlo_compiler::analyze::AnalyzeArgs) -> anyhow::Result<()> {
     let r = dlo_compiler::analyze::run(&args.plan()?)?;
+    for w in &r.warnings {
+        eprintln!("warning: {w}");
+    }
     eprintln!(
         "analysed {} tokens in {} sequences; wrote {}/similarity.{{json,png,svg}}",
         r.tokens,
         r.sequences,
         r.output.display()
     );
+    Ok(())
+}
+
+/// `dlo-compile expand`: the plan's summary on stdout before writing, then what was written.
+fn expand(args: &dlo_compiler::expand::ExpandArgs) -> anyhow::Result<()> {
+    use dlo_compiler::expand::{human_bytes, Expansion};
+    let e = Expansion::prepare(&args.base, &args.output, args.plan()?)?;
+    println!("{e}");
+    if args.dry_run {
+        println!("dry run: nothing written");
+        return Ok(());
+    }
+    let r = e.write()?;
+    println!(
+        "wrote {} ({} tensors, {} {}; {} in total) in {:.1}s",
+        r.output.display(),
+        r.tensors,
+        human_bytes(r.safetensors_bytes),
+        r.dtype.as_str(),
+        human_bytes(r.total_bytes),
+        r.elapsed.as_secs_f64()
+    );
+    Ok(())
+}
+
+/// `dlo-compile build`: warnings and the calibrated budget, then what was written.
+fn build(args: &dlo_compiler::build::BuildArgs) -> anyhow::Result<()> {
+    use dlo_compiler::build::{Build, BuildOutput, BuildPlan};
+    let plan = BuildPlan::from_args(args)?;
+    let build = Build::prepare(plan.clone())?;
+    for w in build.warnings() {
+        eprintln!("warning: {w}");
+    }
+    if let Some(b) = build.budget() {
+        let held = b.heldout_rate.map_or("n/a".to_string(), |h| format!("{h:.3}"));
+        let what = match b.layer_rates {
+            Some(_) => format!("budget capacity (mean {:.3})", b.rate),
+            None => format!("budget {}", b.rate),
+        };
+        eprintln!(
+            "{what}: execution rate {:.3} on calibration text, {held} held out",
+            b.calibration_rate
+        );
+    }
+    match build.write()? {
+        BuildOutput::Onnx { report: r, elem } => eprintln!(
+            "wrote {} ({} routed layers, {:.1} MB of {} tensors{})",
+            r.files
+                .iter()
+                .map(|f| f.display().to_string())
+                .collect::<Vec<_>>()
+                .join(", "),
+            r.routed_layers,
+            r.tensor_bytes as f64 / 1e6,
+            elem.as_str(),
+            if r.external_data { ", external data" } else { "" }
+        ),
+        BuildOutput::Native(r) => eprintln!(
+            "wrote {} ({:.1} MB, {} routed layers, {})",
+            plan.output.display(),
+            r.bytes as f64 / 1e6,
+            r.routed_layers,
+            plan.dtype.as_str()
+        ),
+    }
     Ok(())
 }
 
@@ -69,9 +137,9 @@ fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     let result = match &cli.command {
         Command::Import(a) => import(a),
-        Command::Build(a) => dlo_compiler::build::run(a),
+        Command::Build(a) => build(a),
         Command::Analyze(a) => analyze(a),
-        Command::Expand(a) => dlo_compiler::expand::run(a),
+        Command::Expand(a) => expand(a),
         Command::Train(a) => process_threads(&a.runtime).and_then(|()| dlo_compiler::train::run(a)),
     };
     match result {

@@ -1,7 +1,7 @@
 //! Plots written as PNG and SVG (plotters): heatmaps and line charts for analysis and training reports.
 //!
 //! Text needs a TrueType font; plotters' pure-Rust glyph backend gets DejaVu Sans from `$DLO_FONT` or the
-//! usual system locations. Without a font, plots are still drawn, without labels (a warning says so).
+//! usual system locations. Without a font, plots are still drawn, without labels ([`font_warning`] says so).
 
 use anyhow::{anyhow, Context, Result};
 use plotters::coord::Shift;
@@ -28,9 +28,13 @@ fn font_available() -> bool {
                 }
             }
         }
-        eprintln!("warning: no TrueType font found (set DLO_FONT=path.ttf); plots will have no text");
         false
     })
+}
+
+/// The warning to show when plots have no text for want of a font (`None` when a font was found).
+pub fn font_warning() -> Option<&'static str> {
+    (!font_available()).then_some("no TrueType font found (set DLO_FONT=path.ttf); plots will have no text")
 }
 
 /// A colour map from 0 (dark blue) through 0.5 (yellow-green) to 1 (dark red), perceptually ordered.

@@ -1,6 +1,6 @@
 //! `dlo-compile expand` end to end on a tiny HF checkpoint written by the test.
 
-use dlo_compiler::expand::{run, ExpandArgs, RECIPE_FILE};
+use dlo_compiler::expand::{run, ExpandArgs, ExpandError, Expansion, RECIPE_FILE};
 use dlo_passes::{ModelConfig, Recipe, SafetensorsDir, TensorSource};
 use safetensors::tensor::TensorView;
 use std::path::Path;
@@ -111,8 +111,37 @@ fn recipe_plus_flags_write_a_reproducible_dlo_checkpoint() {
     );
 
     // Existing output: refused before anything is read.
-    let e = run(&args).unwrap_err().to_string();
-    assert!(e.contains("already exists"), "{e}");
+    let e = run(&args).unwrap_err();
+    assert!(matches!(e, ExpandError::OutputExists(_)), "{e}");
+    assert!(e.to_string().contains("already exists"), "{e}");
+}
+
+#[test]
+fn an_expansion_is_summarised_before_anything_is_written() {
+    let dir = tempfile::tempdir().unwrap();
+    let base = dir.path().join("base");
+    tiny_checkpoint(&base, 6);
+    let out = dir.path().join("out");
+    let args = ExpandArgs {
+        base: base.clone(),
+        output: out.clone(),
+        layers: Some(8),
+        dry_run: true,
+        ..Default::default()
+    };
+    assert_eq!(run(&args).unwrap(), None, "a dry run writes nothing");
+    assert!(!out.exists());
+    let e = Expansion::prepare(&base, &out, args.plan().unwrap()).unwrap();
+    let summary = e.to_string();
+    assert!(
+        summary.starts_with(&format!("expand {} → {}: 6 → 8 layers", base.display(), out.display())),
+        "{summary}"
+    );
+    assert!(summary.contains("\nlayer map:\n  0 ← orig 0"), "{summary}");
+    assert!(!out.exists());
+    let r = e.write().unwrap();
+    assert_eq!(r.output, out);
+    assert_eq!(r.tensors, SafetensorsDir::open(&out).unwrap().names().len());
 }
 
 #[test]

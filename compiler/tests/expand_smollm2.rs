@@ -81,7 +81,7 @@ fn smollm2_30_to_36_zeros_is_identity_and_copy_places_layers() {
 
 #[test]
 fn smollm2_dlo_engine_with_budget_capacity_follows_each_layers_capacity() {
-    use dlo_compiler::build::{BudgetArg, BuildArgs};
+    use dlo_compiler::build::{BudgetArg, BuildArgs, BuildPlan};
     use dlo_compiler::calibrate::routing_stats;
     use dlo_runtime::engine::Engine;
     let Some(base) = smollm2_gguf() else { return };
@@ -121,7 +121,7 @@ fn smollm2_dlo_engine_with_budget_capacity_follows_each_layers_capacity() {
     let text_path = dir.path().join("gsm8k.txt");
     std::fs::write(&text_path, &text).unwrap();
     let engine = dir.path().join("dlo.dlo");
-    dlo_compiler::build::run(&BuildArgs {
+    let args = BuildArgs {
         model: ckpt,
         output: engine.clone(),
         target: "native".into(),
@@ -131,8 +131,8 @@ fn smollm2_dlo_engine_with_budget_capacity_follows_each_layers_capacity() {
         heldout: None,
         calibration_tokens: 4096,
         chunk_len: 128,
-    })
-    .unwrap();
+    };
+    dlo_compiler::build::run(BuildPlan::from_args(&args).unwrap()).unwrap();
     let e = Engine::open(&engine).unwrap();
     let b = e.plan().budget.clone().unwrap();
     let want: Vec<Option<f64>> = caps.iter().map(|c| Some(*c)).collect();
