@@ -8,15 +8,17 @@
 use crate::analysis::{similarity_profile, LayerSimilarity};
 use crate::corpus::read_documents;
 use crate::plot::{heatmap_with_bars, Heatmap};
-use candle_core::{DType, Device};
+use crate::runtime_args::RuntimeArgs;
+use candle_core::DType;
 use dlo_passes::fsutil::{AtomicDir, FsError};
 use dlo_runtime::model::Batch;
+use dlo_runtime::RuntimeOptions;
 use dlo_runtime::{Checkpoint, Model};
 use serde_json::json;
 use std::path::PathBuf;
 
 /// Arguments of `dlo-compile analyze`; [`AnalyzeArgs::plan`] validates them.
-#[derive(Debug, clap::Args)]
+#[derive(Debug, Clone, clap::Args)]
 pub struct AnalyzeArgs {
     /// Checkpoint (HF directory or GGUF).
     pub model: PathBuf,
@@ -32,6 +34,9 @@ pub struct AnalyzeArgs {
     /// Total tokens analysed.
     #[arg(long, default_value_t = 4096)]
     pub max_tokens: usize,
+    /// Where the model runs, and with how many threads.
+    #[command(flatten)]
+    pub runtime: RuntimeArgs,
 }
 
 impl AnalyzeArgs {
@@ -48,6 +53,7 @@ impl AnalyzeArgs {
             output: self.output.clone(),
             seq_len: self.seq_len,
             max_tokens: self.max_tokens,
+            runtime: self.runtime.options(DType::F32)?,
         })
     }
 }
@@ -65,6 +71,8 @@ pub struct AnalyzePlan {
     pub seq_len: usize,
     /// Total tokens analysed (positive).
     pub max_tokens: usize,
+    /// How the model runs (f32 compute; device and threads from the flags).
+    pub runtime: RuntimeOptions,
 }
 
 /// What an analysis wrote.
@@ -186,7 +194,7 @@ pub fn run(plan: &AnalyzePlan) -> Result<AnalyzeReport, AnalyzeError> {
     if seqs.is_empty() {
         return Err(AnalyzeError::NoText(plan.text.clone()));
     }
-    let model = Model::load(&ckpt.config, &ckpt.weights, DType::F32, &Device::Cpu)?;
+    let model = Model::load_opts(&ckpt.config, &ckpt.weights, &plan.runtime)?;
     let n_layers = model.config().num_hidden_layers;
     let mut per_layer: Vec<(Vec<f32>, Vec<f32>)> = vec![(vec![], vec![]); n_layers];
     let mut first: Option<Vec<LayerSimilarity>> = None;
@@ -315,8 +323,19 @@ mod tests {
             output: tmp.path().join("out"),
             seq_len: 0,
             max_tokens: 16,
+            runtime: Default::default(),
         };
         assert!(matches!(args.plan(), Err(AnalyzeError::Invalid(_))));
+        let bad_device = AnalyzeArgs {
+            seq_len: 8,
+            runtime: RuntimeArgs {
+                device: "cuda:9".into(),
+                threads: None,
+            },
+            ..args.clone()
+        };
+        let e = bad_device.plan().unwrap_err().to_string();
+        assert!(e.contains("device cuda:9: cannot open it"), "{e}");
         let plan = AnalyzeArgs { seq_len: 8, ..args }.plan().unwrap();
         std::fs::create_dir(&plan.output).unwrap();
         assert!(matches!(run(&plan), Err(AnalyzeError::OutputExists(_))));

@@ -15,10 +15,12 @@
 
 use crate::calibrate::{calibrate, Calibration, CalibrationOptions, RateTarget};
 use crate::onnx::{OnnxError, OnnxReport};
+use crate::runtime_args::RuntimeArgs;
 use candle_core::{DType, Device};
 use dlo_passes::ModelConfig;
 use dlo_runtime::engine::format::StorageDtype;
 use dlo_runtime::engine::{open_any, write_engine_file, Budget, EnginePlan, Opened, Provenance};
+use dlo_runtime::RuntimeOptions;
 use dlo_runtime::{Error, Model, Result, Tokenizer, Weights};
 use std::path::{Path, PathBuf};
 
@@ -53,6 +55,9 @@ pub struct BuildArgs {
     /// Tokens per calibration sequence.
     #[arg(long, default_value_t = 128)]
     pub chunk_len: usize,
+    /// Where calibration runs the model, and with how many threads.
+    #[command(flatten)]
+    pub runtime: RuntimeArgs,
 }
 
 /// The `--budget` of a build.
@@ -104,6 +109,8 @@ pub struct BuildPlan {
     pub calibration_tokens: usize,
     /// Tokens per calibration sequence.
     pub chunk_len: usize,
+    /// How calibration runs the model (f32 compute; device and threads from the flags).
+    pub runtime: RuntimeOptions,
 }
 
 impl BuildPlan {
@@ -172,6 +179,7 @@ impl BuildPlan {
             heldout: a.heldout.clone(),
             calibration_tokens: a.calibration_tokens,
             chunk_len: a.chunk_len,
+            runtime: a.runtime.options(DType::F32)?,
         })
     }
 }
@@ -455,7 +463,7 @@ fn calibrate_plan(
         }
         _ => None,
     };
-    let model = Model::load(cfg, w, DType::F32, &Device::Cpu)?;
+    let model = Model::load_opts(cfg, w, &plan.runtime)?;
     let target = match plan.budget {
         None => None,
         Some(BudgetArg::Rate(r)) => Some(RateTarget::Uniform(r)),
@@ -565,7 +573,37 @@ mod tests {
             heldout: None,
             calibration_tokens: 32768,
             chunk_len: 64,
+            runtime: Default::default(),
         }
+    }
+
+    #[test]
+    fn runtime_flags_are_checked_in_the_plan() {
+        let dir = tempfile::tempdir().unwrap();
+        for (device, threads, needle) in [
+            ("tpu", None, "device `tpu`"),
+            ("cpu", Some(2000), "2000 threads"),
+            ("cuda:1", None, "device cuda:1: cannot open it"),
+        ] {
+            let a = BuildArgs {
+                runtime: RuntimeArgs {
+                    device: device.into(),
+                    threads,
+                },
+                ..args(dir.path())
+            };
+            let e = BuildPlan::from_args(&a).unwrap_err().to_string();
+            assert!(e.contains(needle), "{e}");
+        }
+        let plan = BuildPlan::from_args(&BuildArgs {
+            runtime: RuntimeArgs {
+                device: "cpu".into(),
+                threads: Some(1),
+            },
+            ..args(dir.path())
+        })
+        .unwrap();
+        assert_eq!(plan.runtime.threads, Some(1));
     }
 
     #[test]

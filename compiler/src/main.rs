@@ -137,8 +137,8 @@ fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     let result = match &cli.command {
         Command::Import(a) => import(a),
-        Command::Build(a) => build(a),
-        Command::Analyze(a) => analyze(a),
+        Command::Build(a) => process_threads(&a.runtime).and_then(|()| build(a)),
+        Command::Analyze(a) => process_threads(&a.runtime).and_then(|()| analyze(a)),
         Command::Expand(a) => expand(a),
         Command::Train(a) => process_threads(&a.runtime).and_then(|()| dlo_compiler::train::run(a)),
     };

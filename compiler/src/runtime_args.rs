@@ -25,7 +25,8 @@ impl Default for RuntimeArgs {
 }
 
 impl RuntimeArgs {
-    /// The validated runtime options for a model computing in `dtype`.
+    /// The validated runtime options for a model computing in `dtype`. The device is opened once here, so that
+    /// an unavailable one fails before a command reads or writes anything.
     pub fn options(&self, dtype: DType) -> dlo_runtime::Result<RuntimeOptions> {
         let opts = RuntimeOptions {
             device: self.device.parse::<DeviceSpec>()?,
@@ -34,6 +35,7 @@ impl RuntimeArgs {
             ..RuntimeOptions::default()
         };
         opts.validate()?;
+        opts.device.device()?;
         Ok(opts)
     }
 }
@@ -45,20 +47,23 @@ mod tests {
     #[test]
     fn flags_become_validated_options() {
         let a = RuntimeArgs {
-            device: "cuda:2".into(),
+            device: "cpu".into(),
             threads: Some(3),
         };
         let o = a.options(DType::F32).unwrap();
-        assert_eq!((o.device, o.threads), (DeviceSpec::Cuda(2), Some(3)));
-        let bad = RuntimeArgs {
-            device: "gpu".into(),
-            threads: None,
-        };
-        assert!(bad.options(DType::F32).unwrap_err().to_string().contains("`gpu`"));
-        let bad = RuntimeArgs {
-            threads: Some(0),
-            ..RuntimeArgs::default()
-        };
-        assert!(bad.options(DType::F32).unwrap_err().to_string().contains("0 threads"));
+        assert_eq!((o.device, o.threads), (DeviceSpec::Cpu, Some(3)));
+        for (device, threads, needle) in [
+            ("gpu", None, "`gpu`"),
+            ("cpu", Some(0), "0 threads"),
+            // this build has no CUDA: the device is named when it cannot be opened
+            ("cuda:2", None, "device cuda:2: cannot open it"),
+        ] {
+            let bad = RuntimeArgs {
+                device: device.into(),
+                threads,
+            };
+            let e = bad.options(DType::F32).unwrap_err().to_string();
+            assert!(e.contains(needle), "{e}");
+        }
     }
 }

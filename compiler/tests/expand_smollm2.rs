@@ -131,6 +131,7 @@ fn smollm2_dlo_engine_with_budget_capacity_follows_each_layers_capacity() {
         heldout: None,
         calibration_tokens: 4096,
         chunk_len: 128,
+        runtime: Default::default(),
     };
     dlo_compiler::build::run(BuildPlan::from_args(&args).unwrap()).unwrap();
     let e = Engine::open(&engine).unwrap();

@@ -153,8 +153,6 @@ impl TrainArgs {
             ),
         };
         let device = self.runtime.options(DType::F32)?.device;
-        // Opened once here so that an unavailable device fails before anything is read or written.
-        device.device()?;
         Ok(Options {
             batch: self.batch,
             grad_accum: self.grad_accum,
