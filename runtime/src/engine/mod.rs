@@ -1,6 +1,6 @@
 //! Native engines: one memory-mappable, integrity-checked file holding a lowered DLO model.
 //!
-//! - [`format`]: the file layout (the spec), the reader [`format::EngineFile`] and the streaming writer.
+//! - [`format`](mod@format): the file layout (the spec), the reader [`format::EngineFile`] and the streaming writer.
 //! - [`plan`]: the lowered plan (layer schedule, gate, budget thresholds, quantile tables).
 //!
 //! Choosing the thresholds and quantile tables on sample text (budget calibration) is the compiler's job
@@ -175,7 +175,7 @@ pub struct Engine {
 
 impl Engine {
     /// Maps the engine at `path` and validates its header, manifest, plan and tensor table. Tensor
-    /// checksums are verified as tensors are first read (see [`format`]); [`Engine::verify`] checks all.
+    /// checksums are verified as tensors are first read (see [`format`](mod@format)); [`Engine::verify`] checks all.
     pub fn open(path: &Path) -> Result<Self> {
         let mut file = EngineFile::open(path)?;
         let manifest: Manifest = serde_json::from_value(file.take_manifest_json())

@@ -2,7 +2,7 @@
 //! logits become decisions (the reference rule, or calibrated per-layer thresholds for a compute budget).
 //!
 //! A budget R ∈ (0, 1] is a target mean execution rate over routed layers. Calibration
-//! ([`super::calibrate`]) stores, per routed layer, the thresholds for the build budget and a table of
+//! (the compiler's `calibrate` module) stores, per routed layer, the thresholds for the build budget and a table of
 //! [`N_QUANTILES`] quantiles of the router-logit distribution it observed, so the runtime can map any
 //! other budget to thresholds ([`EnginePlan::routing`]) without recalibrating: layer l executes a token
 //! iff `z > q_l(1 − r_l)`, where r_l = R, or, for an engine calibrated to per-layer rates (its trained
