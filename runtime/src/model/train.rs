@@ -260,6 +260,71 @@ mod tests {
         }
     }
 
+    /// Training's `mlp` skipping runs the MLP with gradient on the selected rows only; it must compute the
+    /// same function as the dense form (every row's MLP, masked by the selection), in value, similarity and
+    /// every gradient. In f64 the two agree to rounding.
+    #[test]
+    fn gathered_mlp_training_equals_the_dense_masked_form() {
+        let cfg = routed(tiny_config(false), SkipKind::Mlp);
+        let w = random_weights(&cfg, 17);
+        let (m, vars) = Model::load_trainable(&cfg, &w, |_| true, DType::F64, &Device::Cpu).unwrap();
+        let b = batch();
+        let routing = TrainRouting {
+            capacity: vec![0.5; cfg.num_hidden_layers],
+            per_sequence: false,
+            similarity: true,
+        };
+        let out = m.forward_train(&b, &routing).unwrap();
+        // The dense masked form, with the decisions the gathered pass made.
+        let ex = Exec { differentiable: true };
+        let (mut h, step) = m.embed(&b).unwrap();
+        let mut sims = vec![];
+        for (l, layer) in m.layers.iter().enumerate() {
+            let a = layer.attn_unit(&h, &step, Kv::Local(None), ex).unwrap();
+            let mm = layer.mlp_delta(&a, ex).unwrap();
+            h = match (&m.routers[l], &out.layers[l]) {
+                (Some(router), Some(tr)) => {
+                    let z = router.logits(&h).unwrap();
+                    let g = super::super::gate_of_scores(
+                        &candle_nn::ops::sigmoid(&z).unwrap(),
+                        &cfg.dlo.as_ref().unwrap().gate_params(),
+                    )
+                    .unwrap()
+                    .reshape((b.b, b.t, 1))
+                    .unwrap();
+                    let sel: Vec<f64> = tr.exec.iter().map(|&e| e as u8 as f64).collect();
+                    let sel = Tensor::from_vec(sel, (b.b, b.t, 1), &Device::Cpu).unwrap();
+                    sims.push(cosine_rows(&a.detach(), &(a.detach() + mm.detach()).unwrap()).unwrap());
+                    (&a + mm.broadcast_mul(&g).unwrap().broadcast_mul(&sel).unwrap()).unwrap()
+                }
+                _ => (&a + mm).unwrap(),
+            };
+        }
+        let dense = m.head(&h, ex).unwrap();
+        assert!(max_abs_diff(&out.logits, &dense) < 1e-12);
+        let got: Vec<Vec<f64>> = out
+            .layers
+            .iter()
+            .flatten()
+            .map(|t| t.similarity.clone().unwrap())
+            .collect();
+        assert_eq!(got.len(), sims.len());
+        for (g, d) in got.iter().zip(&sims) {
+            assert!(g.iter().zip(d).all(|(x, y)| (x - y).abs() < 1e-12), "{g:?} vs {d:?}");
+        }
+        // Every gradient, of a loss that weighs each logit differently.
+        let weights = Tensor::randn(0f64, 1.0, dense.dims(), &Device::Cpu).unwrap();
+        let loss = |x: &Tensor| (x * &weights).unwrap().sum_all().unwrap();
+        let (ga, gd) = (loss(&out.logits).backward().unwrap(), loss(&dense).backward().unwrap());
+        for (name, v) in &vars {
+            match (ga.get(v.as_tensor()), gd.get(v.as_tensor())) {
+                (Some(a), Some(d)) => assert!(max_abs_diff(a, d) < 1e-12, "{name}: {}", max_abs_diff(a, d)),
+                (None, None) => {}
+                _ => panic!("{name}: a gradient in one form only"),
+            }
+        }
+    }
+
     #[test]
     fn similarity_resolves_units_whose_output_is_below_f32_resolution() {
         // a residual row of norm ~1000 and a unit output of 1e-3 across it: 1 − s ≈ 5e-13, which f32 rounds
