@@ -1,7 +1,8 @@
 //! `dlo-compile`: turn a Llama-family checkpoint into a DLO model and deploy it.
 //!
 //! Arguments become a plan (`XArgs::plan`, `BuildPlan::from_args`), the library runs it and returns a
-//! report, and only this file prints (`train` still prints from the library).
+//! report, and only this file prints (apart from `train`'s live progress bar, which also shows its held-out
+//! evaluations and saves).
 
 use clap::{Parser, Subcommand};
 
@@ -126,6 +127,25 @@ fn build(args: &dlo_compiler::build::BuildArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// `dlo-compile train`: what the data gave as the library says it, then the closing lines: steps, losses,
+/// execution rate, speed and where the model is.
+fn train(args: &dlo_compiler::train::TrainArgs) -> anyhow::Result<()> {
+    let s = dlo_compiler::train::run(args, &mut |line| eprintln!("{line}"))?;
+    eprintln!(
+        "done: {} steps, train loss {:.4}, held-out loss {} → {}, execution rate {}, {:.0} tokens/s",
+        s.steps,
+        s.final_train_loss,
+        s.eval_loss_first.map_or("-".into(), |x| format!("{x:.4}")),
+        s.eval_loss_last.map_or("-".into(), |x| format!("{x:.4}")),
+        s.eval_exec_rate.map_or("-".into(), |x| format!("{x:.3}")),
+        s.tokens_per_s
+    );
+    if let Some(f) = &s.final_checkpoint {
+        eprintln!("model: {}", f.display());
+    }
+    Ok(())
+}
+
 /// Applies `--threads` to the whole process before a command that runs the model starts any thread.
 fn process_threads(args: &dlo_compiler::runtime_args::RuntimeArgs) -> anyhow::Result<()> {
     args.options(candle_core::DType::F32)?.init_process_threads()?;
@@ -140,7 +160,7 @@ fn main() -> std::process::ExitCode {
         Command::Build(a) => process_threads(&a.runtime).and_then(|()| build(a)),
         Command::Analyze(a) => process_threads(&a.runtime).and_then(|()| analyze(a)),
         Command::Expand(a) => expand(a),
-        Command::Train(a) => process_threads(&a.runtime).and_then(|()| dlo_compiler::train::run(a)),
+        Command::Train(a) => process_threads(&a.runtime).and_then(|()| train(a)),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

@@ -363,18 +363,18 @@ fn summarize<M: TrainModel>(
 }
 
 /// `dlo-compile train`: reads the data (malformed lines fail here, before the model loads), opens the
-/// model, tokenizes with its chat template, splits, and trains.
-pub fn run(args: &TrainArgs) -> anyhow::Result<()> {
+/// model, tokenizes with its chat template, splits, and trains. What the user should see before training
+/// starts (warnings, what the data gave) goes to `log`, line by line; the caller prints it and the returned
+/// [`Summary`]. During training the progress bar shows held-out evaluations and saves.
+pub fn run(args: &TrainArgs, log: &mut dyn FnMut(String)) -> Result<Summary> {
     let opts = args.options()?;
-    let convs = read_sources(&args.data)?;
+    let convs = read_sources(&args.data, log)?;
     let ck = dlo_runtime::Checkpoint::open(&args.model)?;
-    let tok = ck.tokenizer.as_ref().ok_or_else(|| {
-        anyhow::anyhow!(
-            "{}: the model has no tokenizer; training needs one",
-            args.model.display()
-        )
-    })?;
-    let (train, eval, stats) = tokenize_and_split(tok, &convs, &opts)?;
+    let tok = ck
+        .tokenizer
+        .as_ref()
+        .ok_or_else(|| TrainError::file(&args.model, "the model has no tokenizer; training needs one"))?;
+    let (train, eval, stats) = tokenize_and_split(tok, &convs, &opts, log)?;
     let pad_id = ck.config.eos_token_ids.first().copied().unwrap_or(0);
     let tokenizer_dir = tokenizer_files(args, tok, &ck.config)?;
     let setup = RunSetup {
@@ -389,18 +389,16 @@ pub fn run(args: &TrainArgs) -> anyhow::Result<()> {
         opts,
         data_stats: stats,
     };
-    let s = train_run::<Model>(setup, &mut checkpoint::Fs)?;
-    report(&s);
-    Ok(())
+    train_run::<Model>(setup, &mut checkpoint::Fs)
 }
 
-/// Every conversation of every `--data` source, printing the sources' warnings.
-fn read_sources(sources: &[data::Source]) -> anyhow::Result<Vec<data::Conversation>> {
+/// Every conversation of every `--data` source; the sources' warnings go to `log`.
+fn read_sources(sources: &[data::Source], log: &mut dyn FnMut(String)) -> Result<Vec<data::Conversation>> {
     let mut convs = Vec::new();
     for src in sources {
         let (c, warnings) = data::load_source(src)?;
         for w in warnings {
-            eprintln!("warning: {w}");
+            log(format!("warning: {w}"));
         }
         convs.extend(c);
     }
@@ -408,37 +406,38 @@ fn read_sources(sources: &[data::Source]) -> anyhow::Result<Vec<data::Conversati
 }
 
 /// Tokenizes the conversations with the model's chat template and splits them into training and held-out
-/// examples, printing what was kept.
+/// examples, saying in `log` what was kept.
 fn tokenize_and_split(
     tok: &Tokenizer,
     convs: &[data::Conversation],
     opts: &Options,
-) -> anyhow::Result<(Vec<Example>, Vec<Example>, data::DataStats)> {
+    log: &mut dyn FnMut(String),
+) -> Result<(Vec<Example>, Vec<Example>, data::DataStats)> {
     let enc = data::TokenizerEncoder::new(tok)?;
     if !enc.has_template() {
-        eprintln!("warning: the tokenizer has no chat template; using the reference layout <|user|>/<|assistant|>");
+        log("warning: the tokenizer has no chat template; using the reference layout <|user|>/<|assistant|>".into());
     }
     let (examples, stats) = data::tokenize_all(&enc, convs, opts.seq_len)?;
-    eprintln!(
+    log(format!(
         "data: {} conversations, {} kept, {} skipped without assistant tokens, {} truncated to {} tokens",
         stats.conversations, stats.kept, stats.no_assistant, stats.truncated, opts.seq_len
-    );
+    ));
     if let Some(first) = &stats.first_unlocatable {
-        eprintln!(
+        log(format!(
             "warning: {} conversations skipped because the chat template hides their assistant turns; first: {first}",
             stats.unlocatable
-        );
+        ));
     }
     let (ti, ei) = data::split_indices(examples.len(), opts.eval_split, opts.seed);
     let train: Vec<Example> = ti.iter().map(|&i| examples[i].clone()).collect();
     let eval: Vec<Example> = ei.iter().map(|&i| examples[i].clone()).collect();
-    eprintln!("split: {} train, {} held out", train.len(), eval.len());
+    log(format!("split: {} train, {} held out", train.len(), eval.len()));
     Ok((train, eval, stats))
 }
 
 /// Where checkpoints copy their tokenizer files from: an HF model directory itself; otherwise (GGUF) the
 /// tokenizer exported once to `OUTPUT/.tokenizer`.
-fn tokenizer_files(args: &TrainArgs, tok: &Tokenizer, cfg: &ModelConfig) -> anyhow::Result<PathBuf> {
+fn tokenizer_files(args: &TrainArgs, tok: &Tokenizer, cfg: &ModelConfig) -> Result<PathBuf> {
     if args.model.is_dir() {
         return Ok(args.model.clone());
     }
@@ -446,20 +445,4 @@ fn tokenizer_files(args: &TrainArgs, tok: &Tokenizer, cfg: &ModelConfig) -> anyh
     std::fs::create_dir_all(&d).map_err(|e| TrainError::io(&d, e))?;
     crate::import::write_tokenizer_files(tok, cfg.max_position_embeddings, &d)?;
     Ok(d)
-}
-
-/// The closing lines: steps, losses, execution rate, speed and where the model is.
-fn report(s: &Summary) {
-    eprintln!(
-        "done: {} steps, train loss {:.4}, held-out loss {} → {}, execution rate {}, {:.0} tokens/s",
-        s.steps,
-        s.final_train_loss,
-        s.eval_loss_first.map_or("-".into(), |x| format!("{x:.4}")),
-        s.eval_loss_last.map_or("-".into(), |x| format!("{x:.4}")),
-        s.eval_exec_rate.map_or("-".into(), |x| format!("{x:.3}")),
-        s.tokens_per_s
-    );
-    if let Some(f) = &s.final_checkpoint {
-        eprintln!("model: {}", f.display());
-    }
 }
