@@ -44,8 +44,13 @@ pub fn cross_entropy(logits: &Tensor, targets: &[Option<u32>]) -> Result<(Tensor
         return Ok(((logits.sum_all()? * 0.0)?, 0));
     }
     let n = rows.len();
+    let flat = logits.reshape((b * t, v))?;
+    if dlo_runtime::model::fused::supported(&flat) {
+        // One pass forward and one backward over the logits, no gather of the target rows.
+        return Ok((dlo_runtime::model::fused::cross_entropy(&flat, targets)?, n));
+    }
     let idx = Tensor::from_vec(rows, n, dev)?;
-    let picked_rows = logits.reshape((b * t, v))?.index_select(&idx, 0)?;
+    let picked_rows = flat.index_select(&idx, 0)?;
     let lsm = candle_nn::ops::log_softmax(&picked_rows.to_dtype(DType::F32)?, D::Minus1)?;
     let tgt = Tensor::from_vec(tgt, (n, 1), dev)?;
     let nll = lsm.gather(&tgt, 1)?.neg()?.mean_all()?;
