@@ -431,11 +431,12 @@ pub(crate) fn gate_of_scores(r: &Tensor, gate: &Gate) -> candle_core::Result<Ten
     }
 }
 
-/// Row indices (into the flattened `b*t` axis) of executed tokens.
-fn exec_rows(exec: &[bool]) -> Vec<u32> {
-    exec.iter()
+/// Row indices (into the flattened `b*t` axis) of the tokens whose flag is `want`.
+pub(crate) fn rows_where(flags: &[bool], want: bool) -> Vec<u32> {
+    flags
+        .iter()
         .enumerate()
-        .filter(|(_, e)| **e)
+        .filter(|(_, &f)| f == want)
         .map(|(i, _)| i as u32)
         .collect()
 }
@@ -462,21 +463,37 @@ fn mlp_skip(
     ex: Exec,
 ) -> candle_core::Result<Tensor> {
     let a = layer.attn_unit(h, st, Kv::Cache(cache), ex)?;
-    let rows = exec_rows(exec);
+    Ok(gated_mlp_rows(layer, &a, exec, gate, ex)?.0)
+}
+
+/// The MLP unit of `mlp` skipping, shared by the eval and training forwards: `a + g·MLP(a)` on the rows of
+/// `a: [b, t, d]` that `exec` flags (gathered into a dense tile, so the work is in proportion to them), `a` on
+/// the others. Also returns the MLP's output on the executed rows, `[k, d]` in row order (`None` when none
+/// executes), for training's similarity signal.
+pub(crate) fn gated_mlp_rows(
+    layer: &DecoderLayer,
+    a: &Tensor,
+    exec: &[bool],
+    gate: &Tensor,
+    ex: Exec,
+) -> candle_core::Result<(Tensor, Option<Tensor>)> {
+    let rows = rows_where(exec, true);
     if rows.is_empty() {
-        return Ok(a);
-    }
-    if rows.len() == exec.len() {
-        return &a + layer.mlp_delta(&a, ex)?.broadcast_mul(gate)?;
+        return Ok((a.clone(), None));
     }
     let (b, t, d) = a.dims3()?;
+    if rows.len() == exec.len() {
+        let m = layer.mlp_delta(a, ex)?;
+        let out = (a + m.broadcast_mul(gate)?)?;
+        return Ok((out, Some(m.reshape((b * t, d))?)));
+    }
     let idx = Tensor::from_slice(&rows, rows.len(), a.device())?;
     let a = a.reshape((b * t, d))?;
-    let a_rows = a.index_select(&idx, 0)?;
+    let m = layer.mlp_delta(&a.index_select(&idx, 0)?, ex)?;
     let g_rows = gate.reshape((b * t, 1))?.index_select(&idx, 0)?;
-    let delta = layer.mlp_delta(&a_rows, ex)?.broadcast_mul(&g_rows)?;
     // One pass: executed rows get a + g·MLP(a) (the same sum as the dense path), the others stay a.
-    a.index_add(&idx, &delta, 0)?.reshape((b, t, d))
+    let out = a.index_add(&idx, &m.broadcast_mul(&g_rows)?, 0)?.reshape((b, t, d))?;
+    Ok((out, Some(m)))
 }
 
 /// `layer` skipping: executed tokens are packed per sequence and run the whole layer; the rest pass.
@@ -490,7 +507,7 @@ fn layer_skip(
     ex: Exec,
 ) -> candle_core::Result<Tensor> {
     let (b, t, d) = h.dims3()?;
-    let rows = exec_rows(exec);
+    let rows = rows_where(exec, true);
     if rows.is_empty() {
         return Ok(h.clone());
     }

@@ -112,22 +112,13 @@ impl Model {
                     // backward would multiply by 0). The similarity signal needs every row's MLP output; the
                     // skipped rows run it without one, and only when it is asked for.
                     let a = layer.attn_unit(&h, &step, Kv::Local(None), ex)?;
-                    let d = a.dim(D::Minus1)?;
-                    let a2 = a.reshape((b * t, d))?;
-                    let sel_idx = row_index(&exec, true, a.device())?;
-                    let (out, m_sel) = match &sel_idx {
-                        Some(idx) => {
-                            let m = layer.mlp_delta(&a2.index_select(idx, 0)?, ex)?;
-                            let g_sel = g.reshape((b * t, 1))?.index_select(idx, 0)?;
-                            (a2.index_add(idx, &m.broadcast_mul(&g_sel)?, 0)?, Some(m))
-                        }
-                        None => (a2.clone(), None),
-                    };
+                    let (out, m_sel) = super::gated_mlp_rows(layer, &a, &exec, &g, ex)?;
                     let sim = if routing.similarity {
-                        let ad = a2.detach();
+                        let d = a.dim(D::Minus1)?;
+                        let ad = a.reshape((b * t, d))?.detach();
                         let mut m_all = ad.zeros_like()?;
-                        if let (Some(idx), Some(m)) = (&sel_idx, &m_sel) {
-                            m_all = m_all.index_add(idx, &m.detach(), 0)?;
+                        if let (Some(idx), Some(m)) = (row_index(&exec, true, a.device())?, &m_sel) {
+                            m_all = m_all.index_add(&idx, &m.detach(), 0)?;
                         }
                         if let Some(idx) = row_index(&exec, false, a.device())? {
                             let m = layer.mlp_delta(&ad.index_select(&idx, 0)?, ex)?.detach();
@@ -138,7 +129,7 @@ impl Model {
                     } else {
                         None
                     };
-                    (out.reshape((b, t, d))?, sim)
+                    (out, sim)
                 }
                 SkipKind::Layer => {
                     let sel = Tensor::from_vec(
@@ -179,10 +170,9 @@ impl Model {
     }
 }
 
-/// The indices (into the flattened `b*t` axis) of the rows whose `exec` flag equals `want`, as a tensor on
-/// `dev`; `None` when there are none.
+/// [`super::rows_where`] as an index tensor on `dev`; `None` when no row qualifies.
 fn row_index(exec: &[bool], want: bool, dev: &Device) -> candle_core::Result<Option<Tensor>> {
-    let rows: Vec<u32> = (0..exec.len() as u32).filter(|&i| exec[i as usize] == want).collect();
+    let rows = super::rows_where(exec, want);
     if rows.is_empty() {
         return Ok(None);
     }
