@@ -12,6 +12,7 @@
 //! OWNER: loader work (issue 2). The API below is what the model definition uses; keep it.
 
 use crate::error::{Error, Result};
+use crate::model::layers::Load;
 use crate::model::weight::{DenseWeight, Weight};
 use candle_core::{DType, Device, Tensor};
 use dlo_passes::ModelConfig;
@@ -165,11 +166,14 @@ impl Weights {
 
     /// The projection weight `name` of shape `[out, in]` in the form its storage calls for ([`Weight`]):
     /// today every stored dtype becomes a dense tensor in `dtype` on `device`; a block-quantized storage
-    /// kind becomes its own [`Weight`] variant here, and the model code does not change. `matvec` allows the
-    /// CPU decode kernel for few-row products.
-    pub fn weight(&self, name: &str, shape: &[usize], dtype: DType, device: &Device, matvec: bool) -> Result<Weight> {
-        let tensor = self.get(name, shape, dtype, device)?;
-        Ok(Weight::Dense(DenseWeight { tensor, matvec }))
+    /// kind becomes its own [`Weight`] variant here, and the model code does not change. `ld` says the
+    /// compute dtype, the device and whether the CPU decode kernel may serve few-row products.
+    pub fn weight(&self, name: &str, shape: &[usize], ld: &Load) -> Result<Weight> {
+        let tensor = self.get(name, shape, ld.dtype, ld.device)?;
+        Ok(Weight::Dense(DenseWeight {
+            tensor,
+            matvec: ld.matvec,
+        }))
     }
 }
 

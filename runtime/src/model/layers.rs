@@ -41,7 +41,7 @@ pub struct Linear {
 impl Linear {
     /// Loads `{name}.weight` (and `{name}.bias` when `bias`).
     pub fn load(w: &Weights, name: &str, out: usize, inp: usize, bias: bool, ld: &Load) -> Result<Self> {
-        let weight = w.weight(&format!("{name}.weight"), &[out, inp], ld.dtype, ld.device, ld.matvec)?;
+        let weight = w.weight(&format!("{name}.weight"), &[out, inp], ld)?;
         let bias = if bias {
             Some(w.get(&format!("{name}.bias"), &[out], ld.dtype, ld.device)?)
         } else {
