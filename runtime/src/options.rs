@@ -116,8 +116,8 @@ impl RuntimeOptions {
     /// Makes [`Self::threads`] the whole process's thread count, for programs that own their process (`dlo-run`,
     /// `dlo-compile`, benchmarks): the global rayon pool, and `RAYON_NUM_THREADS`, which candle's CPU GEMM
     /// reads at every call to size its parallelism (candle-core 0.11 has no other knob). Call it first thing,
-    /// before any thread starts; a library inside someone else's process (the C ABI) uses
-    /// [`Self::thread_pool`] instead. Does nothing when `threads` is `None`.
+    /// before any thread starts; a library inside someone else's process (the C ABI) runs on private
+    /// rayon pools of that size instead. Does nothing when `threads` is `None`.
     pub fn init_process_threads(&self) -> Result<()> {
         self.validate()?;
         if let Some(n) = self.threads {
@@ -126,20 +126,6 @@ impl RuntimeOptions {
             rayon::ThreadPoolBuilder::new().num_threads(n).build_global().ok();
         }
         Ok(())
-    }
-
-    /// A rayon pool with [`Self::threads`] workers, for callers that must not touch the global pool (the C
-    /// ABI's sessions); `None` when the options leave the thread count to the global pool.
-    pub fn thread_pool(&self) -> Result<Option<rayon::ThreadPool>> {
-        self.validate()?;
-        self.threads
-            .map(|n| {
-                rayon::ThreadPoolBuilder::new()
-                    .num_threads(n)
-                    .build()
-                    .map_err(|e| Error::InvalidArgument(format!("cannot start {n} worker threads: {e}")))
-            })
-            .transpose()
     }
 }
 
@@ -179,17 +165,12 @@ mod tests {
                 ..Default::default()
             };
             assert!(o.validate().unwrap_err().to_string().contains(&format!("{n} threads")));
-            assert!(o.thread_pool().is_err());
+            assert!(o.init_process_threads().is_err());
         }
         let o = RuntimeOptions {
             dtype: DType::U8,
             ..Default::default()
         };
         assert!(o.validate().is_err());
-        let o = RuntimeOptions {
-            threads: Some(2),
-            ..Default::default()
-        };
-        assert_eq!(o.thread_pool().unwrap().unwrap().current_num_threads(), 2);
     }
 }
