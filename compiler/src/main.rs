@@ -146,9 +146,10 @@ fn train(args: &dlo_compiler::train::TrainArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Applies `--threads` to the whole process before a command that runs the model starts any thread.
+/// Applies `--threads` to the whole process before a command that runs the model starts any thread (the
+/// command's plan checks and opens the device).
 fn process_threads(args: &dlo_compiler::runtime_args::RuntimeArgs) -> anyhow::Result<()> {
-    args.options(candle_core::DType::F32)?.init_process_threads()?;
+    args.unopened(candle_core::DType::F32)?.init_process_threads()?;
     Ok(())
 }
 

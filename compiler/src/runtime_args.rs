@@ -28,6 +28,13 @@ impl RuntimeArgs {
     /// The validated runtime options for a model computing in `dtype`. The device is opened once here, so that
     /// an unavailable one fails before a command reads or writes anything.
     pub fn options(&self, dtype: DType) -> dlo_runtime::Result<RuntimeOptions> {
+        let opts = self.unopened(dtype)?;
+        opts.device.device()?;
+        Ok(opts)
+    }
+
+    /// [`Self::options`] without opening the device: enough to set the process's threads.
+    pub fn unopened(&self, dtype: DType) -> dlo_runtime::Result<RuntimeOptions> {
         let opts = RuntimeOptions {
             device: self.device.parse::<DeviceSpec>()?,
             dtype,
@@ -35,7 +42,6 @@ impl RuntimeArgs {
             ..RuntimeOptions::default()
         };
         opts.validate()?;
-        opts.device.device()?;
         Ok(opts)
     }
 }
