@@ -269,6 +269,14 @@ pub struct ModelConfig {
     pub extra: Map<String, Value>,
 }
 
+/// The most decoder layers a config may declare (the largest published models have a few hundred).
+pub const MAX_LAYERS: usize = 1 << 16;
+/// The largest vocabulary, width or context length a config may declare; keeps every product of two
+/// sizes far from overflow.
+pub const MAX_DIM: usize = 1 << 24;
+/// The most attention heads, and the widest head, a config may declare.
+pub const MAX_HEADS: usize = 1 << 16;
+
 /// Keys [`ModelConfig`] interprets; everything else goes to `extra`.
 const KNOWN_KEYS: &[&str] = &[
     "model_type",
@@ -376,13 +384,14 @@ impl Reader<'_> {
                 .iter()
                 .map(|v| {
                     v.as_u64()
-                        .map(|x| x as u32)
+                        .and_then(|x| u32::try_from(x).ok())
                         .ok_or_else(|| self.invalid(key, format!("expected token ids, found {v}")))
                 })
                 .collect(),
             Some(v) => v
                 .as_u64()
-                .map(|x| vec![x as u32])
+                .and_then(|x| u32::try_from(x).ok())
+                .map(|x| vec![x])
                 .ok_or_else(|| self.invalid(key, format!("expected a token id, found {v}"))),
         }
     }
@@ -495,6 +504,12 @@ impl ModelConfig {
             }
         }
         let eos = r.token_ids("eos_token_id")?;
+        if eos.is_empty() && r.get("eos_token_id").is_some() {
+            return Err(r.invalid(
+                "eos_token_id",
+                "is an empty list; give the end-of-sequence token id (or leave the key out)",
+            ));
+        }
         let bos = r.token_ids("bos_token_id")?.first().copied();
         let dlo = match skip {
             None => None,
@@ -526,7 +541,111 @@ impl ModelConfig {
             dlo,
             extra,
         };
+        cfg.check_ranges(path)?;
         Ok(cfg)
+    }
+
+    /// The value checks that keep every later computation finite and every allocation bounded: sizes
+    /// within [`MAX_LAYERS`] / [`MAX_DIM`], RoPE and norm constants that give finite numbers, special tokens
+    /// inside the vocabulary. Each failure names the key, the value and the allowed range.
+    fn check_ranges(&self, path: &Path) -> Result<(), ConfigError> {
+        let invalid = |key: &str, problem: String| ConfigError::Invalid {
+            path: path.to_path_buf(),
+            key: key.into(),
+            problem,
+        };
+        let bounded = |key: &str, v: usize, max: usize| {
+            if v > max {
+                return Err(invalid(key, format!("{v} is larger than the supported maximum {max}")));
+            }
+            Ok(())
+        };
+        bounded("num_hidden_layers", self.num_hidden_layers, MAX_LAYERS)?;
+        bounded("vocab_size", self.vocab_size, MAX_DIM)?;
+        bounded("hidden_size", self.hidden_size, MAX_DIM)?;
+        bounded("intermediate_size", self.intermediate_size, MAX_DIM)?;
+        bounded("num_attention_heads", self.num_attention_heads, MAX_HEADS)?;
+        bounded("head_dim", self.head_dim, MAX_HEADS)?;
+        bounded("max_position_embeddings", self.max_position_embeddings, MAX_DIM)?;
+        if self.max_position_embeddings == 0 {
+            return Err(invalid("max_position_embeddings", "must be positive, found 0".into()));
+        }
+        if self.rope_theta <= 0.0 {
+            return Err(invalid(
+                "rope_theta",
+                format!(
+                    "must be positive (RoPE divides by its powers), found {}",
+                    self.rope_theta
+                ),
+            ));
+        }
+        if self.rms_norm_eps < 0.0 {
+            return Err(invalid(
+                "rms_norm_eps",
+                format!(
+                    "must not be negative (it is added under a square root), found {}",
+                    self.rms_norm_eps
+                ),
+            ));
+        }
+        match &self.rope_scaling {
+            None => {}
+            Some(RopeScaling::Linear { factor }) if *factor <= 0.0 => {
+                return Err(invalid(
+                    "rope_scaling",
+                    format!("`factor` must be positive (positions are divided by it), found {factor}"),
+                ))
+            }
+            Some(RopeScaling::Linear { .. }) => {}
+            Some(RopeScaling::Llama3 {
+                factor,
+                low_freq_factor,
+                high_freq_factor,
+                original_max_position_embeddings,
+            }) => {
+                if *factor <= 0.0 || *low_freq_factor <= 0.0 || high_freq_factor <= low_freq_factor {
+                    return Err(invalid(
+                        "rope_scaling",
+                        format!(
+                            "llama3 scaling needs factor > 0 and high_freq_factor > low_freq_factor > 0, found \
+                             factor {factor}, low_freq_factor {low_freq_factor}, high_freq_factor {high_freq_factor}"
+                        ),
+                    ));
+                }
+                if *original_max_position_embeddings == 0 {
+                    return Err(invalid(
+                        "rope_scaling",
+                        "`original_max_position_embeddings` must be positive, found 0".into(),
+                    ));
+                }
+            }
+        }
+        let vocab = self.vocab_size;
+        if let Some(b) = self.bos_token_id.filter(|&b| b as usize >= vocab) {
+            return Err(invalid(
+                "bos_token_id",
+                format!("{b} is outside the vocabulary (vocab_size {vocab})"),
+            ));
+        }
+        if let Some(e) = self.eos_token_ids.iter().find(|&&e| e as usize >= vocab) {
+            return Err(invalid(
+                "eos_token_id",
+                format!("{e} is outside the vocabulary (vocab_size {vocab})"),
+            ));
+        }
+        if let Some(d) = &self.dlo {
+            let caps: Vec<f64> = match &d.capacity {
+                Capacity::Scalar(c) => vec![*c],
+                Capacity::PerLayer(v) => v.iter().flatten().copied().collect(),
+            };
+            if let Some(c) = caps.iter().find(|c| !(0.0..=1.0).contains(*c)) {
+                return Err(invalid(
+                    "dlo_capacity",
+                    format!("capacities are fractions of tokens in [0, 1], found {c}"),
+                ));
+            }
+        }
+        Ok(())
     }
 
     fn read_dlo(r: &Reader, skip: SkipKind, n_layers: usize) -> Result<DloConfig, ConfigError> {
@@ -768,5 +887,57 @@ mod tests {
             "high_freq_factor": 4.0, "original_max_position_embeddings": 8192});
         let c = ModelConfig::from_hf_json(&v, Path::new("c.json")).unwrap();
         assert!(matches!(c.rope_scaling, Some(RopeScaling::Llama3 { factor, .. }) if factor == 8.0));
+    }
+
+    /// Each value that would give NaN logits or an unbounded allocation is refused at load, naming the
+    /// key and the value.
+    #[test]
+    fn values_that_break_the_model_are_refused_with_the_key() {
+        let p = Path::new("/m/config.json");
+        let cases: Vec<(&str, Value, &str)> = vec![
+            ("rope_theta", json!(0.0), "must be positive"),
+            ("rope_theta", json!(-5.0), "found -5"),
+            ("rms_norm_eps", json!(-1e-5), "must not be negative"),
+            ("max_position_embeddings", json!(0), "must be positive, found 0"),
+            (
+                "num_hidden_layers",
+                json!(1_000_000_000u64),
+                "larger than the supported maximum 65536",
+            ),
+            ("vocab_size", json!(1u64 << 40), "larger than the supported maximum"),
+            (
+                "bos_token_id",
+                json!(100),
+                "100 is outside the vocabulary (vocab_size 100)",
+            ),
+            ("eos_token_id", json!([2, 100_000]), "100000 is outside the vocabulary"),
+            ("eos_token_id", json!([]), "empty list"),
+            ("eos_token_id", json!(1u64 << 32), "expected a token id"),
+            (
+                "rope_scaling",
+                json!({"type": "linear", "factor": 0.0}),
+                "`factor` must be positive",
+            ),
+            (
+                "rope_scaling",
+                json!({"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 4.0, "high_freq_factor": 4.0}),
+                "high_freq_factor > low_freq_factor",
+            ),
+        ];
+        for (key, value, want) in cases {
+            let mut v = base();
+            v[key] = value.clone();
+            let e = ModelConfig::from_hf_json(&v, p).unwrap_err().to_string();
+            assert!(
+                e.contains("/m/config.json") && e.contains(&format!("`{key}`")) && e.contains(want),
+                "{key} = {value}: {e}"
+            );
+        }
+        let mut v = base();
+        v["model_type"] = json!("llama_dlo");
+        v["is_dlo"] = json!([true, true]);
+        v["dlo_capacity"] = json!([0.5, 1.5]);
+        let e = ModelConfig::from_hf_json(&v, p).unwrap_err().to_string();
+        assert!(e.contains("dlo_capacity") && e.contains("1.5"), "{e}");
     }
 }

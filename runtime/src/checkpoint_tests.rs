@@ -796,3 +796,226 @@ fn is_dlo_length_disagreeing_with_the_layers_is_reported() {
         "{msg}"
     );
 }
+
+// ---------------------------------------------------------------- hostile headers (hardening)
+
+#[test]
+fn config_layer_count_disagreeing_with_the_tensors_is_an_error() {
+    for (declared, found) in [(1, 2), (3, 2)] {
+        let tmp = tempfile::tempdir().unwrap();
+        let v = tiny_hf_config_json();
+        write_hf_checkpoint(tmp.path(), &v, &randn_tensors(&config_of(&v))).unwrap();
+        let mut v2 = v.clone();
+        v2["num_hidden_layers"] = json!(declared);
+        std::fs::write(tmp.path().join("config.json"), v2.to_string()).unwrap();
+        let (e, msg) = open_err(tmp.path());
+        assert!(
+            matches!(e, Error::LayerCount { config, found: f, .. } if config == declared && f == found),
+            "{e:?}"
+        );
+        assert!(
+            msg.contains(&tmp.path().display().to_string())
+                && msg.contains(&format!("declares {declared} decoder layers"))
+                && msg.contains(&format!("the tensors describe {found}")),
+            "{msg}"
+        );
+    }
+}
+
+#[test]
+fn huge_layer_count_is_refused_before_allocating() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut v = tiny_hf_config_json();
+    write_hf_checkpoint(tmp.path(), &v, &randn_tensors(&config_of(&v))).unwrap();
+    v["num_hidden_layers"] = json!(1_000_000_000u64);
+    std::fs::write(tmp.path().join("config.json"), v.to_string()).unwrap();
+    let (_, msg) = open_err(tmp.path());
+    assert!(msg.contains("`num_hidden_layers`: 1000000000 is larger than"), "{msg}");
+    // Within the limit but far beyond the tensor table: the count is compared before any list is built.
+    v["num_hidden_layers"] = json!(60_000);
+    std::fs::write(tmp.path().join("config.json"), v.to_string()).unwrap();
+    let t0 = std::time::Instant::now();
+    let (e, msg) = open_err(tmp.path());
+    assert!(
+        matches!(
+            e,
+            Error::LayerCount {
+                config: 60_000,
+                found: 2,
+                ..
+            }
+        ),
+        "{e:?}"
+    );
+    assert!(msg.len() < 400 && t0.elapsed().as_secs_f64() < 1.0, "{msg}");
+}
+
+#[test]
+fn many_tensor_problems_are_listed_with_a_bounded_message() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut v = tiny_hf_config_json();
+    write_hf_checkpoint(tmp.path(), &v, &randn_tensors(&config_of(&v))).unwrap();
+    // Every projection now has the wrong shape: far more problems than lines printed.
+    v["intermediate_size"] = json!(40);
+    v["hidden_size"] = json!(24);
+    v["head_dim"] = json!(4);
+    std::fs::write(tmp.path().join("config.json"), v.to_string()).unwrap();
+    let (e, msg) = open_err(tmp.path());
+    let Error::Tensors { report, .. } = &e else {
+        panic!("{e:?}")
+    };
+    assert!(report.mismatched.len() > 20, "{}", report.mismatched.len());
+    assert!(
+        msg.contains("… and ") && msg.contains("more tensors with the wrong shape"),
+        "{msg}"
+    );
+    assert!(msg.lines().count() <= 24, "{msg}");
+}
+
+/// The byte offset of the `offset` field of tensor `name`'s info in a GGUF v3 file.
+fn gguf_info_offset_field(bytes: &[u8], name: &str) -> usize {
+    let at = bytes.windows(name.len()).position(|w| w == name.as_bytes()).unwrap() + name.len();
+    let n_dims = u32::from_le_bytes(bytes[at..at + 4].try_into().unwrap()) as usize;
+    at + 4 + 8 * n_dims + 4
+}
+
+fn read_u64(bytes: &[u8], at: usize) -> u64 {
+    u64::from_le_bytes(bytes[at..at + 8].try_into().unwrap())
+}
+
+#[test]
+fn gguf_unaligned_and_overlapping_tensor_data_is_reported() {
+    let tmp = tempfile::tempdir().unwrap();
+    let path = tmp.path().join("m.gguf");
+    tiny_gguf(&path, false);
+    let clean = std::fs::read(&path).unwrap();
+    // Unaligned: move one tensor's data 4 bytes on.
+    let mut bytes = clean.clone();
+    let at = gguf_info_offset_field(&bytes, "blk.1.ffn_up.weight");
+    let off = read_u64(&bytes, at);
+    bytes[at..at + 8].copy_from_slice(&(off + 4).to_le_bytes());
+    std::fs::write(&path, &bytes).unwrap();
+    let (_, msg) = open_err(&path);
+    assert!(
+        msg.contains(&path.display().to_string())
+            && msg.contains("`blk.1.ffn_up.weight`")
+            && msg.contains("not a multiple of the alignment 32"),
+        "{msg}"
+    );
+    // Overlapping: point one tensor at another's bytes.
+    let mut bytes = clean.clone();
+    let a = read_u64(&bytes, gguf_info_offset_field(&bytes, "blk.0.ffn_up.weight"));
+    let at = gguf_info_offset_field(&bytes, "blk.0.ffn_gate.weight");
+    bytes[at..at + 8].copy_from_slice(&a.to_le_bytes());
+    std::fs::write(&path, &bytes).unwrap();
+    let (_, msg) = open_err(&path);
+    assert!(
+        msg.contains("overlap") && msg.contains("`blk.0.ffn_gate.weight`") && msg.contains("`blk.0.ffn_up.weight`"),
+        "{msg}"
+    );
+}
+
+#[test]
+fn gguf_nan_block_scale_is_reported() {
+    let tmp = tempfile::tempdir().unwrap();
+    let path = tmp.path().join("m.gguf");
+    let mut v = tiny_hf_config_json();
+    // Q8_0 rows need a multiple of 32 elements.
+    v["hidden_size"] = json!(32);
+    v["intermediate_size"] = json!(64);
+    v["head_dim"] = json!(8);
+    let cfg = config_of(&v);
+    write_gguf(
+        &path,
+        &llama_metadata(&cfg),
+        &to_gguf_tensors(&cfg, &randn_tensors(&cfg), GgmlDType::Q8_0),
+    );
+    assert!(Checkpoint::open(&path).is_ok());
+    // A Q8_0 block is an f16 scale then 32 int8 values; make the first block's scale NaN.
+    let mut bytes = std::fs::read(&path).unwrap();
+    let content = gguf_file::Content::read(&mut std::io::Cursor::new(&bytes)).unwrap();
+    let info = &content.tensor_infos["blk.1.attn_v.weight"];
+    assert_eq!(info.ggml_dtype, GgmlDType::Q8_0);
+    let at = (content.tensor_data_offset + info.offset) as usize;
+    bytes[at..at + 2].copy_from_slice(&half::f16::NAN.to_le_bytes());
+    std::fs::write(&path, &bytes).unwrap();
+    let (_, msg) = open_err(&path);
+    assert!(
+        msg.contains(&path.display().to_string())
+            && msg.contains("`blk.1.attn_v.weight`")
+            && msg.contains("not finite after dequantization"),
+        "{msg}"
+    );
+}
+
+#[test]
+fn gguf_bad_header_values_are_reported_with_the_gguf_key() {
+    let tmp = tempfile::tempdir().unwrap();
+    let path = tmp.path().join("m.gguf");
+    let cfg = config_of(&tiny_hf_config_json());
+    let tensors = to_gguf_tensors(&cfg, &randn_tensors(&cfg), GgmlDType::F32);
+    let cases: Vec<(&str, Value, &str)> = vec![
+        ("llama.rope.freq_base", Value::F32(f32::NAN), "expected a finite number"),
+        ("llama.rope.freq_base", Value::F32(0.0), "must be positive"),
+        (
+            "llama.attention.layer_norm_rms_epsilon",
+            Value::F32(-1.0),
+            "must not be negative",
+        ),
+        (
+            "llama.block_count",
+            Value::U32(1_000_000_000),
+            "larger than the supported maximum",
+        ),
+        ("llama.block_count", Value::U32(3), "declares 3 decoder layers"),
+        ("llama.context_length", Value::U32(0), "must be positive"),
+        (
+            "tokenizer.ggml.eos_token_id",
+            Value::U32(5000),
+            "outside the vocabulary",
+        ),
+        ("general.alignment", Value::U32(0), "must be a power of two"),
+    ];
+    for (key, value, want) in cases {
+        let mut md = llama_metadata(&cfg);
+        md.retain(|(k, _)| k != key);
+        md.push((key.into(), value.clone()));
+        write_gguf(&path, &md, &tensors);
+        let (_, msg) = open_err(&path);
+        assert!(
+            msg.contains(&path.display().to_string()) && msg.contains(want),
+            "{key} = {value:?}: {msg}"
+        );
+        if !want.contains("declares") {
+            assert!(msg.contains(&format!("`{key}`")), "{key}: {msg}");
+        }
+    }
+    // A linear RoPE scaling factor of 0.
+    let mut md = llama_metadata(&cfg);
+    md.push(("llama.rope.scaling.type".into(), Value::String("linear".into())));
+    md.push(("llama.rope.scaling.factor".into(), Value::F32(0.0)));
+    write_gguf(&path, &md, &tensors);
+    let (_, msg) = open_err(&path);
+    assert!(
+        msg.contains("`llama.rope.scaling.factor`") && msg.contains("must be positive"),
+        "{msg}"
+    );
+}
+
+#[test]
+fn gguf_version_1_is_refused_by_name() {
+    let tmp = tempfile::tempdir().unwrap();
+    let path = tmp.path().join("m.gguf");
+    tiny_gguf(&path, false);
+    let mut bytes = std::fs::read(&path).unwrap();
+    for version in [1u32, 4] {
+        bytes[4..8].copy_from_slice(&version.to_le_bytes());
+        std::fs::write(&path, &bytes).unwrap();
+        let (_, msg) = open_err(&path);
+        assert!(
+            msg.contains(&path.display().to_string()) && msg.contains(&format!("unsupported GGUF version {version}")),
+            "{msg}"
+        );
+        assert!(!msg.contains('\0'), "{msg:?}");
+    }
+}

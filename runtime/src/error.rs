@@ -33,6 +33,12 @@ pub enum Error {
         expected: Vec<usize>,
         found: Vec<usize>,
     },
+    /// The config declares a different number of decoder layers than the tensors describe.
+    #[error(
+        "{path}: the config declares {config} decoder layers (num_hidden_layers) but the tensors describe {found} \
+         (layer indices 0..{found}); the config does not belong to these weights"
+    )]
+    LayerCount { path: PathBuf, config: usize, found: usize },
     /// Several tensors disagree with the config; the report lists each (and unused tensors).
     #[error("{path}: the tensors do not match the config:{report}")]
     Tensors {

@@ -42,6 +42,31 @@ const ARCHS: &[(&str, bool)] = &[("llama", true), ("qwen2", false)];
 
 /// Opens a GGUF file: config from metadata, tensors dequantized and renamed, tokenizer from metadata.
 pub fn load(path: &Path) -> Result<GgufCheckpoint> {
+    // What candle's reader does not check (or panics on): the version, and an alignment it divides by.
+    let header = scan::header(path).map_err(|e| Error::io(path, e))?;
+    let alignment = match header {
+        Some(h) if !(2..=3).contains(&h.version) => {
+            return Err(Error::format(
+                path,
+                format!(
+                    "unsupported GGUF version {} (versions 2 and 3 are supported; version 1 files predate \
+                     August 2023: convert the model again with a current llama.cpp)",
+                    h.version
+                ),
+            ))
+        }
+        Some(h) => match h.alignment {
+            None => DEFAULT_ALIGNMENT,
+            Some(a) if a > 0 && a.is_power_of_two() => a,
+            Some(a) => {
+                return Err(Error::format(
+                    path,
+                    format!("GGUF metadata key `general.alignment` is {a}; it must be a power of two"),
+                ))
+            }
+        },
+        None => DEFAULT_ALIGNMENT,
+    };
     let file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
     let file_len = file.metadata().map_err(|e| Error::io(path, e))?.len();
     let mut reader = BufReader::new(file);
@@ -73,9 +98,11 @@ pub fn load(path: &Path) -> Result<GgufCheckpoint> {
         .and_then(|i| i.shape.dims().first().copied());
     let config = md.config(tied, embed_rows)?;
 
-    // Check every tensor we will use before dequantizing anything: type, name, size within the file.
+    // Check every tensor before dequantizing anything: aligned, inside the file, not overlapping another;
+    // and for those we use: type and name.
     let mut names: Vec<&String> = content.tensor_infos.keys().collect();
     names.sort();
+    check_layout(path, &content, alignment, file_len)?;
     let mut report = LoadReport::default();
     let mut wanted = Vec::new();
     for name in names {
@@ -98,33 +125,6 @@ pub fn load(path: &Path) -> Result<GgufCheckpoint> {
                 dtype: format!("{:?}", info.ggml_dtype),
             });
         }
-        let bytes = info
-            .shape
-            .dims()
-            .iter()
-            .try_fold(1usize, |a, &d| a.checked_mul(d))
-            .filter(|n| n % info.ggml_dtype.block_size() == 0)
-            .and_then(|n| (n / info.ggml_dtype.block_size()).checked_mul(info.ggml_dtype.type_size()))
-            .ok_or_else(|| {
-                Error::format(
-                    path,
-                    format!("tensor `{name}`: impossible shape {:?}", info.shape.dims()),
-                )
-            })?;
-        let end = content
-            .tensor_data_offset
-            .checked_add(info.offset)
-            .and_then(|s| s.checked_add(bytes as u64));
-        if end.is_none_or(|end| end > file_len) {
-            return Err(Error::format(
-                path,
-                format!(
-                    "tensor `{name}` needs {bytes} bytes at offset {} but the file has only {file_len} bytes \
-                     (truncated, or offsets past the end)",
-                    content.tensor_data_offset.saturating_add(info.offset)
-                ),
-            ));
-        }
         wanted.push((name.clone(), hf));
     }
 
@@ -136,6 +136,15 @@ pub fn load(path: &Path) -> Result<GgufCheckpoint> {
         let mut t = q
             .dequantize(&Device::Cpu)
             .map_err(|e| Error::format(path, format!("tensor `{name}`: cannot dequantize: {e}")))?;
+        if let Some(i) = first_non_finite(&t) {
+            return Err(Error::format(
+                path,
+                format!(
+                    "tensor `{name}`: element {i} is not finite after dequantization (a NaN or infinite value \
+                     or block scale in the file)"
+                ),
+            ));
+        }
         if permuted && (hf.contains(".self_attn.q_proj.") || hf.contains(".self_attn.k_proj.")) {
             let n_head = if hf.contains(".q_proj.") {
                 md.n_head
@@ -159,6 +168,84 @@ pub fn load(path: &Path) -> Result<GgufCheckpoint> {
         tokenizer,
         report,
     })
+}
+
+/// GGUF's alignment of tensor data when `general.alignment` is absent.
+const DEFAULT_ALIGNMENT: u64 = 32;
+
+/// The byte size of a tensor of `info`'s shape and type, if it is a whole number of blocks.
+fn tensor_bytes(info: &candle_core::quantized::gguf_file::TensorInfo) -> Option<u64> {
+    let n = info.shape.dims().iter().try_fold(1usize, |a, &d| a.checked_mul(d))?;
+    let block = info.ggml_dtype.block_size();
+    if n % block != 0 {
+        return None;
+    }
+    u64::try_from((n / block).checked_mul(info.ggml_dtype.type_size())?).ok()
+}
+
+/// Every tensor's data is aligned, inside the file and disjoint from every other tensor's.
+fn check_layout(path: &Path, content: &Content, alignment: u64, file_len: u64) -> Result<()> {
+    let mut ranges = Vec::with_capacity(content.tensor_infos.len());
+    for (name, info) in &content.tensor_infos {
+        let bytes = tensor_bytes(info).ok_or_else(|| {
+            Error::format(
+                path,
+                format!(
+                    "tensor `{name}`: impossible shape {:?} for type {:?}",
+                    info.shape.dims(),
+                    info.ggml_dtype
+                ),
+            )
+        })?;
+        if info.offset % alignment != 0 {
+            return Err(Error::format(
+                path,
+                format!(
+                    "tensor `{name}`: data offset {} is not a multiple of the alignment {alignment}",
+                    info.offset
+                ),
+            ));
+        }
+        let start = content.tensor_data_offset.checked_add(info.offset);
+        let end = start.and_then(|s| s.checked_add(bytes));
+        match (start, end) {
+            (Some(start), Some(end)) if end <= file_len => ranges.push((start, end, name)),
+            _ => {
+                return Err(Error::format(
+                    path,
+                    format!(
+                        "tensor `{name}` needs {bytes} bytes at offset {} but the file has only {file_len} bytes \
+                         (truncated, or offsets past the end)",
+                        content.tensor_data_offset.saturating_add(info.offset)
+                    ),
+                ))
+            }
+        }
+    }
+    ranges.retain(|(s, e, _)| e > s);
+    ranges.sort();
+    for w in ranges.windows(2) {
+        let ((s0, e0, a), (s1, e1, b)) = (w[0], w[1]);
+        if s1 < e0 {
+            return Err(Error::format(
+                path,
+                format!("tensors `{a}` (bytes {s0}..{e0}) and `{b}` (bytes {s1}..{e1}) overlap"),
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// The index of the first NaN or infinite element of a dequantized (f32, contiguous) tensor.
+fn first_non_finite(t: &Tensor) -> Option<usize> {
+    let (storage, layout) = t.storage_and_layout();
+    match &*storage {
+        candle_core::Storage::Cpu(candle_core::CpuStorage::F32(v)) if layout.is_contiguous() => {
+            let v = &v[layout.start_offset()..layout.start_offset() + layout.shape().elem_count()];
+            v.iter().position(|x| !x.is_finite())
+        }
+        _ => None,
+    }
 }
 
 /// ggml types candle can dequantize on the CPU.
@@ -500,6 +587,9 @@ impl<'a> Meta<'a> {
                 _ => return Err(self.invalid(key, "a number", v)),
             },
         };
+        if !x.is_finite() {
+            return Err(self.invalid(key, "a finite number", v));
+        }
         Ok(Some(x))
     }
 
@@ -577,14 +667,88 @@ impl<'a> Meta<'a> {
         if let Some(e) = self.uint_opt("tokenizer.ggml.eos_token_id")? {
             cfg["eos_token_id"] = json!(e);
         }
-        Ok(ModelConfig::from_hf_json(&cfg, self.path)?)
+        ModelConfig::from_hf_json(&cfg, self.path).map_err(|e| self.name_gguf_key(e))
+    }
+
+    /// A config error names the HF key it checked; say which GGUF key the value came from.
+    fn name_gguf_key(&self, e: dlo_passes::ConfigError) -> Error {
+        let dlo_passes::ConfigError::Invalid { path, key, problem } = e else {
+            return e.into();
+        };
+        let gguf = match key.as_str() {
+            "num_hidden_layers" => self.key("block_count"),
+            "hidden_size" => self.key("embedding_length"),
+            "intermediate_size" => self.key("feed_forward_length"),
+            "num_attention_heads" => self.key("attention.head_count"),
+            "head_dim" => self.key("attention.key_length"),
+            "rms_norm_eps" => self.key("attention.layer_norm_rms_epsilon"),
+            "rope_theta" => self.key("rope.freq_base"),
+            "rope_scaling" => self.key("rope.scaling.factor"),
+            "max_position_embeddings" => self.key("context_length"),
+            "vocab_size" => self.key("vocab_size"),
+            "bos_token_id" => "tokenizer.ggml.bos_token_id".into(),
+            "eos_token_id" => "tokenizer.ggml.eos_token_id".into(),
+            _ => return dlo_passes::ConfigError::Invalid { path, key, problem }.into(),
+        };
+        Error::format(path, format!("GGUF metadata key `{gguf}`: {problem}"))
     }
 }
 
-/// A minimal, bounds-checked walk over a GGUF header, used only to name the tensor whose ggml type candle
-/// does not know (candle's reader fails without saying which).
+/// A minimal, bounds-checked walk over a GGUF header: the version and alignment checked before candle's
+/// reader runs, and the tensor whose ggml type candle does not know (candle's reader fails without
+/// saying which).
 mod scan {
     use std::path::Path;
+
+    /// The header facts [`super::load`] checks first.
+    pub(super) struct Header {
+        /// The format version (candle reads 1 to 3).
+        pub version: u32,
+        /// `general.alignment`, when present as an integer.
+        pub alignment: Option<u64>,
+    }
+
+    /// The version and `general.alignment` of a GGUF file; `None` when the magic is not `GGUF` or the
+    /// header ends early (candle's reader reports those).
+    pub(super) fn header(path: &Path) -> std::io::Result<Option<Header>> {
+        let file = std::fs::File::open(path)?;
+        // SAFETY: read-only map, dropped before returning.
+        let bytes = unsafe { memmap2::Mmap::map(&file)? };
+        let mut c = Cur { b: &bytes, pos: 0 };
+        Ok((|| {
+            if c.take(4)? != b"GGUF" {
+                return None;
+            }
+            let version = c.u32()?;
+            if !(2..=3).contains(&version) {
+                return Some(Header {
+                    version,
+                    alignment: None,
+                });
+            }
+            let _n_tensors = c.u64()?;
+            let n_kv = c.u64()?;
+            let mut alignment = None;
+            for _ in 0..n_kv {
+                let n = c.u64()?;
+                let key = c.take(n)?.to_vec();
+                let ty = c.u32()?;
+                if key == b"general.alignment" {
+                    let at = c.pos;
+                    alignment = match ty {
+                        0 | 1 => c.take(1).map(|b| u64::from(b[0])),
+                        2 | 3 => c.take(2).map(|b| u64::from(u16::from_le_bytes([b[0], b[1]]))),
+                        4 | 5 => c.u32().map(u64::from),
+                        10 | 11 => c.u64(),
+                        _ => None,
+                    };
+                    c.pos = at;
+                }
+                c.skip_value(ty, false, 0)?;
+            }
+            Some(Header { version, alignment })
+        })())
+    }
 
     struct Cur<'a> {
         b: &'a [u8],

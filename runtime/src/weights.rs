@@ -110,9 +110,33 @@ impl Weights {
         }
     }
 
-    /// Compares these weights with what `cfg` needs: missing tensors, wrong shapes, storage dtypes other
-    /// than f32/f16/bf16, and tensors nothing uses.
+    /// The number of decoder layers the tensor names describe: one more than the highest index `N` of a
+    /// `model.layers.N.` or `model.routers.N.` tensor (0 when there is none). Bounded by the tensor table,
+    /// unlike a layer count read from a config.
+    pub fn layer_count(&self) -> usize {
+        self.names()
+            .iter()
+            .filter_map(|n| {
+                let rest = n
+                    .strip_prefix("model.layers.")
+                    .or_else(|| n.strip_prefix("model.routers."))?;
+                rest.split('.').next()?.parse::<usize>().ok()
+            })
+            .max()
+            .map_or(0, |m| m.saturating_add(1))
+    }
+
+    /// Compares these weights with what `cfg` needs: first the layer count (so that a config's number
+    /// is checked against the tensor table before anything is built from it), then missing tensors,
+    /// wrong shapes, storage dtypes other than f32/f16/bf16, and tensors nothing uses.
     pub fn check(&self, cfg: &ModelConfig) -> LoadReport {
+        let found = self.layer_count();
+        if found != cfg.num_hidden_layers {
+            return LoadReport {
+                layer_count: Some((cfg.num_hidden_layers, found)),
+                ..LoadReport::default()
+            };
+        }
         let expected = expected_tensors(cfg);
         let wanted: HashSet<&str> = expected.iter().map(|(n, _)| n.as_str()).collect();
         let mut report = LoadReport::default();
@@ -235,6 +259,9 @@ pub struct Mismatch {
 /// errors; unused tensors are only worth a warning.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct LoadReport {
+    /// `(config, tensors)` when the config's layer count differs from the tensors' (nothing else is
+    /// checked then).
+    pub layer_count: Option<(usize, usize)>,
     /// Tensors the config needs that the checkpoint lacks.
     pub missing: Vec<String>,
     /// Tensors with the wrong shape.
@@ -248,13 +275,23 @@ pub struct LoadReport {
 impl LoadReport {
     /// No missing, mismatched or unsupported tensors.
     pub fn is_ok(&self) -> bool {
-        self.missing.is_empty() && self.mismatched.is_empty() && self.unsupported.is_empty()
+        self.layer_count.is_none()
+            && self.missing.is_empty()
+            && self.mismatched.is_empty()
+            && self.unsupported.is_empty()
     }
 
     /// `Ok(self)` when [`is_ok`](Self::is_ok); otherwise the error for `path`: the specific variant
     /// ([`Error::MissingTensor`], [`Error::ShapeMismatch`], [`Error::UnsupportedDtype`]) when there is one
     /// problem, [`Error::Tensors`] listing all of them when there are several.
     pub fn into_result(self, path: &Path) -> Result<Self> {
+        if let Some((config, found)) = self.layer_count {
+            return Err(Error::LayerCount {
+                path: path.to_path_buf(),
+                config,
+                found,
+            });
+        }
         let n = self.missing.len() + self.mismatched.len() + self.unsupported.len();
         if n == 0 {
             return Ok(self);
@@ -300,27 +337,47 @@ impl LoadReport {
     }
 }
 
+/// The most lines of one kind a [`LoadReport`] prints; the rest are counted.
+const REPORT_LINES: usize = 20;
+
+/// Writes "… and N more" when `total` lines exceed what was printed.
+fn more(f: &mut fmt::Formatter<'_>, total: usize, what: &str) -> fmt::Result {
+    if total > REPORT_LINES {
+        write!(f, "\n  … and {} more {what}", total - REPORT_LINES)?;
+    }
+    Ok(())
+}
+
 impl fmt::Display for LoadReport {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        for name in &self.missing {
+        if let Some((config, found)) = self.layer_count {
+            write!(
+                f,
+                "\n  the config declares {config} layers, the tensors describe {found}"
+            )?;
+        }
+        for name in self.missing.iter().take(REPORT_LINES) {
             write!(f, "\n  missing tensor `{name}`")?;
             if let Some(s) = self.suggestion(name) {
                 write!(f, " (did you mean `{s}`?)")?;
             }
         }
-        for m in &self.mismatched {
+        more(f, self.missing.len(), "missing tensors")?;
+        for m in self.mismatched.iter().take(REPORT_LINES) {
             write!(
                 f,
                 "\n  tensor `{}` has shape {:?}, the config implies {:?}",
                 m.name, m.found, m.expected
             )?;
         }
-        for (name, dtype) in &self.unsupported {
+        more(f, self.mismatched.len(), "tensors with the wrong shape")?;
+        for (name, dtype) in self.unsupported.iter().take(REPORT_LINES) {
             write!(
                 f,
                 "\n  tensor `{name}` has unsupported dtype {dtype} (supported: f32, f16, bf16)"
             )?;
         }
+        more(f, self.unsupported.len(), "tensors of unsupported dtypes")?;
         if !self.unused.is_empty() {
             write!(f, "\n  {} unused tensor(s)", self.unused.len())?;
             for name in self.unused.iter().take(5) {

@@ -185,25 +185,12 @@ impl Engine {
             .plan
             .validate(&config)
             .map_err(|p| Error::format(path, format!("manifest plan: {p}")))?;
-        for (name, shape) in model_tensors(&config) {
-            let e = file.entry(&name).ok_or_else(|| Error::MissingTensor {
-                path: path.into(),
-                name: name.clone(),
-            })?;
-            if e.shape != shape {
-                return Err(Error::ShapeMismatch {
-                    path: path.into(),
-                    name,
-                    expected: shape,
-                    found: e.shape.clone(),
-                });
-            }
-        }
-        Ok(Engine {
-            file: Arc::new(file),
-            manifest,
-            config,
-        })
+        let file = Arc::new(file);
+        // The layer count against the tensor table first, then every tensor's name and shape.
+        crate::weights::Weights::from_engine(file.clone())
+            .check(&config)
+            .into_result(path)?;
+        Ok(Engine { file, manifest, config })
     }
 
     /// The engine file.

@@ -388,6 +388,43 @@ fn errors_corrupt_manifest() {
     assert!(e.contains("missing tensor `model.embed_tokens.weight`"), "{e}");
 }
 
+/// Manifest values that would give NaN logits or unbounded allocations are refused at open, naming the
+/// engine and the key (the checksum is recomputed, so only validation can catch them).
+#[test]
+fn errors_manifest_config_values() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = tiny_config(false);
+    let (path, _) = write_tiny(dir.path(), &cfg, StorageDtype::F32, "m.dlo");
+    let bytes = std::fs::read(&path).unwrap();
+    let cases: Vec<(&str, serde_json::Value, &str)> = vec![
+        ("rope_theta", 0.0.into(), "`rope_theta`: must be positive"),
+        ("rms_norm_eps", (-1.0).into(), "`rms_norm_eps`: must not be negative"),
+        (
+            "rope_scaling",
+            serde_json::json!({"rope_type": "linear", "factor": 0.0}),
+            "`factor` must be positive",
+        ),
+        (
+            "num_hidden_layers",
+            1_000_000_000u64.into(),
+            "larger than the supported maximum",
+        ),
+        // The plan's per-layer schedule is checked against the config first.
+        ("num_hidden_layers", 1.into(), "disagrees with the config"),
+        ("max_position_embeddings", 0.into(), "must be positive, found 0"),
+    ];
+    for (key, value, want) in cases {
+        let mut b = bytes.clone();
+        patch_header(&mut b, |v| v["manifest"]["config"][key] = value.clone());
+        let p = write_bytes(dir.path(), "v.dlo", &b);
+        let e = open_err(&p);
+        assert!(
+            e.contains(&p.display().to_string()) && e.contains(want),
+            "{key} = {value}: {e}"
+        );
+    }
+}
+
 #[test]
 fn errors_tensor_table() {
     let dir = tempfile::tempdir().unwrap();
