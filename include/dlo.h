@@ -100,8 +100,8 @@ typedef struct dlo_engine_params {
   // DLO_ERR_INVALID_ARG.
   int32_t dtype;
   // Worker threads of sessions that leave their own `n_threads` at 0. 0 (default) = all cores (the
-  // process-wide pool); 0 < n <= 1024 = a private pool of n threads per session; < 0 or > 1024 is
-  // DLO_ERR_INVALID_ARG.
+  // process-wide pool); n > 0 = a private pool of n threads per session, at most 4 per CPU (larger
+  // values are lowered to that); < 0 is DLO_ERR_INVALID_ARG.
   int32_t n_threads;
   // Default compute budget of sessions that leave their own `budget` at 0: a target mean execution rate
   // of routed layers in (0, 1]. <= 0 (default) = the model's own routing: an engine file's calibrated
@@ -146,8 +146,8 @@ typedef struct dlo_session_params {
   size_t struct_size;
   // RNG seed; sampling is deterministic for a given seed (default 42).
   uint64_t seed;
-  // Worker threads: 0 (default) = the engine's `n_threads`; 0 < n <= 1024 = a private pool of n threads;
-  // < 0 or > 1024 is DLO_ERR_INVALID_ARG.
+  // Worker threads: 0 (default) = the engine's `n_threads`; n > 0 = a private pool of n threads, at most
+  // 4 per CPU (larger values are lowered to that); < 0 is DLO_ERR_INVALID_ARG.
   int32_t n_threads;
   // New tokens per generation at most: 0 = no limit (until an end-of-sequence token, the callback, or the
   // context length); default 256; < 0 is DLO_ERR_INVALID_ARG.

@@ -7,6 +7,7 @@ use candle_core::DType;
 use dlo_runtime::chat::Message;
 use dlo_runtime::engine::{open_any, routing_for, EnginePlan};
 use dlo_runtime::model::Routing;
+use dlo_runtime::options::capped_threads;
 use dlo_runtime::{Model, RuntimeOptions, Tokenizer};
 use std::ffi::c_char;
 use std::path::{Path, PathBuf};
@@ -38,8 +39,8 @@ pub struct dlo_engine_params {
     /// DLO_ERR_INVALID_ARG.
     pub dtype: i32,
     /// Worker threads of sessions that leave their own `n_threads` at 0. 0 (default) = all cores (the
-    /// process-wide pool); 0 < n <= 1024 = a private pool of n threads per session; < 0 or > 1024 is
-    /// DLO_ERR_INVALID_ARG.
+    /// process-wide pool); n > 0 = a private pool of n threads per session, at most 4 per CPU (larger
+    /// values are lowered to that); < 0 is DLO_ERR_INVALID_ARG.
     pub n_threads: i32,
     /// Default compute budget of sessions that leave their own `budget` at 0: a target mean execution rate
     /// of routed layers in (0, 1]. <= 0 (default) = the model's own routing: an engine file's calibrated
@@ -118,7 +119,10 @@ impl EngineInner {
                 )))
             }
         };
+        // A library has no place to print a warning: counts above the cap are lowered silently (the header
+        // documents it).
         let n_threads = usize::try_from(p.n_threads)
+            .map(|n| capped_threads(n).0)
             .map_err(|_| Failure::invalid(format!("dlo_engine_params.n_threads: {} < 0", p.n_threads)))?;
         let opts = RuntimeOptions {
             dtype,

@@ -7,7 +7,7 @@ use crate::status::{dlo_status, guard, Failure, Result};
 use dlo_runtime::chat::Message;
 use dlo_runtime::generate::{GenerateParams, Generation, Generator, SamplingParams, StopReason};
 use dlo_runtime::model::Routing;
-use dlo_runtime::options::MAX_THREADS;
+use dlo_runtime::options::capped_threads;
 use dlo_runtime::{flops, Tokenizer};
 use std::ffi::{c_char, c_int, c_void};
 use std::ops::ControlFlow;
@@ -28,8 +28,8 @@ pub struct dlo_session_params {
     pub struct_size: usize,
     /// RNG seed; sampling is deterministic for a given seed (default 42).
     pub seed: u64,
-    /// Worker threads: 0 (default) = the engine's `n_threads`; 0 < n <= 1024 = a private pool of n threads;
-    /// < 0 or > 1024 is DLO_ERR_INVALID_ARG.
+    /// Worker threads: 0 (default) = the engine's `n_threads`; n > 0 = a private pool of n threads, at most
+    /// 4 per CPU (larger values are lowered to that); < 0 is DLO_ERR_INVALID_ARG.
     pub n_threads: i32,
     /// New tokens per generation at most: 0 = no limit (until an end-of-sequence token, the callback, or the
     /// context length); default 256; < 0 is DLO_ERR_INVALID_ARG.
@@ -205,12 +205,7 @@ impl SessionInner {
         };
         let n_threads = match nonneg(p.n_threads, "n_threads")? {
             0 => engine.n_threads,
-            n if n > MAX_THREADS => {
-                return Err(Failure::invalid(format!(
-                    "dlo_session_params.n_threads: {n} exceeds the limit of {MAX_THREADS}"
-                )))
-            }
-            n => n,
+            n => capped_threads(n).0,
         };
         let max_tokens = match nonneg(p.max_tokens, "max_tokens")? {
             0 => usize::MAX,

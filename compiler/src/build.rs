@@ -582,7 +582,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         for (device, threads, needle) in [
             ("tpu", None, "device `tpu`"),
-            ("cpu", Some(2000), "2000 threads"),
+            ("cpu", Some(0), "0 threads"),
             ("cuda:1", None, "device cuda:1: cannot open it"),
         ] {
             let a = BuildArgs {

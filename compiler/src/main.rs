@@ -149,7 +149,9 @@ fn train(args: &dlo_compiler::train::TrainArgs) -> anyhow::Result<()> {
 /// Applies `--threads` to the whole process before a command that runs the model starts any thread (the
 /// command's plan checks and opens the device).
 fn process_threads(args: &dlo_compiler::runtime_args::RuntimeArgs) -> anyhow::Result<()> {
-    args.unopened(candle_core::DType::F32)?.init_process_threads()?;
+    if let Some(w) = args.unopened(candle_core::DType::F32)?.init_process_threads()? {
+        eprintln!("warning: --threads: {w}");
+    }
     Ok(())
 }
 

@@ -10,7 +10,7 @@ pub struct RuntimeArgs {
     /// Where the model runs: `cpu`, or `cuda` / `cuda:N` in a build with CUDA support.
     #[arg(long, default_value = "cpu")]
     pub device: String,
-    /// Worker threads, 1 to 1024 (default: all cores).
+    /// Worker threads (default: all cores; more than 4 per CPU are lowered to that, with a warning).
     #[arg(long)]
     pub threads: Option<usize>,
 }

@@ -307,11 +307,7 @@ fn cli_refuses_bad_data_and_foreign_resume_before_training() {
     // runtime flags: out-of-range threads and unknown or unavailable devices, before anything is written
     let o = d.path().join("o2");
     for (flags, needle) in [
-        (
-            ["--threads", "0"],
-            "0 threads: the thread count must be between 1 and 1024",
-        ),
-        (["--threads", "5000"], "5000 threads"),
+        (["--threads", "0"], "0 threads: the thread count must be at least 1"),
         (["--device", "gpu"], "device `gpu` is not `cpu`, `cuda` or `cuda:N`"),
         (["--device", "cuda:0"], "device cuda:0: cannot open it"),
     ] {

@@ -53,7 +53,7 @@ struct Args {
     /// Compute dtype (f64: a slow verification mode, e.g. `--dump` references for f64 ONNX exports).
     #[arg(long, default_value = "f32", value_parser = ["f32", "bf16", "f64"])]
     dtype: String,
-    /// Worker threads, 1 to 1024 (default: all cores).
+    /// Worker threads (default: all cores; more than 4 per CPU are lowered to that, with a warning).
     #[arg(long)]
     threads: Option<usize>,
     /// Where the model runs: `cpu`, or `cuda` / `cuda:N` in a build with CUDA support.
@@ -102,7 +102,9 @@ fn run(args: Args) -> Result<()> {
         threads: args.threads,
         ..RuntimeOptions::default()
     };
-    opts.init_process_threads().context("--threads")?;
+    if let Some(w) = opts.init_process_threads().context("--threads")? {
+        eprintln!("warning: --threads: {w}");
+    }
     let t0 = Instant::now();
     let ckpt = open_any(&args.model)?;
     for w in &ckpt.warnings {

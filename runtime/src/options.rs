@@ -57,8 +57,29 @@ impl fmt::Display for DeviceSpec {
     }
 }
 
-/// Upper bound on worker threads: far above any core count we run on, far below what hangs thread creation.
-pub const MAX_THREADS: usize = 1024;
+/// Upper bound on worker threads: 4 × the CPUs this process may use (at least 4). More threads than that
+/// only contend for the same cores (1,000 threads turned a 0.8 s run into 56 s) and, far enough up, hang
+/// thread creation.
+pub fn max_threads() -> usize {
+    std::thread::available_parallelism()
+        .map_or(1, |n| n.get())
+        .saturating_mul(4)
+        .max(4)
+}
+
+/// A requested worker-thread count lowered to [`max_threads`]: the count to use, and the warning to show
+/// when it was lowered.
+pub fn capped_threads(n: usize) -> (usize, Option<String>) {
+    let max = max_threads();
+    if n <= max {
+        return (n, None);
+    }
+    let warning = format!(
+        "{n} threads requested; using {max} (4 × the {} CPUs available: more threads only contend for them)",
+        max / 4
+    );
+    (max, Some(warning))
+}
 
 /// Everything that decides how a model is loaded and executed, in one value.
 #[derive(Debug, Clone, PartialEq)]
@@ -86,14 +107,13 @@ impl Default for RuntimeOptions {
 }
 
 impl RuntimeOptions {
-    /// Checks the values: a thread count in 1..=[`MAX_THREADS`], a compute dtype the model supports.
+    /// Checks the values: a positive thread count, a compute dtype the model supports. (A count above
+    /// [`max_threads`] is valid; [`Self::cap_threads`] lowers it.)
     pub fn validate(&self) -> Result<()> {
-        if let Some(n) = self.threads {
-            if n == 0 || n > MAX_THREADS {
-                return Err(Error::InvalidArgument(format!(
-                    "{n} threads: the thread count must be between 1 and {MAX_THREADS}"
-                )));
-            }
+        if self.threads == Some(0) {
+            return Err(Error::InvalidArgument(
+                "0 threads: the thread count must be at least 1 (leave it out to use all cores)".into(),
+            ));
         }
         if !matches!(self.dtype, DType::F32 | DType::BF16 | DType::F16 | DType::F64) {
             return Err(Error::InvalidArgument(format!(
@@ -102,6 +122,13 @@ impl RuntimeOptions {
             )));
         }
         Ok(())
+    }
+
+    /// Lowers [`Self::threads`] to [`max_threads`]; returns the warning to show when it did.
+    pub fn cap_threads(&mut self) -> Option<String> {
+        let (n, warning) = capped_threads(self.threads?);
+        self.threads = Some(n);
+        warning
     }
 
     /// The load settings of the model's tensors on `device` (the device these options open).
@@ -117,15 +144,18 @@ impl RuntimeOptions {
     /// `dlo-compile`, benchmarks): the global rayon pool, and `RAYON_NUM_THREADS`, which candle's CPU GEMM
     /// reads at every call to size its parallelism (candle-core 0.11 has no other knob). Call it first thing,
     /// before any thread starts; a library inside someone else's process (the C ABI) runs on private
-    /// rayon pools of that size instead. Does nothing when `threads` is `None`.
-    pub fn init_process_threads(&self) -> Result<()> {
+    /// rayon pools of that size instead. Does nothing when `threads` is `None`. A count above
+    /// [`max_threads`] is lowered to it; the warning saying so is returned for the caller to show.
+    pub fn init_process_threads(&self) -> Result<Option<String>> {
         self.validate()?;
-        if let Some(n) = self.threads {
+        let mut opts = self.clone();
+        let warning = opts.cap_threads();
+        if let Some(n) = opts.threads {
             std::env::set_var("RAYON_NUM_THREADS", n.to_string());
             // Fails only when the global pool already exists: then it keeps its size.
             rayon::ThreadPoolBuilder::new().num_threads(n).build_global().ok();
         }
-        Ok(())
+        Ok(warning)
     }
 }
 
@@ -158,15 +188,30 @@ mod tests {
     }
 
     #[test]
-    fn out_of_range_threads_and_dtypes_are_refused() {
-        for n in [0, MAX_THREADS + 1, 100_000] {
-            let o = RuntimeOptions {
+    fn zero_threads_and_odd_dtypes_are_refused_and_many_threads_capped() {
+        let o = RuntimeOptions {
+            threads: Some(0),
+            ..Default::default()
+        };
+        assert!(o.validate().unwrap_err().to_string().contains("0 threads"));
+        assert!(o.init_process_threads().is_err());
+        let max = max_threads();
+        assert!(max >= 4 && max % 4 == 0);
+        for n in [max + 1, 100_000, usize::MAX] {
+            let mut o = RuntimeOptions {
                 threads: Some(n),
                 ..Default::default()
             };
-            assert!(o.validate().unwrap_err().to_string().contains(&format!("{n} threads")));
-            assert!(o.init_process_threads().is_err());
+            o.validate().unwrap();
+            let w = o.cap_threads().unwrap();
+            assert_eq!(o.threads, Some(max));
+            assert!(w.contains(&format!("{n} threads requested; using {max}")), "{w}");
         }
+        let mut o = RuntimeOptions {
+            threads: Some(max),
+            ..Default::default()
+        };
+        assert_eq!((o.cap_threads(), o.threads), (None, Some(max)));
         let o = RuntimeOptions {
             dtype: DType::U8,
             ..Default::default()
