@@ -361,8 +361,15 @@ pub unsafe extern "C" fn dlo_chat_render(
             .iter()
             .enumerate()
             .map(|(i, m)| {
+                let role = c_str(m.role, &format!("messages[{i}].role"), F)?;
+                if !dlo_runtime::chat::ROLES.contains(&role) {
+                    return Err(Failure::invalid(format!(
+                        "{F}: messages[{i}].role is `{role}`, not one of {}",
+                        dlo_runtime::chat::ROLES.join(", ")
+                    )));
+                }
                 Ok(Message::new(
-                    c_str(m.role, &format!("messages[{i}].role"), F)?,
+                    role,
                     c_str(m.content, &format!("messages[{i}].content"), F)?,
                 ))
             })

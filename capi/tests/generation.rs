@@ -259,6 +259,25 @@ fn text_functions_on_smollm2_gguf() {
             DLO_OK,
         );
         assert_eq!(std::ffi::CStr::from_ptr(buf.as_ptr()).to_str().unwrap(), want_chat);
+        // Only the roles the header lists.
+        for bad in ["tool", "User", ""] {
+            let role = c(bad);
+            let m = [dlo_chat_message {
+                role: role.as_ptr(),
+                content: m2.as_ptr(),
+            }];
+            expect(
+                dlo_chat_render(e, m.as_ptr(), 1, 1, buf.as_mut_ptr(), n + 1, &mut n),
+                DLO_ERR_INVALID_ARG,
+            );
+            let err = last_error();
+            assert!(
+                err.contains(&format!(
+                    "messages[0].role is `{bad}`, not one of system, user, assistant"
+                )),
+                "{err}"
+            );
+        }
     }
     // dlo_generate_text with the chat template = dlo_generate on the rendered, encoded prompt.
     let s = session(e, |p| p.max_tokens = 8);

@@ -35,7 +35,8 @@ struct Args {
     /// With --token-ids: run one forward pass and write logits and routing to this safetensors file.
     #[arg(long)]
     dump: Option<PathBuf>,
-    /// Maximum new tokens.
+    /// Maximum new tokens; 0 = no limit (until an end-of-sequence token or the context is full), as in the
+    /// C ABI.
     #[arg(long, default_value_t = 256)]
     max_tokens: usize,
     /// Sampling temperature (0 = greedy).
@@ -72,16 +73,30 @@ struct Args {
     /// Benchmark prefill and decode speed on synthetic token ids; prints `prefill_tok_s=X decode_tok_s=Y`.
     #[arg(long)]
     bench: bool,
-    /// Prompt length for --bench.
-    #[arg(long, default_value_t = 128)]
+    /// Prompt length for --bench (at least 1).
+    #[arg(long, default_value_t = 128, value_parser = at_least_one)]
     prompt_tokens: usize,
-    /// Generated tokens for --bench.
-    #[arg(long, default_value_t = 64)]
+    /// Generated tokens for --bench (at least 1; the first comes from the prefill, the rest are decode steps).
+    #[arg(long, default_value_t = 64, value_parser = at_least_one)]
     gen_tokens: usize,
+}
+
+/// Parses a count that must be positive.
+fn at_least_one(s: &str) -> std::result::Result<usize, String> {
+    match s.parse::<usize>() {
+        Ok(0) => Err("must be at least 1".into()),
+        Ok(n) => Ok(n),
+        Err(e) => Err(e.to_string()),
+    }
 }
 
 fn main() -> std::process::ExitCode {
     dlo_runtime::alloc::tune_for_large_tensors();
+    // RUST_BACKTRACE is for panics; errors are messages for users, without the backtraces candle would
+    // capture into them (set before any thread starts).
+    if std::env::var_os("RUST_LIB_BACKTRACE").is_none() {
+        std::env::set_var("RUST_LIB_BACKTRACE", "0");
+    }
     match run(Args::parse()) {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {

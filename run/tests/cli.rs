@@ -101,3 +101,42 @@ fn dump_is_written_atomically() {
     assert_eq!(left, ["d.safetensors", "taken"]);
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+#[test]
+fn errors_carry_no_backtrace_with_rust_backtrace_set() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("x.gguf");
+    // A GGUF header with an absurd tensor count: candle's reader fails (and would attach a backtrace).
+    let mut bytes = b"GGUF".to_vec();
+    bytes.extend(3u32.to_le_bytes());
+    bytes.extend(u64::MAX.to_le_bytes());
+    bytes.extend(0u64.to_le_bytes());
+    std::fs::write(&path, &bytes).unwrap();
+    let o = Command::new(env!("CARGO_BIN_EXE_dlo-run"))
+        .arg(&path)
+        .args(["--token-ids", "1,2"])
+        .env("RUST_BACKTRACE", "1")
+        .env_remove("RUST_LIB_BACKTRACE")
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success());
+    assert!(err.contains("x.gguf: invalid GGUF file"), "{err}");
+    assert!(!err.contains("candle_core::") && !err.contains("   0: "), "{err}");
+    assert_eq!(err.trim().lines().count(), 1, "{err}");
+}
+
+#[test]
+fn max_tokens_zero_means_no_limit_and_bench_counts_must_be_positive() {
+    // The fixture's context is short: with no limit, generation stops when it is full, not after 1 token.
+    let o = dlo_run(&["--token-ids", "1,2", "--max-tokens", "0", "--stats"]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "{err}");
+    assert!(
+        err.contains("generated 255 tokens") && err.contains("stop: ContextFull"),
+        "{err}"
+    );
+    for flag in ["--gen-tokens", "--prompt-tokens"] {
+        fails_with(&["--bench", flag, "0"], "must be at least 1");
+    }
+}

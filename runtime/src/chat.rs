@@ -7,6 +7,9 @@ use minijinja::value::{Kwargs, Value};
 use minijinja::{Environment, ErrorKind};
 use std::fmt::Write as _;
 
+/// The roles a [`Message`] may have (what HF chat templates of Llama-family models handle).
+pub const ROLES: &[&str] = &["system", "user", "assistant"];
+
 /// One chat message.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Message {

@@ -60,9 +60,9 @@ pub enum Error {
     /// A caller-supplied argument is out of range.
     #[error("invalid argument: {0}")]
     InvalidArgument(String),
-    /// A tensor operation failed.
+    /// A tensor operation failed (the error carries no backtrace: see [`without_backtrace`]).
     #[error("tensor operation failed: {0}")]
-    Candle(#[from] candle_core::Error),
+    Candle(candle_core::Error),
     /// An engine file was written by a newer format version than this runtime reads.
     #[error(
         "{path}: engine format version {found} is newer than this runtime supports ({supported}); \
@@ -77,6 +77,35 @@ pub enum Error {
         expected: u32,
         found: u32,
     },
+}
+
+impl From<candle_core::Error> for Error {
+    fn from(e: candle_core::Error) -> Self {
+        Error::Candle(without_backtrace(e))
+    }
+}
+
+/// `e` without the backtraces candle attaches when `RUST_BACKTRACE` is set: they belong in a debugger, not
+/// in an error message (or `dlo_last_error()`). Context and path wrappers are kept.
+pub fn without_backtrace(e: candle_core::Error) -> candle_core::Error {
+    use candle_core::Error as E;
+    match e {
+        E::WithBacktrace { inner, .. } => without_backtrace(*inner),
+        E::Context { inner, context } => E::Context {
+            inner: Box::new(without_backtrace(*inner)),
+            context,
+        },
+        E::WithPath { inner, path } => E::WithPath {
+            inner: Box::new(without_backtrace(*inner)),
+            path,
+        },
+        e => e,
+    }
+}
+
+/// The message of a candle error, without backtraces ([`without_backtrace`]).
+pub fn candle_message(e: candle_core::Error) -> String {
+    without_backtrace(e).to_string()
 }
 
 impl From<dlo_passes::fsutil::FsError> for Error {
@@ -131,5 +160,25 @@ mod report_tests {
         let wrapped = anyhow::Error::new(e).context("loading the model");
         let line = report(wrapped.as_ref());
         assert_eq!(line, "loading the model: /x/model.gguf: entity not found");
+    }
+}
+
+#[cfg(test)]
+mod backtrace_tests {
+    use super::*;
+
+    #[test]
+    fn candle_backtraces_stay_out_of_messages() {
+        let traced = |e: candle_core::Error| candle_core::Error::WithBacktrace {
+            inner: Box::new(e),
+            backtrace: Box::new(std::backtrace::Backtrace::force_capture()),
+        };
+        let e = traced(candle_core::Error::Msg("shape mismatch".into()).context("loading `w`"));
+        let e = traced(e);
+        assert!(e.to_string().contains("candle_backtraces_stay_out_of_messages"), "{e}");
+        let msg = Error::from(e).to_string();
+        assert_eq!(msg, "tensor operation failed: loading `w`\nshape mismatch");
+        let e = traced(candle_core::Error::Msg("bad".into())).with_path("/m/x");
+        assert_eq!(candle_message(e), "path: \"/m/x\" bad");
     }
 }

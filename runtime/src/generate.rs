@@ -124,7 +124,8 @@ pub fn argmax(xs: &[f32]) -> u32 {
 /// Settings of one generation.
 #[derive(Debug, Clone)]
 pub struct GenerateParams {
-    /// At most this many new tokens.
+    /// At most this many new tokens; 0 = no limit (until a stop token, the callback, or the context is
+    /// full), as in the C ABI.
     pub max_tokens: usize,
     /// Token ids that end generation (not emitted).
     pub stop_tokens: Vec<u32>,
@@ -132,6 +133,13 @@ pub struct GenerateParams {
     pub sampling: SamplingParams,
     /// Routing rule for routed layers.
     pub routing: Routing,
+}
+
+impl GenerateParams {
+    /// Whether `n` new tokens reach [`Self::max_tokens`].
+    fn reached_max(&self, n: usize) -> bool {
+        self.max_tokens != 0 && n >= self.max_tokens
+    }
 }
 
 impl Default for GenerateParams {
@@ -309,7 +317,7 @@ impl<'m, B: Backend> Generator<'m, B> {
             if on_token(next).is_break() {
                 break StopReason::Callback;
             }
-            if tokens.len() >= self.params.max_tokens {
+            if self.params.reached_max(tokens.len()) {
                 break StopReason::MaxTokens;
             }
             if self.pos as usize >= ctx {
@@ -379,7 +387,7 @@ pub fn generate_batch<B: Backend>(model: &B, prompts: &[Vec<u32>], params: &Gene
                 continue;
             }
             tokens[i].push(next[i]);
-            if tokens[i].len() >= params.max_tokens {
+            if params.reached_max(tokens[i].len()) {
                 stop[i] = Some(StopReason::MaxTokens);
             } else if pos[i] as usize >= ctx {
                 stop[i] = Some(StopReason::ContextFull);
@@ -525,6 +533,17 @@ mod tests {
         let mut g = Generator::new(&m, GenerateParams::default()).unwrap();
         let e = g.generate(&[1; 9], |_| ControlFlow::Continue(())).unwrap_err();
         assert!(e.to_string().contains("exceed the context length 8"), "{e}");
+        // max_tokens 0 = no limit: generation runs until the context is full, one step at a time and batched.
+        let unlimited = GenerateParams {
+            max_tokens: 0,
+            ..Default::default()
+        };
+        let mut g = Generator::new(&m, unlimited.clone()).unwrap();
+        let out = g.generate(&[1, 2], |_| ControlFlow::Continue(())).unwrap();
+        assert_eq!((out.stop, out.tokens.len()), (StopReason::ContextFull, 7));
+        let outs = generate_batch(&m, &[vec![1, 2], vec![3]], &unlimited).unwrap();
+        assert_eq!((outs[0].stop, outs[0].tokens.len()), (StopReason::ContextFull, 7));
+        assert_eq!(outs[0].tokens, out.tokens);
     }
 }
 

@@ -13,7 +13,7 @@
 //! - GGUF stores dimensions fastest-first; candle's reader already reverses them, so a matrix arrives as
 //!   `[out, in]` like HF.
 
-use crate::error::{Error, Result};
+use crate::error::{candle_message, Error, Result};
 use crate::tokenizer::Tokenizer;
 use crate::weights::{LoadReport, Weights};
 use candle_core::quantized::gguf_file::{Content, Value};
@@ -82,7 +82,7 @@ pub fn load(path: &Path) -> Result<GgufCheckpoint> {
                     dtype: ggml_type_name(ty),
                 });
             }
-            return Err(Error::format(path, format!("invalid GGUF file: {e}")));
+            return Err(Error::format(path, format!("invalid GGUF file: {}", candle_message(e))));
         }
     };
     let md = Meta::new(&content.metadata, path)?;
@@ -132,10 +132,13 @@ pub fn load(path: &Path) -> Result<GgufCheckpoint> {
     for (name, hf) in wanted {
         let q = content
             .tensor(&mut reader, &name, &Device::Cpu)
-            .map_err(|e| Error::format(path, format!("tensor `{name}`: {e}")))?;
-        let mut t = q
-            .dequantize(&Device::Cpu)
-            .map_err(|e| Error::format(path, format!("tensor `{name}`: cannot dequantize: {e}")))?;
+            .map_err(|e| Error::format(path, format!("tensor `{name}`: {}", candle_message(e))))?;
+        let mut t = q.dequantize(&Device::Cpu).map_err(|e| {
+            Error::format(
+                path,
+                format!("tensor `{name}`: cannot dequantize: {}", candle_message(e)),
+            )
+        })?;
         if let Some(i) = first_non_finite(&t) {
             return Err(Error::format(
                 path,
@@ -151,7 +154,8 @@ pub fn load(path: &Path) -> Result<GgufCheckpoint> {
             } else {
                 md.n_head_kv
             };
-            t = unpermute_qk(&t, n_head).map_err(|e| Error::format(path, format!("tensor `{name}`: {e}")))?;
+            t = unpermute_qk(&t, n_head)
+                .map_err(|e| Error::format(path, format!("tensor `{name}`: {}", candle_message(e))))?;
         }
         tensors.insert(hf, t);
     }

@@ -196,7 +196,7 @@ mod tests {
         assert!(o.validate().unwrap_err().to_string().contains("0 threads"));
         assert!(o.init_process_threads().is_err());
         let max = max_threads();
-        assert!(max >= 4 && max % 4 == 0);
+        assert!(max >= 4 && max.is_multiple_of(4));
         for n in [max + 1, 100_000, usize::MAX] {
             let mut o = RuntimeOptions {
                 threads: Some(n),

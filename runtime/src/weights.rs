@@ -11,7 +11,7 @@
 //!
 //! OWNER: loader work (issue 2). The API below is what the model definition uses; keep it.
 
-use crate::error::{Error, Result};
+use crate::error::{candle_message, Error, Result};
 use crate::model::layers::Load;
 use crate::model::weight::{DenseWeight, Weight};
 use candle_core::{DType, Device, Tensor};
@@ -51,7 +51,7 @@ impl Weights {
         // SAFETY: the files are mapped read-only; we never hand out mutable views. Truncation of a
         // mapped file by another process is outside what any mmap-based loader can defend against.
         let st = unsafe { candle_core::safetensors::MmapedSafetensors::multi(files) }
-            .map_err(|e| Error::format(&path, format!("invalid safetensors: {e}")))?;
+            .map_err(|e| Error::format(&path, format!("invalid safetensors: {}", candle_message(e))))?;
         Ok(Weights {
             store: Store::Safetensors(st),
             path,
@@ -181,7 +181,7 @@ impl Weights {
         let t = match &self.store {
             Store::Safetensors(st) => st
                 .load(name, device)
-                .map_err(|e| Error::format(&self.path, format!("tensor `{name}`: {e}")))?,
+                .map_err(|e| Error::format(&self.path, format!("tensor `{name}`: {}", candle_message(e))))?,
             Store::Loaded(m) => m[name].to_device(device)?,
             Store::Engine(e) => e.load(name, device)?,
         };

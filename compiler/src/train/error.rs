@@ -35,9 +35,15 @@ pub enum TrainError {
     /// Loading or running the model failed.
     #[error(transparent)]
     Runtime(#[from] dlo_runtime::Error),
-    /// A tensor operation failed.
+    /// A tensor operation failed (without candle's backtrace).
     #[error("tensor operation failed: {0}")]
-    Candle(#[from] candle_core::Error),
+    Candle(candle_core::Error),
+}
+
+impl From<candle_core::Error> for TrainError {
+    fn from(e: candle_core::Error) -> Self {
+        TrainError::Candle(dlo_runtime::error::without_backtrace(e))
+    }
 }
 
 impl TrainError {
