@@ -78,7 +78,10 @@ impl From<dlo_runtime::Error> for Failure {
             | E::MissingTensor { .. }
             | E::ShapeMismatch { .. }
             | E::Tensors { .. }
-            | E::UnsupportedDtype { .. } => dlo_status::DLO_ERR_FORMAT,
+            | E::UnsupportedDtype { .. }
+            | E::LayerCount { .. } => dlo_status::DLO_ERR_FORMAT,
+            // NaN or infinite logits come from the model's weights or settings, not from the call.
+            E::NonFiniteLogits { .. } => dlo_status::DLO_ERR_FORMAT,
             E::Tokenizer { .. } => dlo_status::DLO_ERR_TOKENIZER,
             E::NoTokenizer { .. } => dlo_status::DLO_ERR_NO_TOKENIZER,
             E::Template(_) => dlo_status::DLO_ERR_TEMPLATE,

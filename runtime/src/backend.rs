@@ -25,6 +25,14 @@ pub trait Backend {
     /// (f64 for an f64 model), `[b, t, vocab]` with `opts.all_logits`, else `[b, 1, vocab]`; the trace has one
     /// entry per layer (`None` for dense layers).
     fn forward(&self, batch: &Batch, cache: Option<&mut Self::Cache>, opts: &Forward) -> Result<ForwardOutput>;
+
+    /// A diagnosis after non-finite logits: the first decoder layer whose output has a NaN or infinite value
+    /// on a dense pass over `ids` (from position 0), when the backend can look inside; `None` when no layer
+    /// output is non-finite (then the final norm or lm_head produced them) or the backend cannot tell.
+    fn first_non_finite_layer(&self, ids: &[u32]) -> Result<Option<usize>> {
+        let _ = ids;
+        Ok(None)
+    }
 }
 
 impl Backend for Model {
@@ -40,5 +48,19 @@ impl Backend for Model {
 
     fn forward(&self, batch: &Batch, cache: Option<&mut Cache>, opts: &Forward) -> Result<ForwardOutput> {
         Model::forward(self, batch, cache, opts)
+    }
+
+    fn first_non_finite_layer(&self, ids: &[u32]) -> Result<Option<usize>> {
+        let mut first = None;
+        self.visit_dense_units(&Batch::single(ids, 0), |l, s| {
+            if first.is_none() {
+                let v: Vec<f32> = s.output.flatten_all()?.to_dtype(candle_core::DType::F32)?.to_vec1()?;
+                if v.iter().any(|x| !x.is_finite()) {
+                    first = Some(l);
+                }
+            }
+            Ok(())
+        })?;
+        Ok(first)
     }
 }

@@ -63,6 +63,16 @@ pub enum Error {
     /// A tensor operation failed (the error carries no backtrace: see [`without_backtrace`]).
     #[error("tensor operation failed: {0}")]
     Candle(candle_core::Error),
+    /// The model produced NaN or infinite logits; generation stops instead of sampling from them.
+    #[error("non-finite logits (NaN or infinity) at position {position}: {cause}")]
+    NonFiniteLogits {
+        /// The position (0-based, in the sequence) whose logits are not finite.
+        position: usize,
+        /// The first decoder layer whose output is not finite, when the backend could tell.
+        layer: Option<usize>,
+        /// What the diagnosis found, in words.
+        cause: String,
+    },
     /// An engine file was written by a newer format version than this runtime reads.
     #[error(
         "{path}: engine format version {found} is newer than this runtime supports ({supported}); \

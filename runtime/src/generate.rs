@@ -251,6 +251,33 @@ pub struct Generator<'m, B: Backend = Model> {
     params: GenerateParams,
     pos: u32,
     last_logits: Option<Tensor>,
+    /// Every id processed so far (for the diagnosis after non-finite logits).
+    history: Vec<u32>,
+}
+
+/// `row` (the logits of position `position`) when every value is finite; otherwise the error naming the
+/// position and, from a dense re-run over `history` (the ids up to that position), the first layer whose
+/// output is not finite. The check is one pass over a vocabulary-sized row per sampled token.
+fn finite_row<B: Backend>(
+    model: &B,
+    row: Vec<f32>,
+    position: usize,
+    history: impl FnOnce() -> Vec<u32>,
+) -> Result<Vec<f32>> {
+    if row.iter().all(|x| x.is_finite()) {
+        return Ok(row);
+    }
+    let layer = model.first_non_finite_layer(&history())?;
+    let cause = match layer {
+        Some(l) => format!(
+            "the output of decoder layer {l} is the first that is not finite (on a dense re-run); check that \
+             layer's weights and the model's norm and RoPE settings"
+        ),
+        None => "no decoder layer output is non-finite on a dense re-run: the final norm or lm_head produced \
+                 them, or the routed path did"
+            .into(),
+    };
+    Err(Error::NonFiniteLogits { position, layer, cause })
 }
 
 impl<'m, B: Backend> Generator<'m, B> {
@@ -264,6 +291,7 @@ impl<'m, B: Backend> Generator<'m, B> {
             params,
             pos: 0,
             last_logits: None,
+            history: Vec::new(),
         })
     }
 
@@ -288,9 +316,12 @@ impl<'m, B: Backend> Generator<'m, B> {
         let out = self.model.forward(&batch, Some(&mut self.cache), &fwd)?;
         stats.add(&out, &batch.valid);
         self.pos += ids.len() as u32;
+        self.history.extend_from_slice(ids);
         // f32 for sampling (an f64 verification model's logits are f64).
         let logits = out.logits.i((0, 0))?.to_dtype(DType::F32)?;
-        let row: Vec<f32> = logits.to_vec1()?;
+        let row = finite_row(self.model, logits.to_vec1()?, self.pos as usize - 1, || {
+            self.history.clone()
+        })?;
         self.last_logits = Some(logits);
         Ok(self.sampler.sample(&row))
     }
@@ -371,11 +402,16 @@ pub fn generate_batch<B: Backend>(model: &B, prompts: &[Vec<u32>], params: &Gene
     let prefill_time = t0.elapsed();
     let mut prefill_stats = stats.clone();
     let t1 = Instant::now();
+    let mut tokens: Vec<Vec<u32>> = vec![Vec::new(); n];
+    // The logits row of prompt `i` at position `p`, checked to be finite.
+    let row = |out: &ForwardOutput, i: usize, p: u32, tokens: &[u32]| -> Result<Vec<f32>> {
+        let v = out.logits.i((i, 0))?.to_dtype(DType::F32)?.to_vec1::<f32>()?;
+        finite_row(model, v, p as usize, || [&prompts[i][..], tokens].concat())
+    };
     let mut next: Vec<u32> = (0..n)
-        .map(|i| Ok(samplers[i].sample(&out.logits.i((i, 0))?.to_dtype(DType::F32)?.to_vec1::<f32>()?)))
+        .map(|i| Ok(samplers[i].sample(&row(&out, i, prompts[i].len() as u32 - 1, &[])?)))
         .collect::<Result<_>>()?;
     let mut pos: Vec<u32> = prompts.iter().map(|p| p.len() as u32).collect();
-    let mut tokens: Vec<Vec<u32>> = vec![Vec::new(); n];
     let mut stop: Vec<Option<StopReason>> = vec![None; n];
     loop {
         for i in 0..n {
@@ -407,7 +443,7 @@ pub fn generate_batch<B: Backend>(model: &B, prompts: &[Vec<u32>], params: &Gene
         for i in 0..n {
             if stop[i].is_none() {
                 stats[i].add_rows(&out, &step.valid, i..i + 1);
-                next[i] = samplers[i].sample(&out.logits.i((i, 0))?.to_dtype(DType::F32)?.to_vec1::<f32>()?);
+                next[i] = samplers[i].sample(&row(&out, i, pos[i], &tokens[i])?);
                 pos[i] += 1;
             }
         }
@@ -519,6 +555,72 @@ mod tests {
         let out3 = g.generate(&prompt, |_| ControlFlow::Continue(())).unwrap();
         assert_eq!(out3.stop, StopReason::StopToken);
         assert!(!out3.tokens.contains(&stop));
+    }
+
+    /// NaN weights in one layer stop generation with an error naming the position and that layer, instead
+    /// of sampling blank text from NaN logits; a batch reports the same.
+    #[test]
+    fn non_finite_logits_stop_generation_naming_position_and_layer() {
+        let cfg = tiny_config(true);
+        let mut t = crate::testing::random_tensors(&cfg, 3);
+        let w = &t["model.layers.1.mlp.down_proj.weight"];
+        let nan = (w.ones_like().unwrap() * f64::NAN).unwrap();
+        t.insert("model.layers.1.mlp.down_proj.weight".into(), nan);
+        let w = crate::Weights::from_tensors(t, "nan");
+        let m = Model::load(&cfg, &w, DType::F32, &Device::Cpu).unwrap();
+        let mut g = Generator::new(&m, GenerateParams::default()).unwrap();
+        let e = g.generate(&[1, 2, 3], |_| ControlFlow::Continue(())).unwrap_err();
+        assert!(
+            matches!(
+                e,
+                Error::NonFiniteLogits {
+                    position: 2,
+                    layer: Some(1),
+                    ..
+                }
+            ),
+            "{e:?}"
+        );
+        let msg = e.to_string();
+        assert!(
+            msg.contains("at position 2") && msg.contains("decoder layer 1"),
+            "{msg}"
+        );
+        let e = generate_batch(&m, &[vec![1, 2], vec![3, 4, 5, 6]], &GenerateParams::default()).unwrap_err();
+        assert!(matches!(e, Error::NonFiniteLogits { layer: Some(1), .. }), "{e:?}");
+    }
+
+    /// The real model with one infinite weight in layer 7: the error names the prompt's last position and
+    /// layer 7.
+    #[test]
+    fn smollm2_with_an_infinite_weight_stops_naming_the_layer() {
+        let Some(path) = crate::testing::smollm2_gguf() else {
+            return;
+        };
+        let ck = crate::Checkpoint::open(&path).unwrap();
+        let name = "model.layers.7.mlp.down_proj.weight";
+        let mut t = std::collections::HashMap::new();
+        for n in ck.weights.names() {
+            let shape = ck.weights.shape_of(&n).unwrap();
+            let mut x = ck.weights.get(&n, &shape, DType::F32, &Device::Cpu).unwrap();
+            if n == name {
+                let mut v: Vec<f32> = x.flatten_all().unwrap().to_vec1().unwrap();
+                v[5] = f32::INFINITY;
+                x = candle_core::Tensor::from_vec(v, shape, &Device::Cpu).unwrap();
+            }
+            t.insert(n, x);
+        }
+        let w = crate::Weights::from_tensors(t, &path);
+        let m = Model::load(&ck.config, &w, DType::F32, &Device::Cpu).unwrap();
+        let tok = ck.tokenizer.as_ref().unwrap();
+        let ids = tok.encode("The capital of France is", false).unwrap();
+        let mut g = Generator::new(&m, GenerateParams::default()).unwrap();
+        let e = g.generate(&ids, |_| ControlFlow::Continue(())).unwrap_err();
+        let want = ids.len() - 1;
+        assert!(
+            matches!(e, Error::NonFiniteLogits { position, layer: Some(7), .. } if position == want),
+            "{e}"
+        );
     }
 
     #[test]
