@@ -354,7 +354,36 @@ impl Example {
     }
 }
 
-/// Renders and tokenizes one conversation with the assistant-only mask (see the module docs).
+/// Tokens beyond the ones kept that a bounded encoding ([`encode_prefix`]) must see before it trusts its cut:
+/// a cut changes only the last pre-token(s) of what it tokenizes, far from the kept tokens.
+const CUT_SLACK: usize = 16;
+
+/// The first `need` tokens of `text` (all of them when there are fewer), tokenizing a prefix of the text
+/// that grows geometrically from about 8 bytes per needed token, instead of the whole text: memory and time
+/// stay proportional to `need`, not to the text (a 50 MB record used to take 7.4 GB at `--seq-len 32`).
+pub fn encode_prefix(enc: &dyn ChatEncoder, text: &str, need: usize) -> Result<Vec<u32>> {
+    let mut bytes = need.saturating_add(CUT_SLACK).saturating_mul(8).max(256);
+    loop {
+        if bytes >= text.len() {
+            let mut t = enc.encode(text)?;
+            t.truncate(need);
+            return Ok(t);
+        }
+        let mut cut = bytes;
+        while !text.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        let mut t = enc.encode(&text[..cut])?;
+        if t.len() >= need.saturating_add(CUT_SLACK) {
+            t.truncate(need);
+            return Ok(t);
+        }
+        bytes = bytes.saturating_mul(4);
+    }
+}
+
+/// Renders and tokenizes one conversation with the assistant-only mask (see the module docs), stopping
+/// after `max_tokens` tokens: the text beyond is never tokenized ([`encode_prefix`]).
 ///
 /// The inner error says why assistant tokens cannot be located in this conversation (the template renders
 /// a prefix of it as something that is not a prefix of the whole, e.g. a default system prompt that only
@@ -362,6 +391,7 @@ impl Example {
 pub fn encode_conversation(
     enc: &dyn ChatEncoder,
     messages: &[Message],
+    max_tokens: usize,
 ) -> Result<std::result::Result<Example, String>> {
     let full = enc.render(messages, false)?;
     // (start, end, is_label) cuts of `full`
@@ -391,7 +421,10 @@ pub fn encode_conversation(
         if hi <= lo {
             continue;
         }
-        let t = enc.encode(&full[lo..hi])?;
+        if ids.len() >= max_tokens {
+            break;
+        }
+        let t = encode_prefix(enc, &full[lo..hi], max_tokens - ids.len())?;
         labels.extend(std::iter::repeat_n(label, t.len()));
         ids.extend(t);
     }
@@ -434,7 +467,8 @@ pub fn tokenize_all(
     };
     let mut out = Vec::with_capacity(convs.len());
     for c in convs {
-        let mut ex = match encode_conversation(enc, &c.messages)? {
+        // One token more than fits tells truncated examples apart.
+        let mut ex = match encode_conversation(enc, &c.messages, max_len + 1)? {
             Ok(ex) => ex,
             Err(why) => {
                 st.unlocatable += 1;
@@ -690,7 +724,7 @@ pub(crate) mod tests {
             Message::new("user", "more"),
             Message::new("assistant", "ok!"),
         ];
-        let ex = encode_conversation(&ByteChatml, &msgs).unwrap().unwrap();
+        let ex = encode_conversation(&ByteChatml, &msgs, usize::MAX).unwrap().unwrap();
         let enc = |s: &str| ByteChatml.encode(s).unwrap();
         // the whole conversation tokenizes to the same ids as the full rendering
         assert_eq!(ex.ids, enc(&ByteChatml.render(&msgs, false).unwrap()));
@@ -744,6 +778,61 @@ pub(crate) mod tests {
         assert_eq!(ex[1].ids.len(), 40);
         assert_eq!(st.target_tokens, ex.iter().map(Example::n_targets).sum::<usize>());
         assert_eq!(st.unlocatable, 0);
+    }
+
+    /// Records the longest text it was asked to tokenize.
+    struct Longest<'a>(&'a dyn ChatEncoder, std::cell::Cell<usize>);
+    impl ChatEncoder for Longest<'_> {
+        fn render(&self, m: &[Message], gen: bool) -> Result<String> {
+            self.0.render(m, gen)
+        }
+        fn encode(&self, text: &str) -> Result<Vec<u32>> {
+            self.1.set(self.1.get().max(text.len()));
+            self.0.encode(text)
+        }
+    }
+
+    /// A 20 MB answer at a 32-token limit: only a few kilobytes are ever tokenized, and the kept tokens are
+    /// those of tokenizing everything.
+    #[test]
+    fn huge_records_are_tokenized_only_as_far_as_they_fit() {
+        let answer: String = "the quick brown fox — jumps; ".repeat(700_000);
+        let msgs = vec![Message::new("user", "q"), Message::new("assistant", &answer)];
+        let conv = Conversation {
+            messages: msgs.clone(),
+            origin: "big.jsonl:1".into(),
+        };
+        let enc = Longest(&ByteChatml, Default::default());
+        let (ex, st) = tokenize_all(&enc, std::slice::from_ref(&conv), 32).unwrap();
+        assert!(enc.1.get() < 4096, "tokenized {} bytes at once", enc.1.get());
+        assert_eq!((st.kept, st.truncated), (1, 1));
+        let full = encode_conversation(&ByteChatml, &msgs, usize::MAX).unwrap().unwrap();
+        assert_eq!(ex[0].ids, full.ids[..32]);
+        assert_eq!(ex[0].labels, full.labels[..32]);
+    }
+
+    /// On the real tokenizer, a bounded encoding keeps exactly the first tokens of the full one, at every
+    /// length, on real text (GSM8K questions and answers, joined).
+    #[test]
+    fn bounded_encoding_matches_the_full_encoding_on_smollm2() {
+        let (Some(gguf), Some(gsm)) = (dlo_runtime::testing::smollm2_gguf(), gsm8k_requests()) else {
+            return;
+        };
+        let tok = dlo_runtime::Checkpoint::open(&gguf).unwrap().tokenizer.unwrap();
+        let enc = TokenizerEncoder::new(&tok).unwrap();
+        let convs = import_gsm8k(&gsm).unwrap();
+        let text: String = convs
+            .iter()
+            .take(60)
+            .flat_map(|c| c.messages.iter().map(|m| m.content.as_str()))
+            .collect::<Vec<_>>()
+            .join("\n\n");
+        let full = enc.encode(&text).unwrap();
+        assert!(full.len() > 4000, "{}", full.len());
+        for need in [1, 7, 32, 100, 511, 2048, full.len() - 1, full.len(), full.len() + 5] {
+            let got = encode_prefix(&enc, &text, need).unwrap();
+            assert_eq!(got, full[..need.min(full.len())], "need {need}");
+        }
     }
 
     /// A template that adds a default system prompt only when the first message is not a system one (as
