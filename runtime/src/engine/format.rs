@@ -1,7 +1,8 @@
 //! The dlo engine file format, version 1. This doc comment is the specification.
 //!
 //! An engine is **one file**: a fixed 20-byte prefix, a JSON header, then the tensors, each at a 256-byte
-//! aligned offset so the file can be memory-mapped and every tensor viewed in place without copying.
+//! aligned offset (so that a reader may map the file and view every tensor in place; this runtime reads
+//! with positional reads instead, see [`EngineFile`]).
 //!
 //! ```text
 //! offset  size  field
@@ -30,7 +31,7 @@
 //!
 //! **Integrity.** The crc32 in the prefix covers the whole JSON header (manifest and tensor table); it is
 //! checked at open, before the JSON is parsed. Each tensor carries its own crc32, checked **lazily, on
-//! first access** ([`EngineFile::tensor_bytes`]): building a model reads every tensor once, so every byte
+//! first access** ([`EngineFile::load`]): building a model reads every tensor once, so every byte
 //! the model uses is verified exactly when it is copied into the model's storage, and opening an engine
 //! stays O(header). [`EngineFile::verify`] checks all tensors up front (what `dlo-run --verify` and the
 //! tests use). crc32 (crc32fast, SSE4.2/PCLMUL) runs at several GB/s, so verifying a 135M-parameter f32
@@ -212,10 +213,15 @@ fn sniff(bytes: &[u8]) -> String {
     format!("bytes {}", hex.join(" "))
 }
 
-/// An opened engine file: the mapping, the validated tensor table and the raw manifest JSON.
+/// An opened engine file: the open file (read with positional reads), the validated tensor table and the
+/// raw manifest JSON.
+///
+/// The file is not memory-mapped: a mapped file that another process truncates while it is read kills the
+/// reader with SIGBUS, where a positional read returns an error ("the file ended early"). Tensors are
+/// copied into their own storage either way, so reading costs the same single copy.
 pub struct EngineFile {
     path: PathBuf,
-    mmap: memmap2::Mmap,
+    file: File,
     manifest: serde_json::Value,
     tensors: Vec<TensorEntry>,
     crcs: Vec<u32>,
@@ -233,7 +239,7 @@ impl std::fmt::Debug for EngineFile {
 }
 
 impl EngineFile {
-    /// Maps `path` and validates the prefix, header checksum, tensor table and padding. Tensor
+    /// Opens `path` and validates the prefix, header checksum, tensor table and padding. Tensor
     /// checksums are checked on first access.
     pub fn open(path: &Path) -> Result<Self> {
         if path.is_dir() {
@@ -247,14 +253,12 @@ impl EngineFile {
         if len == 0 {
             return Err(Error::format(path, "not a dlo engine: the file is empty"));
         }
-        // SAFETY: mapped read-only and never handed out mutably. A file truncated by another process
-        // while mapped is outside what any mmap-based loader can defend against.
-        let mmap = unsafe { memmap2::Mmap::map(&file) }.map_err(|e| Error::io(path, e))?;
-        let bytes: &[u8] = &mmap;
+        let mut bytes = vec![0u8; len.min(PREFIX_LEN as u64) as usize];
+        read_at(&file, path, 0, &mut bytes)?;
         if bytes.len() < MAGIC.len() || &bytes[..MAGIC.len()] != MAGIC {
             return Err(Error::format(
                 path,
-                format!("not a dlo engine (found {})", sniff(bytes)),
+                format!("not a dlo engine (found {})", sniff(&bytes)),
             ));
         }
         if bytes.len() < PREFIX_LEN {
@@ -297,17 +301,18 @@ impl EngineFile {
             ));
         }
         let header_end = PREFIX_LEN + header_len as usize;
-        if header_end > bytes.len() {
+        if header_end as u64 > len {
             return Err(Error::format(
                 path,
                 format!(
-                    "engine is truncated: the {header_len}-byte header ends at byte {header_end}, the file has {}",
-                    bytes.len()
+                    "engine is truncated: the {header_len}-byte header ends at byte {header_end}, the file has {len}"
                 ),
             ));
         }
-        let header_bytes = &bytes[PREFIX_LEN..header_end];
         let stored = u32_at(16);
+        let mut header_bytes = vec![0u8; header_len as usize];
+        read_at(&file, path, PREFIX_LEN as u64, &mut header_bytes)?;
+        let header_bytes = &header_bytes[..];
         let computed = crc32fast::hash(header_bytes);
         if stored != computed {
             return Err(Error::Integrity {
@@ -373,7 +378,7 @@ impl EngineFile {
                 ))
             })?;
             // Padding between the previous region and this tensor must be zero.
-            if bytes[cursor as usize..t.offset as usize].iter().any(|&b| b != 0) {
+            if !all_zero(&file, path, cursor, t.offset)? {
                 return Err(bad("the padding before it is not zero (corrupt file)".into()));
             }
             cursor = end;
@@ -386,7 +391,7 @@ impl EngineFile {
                 return Err(bad("appears twice in the tensor table".into()));
             }
         }
-        if bytes[cursor as usize..].iter().any(|&b| b != 0) {
+        if !all_zero(&file, path, cursor, len)? {
             return Err(Error::format(
                 path,
                 "trailing padding after the last tensor is not zero (corrupt file)",
@@ -395,7 +400,7 @@ impl EngineFile {
         let verified = (0..header.tensors.len()).map(|_| AtomicBool::new(false)).collect();
         Ok(EngineFile {
             path: path.into(),
-            mmap,
+            file,
             manifest: header.manifest,
             tensors: header.tensors,
             crcs,
@@ -429,27 +434,39 @@ impl EngineFile {
         self.index.get(name).map(|&i| &self.tensors[i])
     }
 
-    /// The mapped bytes of tensor `i`, checking its crc32 on first access.
-    fn bytes_of(&self, i: usize) -> Result<&[u8]> {
+    /// The bytes of tensor `i`, read into a new buffer with their crc32 checked.
+    fn bytes_of(&self, i: usize) -> Result<Vec<u8>> {
         let t = &self.tensors[i];
-        let b = &self.mmap[t.offset as usize..(t.offset + t.length) as usize];
-        if !self.verified[i].load(Ordering::Relaxed) {
-            let found = hash_parallel(b);
-            if found != self.crcs[i] {
-                return Err(Error::Integrity {
-                    path: self.path.clone(),
-                    what: format!("tensor `{}`", t.name),
-                    expected: self.crcs[i],
-                    found,
-                });
-            }
-            self.verified[i].store(true, Ordering::Relaxed);
-        }
+        let mut b = vec![0u8; t.length as usize];
+        let found = self.read_and_hash(t.offset, &mut b)?;
+        self.check_crc(i, found)?;
         Ok(b)
     }
 
-    /// The mapped bytes of `name` (no copy), checking its crc32 on first access.
-    pub fn tensor_bytes(&self, name: &str) -> Result<&[u8]> {
+    /// Reads `dst.len()` bytes at `offset` in parallel 1 MiB chunks and returns their crc32, each chunk
+    /// hashed while it is still in cache.
+    fn read_and_hash(&self, offset: u64, dst: &mut [u8]) -> Result<u32> {
+        use rayon::prelude::*;
+        const CHUNK: usize = 1 << 20;
+        let hashers: Vec<crc32fast::Hasher> = dst
+            .par_chunks_mut(CHUNK)
+            .enumerate()
+            .map(|(k, d)| {
+                read_at(&self.file, &self.path, offset + (k * CHUNK) as u64, d)?;
+                let mut h = crc32fast::Hasher::new();
+                h.update(d);
+                Ok(h)
+            })
+            .collect::<Result<_>>()?;
+        let mut total = crc32fast::Hasher::new();
+        for h in &hashers {
+            total.combine(h);
+        }
+        Ok(total.finalize())
+    }
+
+    /// The bytes of `name` (a copy), checking its crc32.
+    pub fn tensor_bytes(&self, name: &str) -> Result<Vec<u8>> {
         let i = *self.index.get(name).ok_or_else(|| Error::MissingTensor {
             path: self.path.clone(),
             name: name.into(),
@@ -457,9 +474,8 @@ impl EngineFile {
         self.bytes_of(i)
     }
 
-    /// Tensor `name` on `device` in its storage dtype. On the CPU the bytes are copied from the mapping
-    /// into the tensor's storage in one parallel pass that also computes the crc32 (the copy is the only
-    /// one: candle CPU tensors own their data).
+    /// Tensor `name` on `device` in its storage dtype. On the CPU the bytes are read straight into the
+    /// tensor's storage in one parallel pass that also computes the crc32.
     pub fn load(&self, name: &str, device: &Device) -> Result<Tensor> {
         let i = *self.index.get(name).ok_or_else(|| Error::MissingTensor {
             path: self.path.clone(),
@@ -468,20 +484,19 @@ impl EngineFile {
         let t = &self.tensors[i];
         if !device.is_cpu() {
             let b = self.bytes_of(i)?;
-            return Ok(Tensor::from_raw_buffer(b, t.dtype.dtype(), &t.shape, device)?);
+            return Ok(Tensor::from_raw_buffer(&b, t.dtype.dtype(), &t.shape, device)?);
         }
-        let src = &self.mmap[t.offset as usize..(t.offset + t.length) as usize];
-        let n = src.len() / t.dtype.size();
+        let n = t.length as usize / t.dtype.size();
         let tensor = match t.dtype {
             StorageDtype::F32 => {
                 let mut v = vec![0f32; n];
-                self.check_crc(i, copy_and_hash(as_bytes_mut(&mut v), src))?;
+                self.check_crc(i, self.read_and_hash(t.offset, as_bytes_mut(&mut v))?)?;
                 Tensor::from_vec(v, t.shape.as_slice(), device)?
             }
             StorageDtype::Bf16 | StorageDtype::F16 => {
                 use half::vec::HalfBitsVecExt;
                 let mut v = vec![0u16; n];
-                self.check_crc(i, copy_and_hash(as_bytes_mut(&mut v), src))?;
+                self.check_crc(i, self.read_and_hash(t.offset, as_bytes_mut(&mut v))?)?;
                 if t.dtype == StorageDtype::Bf16 {
                     Tensor::from_vec(v.reinterpret_into::<half::bf16>(), t.shape.as_slice(), device)?
                 } else {
@@ -505,10 +520,31 @@ impl EngineFile {
         Ok(())
     }
 
-    /// Checks the crc32 of every tensor now (those already verified are skipped).
+    /// Checks the crc32 of every tensor now (those already verified are skipped), reading each in 4 MiB
+    /// pieces.
     pub fn verify(&self) -> Result<()> {
-        for i in 0..self.tensors.len() {
-            self.bytes_of(i)?;
+        use rayon::prelude::*;
+        const PIECE: u64 = 4 << 20;
+        for (i, t) in self.tensors.iter().enumerate() {
+            if self.verified[i].load(Ordering::Relaxed) {
+                continue;
+            }
+            let hashers: Vec<crc32fast::Hasher> = (0..t.length.div_ceil(PIECE))
+                .into_par_iter()
+                .map(|k| {
+                    let start = k * PIECE;
+                    let mut buf = vec![0u8; PIECE.min(t.length - start) as usize];
+                    read_at(&self.file, &self.path, t.offset + start, &mut buf)?;
+                    let mut h = crc32fast::Hasher::new();
+                    h.update(&buf);
+                    Ok(h)
+                })
+                .collect::<Result<_>>()?;
+            let mut total = crc32fast::Hasher::new();
+            for h in &hashers {
+                total.combine(h);
+            }
+            self.check_crc(i, total.finalize())?;
         }
         Ok(())
     }
@@ -526,44 +562,50 @@ fn as_bytes_mut<T: Plain>(v: &mut [T]) -> &mut [u8] {
     unsafe { std::slice::from_raw_parts_mut(v.as_mut_ptr().cast::<u8>(), std::mem::size_of_val(v)) }
 }
 
-/// Copies `src` into `dst` (same length) in parallel 1 MiB chunks and returns the crc32 of the bytes,
-/// each chunk hashed while it is still in cache.
-fn copy_and_hash(dst: &mut [u8], src: &[u8]) -> u32 {
-    use rayon::prelude::*;
-    const CHUNK: usize = 1 << 20;
-    let hashers: Vec<crc32fast::Hasher> = dst
-        .par_chunks_mut(CHUNK)
-        .zip(src.par_chunks(CHUNK))
-        .map(|(d, s)| {
-            d.copy_from_slice(s);
-            let mut h = crc32fast::Hasher::new();
-            h.update(d);
-            h
-        })
-        .collect();
-    let mut total = crc32fast::Hasher::new();
-    for h in &hashers {
-        total.combine(h);
-    }
-    total.finalize()
+/// Reads `buf.len()` bytes of `file` at `offset`. A file that ends early (truncated or replaced while it
+/// is read) is a format error saying so.
+fn read_at(file: &File, path: &Path, offset: u64, buf: &mut [u8]) -> Result<()> {
+    #[cfg(unix)]
+    let r = std::os::unix::fs::FileExt::read_exact_at(file, buf, offset);
+    #[cfg(windows)]
+    let r = (|| {
+        let (mut done, mut buf) = (0u64, buf);
+        while !buf.is_empty() {
+            match std::os::windows::fs::FileExt::seek_read(file, buf, offset + done)? {
+                0 => return Err(std::io::ErrorKind::UnexpectedEof.into()),
+                n => {
+                    done += n as u64;
+                    buf = &mut buf[n..];
+                }
+            }
+        }
+        Ok(())
+    })();
+    r.map_err(|e| match e.kind() {
+        std::io::ErrorKind::UnexpectedEof => Error::format(
+            path,
+            format!(
+                "the file ended before byte {}: it was truncated or replaced while being read",
+                offset + buf.len() as u64
+            ),
+        ),
+        _ => Error::io(path, e),
+    })
 }
 
-/// crc32 of `src`, hashed in parallel 4 MiB chunks.
-fn hash_parallel(src: &[u8]) -> u32 {
-    use rayon::prelude::*;
-    let hashers: Vec<crc32fast::Hasher> = src
-        .par_chunks(4 << 20)
-        .map(|c| {
-            let mut h = crc32fast::Hasher::new();
-            h.update(c);
-            h
-        })
-        .collect();
-    let mut total = crc32fast::Hasher::new();
-    for h in &hashers {
-        total.combine(h);
+/// Whether bytes `from..to` of `file` are all zero (padding), read in 64 KiB pieces.
+fn all_zero(file: &File, path: &Path, from: u64, to: u64) -> Result<bool> {
+    let mut buf = vec![0u8; (to.saturating_sub(from)).min(64 << 10) as usize];
+    let mut at = from;
+    while at < to {
+        let n = (to - at).min(buf.len() as u64) as usize;
+        read_at(file, path, at, &mut buf[..n])?;
+        if buf[..n].iter().any(|&b| b != 0) {
+            return Ok(false);
+        }
+        at += n as u64;
     }
-    total.finalize()
+    Ok(true)
 }
 
 /// Removes a temporary file unless disarmed.

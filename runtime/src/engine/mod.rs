@@ -6,8 +6,8 @@
 //! Choosing the thresholds and quantile tables on sample text (budget calibration) is the compiler's job
 //! (`dlo_compiler::calibrate`); the runtime only reads them from the plan.
 //!
-//! [`Engine::open`] maps a file, checks its header and plan, and hands out [`Weights`] that read tensors
-//! straight from the mapping (each checksummed on first access). [`write_engine_file`] lowers a model
+//! [`Engine::open`] opens a file, checks its header and plan, and hands out [`Weights`] that read tensors
+//! from it on demand (each checksummed as it is read). [`write_engine_file`] lowers a model
 //! (config + weights + tokenizer + plan) into an engine. [`open_any`] opens an engine or a checkpoint by
 //! looking at the file's magic.
 
@@ -213,12 +213,12 @@ impl Engine {
         &self.manifest.plan
     }
 
-    /// The mapped file (tensor table, raw bytes).
+    /// The open file (tensor table, raw bytes).
     pub fn file(&self) -> &EngineFile {
         &self.file
     }
 
-    /// The weights, read from the mapping on demand (no copy until a tensor is loaded).
+    /// The weights, read from the file on demand (nothing is read until a tensor is loaded).
     pub fn weights(&self) -> Weights {
         Weights::from_engine(self.file.clone())
     }
