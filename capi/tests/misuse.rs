@@ -366,6 +366,35 @@ fn files_that_are_not_models_are_rejected() {
     }
 }
 
+/// Numbers in a config that used to abort the host (1e9 layers: the list of expected tensors was built
+/// before any bound) or give NaN output (rope_theta 0) are clean errors naming the file and the key.
+#[test]
+fn hostile_config_values_are_format_errors() {
+    let p = dlo_engine_default_params();
+    for (key, value, want) in [
+        (
+            "num_hidden_layers",
+            serde_json::json!(1_000_000_000u64),
+            "larger than the supported maximum",
+        ),
+        // The routed tiny model's per-layer `is_dlo` list disagrees first.
+        ("num_hidden_layers", serde_json::json!(7), "num_hidden_layers is 7"),
+        ("rope_theta", serde_json::json!(0.0), "must be positive"),
+    ] {
+        let (_t, tiny) = tiny_checkpoint(Tiny::default());
+        let cfg_path = tiny.join("config.json");
+        let mut cfg: serde_json::Value = serde_json::from_slice(&std::fs::read(&cfg_path).unwrap()).unwrap();
+        cfg[key] = value;
+        std::fs::write(&cfg_path, cfg.to_string()).unwrap();
+        let cpath = c(tiny.to_str().unwrap());
+        let mut e = null_mut();
+        expect(unsafe { dlo_engine_load(cpath.as_ptr(), &p, &mut e) }, DLO_ERR_FORMAT);
+        assert!(e.is_null());
+        let m = last_error();
+        assert!(m.contains("tiny") && m.contains(want), "{key}: {m}");
+    }
+}
+
 #[test]
 fn bad_parameters_are_rejected() {
     let (_d, path) = tiny_checkpoint(Tiny::default());

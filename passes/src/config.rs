@@ -462,6 +462,13 @@ impl ModelConfig {
             return Err(r.invalid("head_dim", format!("must be even and positive, found {head_dim}")));
         }
         let num_hidden_layers = r.positive("num_hidden_layers")?;
+        if num_hidden_layers > MAX_LAYERS {
+            // Before anything sized by it (the DLO per-layer lists) is read.
+            return Err(r.invalid(
+                "num_hidden_layers",
+                format!("{num_hidden_layers} is larger than the supported maximum {MAX_LAYERS}"),
+            ));
+        }
         let rope_scaling = match r.get("rope_scaling") {
             None => None,
             Some(Value::Object(o)) => {
