@@ -432,75 +432,20 @@ pub fn seeds(target: Target, assets: &Assets, work: &Path) -> anyhow::Result<Vec
 /// A GGUF file of `cfg` (llama naming, Q/K rows as llama.cpp stores them), Q8_0 matrices when `quantize`,
 /// with the tokenizer metadata of `tokenizer_from` when given.
 fn gguf_bytes(cfg: &dlo_passes::ModelConfig, tokenizer_from: Option<&Path>, quantize: bool) -> anyhow::Result<Vec<u8>> {
-    use candle_core::quantized::{GgmlDType, QTensor};
-    use gguf_file::Value as V;
-    let t = testing::random_tensors(cfg, 7);
-    let mut md: Vec<(String, V)> = vec![
-        ("general.architecture".into(), V::String("llama".into())),
-        ("llama.block_count".into(), V::U32(cfg.num_hidden_layers as u32)),
-        ("llama.embedding_length".into(), V::U32(cfg.hidden_size as u32)),
-        ("llama.feed_forward_length".into(), V::U32(cfg.intermediate_size as u32)),
-        (
-            "llama.attention.head_count".into(),
-            V::U32(cfg.num_attention_heads as u32),
-        ),
-        (
-            "llama.attention.head_count_kv".into(),
-            V::U32(cfg.num_key_value_heads as u32),
-        ),
-        (
-            "llama.attention.layer_norm_rms_epsilon".into(),
-            V::F32(cfg.rms_norm_eps as f32),
-        ),
-        ("llama.rope.freq_base".into(), V::F32(cfg.rope_theta as f32)),
-        (
-            "llama.context_length".into(),
-            V::U32(cfg.max_position_embeddings as u32),
-        ),
-        ("llama.attention.key_length".into(), V::U32(cfg.head_dim as u32)),
-        ("llama.vocab_size".into(), V::U32(cfg.vocab_size as u32)),
-    ];
+    use candle_core::quantized::GgmlDType;
+    let mut md = testing::gguf_metadata(cfg);
     if let Some(p) = tokenizer_from {
         let mut f = std::fs::File::open(p)?;
         let c = gguf_file::Content::read(&mut f)?;
+        md.retain(|(k, _)| !k.starts_with("tokenizer."));
         let mut keys: Vec<&String> = c.metadata.keys().filter(|k| k.starts_with("tokenizer.")).collect();
         keys.sort();
         md.extend(keys.into_iter().map(|k| (k.clone(), c.metadata[k].clone())));
-    } else {
-        md.push(("tokenizer.ggml.bos_token_id".into(), V::U32(1)));
-        md.push(("tokenizer.ggml.eos_token_id".into(), V::U32(2)));
     }
     let ty = if quantize { GgmlDType::Q8_0 } else { GgmlDType::F32 };
-    let q = |x: &candle_core::Tensor| QTensor::quantize(x, if x.rank() == 1 { GgmlDType::F32 } else { ty });
-    let mut ts: Vec<(String, QTensor)> = vec![
-        ("token_embd.weight".into(), q(&t["model.embed_tokens.weight"])?),
-        ("output_norm.weight".into(), q(&t["model.norm.weight"])?),
-    ];
-    if let Some(x) = t.get("lm_head.weight") {
-        ts.push(("output.weight".into(), q(x)?));
-    }
-    for l in 0..cfg.num_hidden_layers {
-        let g = |s: &str| t[&format!("model.layers.{l}.{s}.weight")].clone();
-        let (nh, nkv) = (cfg.num_attention_heads, cfg.num_key_value_heads);
-        for (name, x) in [
-            ("attn_norm", g("input_layernorm")),
-            ("ffn_norm", g("post_attention_layernorm")),
-            ("attn_q", dlo_runtime::gguf::permute_qk(&g("self_attn.q_proj"), nh)?),
-            ("attn_k", dlo_runtime::gguf::permute_qk(&g("self_attn.k_proj"), nkv)?),
-            ("attn_v", g("self_attn.v_proj")),
-            ("attn_output", g("self_attn.o_proj")),
-            ("ffn_gate", g("mlp.gate_proj")),
-            ("ffn_up", g("mlp.up_proj")),
-            ("ffn_down", g("mlp.down_proj")),
-        ] {
-            ts.push((format!("blk.{l}.{name}.weight"), q(&x)?));
-        }
-    }
-    let mut out = std::io::Cursor::new(Vec::new());
-    let md_ref: Vec<(&str, &V)> = md.iter().map(|(k, v)| (k.as_str(), v)).collect();
-    let ts_ref: Vec<(&str, &QTensor)> = ts.iter().map(|(k, v)| (k.as_str(), v)).collect();
-    gguf_file::write(&mut out, &md_ref, &ts_ref)?;
-    Ok(out.into_inner())
+    let permute = |w: &candle_core::Tensor, n: usize| dlo_runtime::gguf::permute_qk(w, n).expect("even head rows");
+    let ts = testing::gguf_tensors(cfg, &testing::random_tensors(cfg, 7), ty, permute)?;
+    Ok(testing::gguf_file_bytes(&md, &ts)?)
 }
 
 impl Harness {
@@ -572,12 +517,8 @@ impl Harness {
                     let mut md = md.clone();
                     let i = rng.below(md.len());
                     md[i].1 = interesting_gguf_value(rng, &md[i].1);
-                    let mut out = std::io::Cursor::new(Vec::new());
-                    let md_ref: Vec<(&str, &gguf_file::Value)> = md.iter().map(|(k, v)| (k.as_str(), v)).collect();
-                    let ts_ref: Vec<(&str, &candle_core::quantized::QTensor)> =
-                        ts.iter().map(|(k, v)| (k.as_str(), v)).collect();
-                    if gguf_file::write(&mut out, &md_ref, &ts_ref).is_ok() {
-                        *bytes = out.into_inner();
+                    if let Ok(b) = testing::gguf_file_bytes(&md, ts) {
+                        *bytes = b;
                     }
                 }
             }

@@ -2,7 +2,9 @@
 //! bad-input case the loader promises to report, and the real SmolLM2 GGUF when it is present.
 
 use super::*;
-use crate::testing::{max_abs_diff, randn_tensors, smollm2_gguf, tiny_hf_config_json, write_hf_checkpoint, Tensors};
+use crate::testing::{
+    self, max_abs_diff, randn_tensors, smollm2_gguf, tiny_hf_config_json, write_hf_checkpoint, Tensors,
+};
 use crate::weights::expected_tensors;
 use candle_core::quantized::gguf_file::{self, Value};
 use candle_core::quantized::{GgmlDType, QTensor};
@@ -399,79 +401,17 @@ fn llama_cpp_permute(w: &Tensor, n_head: usize) -> Tensor {
     t
 }
 
-/// GGUF names and tensors (Q/K permuted as llama.cpp stores them) for HF tensors of `cfg`.
+/// GGUF names and tensors of `cfg` (Q/K permuted by the independent [`llama_cpp_permute`]).
 fn to_gguf_tensors(cfg: &ModelConfig, t: &Tensors, ty: GgmlDType) -> Vec<(String, QTensor)> {
-    let mut out = Vec::new();
-    let mut put = |name: String, x: &Tensor| {
-        let q = if x.rank() == 1 { GgmlDType::F32 } else { ty };
-        out.push((name, QTensor::quantize(x, q).unwrap()));
-    };
-    put("token_embd.weight".into(), &t["model.embed_tokens.weight"]);
-    put("output_norm.weight".into(), &t["model.norm.weight"]);
-    if let Some(x) = t.get("lm_head.weight") {
-        put("output.weight".into(), x);
-    }
-    for l in 0..cfg.num_hidden_layers {
-        let p = format!("model.layers.{l}");
-        let g = |s: &str| t[&format!("{p}.{s}.weight")].clone();
-        put(format!("blk.{l}.attn_norm.weight"), &g("input_layernorm"));
-        put(format!("blk.{l}.ffn_norm.weight"), &g("post_attention_layernorm"));
-        put(
-            format!("blk.{l}.attn_q.weight"),
-            &llama_cpp_permute(&g("self_attn.q_proj"), cfg.num_attention_heads),
-        );
-        put(
-            format!("blk.{l}.attn_k.weight"),
-            &llama_cpp_permute(&g("self_attn.k_proj"), cfg.num_key_value_heads),
-        );
-        put(format!("blk.{l}.attn_v.weight"), &g("self_attn.v_proj"));
-        put(format!("blk.{l}.attn_output.weight"), &g("self_attn.o_proj"));
-        put(format!("blk.{l}.ffn_gate.weight"), &g("mlp.gate_proj"));
-        put(format!("blk.{l}.ffn_up.weight"), &g("mlp.up_proj"));
-        put(format!("blk.{l}.ffn_down.weight"), &g("mlp.down_proj"));
-    }
-    out
+    testing::gguf_tensors(cfg, t, ty, llama_cpp_permute).unwrap()
 }
 
 fn llama_metadata(cfg: &ModelConfig) -> Vec<(String, Value)> {
-    vec![
-        ("general.architecture".into(), Value::String("llama".into())),
-        ("llama.block_count".into(), Value::U32(cfg.num_hidden_layers as u32)),
-        ("llama.embedding_length".into(), Value::U32(cfg.hidden_size as u32)),
-        (
-            "llama.feed_forward_length".into(),
-            Value::U32(cfg.intermediate_size as u32),
-        ),
-        (
-            "llama.attention.head_count".into(),
-            Value::U32(cfg.num_attention_heads as u32),
-        ),
-        (
-            "llama.attention.head_count_kv".into(),
-            Value::U32(cfg.num_key_value_heads as u32),
-        ),
-        (
-            "llama.attention.layer_norm_rms_epsilon".into(),
-            Value::F32(cfg.rms_norm_eps as f32),
-        ),
-        ("llama.rope.freq_base".into(), Value::F32(cfg.rope_theta as f32)),
-        (
-            "llama.context_length".into(),
-            Value::U32(cfg.max_position_embeddings as u32),
-        ),
-        ("llama.rope.dimension_count".into(), Value::U32(cfg.head_dim as u32)),
-        ("llama.attention.key_length".into(), Value::U32(cfg.head_dim as u32)),
-        ("llama.vocab_size".into(), Value::U32(cfg.vocab_size as u32)),
-        ("tokenizer.ggml.bos_token_id".into(), Value::U32(1)),
-        ("tokenizer.ggml.eos_token_id".into(), Value::U32(2)),
-    ]
+    testing::gguf_metadata(cfg)
 }
 
 fn write_gguf(path: &Path, md: &[(String, Value)], tensors: &[(String, QTensor)]) {
-    let md: Vec<(&str, &Value)> = md.iter().map(|(k, v)| (k.as_str(), v)).collect();
-    let ts: Vec<(&str, &QTensor)> = tensors.iter().map(|(k, v)| (k.as_str(), v)).collect();
-    let mut f = std::fs::File::create(path).unwrap();
-    gguf_file::write(&mut f, &md, &ts).unwrap();
+    std::fs::write(path, testing::gguf_file_bytes(md, tensors).unwrap()).unwrap();
 }
 
 /// A tiny llama GGUF (f32 tensors) plus the HF tensors and config it encodes.

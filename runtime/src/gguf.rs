@@ -715,11 +715,7 @@ mod scan {
     /// The version and `general.alignment` of a GGUF file; `None` when the magic is not `GGUF` or the
     /// header ends early (candle's reader reports those).
     pub(super) fn header(path: &Path) -> std::io::Result<Option<Header>> {
-        let file = std::fs::File::open(path)?;
-        // SAFETY: read-only map, dropped before returning.
-        let bytes = unsafe { memmap2::Mmap::map(&file)? };
-        let mut c = Cur { b: &bytes, pos: 0 };
-        Ok((|| {
+        walk(path, |c| {
             if c.take(4)? != b"GGUF" {
                 return None;
             }
@@ -751,7 +747,15 @@ mod scan {
                 c.skip_value(ty, false, 0)?;
             }
             Some(Header { version, alignment })
-        })())
+        })
+    }
+
+    /// Runs `f` over the bytes of `path` (mapped read-only for the call).
+    fn walk<T>(path: &Path, f: impl FnOnce(&mut Cur) -> Option<T>) -> std::io::Result<Option<T>> {
+        let file = std::fs::File::open(path)?;
+        // SAFETY: read-only map, dropped before returning.
+        let bytes = unsafe { memmap2::Mmap::map(&file)? };
+        Ok(f(&mut Cur { b: &bytes, pos: 0 }))
     }
 
     struct Cur<'a> {
@@ -802,11 +806,7 @@ mod scan {
 
     /// The first tensor whose ggml type candle cannot represent, as (name, type id).
     pub(super) fn first_unknown_type(path: &Path) -> std::io::Result<Option<(String, u32)>> {
-        let file = std::fs::File::open(path)?;
-        // SAFETY: read-only map, dropped before returning.
-        let bytes = unsafe { memmap2::Mmap::map(&file)? };
-        let mut c = Cur { b: &bytes, pos: 0 };
-        Ok((|| {
+        walk(path, |c| {
             if c.take(4)? != b"GGUF" {
                 return None;
             }
@@ -833,6 +833,6 @@ mod scan {
                 }
             }
             None
-        })())
+        })
     }
 }

@@ -8,6 +8,7 @@
 
 use crate::weights::expected_tensors;
 use crate::Weights;
+use candle_core::quantized::{gguf_file, GgmlDType, QTensor};
 use candle_core::{DType, Device, Tensor};
 use dlo_passes::{Arch, DloConfig, ModelConfig, SkipKind};
 use std::collections::HashMap;
@@ -215,6 +216,80 @@ pub fn write_hf_checkpoint(dir: &Path, config: &serde_json::Value, tensors: &Ten
     std::fs::create_dir_all(dir)?;
     std::fs::write(dir.join("config.json"), serde_json::to_string_pretty(config)?)?;
     candle_core::safetensors::save(tensors, dir.join("model.safetensors")).map_err(std::io::Error::other)
+}
+
+/// GGUF metadata of a llama model with `cfg`'s hyperparameters (BOS 1, EOS 2), as llama.cpp writes it.
+pub fn gguf_metadata(cfg: &ModelConfig) -> Vec<(String, gguf_file::Value)> {
+    use gguf_file::Value as V;
+    let u = |x: usize| V::U32(x as u32);
+    vec![
+        ("general.architecture".into(), V::String("llama".into())),
+        ("llama.block_count".into(), u(cfg.num_hidden_layers)),
+        ("llama.embedding_length".into(), u(cfg.hidden_size)),
+        ("llama.feed_forward_length".into(), u(cfg.intermediate_size)),
+        ("llama.attention.head_count".into(), u(cfg.num_attention_heads)),
+        ("llama.attention.head_count_kv".into(), u(cfg.num_key_value_heads)),
+        (
+            "llama.attention.layer_norm_rms_epsilon".into(),
+            V::F32(cfg.rms_norm_eps as f32),
+        ),
+        ("llama.rope.freq_base".into(), V::F32(cfg.rope_theta as f32)),
+        ("llama.context_length".into(), u(cfg.max_position_embeddings)),
+        ("llama.rope.dimension_count".into(), u(cfg.head_dim)),
+        ("llama.attention.key_length".into(), u(cfg.head_dim)),
+        ("llama.vocab_size".into(), u(cfg.vocab_size)),
+        ("tokenizer.ggml.bos_token_id".into(), V::U32(1)),
+        ("tokenizer.ggml.eos_token_id".into(), V::U32(2)),
+    ]
+}
+
+/// GGUF names and tensors for HF tensors `t` of `cfg`: matrices quantized to `ty` (vectors stay f32), Q/K
+/// rows reordered by `permute(w, n_heads)` (llama.cpp's converter permutes them; tests pass an
+/// implementation independent of the loader's).
+pub fn gguf_tensors(
+    cfg: &ModelConfig,
+    t: &Tensors,
+    ty: GgmlDType,
+    permute: impl Fn(&Tensor, usize) -> Tensor,
+) -> candle_core::Result<Vec<(String, QTensor)>> {
+    let q = |x: &Tensor| QTensor::quantize(x, if x.rank() == 1 { GgmlDType::F32 } else { ty });
+    let mut out = vec![
+        ("token_embd.weight".to_string(), q(&t["model.embed_tokens.weight"])?),
+        ("output_norm.weight".to_string(), q(&t["model.norm.weight"])?),
+    ];
+    if let Some(x) = t.get("lm_head.weight") {
+        out.push(("output.weight".into(), q(x)?));
+    }
+    for l in 0..cfg.num_hidden_layers {
+        let g = |s: &str| &t[&format!("model.layers.{l}.{s}.weight")];
+        let (nh, nkv) = (cfg.num_attention_heads, cfg.num_key_value_heads);
+        for (name, x) in [
+            ("attn_norm", g("input_layernorm").clone()),
+            ("ffn_norm", g("post_attention_layernorm").clone()),
+            ("attn_q", permute(g("self_attn.q_proj"), nh)),
+            ("attn_k", permute(g("self_attn.k_proj"), nkv)),
+            ("attn_v", g("self_attn.v_proj").clone()),
+            ("attn_output", g("self_attn.o_proj").clone()),
+            ("ffn_gate", g("mlp.gate_proj").clone()),
+            ("ffn_up", g("mlp.up_proj").clone()),
+            ("ffn_down", g("mlp.down_proj").clone()),
+        ] {
+            out.push((format!("blk.{l}.{name}.weight"), q(&x)?));
+        }
+    }
+    Ok(out)
+}
+
+/// A GGUF file's bytes from metadata and tensors.
+pub fn gguf_file_bytes(
+    md: &[(String, gguf_file::Value)],
+    tensors: &[(String, QTensor)],
+) -> candle_core::Result<Vec<u8>> {
+    let md: Vec<(&str, &gguf_file::Value)> = md.iter().map(|(k, v)| (k.as_str(), v)).collect();
+    let ts: Vec<(&str, &QTensor)> = tensors.iter().map(|(k, v)| (k.as_str(), v)).collect();
+    let mut out = std::io::Cursor::new(Vec::new());
+    gguf_file::write(&mut out, &md, &ts)?;
+    Ok(out.into_inner())
 }
 
 /// The largest absolute elementwise difference of two tensors of the same shape and dtype, in f64 (exact
