@@ -638,7 +638,7 @@ pub struct Options {
     /// Where crashing inputs go (`crash-N/`), and `current/`, the input being run. A temporary directory when
     /// `None`.
     pub crash_dir: Option<PathBuf>,
-    /// One execution longer than this is a hang: the watchdog prints and aborts.
+    /// One execution longer than this (in CPU time on Linux) is a hang: the watchdog prints and aborts.
     pub timeout: Duration,
 }
 
@@ -668,6 +668,19 @@ pub struct Report {
     pub elapsed: Duration,
 }
 
+/// The clock hangs are measured on: this process's CPU time (Linux, `/proc/self/stat`), so that a fuzzer
+/// starved by other work (it runs niced) is not taken for a hang; wall time since `t0` elsewhere. In ms.
+fn clock_ms(t0: Instant) -> u64 {
+    let cpu = std::fs::read_to_string("/proc/self/stat").ok().and_then(|s| {
+        // Fields after the command name (which may contain spaces) start after the last ')'.
+        let rest = s.get(s.rfind(')')? + 2..)?;
+        let f: Vec<&str> = rest.split_whitespace().collect();
+        let ticks = f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?;
+        Some(ticks * 10) // USER_HZ is 100 on Linux
+    });
+    cpu.unwrap_or_else(|| t0.elapsed().as_millis() as u64)
+}
+
 /// Runs the seeds, then mutated inputs until `opts` says stop. Panics are caught and recorded.
 pub fn run(harness: &Harness, opts: &Options) -> anyhow::Result<Report> {
     let scratch = tempfile::tempdir()?;
@@ -686,7 +699,7 @@ pub fn run(harness: &Harness, opts: &Options) -> anyhow::Result<Report> {
         while !stop_w.load(Ordering::Relaxed) {
             std::thread::sleep(Duration::from_millis(200));
             let s = watch.load(Ordering::Relaxed);
-            if s > 0 && t0.elapsed().as_millis() as u64 > s + timeout.as_millis() as u64 {
+            if s > 0 && clock_ms(t0) > s + timeout.as_millis() as u64 {
                 eprintln!(
                     "dlo-fuzz: an execution ran past {timeout:?}: a hang; its input is in {}",
                     cur.display()
@@ -714,7 +727,7 @@ pub fn run(harness: &Harness, opts: &Options) -> anyhow::Result<Report> {
             None => harness.mutate(&mut rng),
         };
         i += 1;
-        started.store(t0.elapsed().as_millis() as u64 + 1, Ordering::Relaxed);
+        started.store(clock_ms(t0) + 1, Ordering::Relaxed);
         let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| harness.exec(&input, &current)));
         started.store(0, Ordering::Relaxed);
         report.execs += 1;

@@ -30,6 +30,9 @@ struct Args {
     /// Seconds after which one execution counts as a hang.
     #[arg(long, default_value_t = 20.0)]
     timeout: f64,
+    /// Run the input saved in this directory (a `crash-N/` or `abort-N/`) once, print the outcome and time.
+    #[arg(long)]
+    replay: Option<PathBuf>,
 }
 
 fn main() -> anyhow::Result<std::process::ExitCode> {
@@ -40,6 +43,22 @@ fn main() -> anyhow::Result<std::process::ExitCode> {
         std::env::set_var("RUST_LIB_BACKTRACE", "0");
     }
     let harness = Harness::new(target, &Assets::from_cache())?;
+    if let Some(dir) = &args.replay {
+        let mut files = Vec::new();
+        for e in std::fs::read_dir(dir)? {
+            let e = e?;
+            files.push((e.file_name().to_string_lossy().into_owned(), std::fs::read(e.path())?));
+        }
+        let scratch = tempfile::tempdir()?;
+        let t = std::time::Instant::now();
+        let r = harness.exec(&dlo_fuzz::Input { files }, &scratch.path().join("input"));
+        let secs = t.elapsed().as_secs_f64();
+        match r {
+            Ok(()) => println!("accepted in {secs:.3} s"),
+            Err(e) => println!("refused in {secs:.3} s: {e}"),
+        }
+        return Ok(std::process::ExitCode::SUCCESS);
+    }
     let opts = Options {
         duration: Duration::from_secs_f64(args.seconds),
         max_execs: args.max_execs,

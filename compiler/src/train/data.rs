@@ -394,40 +394,40 @@ pub fn encode_conversation(
     max_tokens: usize,
 ) -> Result<std::result::Result<Example, String>> {
     let full = enc.render(messages, false)?;
-    // (start, end, is_label) cuts of `full`
-    let mut cuts: Vec<(usize, bool)> = vec![(0, false)];
+    let mut ids = Vec::new();
+    let mut labels = Vec::new();
+    // Tokenizes full[lo..hi] (as far as the budget goes) with one label.
+    let mut push = |lo: usize, hi: usize, label: bool, ids: &mut Vec<u32>| -> Result<()> {
+        if hi > lo && ids.len() < max_tokens {
+            let t = encode_prefix(enc, &full[lo..hi], max_tokens - ids.len())?;
+            labels.extend(std::iter::repeat_n(label, t.len()));
+            ids.extend(t);
+        }
+        Ok(())
+    };
+    // Cut at each assistant message, as long as tokens are still needed: rendering the prefix before every
+    // assistant message of a record with many messages would be quadratic in them.
+    let mut last = 0;
     for (i, m) in messages.iter().enumerate() {
+        if ids.len() >= max_tokens {
+            break;
+        }
         if m.role != "assistant" {
             continue;
         }
         let pre = enc.render(&messages[..i], true)?;
         let post = enc.render(&messages[..=i], false)?;
-        let last = cuts.last().map_or(0, |c| c.0);
         if !full.starts_with(&pre) || !full.starts_with(&post) || pre.len() > post.len() || pre.len() < last {
             return Ok(Err(format!(
                 "the chat template is not prefix-stable at message {i} (rendering the conversation up to it \
                  does not give a prefix of the full rendering), so its assistant tokens cannot be located"
             )));
         }
-        cuts.push((pre.len(), true));
-        cuts.push((post.len(), false));
+        push(last, pre.len(), false, &mut ids)?;
+        push(pre.len(), post.len(), true, &mut ids)?;
+        last = post.len();
     }
-    cuts.push((full.len(), false));
-    let mut ids = Vec::new();
-    let mut labels = Vec::new();
-    for w in cuts.windows(2) {
-        let (lo, label) = w[0];
-        let hi = w[1].0;
-        if hi <= lo {
-            continue;
-        }
-        if ids.len() >= max_tokens {
-            break;
-        }
-        let t = encode_prefix(enc, &full[lo..hi], max_tokens - ids.len())?;
-        labels.extend(std::iter::repeat_n(label, t.len()));
-        ids.extend(t);
-    }
+    push(last, full.len(), false, &mut ids)?;
     Ok(Ok(Example { ids, labels }))
 }
 
@@ -809,6 +809,23 @@ pub(crate) mod tests {
         let full = encode_conversation(&ByteChatml, &msgs, usize::MAX).unwrap().unwrap();
         assert_eq!(ex[0].ids, full.ids[..32]);
         assert_eq!(ex[0].labels, full.labels[..32]);
+    }
+
+    /// 100,000 turns in one record (found by the fuzzer: rendering the prefix before every assistant turn was
+    /// quadratic) cost what the sequence length needs.
+    #[test]
+    fn records_with_many_turns_are_tokenized_in_bounded_time() {
+        let msgs: Vec<Message> = (0..100_000)
+            .map(|i| Message::new(["user", "assistant"][i % 2], "ok"))
+            .collect();
+        let t0 = std::time::Instant::now();
+        let ex = encode_conversation(&ByteChatml, &msgs, 65).unwrap().unwrap();
+        assert!(t0.elapsed().as_secs_f64() < 2.0, "{:?}", t0.elapsed());
+        assert_eq!(ex.ids.len(), 65);
+        let full = encode_conversation(&ByteChatml, &msgs[..6], usize::MAX)
+            .unwrap()
+            .unwrap();
+        assert_eq!((&ex.ids[..], &ex.labels[..]), (&full.ids[..65], &full.labels[..65]));
     }
 
     /// On the real tokenizer, a bounded encoding keeps exactly the first tokens of the full one, at every
