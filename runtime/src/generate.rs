@@ -255,9 +255,12 @@ pub struct Generator<'m, B: Backend = Model> {
     history: Vec<u32>,
 }
 
+/// The most tokens the diagnosis after non-finite logits re-runs (the latest ones).
+const DIAGNOSIS_WINDOW: usize = 1024;
+
 /// `row` (the logits of position `position`) when every value is finite; otherwise the error naming the
-/// position and, from a dense re-run over `history` (the ids up to that position), the first layer whose
-/// output is not finite. The check is one pass over a vocabulary-sized row per sampled token.
+/// position and, from a dense re-run over the end of `history` (the ids up to that position, at most
+/// [`DIAGNOSIS_WINDOW`] of them), the first layer whose output is not finite. The check is one pass over a vocabulary-sized row per sampled token.
 fn finite_row<B: Backend>(
     model: &B,
     row: Vec<f32>,
@@ -267,10 +270,13 @@ fn finite_row<B: Backend>(
     if row.iter().all(|x| x.is_finite()) {
         return Ok(row);
     }
-    let layer = model.first_non_finite_layer(&history())?;
+    // A window of the latest tokens keeps the diagnosis's own (unchunked, dense) pass small.
+    let ids = history();
+    let layer = model.first_non_finite_layer(&ids[ids.len().saturating_sub(DIAGNOSIS_WINDOW)..])?;
     let cause = match layer {
         Some(l) => format!(
-            "the output of decoder layer {l} is the first that is not finite (on a dense re-run); check that \
+            "the output of decoder layer {l} is the first that is not finite (on a dense re-run of the latest \
+             tokens); check that \
              layer's weights and the model's norm and RoPE settings"
         ),
         None => "no decoder layer output is non-finite on a dense re-run: the final norm or lm_head produced \
