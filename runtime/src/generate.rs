@@ -276,8 +276,7 @@ fn finite_row<B: Backend>(
     let cause = match layer {
         Some(l) => format!(
             "the output of decoder layer {l} is the first that is not finite (on a dense re-run of the latest \
-             tokens); check that \
-             layer's weights and the model's norm and RoPE settings"
+             tokens); check that layer's weights and the model's norm and RoPE settings"
         ),
         None => "no decoder layer output is non-finite on a dense re-run: the final norm or lm_head produced \
                  them, or the routed path did"
