@@ -11,6 +11,7 @@
 //!   to the layer's earlier executed tokens (its own ragged KV cache), and skipped tokens pass unchanged.
 
 pub mod activations;
+pub mod blocked;
 pub mod cache;
 pub mod fused;
 pub mod layers;
