@@ -146,9 +146,12 @@ fn f32s<'a>(s: &'a Storage, l: &Layout) -> Result<&'a [f32]> {
     }
 }
 
+/// Element strides of a `[b, heads, n, hd]` tensor over its first three axes.
+type Strides = (usize, usize, usize);
+
 /// The f32 elements of a `[b, heads, n, hd]` CPU tensor with unit-stride rows, from its first element, and
 /// its strides over (b, heads, n).
-fn view<'a>(s: &'a Storage, l: &Layout) -> Result<(&'a [f32], (usize, usize, usize))> {
+fn view<'a>(s: &'a Storage, l: &Layout) -> Result<(&'a [f32], Strides)> {
     let st = l.stride();
     match s {
         Storage::Cpu(CpuStorage::F32(v)) if st.len() == 4 && st[3] == 1 => {
@@ -240,7 +243,7 @@ fn exp(x: f32) -> f32 {
     let p = p * r + 8.333_452e-3;
     let p = p * r + 4.166_579_6e-2;
     let p = p * r + 1.666_666_5e-1;
-    let p = p * r + 5.000_000_1e-1;
+    let p = p * r + 0.5;
     let y = p * r * r + r + 1.0;
     let e = (t.to_bits().wrapping_sub(ROUND.to_bits()) as i32 + 127) << 23;
     let y = y * f32::from_bits(e as u32);
