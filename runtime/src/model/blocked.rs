@@ -2,10 +2,10 @@
 //!
 //! The general attention path materialises scores, mask and probabilities as `[heads, t, n]` tensors and makes
 //! several passes over them; for a long prompt those are gigabytes. Here each rayon task takes [`QUERY_BLOCK`]
-//! query tokens of one sequence and, head by head, computes their scores over the keys they can see with one
-//! GEMM into a scratch of `QUERY_BLOCK × n` floats, takes the softmax in place (an AVX2 exp) and multiplies
-//! by V with a second GEMM straight into the output rows: memory is that scratch per thread, and keys past
-//! the block's last visible slot (the causal upper triangle) are never touched.
+//! query tokens of one sequence and, per KV head (its query heads together), walks the keys they can see in
+//! blocks of [`KEY_BLOCK`] with an online softmax (flash-attention style): one GEMM for the score tile, an
+//! AVX2 exp in place, a second GEMM accumulating into the output. Memory is a few tiles per thread whatever the
+//! prompt length, and keys past the block's last visible slot (the causal upper triangle) are never touched.
 //!
 //! Masking is the cache's ([`super::cache::build_mask`]): query `i` sees slot `s` iff the slot is valid and its
 //! position is `≤` the query's. A query that sees no slot (only padding or packing filler can) gets zeros.
@@ -13,8 +13,12 @@
 use candle_core::{bail, CpuStorage, DType, Device, Layout, Result, Storage, Tensor};
 use rayon::prelude::*;
 
-/// Query tokens per task: the scratch is `QUERY_BLOCK × n` f32 (1 MiB at n = 8192, inside a core's L2).
+/// Query tokens per task.
 pub const QUERY_BLOCK: usize = 32;
+
+/// Keys per step of the online softmax: the `heads-per-KV-head · QUERY_BLOCK × KEY_BLOCK` score tile and the K/V
+/// rows it reads stay in a core's L2.
+pub const KEY_BLOCK: usize = 512;
 
 /// Whether [`attend`] takes tensors like `q` (CPU; f32, bf16 or f16, computed in f32).
 pub fn supported(q: &Tensor) -> bool {
@@ -68,69 +72,96 @@ pub fn attend(q: &Tensor, k: &Tensor, v: &Tensor, q_pos: &[u32], keys: &[Keys], 
                 if vis == 0 {
                     return;
                 }
-                let mut scores = vec![0f32; m * vis];
-                for h in 0..heads {
-                    let kv = h / g;
-                    let qh = &q[((bi * heads + h) * t + q0) * hd..];
-                    let kh = &kd[bi * kst.0 + kv * kst.1..];
-                    let vh = &vd[bi * vst.0 + kv * vst.1..];
-                    // SAFETY: the operands lie inside their buffers: q rows q0..q0+m of head h ([b, heads, t, hd]
-                    // contiguous), `vis ≤ n` key/value rows of stride kst.2/vst.2 with `hd` unit-stride columns,
-                    // `scores` is m × vis, and `rows` is m rows of `width` with this head's `hd` columns.
-                    unsafe {
-                        gemm::gemm(
-                            m,
-                            vis,
-                            hd,
-                            scores.as_mut_ptr(),
-                            1,
-                            vis as isize,
-                            false,
-                            qh.as_ptr(),
-                            1,
-                            hd as isize,
-                            kh.as_ptr(),
-                            kst.2 as isize,
-                            1,
-                            0.0,
-                            scale as f32,
-                            false,
-                            false,
-                            false,
-                            gemm::Parallelism::None,
-                        );
+                // The g query heads of a KV head run as one tile of g·m rows (head-major), so that each K/V
+                // block is packed once for all of them.
+                let gm = g * m;
+                let mut qs = vec![0f32; gm * hd];
+                let mut sc = vec![0f32; gm * KEY_BLOCK.min(vis)];
+                let mut o = vec![0f32; gm * hd];
+                let (mut mx, mut sum) = (vec![0f32; gm], vec![0f32; gm]);
+                for kv in 0..kvh {
+                    for gi in 0..g {
+                        let h = kv * g + gi;
+                        qs[gi * m * hd..(gi + 1) * m * hd]
+                            .copy_from_slice(&q[((bi * heads + h) * t + q0) * hd..][..m * hd]);
                     }
-                    for (i, row) in scores.chunks_mut(vis).enumerate() {
-                        for (s, x) in row.iter_mut().enumerate().skip(full) {
-                            if !sees(s, qp[i]) {
-                                *x = f32::NEG_INFINITY;
+                    o.fill(0.0);
+                    mx.fill(f32::NEG_INFINITY);
+                    sum.fill(0.0);
+                    for k0 in (0..vis).step_by(KEY_BLOCK) {
+                        let kn = KEY_BLOCK.min(vis - k0);
+                        let sc = &mut sc[..gm * kn];
+                        let kb = &kd[bi * kst.0 + kv * kst.1 + k0 * kst.2..];
+                        let vb = &vd[bi * vst.0 + kv * vst.1 + k0 * vst.2..];
+                        // SAFETY: `qs` is gm × hd, `sc` gm × kn, and kn ≤ n - k0 rows of K of stride kst.2 with hd
+                        // unit-stride columns follow `kb`.
+                        unsafe {
+                            gemm::gemm(
+                                gm,
+                                kn,
+                                hd,
+                                sc.as_mut_ptr(),
+                                1,
+                                kn as isize,
+                                false,
+                                qs.as_ptr(),
+                                1,
+                                hd as isize,
+                                kb.as_ptr(),
+                                kst.2 as isize,
+                                1,
+                                0.0,
+                                scale as f32,
+                                false,
+                                false,
+                                false,
+                                gemm::Parallelism::None,
+                            );
+                        }
+                        for (r, row) in sc.chunks_mut(kn).enumerate() {
+                            if k0 + kn > full {
+                                let p = qp[r % m];
+                                for (j, x) in row.iter_mut().enumerate().skip(full.saturating_sub(k0)) {
+                                    if !sees(k0 + j, p) {
+                                        *x = f32::NEG_INFINITY;
+                                    }
+                                }
+                            }
+                            let c = online_softmax(row, &mut mx[r], &mut sum[r]);
+                            if c != 1.0 {
+                                o[r * hd..(r + 1) * hd].iter_mut().for_each(|x| *x *= c);
                             }
                         }
-                        softmax_in_place(row);
+                        // SAFETY: `o` is gm × hd, `sc` gm × kn, and kn rows of V of stride vst.2 follow `vb`.
+                        unsafe {
+                            gemm::gemm(
+                                gm,
+                                hd,
+                                kn,
+                                o.as_mut_ptr(),
+                                1,
+                                hd as isize,
+                                true,
+                                sc.as_ptr(),
+                                1,
+                                kn as isize,
+                                vb.as_ptr(),
+                                1,
+                                vst.2 as isize,
+                                1.0,
+                                1.0,
+                                false,
+                                false,
+                                false,
+                                gemm::Parallelism::None,
+                            );
+                        }
                     }
-                    // SAFETY: as above.
-                    unsafe {
-                        gemm::gemm(
-                            m,
-                            hd,
-                            vis,
-                            rows.as_mut_ptr().add(h * hd),
-                            1,
-                            width as isize,
-                            false,
-                            scores.as_ptr(),
-                            1,
-                            vis as isize,
-                            vh.as_ptr(),
-                            1,
-                            vst.2 as isize,
-                            0.0,
-                            1.0,
-                            false,
-                            false,
-                            false,
-                            gemm::Parallelism::None,
-                        );
+                    for (r, (orow, l)) in o.chunks(hd).zip(&sum).enumerate() {
+                        let (gi, i) = (r / m, r % m);
+                        let inv = if *l > 0.0 { 1.0 / l } else { 0.0 };
+                        let dst = &mut rows[i * width + (kv * g + gi) * hd..][..hd];
+                        dst.iter_mut().zip(orow).for_each(|(d, x)| *d = x * inv);
                     }
                 }
             });
@@ -161,16 +192,18 @@ fn view<'a>(s: &'a Storage, l: &Layout) -> Result<(&'a [f32], Strides)> {
     }
 }
 
-/// Softmax of one row in place; `-inf` entries get 0, and a row of only `-inf` becomes zeros.
-fn softmax_in_place(row: &mut [f32]) {
+/// One step of the online softmax over a row of (masked, `-inf`) scores: exponentiates the row in place against
+/// the running max `mx` (updated), adds its mass to the running sum (rescaled), and returns the factor by which
+/// the row's accumulated output must be rescaled (1 when the max did not change).
+fn online_softmax(row: &mut [f32], mx: &mut f32, sum: &mut f32) -> f32 {
     #[cfg(target_arch = "x86_64")]
     {
         if has_avx2_fma() {
             // SAFETY: the CPU supports AVX2 and FMA (checked at run time).
-            return unsafe { softmax_avx2(row) };
+            return unsafe { online_softmax_avx2(row, mx, sum) };
         }
     }
-    softmax_rows(row)
+    online_softmax_impl(row, mx, sum)
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -180,36 +213,37 @@ fn has_avx2_fma() -> bool {
     *HAS.get_or_init(|| is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma"))
 }
 
-/// [`softmax_rows`] compiled for AVX2 + FMA, so that its loops vectorise.
+/// [`online_softmax_impl`] compiled for AVX2 + FMA, so that its loops vectorise.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
-unsafe fn softmax_avx2(row: &mut [f32]) {
-    softmax_rows(row)
+unsafe fn online_softmax_avx2(row: &mut [f32], mx: &mut f32, sum: &mut f32) -> f32 {
+    online_softmax_impl(row, mx, sum)
 }
 
 /// Lanes of the max/sum reductions (f32 sums do not vectorise unless split by hand).
 const LANES: usize = 16;
 
 #[inline(always)]
-fn softmax_rows(row: &mut [f32]) {
-    let mut mx = [f32::NEG_INFINITY; LANES];
+fn online_softmax_impl(row: &mut [f32], mx: &mut f32, sum: &mut f32) -> f32 {
+    let mut lanes = [f32::NEG_INFINITY; LANES];
     let mut it = row.chunks_exact(LANES);
     for c in &mut it {
         for j in 0..LANES {
-            mx[j] = if c[j] > mx[j] { c[j] } else { mx[j] };
+            lanes[j] = if c[j] > lanes[j] { c[j] } else { lanes[j] };
         }
     }
-    let max = it
+    let new = it
         .remainder()
         .iter()
-        .chain(&mx)
-        .fold(f32::NEG_INFINITY, |a, &x| if x > a { x } else { a });
-    if max == f32::NEG_INFINITY {
+        .chain(&lanes)
+        .fold(*mx, |a, &x| if x > a { x } else { a });
+    if new == f32::NEG_INFINITY {
+        // nothing visible yet
         row.fill(0.0);
-        return;
+        return 1.0;
     }
     for x in row.iter_mut() {
-        *x = exp(*x - max);
+        *x = exp(*x - new);
     }
     let mut acc = [0f32; LANES];
     let mut it = row.chunks_exact(LANES);
@@ -218,11 +252,11 @@ fn softmax_rows(row: &mut [f32]) {
             acc[j] += c[j];
         }
     }
-    let sum: f32 = it.remainder().iter().sum::<f32>() + acc.iter().sum::<f32>();
-    let inv = 1.0 / sum;
-    for x in row.iter_mut() {
-        *x *= inv;
-    }
+    let s: f32 = it.remainder().iter().sum::<f32>() + acc.iter().sum::<f32>();
+    let c = if new == *mx { 1.0 } else { exp(*mx - new) };
+    *sum = *sum * c + s;
+    *mx = new;
+    c
 }
 
 /// `eˣ` for `x ≤ 0` (Cephes' `expf`: range reduction by `ln 2`, degree-6 polynomial; ~1 ulp), branch-free so
@@ -275,24 +309,35 @@ mod tests {
     }
 
     /// The blocked kernel against the composed form (scores, additive mask, softmax, matmul) on ragged,
-    /// partly invalid key slots, strided K/V views and several query blocks.
+    /// partly invalid key slots, strided K/V views, several query blocks and several key blocks (one sequence's
+    /// first key block entirely invalid, as under heavy left padding).
     #[test]
     fn blocked_attention_equals_composed() {
         let dev = Device::Cpu;
-        let (b, heads, kvh, t, hd, cap) = (2, 6, 2, 70, 16, 160);
-        let n = 150;
+        let (b, heads, kvh, t, hd) = (2, 6, 2, 70, 16);
+        let n = KEY_BLOCK + 150;
+        let cap = n + 40;
         let q = Tensor::randn(0f32, 1.0, (b, heads, t, hd), &dev).unwrap();
         let kbuf = Tensor::randn(0f32, 1.0, (b, kvh, cap, hd), &dev).unwrap();
         let vbuf = Tensor::randn(0f32, 1.0, (b, kvh, cap, hd), &dev).unwrap();
         let (k, v) = (kbuf.narrow(2, 0, n).unwrap(), vbuf.narrow(2, 0, n).unwrap());
-        // Slot s of sequence bi: position s/2 + 1 + bi (two slots share a position), every fifth invalid.
+        // Slot s of sequence bi: position s/2 + 1 + bi (two slots share a position), every fifth invalid, and
+        // sequence 1's first KEY_BLOCK + 8 slots invalid.
         let kpos: Vec<Vec<u32>> = (0..b)
             .map(|bi| (0..n).map(|s| (s / 2 + 1 + bi) as u32).collect())
             .collect();
-        let kval: Vec<Vec<bool>> = (0..b).map(|bi| (0..n).map(|s| (s + bi) % 5 != 0).collect()).collect();
-        // Queries at positions 10.. (and one row before every key, which sees nothing).
+        let kval: Vec<Vec<bool>> = (0..b)
+            .map(|bi| {
+                (0..n)
+                    .map(|s| (s + bi) % 5 != 0 && (bi == 0 || s >= KEY_BLOCK + 8))
+                    .collect()
+            })
+            .collect();
+        // Queries around the last keys' positions (some see every slot, some part), and one at position 0 that
+        // sees nothing.
+        let base = n / 2 - 40;
         let qpos: Vec<u32> = (0..b * t)
-            .map(|i| if i % t == 3 { 0 } else { (10 + i % t) as u32 })
+            .map(|i| if i % t == 3 { 0 } else { (base + i % t) as u32 })
             .collect();
         let keys: Vec<Keys> = (0..b)
             .map(|bi| Keys {
