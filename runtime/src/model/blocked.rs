@@ -4,7 +4,7 @@
 //! several passes over them; for a long prompt those are gigabytes. Here each rayon task takes [`QUERY_BLOCK`]
 //! query tokens of one sequence and, per KV head (its query heads together), walks the keys they can see in
 //! blocks of [`KEY_BLOCK`] with an online softmax (flash-attention style): one GEMM for the score tile, an
-//! AVX2 exp in place, a second GEMM accumulating into the output. Memory is a few tiles per thread whatever the
+//! vectorised exp in place, a second GEMM accumulating into the output. Memory is a few tiles per thread whatever the
 //! prompt length, and keys past the block's last visible slot (the causal upper triangle) are never touched.
 //!
 //! Masking is the cache's ([`super::cache::build_mask`]): query `i` sees slot `s` iff the slot is valid and its
@@ -198,22 +198,47 @@ fn view<'a>(s: &'a Storage, l: &Layout) -> Result<(&'a [f32], Strides)> {
 fn online_softmax(row: &mut [f32], mx: &mut f32, sum: &mut f32) -> f32 {
     #[cfg(target_arch = "x86_64")]
     {
-        if has_avx2_fma() {
-            // SAFETY: the CPU supports AVX2 and FMA (checked at run time).
-            return unsafe { online_softmax_avx2(row, mx, sum) };
+        match simd() {
+            // SAFETY: the CPU supports the features (checked at run time).
+            Simd::Avx512 => return unsafe { online_softmax_avx512(row, mx, sum) },
+            Simd::Avx2 => return unsafe { online_softmax_avx2(row, mx, sum) },
+            Simd::None => {}
         }
     }
     online_softmax_impl(row, mx, sum)
 }
 
 #[cfg(target_arch = "x86_64")]
-fn has_avx2_fma() -> bool {
-    use std::sync::OnceLock;
-    static HAS: OnceLock<bool> = OnceLock::new();
-    *HAS.get_or_init(|| is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma"))
+#[derive(Clone, Copy)]
+enum Simd {
+    Avx512,
+    Avx2,
+    None,
 }
 
-/// [`online_softmax_impl`] compiled for AVX2 + FMA, so that its loops vectorise.
+#[cfg(target_arch = "x86_64")]
+fn simd() -> Simd {
+    use std::sync::OnceLock;
+    static HAS: OnceLock<Simd> = OnceLock::new();
+    *HAS.get_or_init(|| {
+        if is_x86_feature_detected!("avx512f") {
+            Simd::Avx512
+        } else if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
+            Simd::Avx2
+        } else {
+            Simd::None
+        }
+    })
+}
+
+/// [`online_softmax_impl`] compiled for AVX-512, so that its loops vectorise 16 wide.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn online_softmax_avx512(row: &mut [f32], mx: &mut f32, sum: &mut f32) -> f32 {
+    online_softmax_impl(row, mx, sum)
+}
+
+/// [`online_softmax_impl`] compiled for AVX2 + FMA, so that its loops vectorise 8 wide.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
 unsafe fn online_softmax_avx2(row: &mut [f32], mx: &mut f32, sum: &mut f32) -> f32 {
