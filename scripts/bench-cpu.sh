@@ -4,6 +4,14 @@
 #
 #   scripts/bench-cpu.sh                    # f32 and bf16, 2 threads, pp128 / tg64
 #   THREADS="1 2" DTYPES="f32" ROUNDS=5 REPS=2 scripts/bench-cpu.sh
+#   PROMPT_TOKENS=4096 GEN_TOKENS=0 DTYPES=f32 ENGINES="ours llama_cpp" RSS_TOKENS=8000 scripts/bench-cpu.sh
+#                                           # long prompts: pp4096 ours vs llama.cpp, and the peak RSS of an
+#                                           # 8,000-token prefill against a 1-token run (docs/benchmarks.md)
+#
+# ENGINES picks engines (default "ours llama_cpp hf"); GEN_TOKENS=0 measures prefill only (ours still samples the
+# one token that ends its prefill). RSS_TOKENS=N adds, after the rounds, the peak RSS (`/usr/bin/time -f %M`) of
+# `dlo-run --bench --prompt-tokens N --gen-tokens 1` and of the same with 1 prompt token (the weights baseline),
+# for each thread count and dtype.
 #
 # Weights: the Q4_1 GGUF from scripts/fetch-assets.sh, dequantised once: `llama-quantize --allow-requantize`
 # to F32 and BF16 GGUFs for llama.cpp, and scripts/gguf_to_hf.py to an f32 HF directory for us and for HF
@@ -24,6 +32,8 @@ TG="${GEN_TOKENS:-64}"
 REPS="${REPS:-2}"
 ROUNDS="${ROUNDS:-3}"
 DTYPES="${DTYPES:-f32 bf16}"
+ENGINES="${ENGINES:-ours llama_cpp hf}"
+RSS_TOKENS="${RSS_TOKENS:-}"
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$ROOT/target}"
 WORK="$CACHE/bench"
 mkdir -p "$WORK"
@@ -66,15 +76,19 @@ llama_cpp() { # dtype threads → "pp tg" (mean of REPS)
   "$LLAMA_BENCH" -m "$WORK/smollm2-$1.gguf" -t "$2" -p "$PP" -n "$TG" -r "$REPS" -o json 2>/dev/null \
     | "$PY" -c 'import json,sys
 rows=json.load(sys.stdin)
-pp=[r["avg_ts"] for r in rows if r["n_prompt"]>0 and r["n_gen"]==0][0]
-tg=[r["avg_ts"] for r in rows if r["n_gen"]>0 and r["n_prompt"]==0][0]
-print(f"{pp:.2f} {tg:.2f}")'
+pp=[r["avg_ts"] for r in rows if r["n_prompt"]>0 and r["n_gen"]==0] or [float("nan")]
+tg=[r["avg_ts"] for r in rows if r["n_gen"]>0 and r["n_prompt"]==0] or [float("nan")]
+print(f"{pp[0]:.2f} {tg[0]:.2f}")'
 }
 
 ours() {
   local line
-  line=$("${OURS[@]}" --prompt-tokens "$PP" --gen-tokens "$TG" --threads "$2" --dtype "$1" 2>/dev/null | tail -n1)
-  echo "$(echo "$line" | field prefill_tok_s) $(echo "$line" | field decode_tok_s)"
+  line=$("${OURS[@]}" --prompt-tokens "$PP" --gen-tokens "$((TG > 0 ? TG : 1))" --threads "$2" --dtype "$1" \
+    2>/dev/null | tail -n1)
+  local tg
+  tg=$(echo "$line" | field decode_tok_s)
+  [ "$TG" -gt 0 ] || tg=nan
+  echo "$(echo "$line" | field prefill_tok_s) $tg"
 }
 
 hf() {
@@ -91,7 +105,7 @@ printf "round\tthreads\tdtype\tengine\tpp\ttg\tload1\n" >"$RAW"
 for r in $(seq 1 "$ROUNDS"); do
   for t in $THREADS; do
     for dt in $DTYPES; do
-      for eng in ours llama_cpp hf; do
+      for eng in $ENGINES; do
         read -r pp tg < <("$eng" "$dt" "$t" || true)
         printf "%s\t%s\t%s\t%s\t%s\t%s\t%s\n" "$r" "$t" "$dt" "$eng" "${pp:-nan}" "${tg:-nan}" "$(cut -d' ' -f1 /proc/loadavg)" >>"$RAW"
       done
@@ -125,3 +139,23 @@ for how in ("best", "median"):
         print(f"| {t} | {dt} | {o[0]:.1f} | {o[1]:.1f} | {l[0]:.1f} | {l[1]:.1f} | {h[0]:.1f} | {h[1]:.1f} | "
               f"{ratio(o[0], l[0])} | {ratio(o[1], l[1])} | {ratio(o[0], h[0])} | {ratio(o[1], h[1])} |")
 PYEOF
+
+# Peak RSS of a long prefill against a 1-token run (the weights and runtime alone), ours only.
+if [ -n "$RSS_TOKENS" ]; then
+  echo
+  echo "peak RSS (/usr/bin/time -f %M) of $OURS_DESC --gen-tokens 1:"
+  echo "| threads | dtype | prompt tokens | peak RSS MB | 1-token peak RSS MB | above the 1-token run MB | prefill tok/s |"
+  echo "|---|---|---|---|---|---|---|"
+  rss() { # dtype threads prompt-tokens → "kB prefill_tok_s"
+    /usr/bin/time -f "%M" -o "$WORK/rss.time" "${OURS[@]}" --prompt-tokens "$3" --gen-tokens 1 --threads "$2" \
+      --dtype "$1" >"$WORK/rss.out" 2>/dev/null
+    echo "$(tail -n1 "$WORK/rss.time") $(field prefill_tok_s <"$WORK/rss.out")"
+  }
+  for t in $THREADS; do
+    for dt in $DTYPES; do
+      read -r base _ < <(rss "$dt" "$t" 1)
+      read -r peak pre < <(rss "$dt" "$t" "$RSS_TOKENS")
+      echo "| $t | $dt | $RSS_TOKENS | $((peak / 1024)) | $((base / 1024)) | $(((peak - base) / 1024)) | $pre |"
+    done
+  done
+fi

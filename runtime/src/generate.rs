@@ -765,3 +765,52 @@ mod batch_tests {
         }
     }
 }
+
+#[cfg(test)]
+mod long_prompt_tests {
+    use super::*;
+    use crate::model::PREFILL_CHUNK;
+    use crate::testing::{random_weights, routed, tiny_config};
+    use candle_core::Device;
+    use dlo_passes::SkipKind;
+
+    /// A prompt longer than [`PREFILL_CHUNK`] (so prefilled in chunks) generates each greedy token as the
+    /// argmax of a one-shot recomputation, with the one-shot prefill's routing counters, alone and batched.
+    #[test]
+    fn long_prompts_generate_as_one_shot_recomputation() {
+        for mut cfg in [
+            tiny_config(true),
+            routed(tiny_config(false), SkipKind::Mlp),
+            routed(tiny_config(false), SkipKind::Layer),
+        ] {
+            cfg.max_position_embeddings = 1024;
+            let m = Model::load(&cfg, &random_weights(&cfg, 17), DType::F32, &Device::Cpu).unwrap();
+            let prompt: Vec<u32> = (0..PREFILL_CHUNK as u32 + 90).map(|i| (i * 31 + 7) % 97).collect();
+            let params = GenerateParams {
+                max_tokens: 4,
+                ..Default::default()
+            };
+            let out = Generator::new(&m, params.clone())
+                .unwrap()
+                .generate(&prompt, |_| ControlFlow::Continue(()))
+                .unwrap();
+            assert_eq!(out.tokens.len(), 4);
+            let one_shot = |seq: &[u32]| {
+                m.forward_chunked(&Batch::single(seq, 0), None, &Forward::default(), usize::MAX)
+                    .unwrap()
+            };
+            let mut seq = prompt.clone();
+            for &tok in &out.tokens {
+                let full = one_shot(&seq);
+                assert_eq!(argmax(&full.logits.i((0, 0)).unwrap().to_vec1::<f32>().unwrap()), tok);
+                seq.push(tok);
+            }
+            let mut want = RoutingStats::default();
+            want.add(&one_shot(&prompt), &vec![true; prompt.len()]);
+            assert_eq!(out.prefill_routing, want);
+            let batched = generate_batch(&m, &[prompt.clone(), prompt[..100].to_vec()], &params).unwrap();
+            assert_eq!(batched[0].tokens, out.tokens);
+            assert_eq!(batched[0].prefill_routing, want);
+        }
+    }
+}

@@ -8,6 +8,7 @@
 //! batch shares the slot count; a slot a sequence did not fill (padding, or a token it skipped while another
 //! sequence executed) is marked invalid and masked out of attention.
 
+use super::blocked::Keys;
 use candle_core::{DType, Device, Result, Tensor};
 
 /// Additive mask value for a hidden slot: finite, so that a query with no visible key (padding) gets a
@@ -24,6 +25,9 @@ pub struct LayerCache {
     pos: Vec<Vec<u32>>,
     /// Whether each slot holds a real token, `[batch][slot]`.
     valid: Vec<Vec<bool>>,
+    /// Growth stops doubling at this many slots (the model's context), 0 for no limit; a cache can still
+    /// grow past it (a batch's slots can outnumber its positions), then by doubling again.
+    soft_cap: usize,
 }
 
 impl LayerCache {
@@ -49,7 +53,12 @@ impl LayerCache {
         let need = self.len + t;
         let cap = self.k.as_ref().map_or(0, |k| k.dim(2).unwrap_or(0));
         if need > cap {
-            let new_cap = need.max(2 * cap).max(64);
+            let doubled = match self.soft_cap {
+                0 => 2 * cap,
+                c if need <= c => (2 * cap).min(c),
+                _ => 2 * cap,
+            };
+            let new_cap = need.max(doubled).max(64);
             let grow = |old: &Option<Tensor>, like: &Tensor| -> Result<Tensor> {
                 let buf = Tensor::zeros((b, kvh, new_cap, hd), like.dtype(), like.device())?;
                 if let Some(old) = old {
@@ -75,6 +84,14 @@ impl LayerCache {
         }
         self.len = need;
         Ok((kb.narrow(2, 0, self.len)?, vb.narrow(2, 0, self.len)?))
+    }
+
+    /// Positions and validity of sequence `b`'s slots, for [`super::blocked::attend`].
+    pub fn keys(&self, b: usize) -> Keys<'_> {
+        Keys {
+            pos: &self.pos[b],
+            valid: &self.valid[b],
+        }
     }
 
     /// Additive attention mask `[b, 1, 1, t, len]` (0 or [`MASKED`]) for queries at `q_pos` (`b*t`): a query sees
@@ -127,8 +144,19 @@ pub struct Cache {
 impl Cache {
     /// Empty caches for `n_layers` layers.
     pub fn new(n_layers: usize) -> Self {
+        Self::with_soft_cap(n_layers, 0)
+    }
+
+    /// Empty caches whose growth stops doubling at `slots` (normally the model's context length), so that a
+    /// long prompt does not leave room for nearly twice the context.
+    pub fn with_soft_cap(n_layers: usize, slots: usize) -> Self {
         Cache {
-            layers: (0..n_layers).map(|_| LayerCache::default()).collect(),
+            layers: (0..n_layers)
+                .map(|_| LayerCache {
+                    soft_cap: slots,
+                    ..Default::default()
+                })
+                .collect(),
         }
     }
 

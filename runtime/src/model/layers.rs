@@ -4,6 +4,7 @@
 //! [`super::fused`], on the CPU in f32/f64; composed from elementwise ops elsewhere),
 //! chosen by [`Exec::differentiable`]; they compute the same function (tests compare them).
 
+use super::blocked;
 use super::cache::{build_mask, LayerCache};
 use super::fused;
 use super::rope;
@@ -207,6 +208,8 @@ pub struct Step<'a> {
     pub cos: Tensor,
     /// RoPE sin, `[b, t, hd/2]`.
     pub sin: Tensor,
+    /// Attend over the KV cache with [`blocked::attend`] (a chunk of a long prefill) where it applies.
+    pub blocked: bool,
 }
 
 /// Grouped-query self-attention.
@@ -278,6 +281,16 @@ impl Attention {
         let v = v.reshape((b, t, self.n_kv, hd))?.transpose(1, 2)?;
         let q = rope::apply(&q, &st.cos, &st.sin, ex.differentiable)?;
         let k = rope::apply(&k, &st.cos, &st.sin, ex.differentiable)?;
+        let scale = 1.0 / (hd as f64).sqrt();
+        let kv = match kv {
+            Kv::Cache(cache) if st.blocked && !ex.differentiable && blocked::supported(&q) => {
+                let (k, v) = cache.append(&k, &v.contiguous()?, st.pos, st.valid)?;
+                let keys: Vec<_> = (0..b).map(|bi| cache.keys(bi)).collect();
+                let out = blocked::attend(&q, &k, &v, st.pos, &keys, scale)?;
+                return self.o_proj.forward(&out);
+            }
+            kv => kv,
+        };
         let (k, v, mask) = match kv {
             Kv::Cache(cache) => {
                 let (k, v) = cache.append(&k, &v.contiguous()?, st.pos, st.valid)?;
@@ -296,7 +309,6 @@ impl Attention {
         let n = k.dim(2)?;
         // Query heads sharing a KV head are stacked along the row axis: no K/V repetition needed.
         let q = q.contiguous()?.reshape((b, self.n_kv, g * t, hd))?;
-        let scale = 1.0 / (hd as f64).sqrt();
         let raw = q.matmul(&k.contiguous()?.t()?)?;
         let probs = if ex.differentiable && fused::supported(&raw) {
             // scale, mask and softmax in one pass (and one pass backward)

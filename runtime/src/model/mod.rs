@@ -11,6 +11,7 @@
 //!   to the layer's earlier executed tokens (its own ragged KV cache), and skipped tokens pass unchanged.
 
 pub mod activations;
+pub mod blocked;
 pub mod cache;
 pub mod fused;
 pub mod layers;
@@ -77,6 +78,24 @@ impl Batch {
         batch
     }
 
+    /// Tokens `start..start + len` of every sequence.
+    pub fn columns(&self, start: usize, len: usize) -> Self {
+        let cols = |v: &[u32]| -> Vec<u32> {
+            (0..self.b)
+                .flat_map(|bi| v[bi * self.t + start..][..len].to_vec())
+                .collect()
+        };
+        Batch {
+            ids: cols(&self.ids),
+            b: self.b,
+            t: len,
+            pos: cols(&self.pos),
+            valid: (0..self.b)
+                .flat_map(|bi| self.valid[bi * self.t + start..][..len].to_vec())
+                .collect(),
+        }
+    }
+
     /// One new token per sequence at the given positions (a decode step).
     pub fn next_tokens(ids: &[u32], pos: &[u32]) -> Self {
         Batch {
@@ -111,6 +130,11 @@ impl Routing {
         }
     }
 }
+
+/// Steps longer than this many tokens (long prompts) run through the KV cache in chunks of this many, with
+/// [`blocked::attend`]: memory then grows with the chunk and the cache, not with the square of the prompt.
+/// Shorter steps take the one-shot path unchanged.
+pub const PREFILL_CHUNK: usize = 512;
 
 /// Which positions get logits.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -253,23 +277,43 @@ impl Model {
         &self.device
     }
 
-    /// A fresh KV cache for this model.
+    /// A fresh KV cache for this model (its growth stops doubling at the context length).
     pub fn new_cache(&self) -> Cache {
-        Cache::new(self.layers.len())
+        Cache::with_soft_cap(self.layers.len(), self.cfg.max_position_embeddings)
     }
 
     /// Runs the model over `batch`, appending to `cache` (a fresh one is used when `None`).
     ///
     /// # Shapes
     /// logits: `[b, t, vocab]` with `all_logits`, else `[b, 1, vocab]` (the last position).
+    ///
+    /// Steps longer than [`PREFILL_CHUNK`] tokens run in chunks ([`Self::forward_chunked`]).
     pub fn forward(&self, batch: &Batch, cache: Option<&mut Cache>, opts: &Forward) -> Result<ForwardOutput> {
-        // Run on a worker of the rayon pool, so that the parallel kernels inside (matvec, GEMM) start their
-        // work there instead of handing every call from an outside thread to the pool and waiting.
-        rayon::scope(|_| self.forward_on_pool(batch, cache, opts))
+        self.forward_chunked(batch, cache, opts, PREFILL_CHUNK)
     }
 
-    fn forward_on_pool(&self, batch: &Batch, cache: Option<&mut Cache>, opts: &Forward) -> Result<ForwardOutput> {
-        let (mut h, step) = self.embed(batch)?;
+    /// [`Self::forward`] with steps longer than `chunk` tokens run through the cache in chunks of `chunk`
+    /// (`usize::MAX`: always one shot).
+    pub fn forward_chunked(
+        &self,
+        batch: &Batch,
+        cache: Option<&mut Cache>,
+        opts: &Forward,
+        chunk: usize,
+    ) -> Result<ForwardOutput> {
+        // Run on a worker of the rayon pool, so that the parallel kernels inside (matvec, GEMM) start their
+        // work there instead of handing every call from an outside thread to the pool and waiting.
+        rayon::scope(|_| self.forward_on_pool(batch, cache, opts, chunk.max(1)))
+    }
+
+    fn forward_on_pool(
+        &self,
+        batch: &Batch,
+        cache: Option<&mut Cache>,
+        opts: &Forward,
+        chunk: usize,
+    ) -> Result<ForwardOutput> {
+        self.check(batch)?;
         let mut own_cache;
         let cache = match cache {
             Some(c) => c,
@@ -279,13 +323,65 @@ impl Model {
             }
         };
         let ex = Exec { differentiable: false };
+        let (b, t) = (batch.b, batch.t);
+        if t <= chunk {
+            let (h, trace) = self.run_layers(batch, cache, &opts.routing, false)?;
+            let h = if opts.all_logits { h } else { h.i((.., t - 1..t, ..))? };
+            return Ok(ForwardOutput {
+                logits: self.head(&h, ex)?,
+                trace,
+            });
+        }
+        // Chunked prefill: routing is causal per token and attention reads the cache, so chunk by chunk gives
+        // the one-shot result; only the chunks' logits that are asked for are computed.
+        let mut logits = Vec::new();
+        let mut trace: Vec<Option<LayerTrace>> = vec![None; self.layers.len()];
+        for s0 in (0..t).step_by(chunk) {
+            let c = chunk.min(t - s0);
+            let (h, part) = self.run_layers(&batch.columns(s0, c), cache, &opts.routing, true)?;
+            if opts.all_logits {
+                logits.push(self.head(&h, ex)?);
+            } else if s0 + c == t {
+                logits.push(self.head(&h.i((.., c - 1..c, ..))?, ex)?);
+            }
+            for (whole, part) in trace.iter_mut().zip(part) {
+                let Some(part) = part else { continue };
+                let whole = whole.get_or_insert_with(|| LayerTrace {
+                    logits: vec![0.0; b * t],
+                    exec: vec![false; b * t],
+                });
+                for bi in 0..b {
+                    let (dst, src) = (bi * t + s0..bi * t + s0 + c, bi * c..(bi + 1) * c);
+                    whole.logits[dst.clone()].copy_from_slice(&part.logits[src.clone()]);
+                    whole.exec[dst].copy_from_slice(&part.exec[src]);
+                }
+            }
+        }
+        Ok(ForwardOutput {
+            logits: Tensor::cat(&logits, 1)?,
+            trace,
+        })
+    }
+
+    /// Embeds `batch` and runs every layer over it with `cache`: the final hidden states `[b, t, d]` and the
+    /// routing traces. `blocked`: attention takes [`blocked::attend`] (chunks of a long prefill).
+    fn run_layers(
+        &self,
+        batch: &Batch,
+        cache: &mut Cache,
+        routing: &Routing,
+        blocked: bool,
+    ) -> Result<(Tensor, Vec<Option<LayerTrace>>)> {
+        let (mut h, mut step) = self.embed(batch)?;
+        step.blocked = blocked;
+        let ex = Exec { differentiable: false };
         let mut trace = Vec::with_capacity(self.layers.len());
         for (l, layer) in self.layers.iter().enumerate() {
             let lc = &mut cache.layers[l];
             let (next, tr) = match (&self.routers[l], self.cfg.routed_unit(l), &self.cfg.dlo) {
                 (Some(router), unit, Some(dlo)) if unit.is_routed() => {
                     let z = router.logits(&h)?;
-                    let tr = decide_on_host(l, &z, &batch.valid, &opts.routing)?;
+                    let tr = decide_on_host(l, &z, &batch.valid, routing)?;
                     let (b, t) = z.dims2()?;
                     let gate = gate_of_scores(&candle_nn::ops::sigmoid(&z)?, &dlo.gate_params())?.reshape((b, t, 1))?;
                     let next = if unit == RoutedUnit::Layer {
@@ -304,16 +400,11 @@ impl Model {
             h = next;
             trace.push(tr);
         }
-        let t = batch.t;
-        let h = if opts.all_logits { h } else { h.i((.., t - 1..t, ..))? };
-        Ok(ForwardOutput {
-            logits: self.head(&h, ex)?,
-            trace,
-        })
+        Ok((h, trace))
     }
 
-    /// Checks the batch and embeds it: hidden states `[b, t, d]` and the step context (RoPE tables).
-    fn embed<'b>(&self, batch: &'b Batch) -> Result<(Tensor, Step<'b>)> {
+    /// Checks that the batch's arrays agree with its shape and its ids are in the vocabulary.
+    fn check(&self, batch: &Batch) -> Result<()> {
         let (b, t) = (batch.b, batch.t);
         if batch.ids.len() != b * t || batch.pos.len() != b * t || batch.valid.len() != b * t || t == 0 {
             return Err(Error::InvalidArgument(format!(
@@ -329,6 +420,13 @@ impl Model {
                 self.cfg.vocab_size
             )));
         }
+        Ok(())
+    }
+
+    /// Checks the batch and embeds it: hidden states `[b, t, d]` and the step context (RoPE tables).
+    fn embed<'b>(&self, batch: &'b Batch) -> Result<(Tensor, Step<'b>)> {
+        let (b, t) = (batch.b, batch.t);
+        self.check(batch)?;
         let ids = Tensor::from_vec(batch.ids.clone(), b * t, &self.device)?;
         let h = self
             .embed_tokens
@@ -342,6 +440,7 @@ impl Model {
             valid: &batch.valid,
             cos,
             sin,
+            blocked: false,
         };
         Ok((h, step))
     }
@@ -563,6 +662,7 @@ fn layer_skip(
         valid: &valid,
         cos,
         sin,
+        blocked: st.blocked,
     };
     let a = layer.attn_unit(&hp, &pst, Kv::Cache(cache), ex)?;
     let y = (&a + layer.mlp_delta(&a, ex)?.broadcast_mul(&gp)?)?;

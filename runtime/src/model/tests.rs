@@ -181,3 +181,185 @@ fn out_of_vocabulary_ids_are_an_error() {
         .unwrap_err();
     assert!(e.to_string().contains("token id 500"), "{e}");
 }
+
+/// Chunked prefill equals the one-shot pass — every position's logits within `tol`, identical routing
+/// decisions and per-layer cache lengths — for chunk sizes that split the prompt evenly, unevenly and into
+/// single tokens; and decoding after a chunked prefill equals full recomputation.
+fn check_chunked_prefill(cfg: &ModelConfig, dtype: DType, tol: f64) {
+    let m = Model::load(cfg, &random_weights(cfg, 7), dtype, &Device::Cpu).unwrap();
+    let seq = ids(72, 2);
+    let all = Forward {
+        all_logits: true,
+        ..Default::default()
+    };
+    let prompt = Batch::single(&seq[..60], 0);
+    let mut one_cache = m.new_cache();
+    let one = m
+        .forward_chunked(&prompt, Some(&mut one_cache), &all, usize::MAX)
+        .unwrap();
+    let full = m
+        .forward_chunked(&Batch::single(&seq, 0), None, &all, usize::MAX)
+        .unwrap();
+    for chunk in [1, 7, 16, 59] {
+        let mut cache = m.new_cache();
+        let got = m.forward_chunked(&prompt, Some(&mut cache), &all, chunk).unwrap();
+        let d = max_abs_diff(&got.logits, &one.logits);
+        assert!(d < tol, "{dtype:?} chunk {chunk}: logits differ by {d}");
+        for (l, (a, b)) in got.trace.iter().zip(&one.trace).enumerate() {
+            match (a, b) {
+                (Some(a), Some(b)) => {
+                    assert_eq!(a.exec, b.exec, "chunk {chunk} layer {l}: routing decisions differ");
+                    let dz = a
+                        .logits
+                        .iter()
+                        .zip(&b.logits)
+                        .map(|(x, y)| (x - y).abs())
+                        .fold(0f32, f32::max);
+                    assert!(
+                        (dz as f64) < tol,
+                        "chunk {chunk} layer {l}: router logits differ by {dz}"
+                    );
+                }
+                (None, None) => {}
+                _ => panic!("chunk {chunk} layer {l}: routed in one pass only"),
+            }
+        }
+        assert_eq!(cache.lengths(0), one_cache.lengths(0), "chunk {chunk}");
+        // Only the last position's logits, when that is all that is asked for.
+        let last = m.forward_chunked(&prompt, None, &Forward::default(), chunk).unwrap();
+        assert_eq!(last.logits.dims3().unwrap().1, 1);
+        assert!(max_abs_diff(&last.logits, &one.logits.narrow(1, 59, 1).unwrap()) < tol);
+        for (i, &tok) in seq.iter().enumerate().skip(60) {
+            let out = m
+                .forward(
+                    &Batch::next_tokens(&[tok], &[i as u32]),
+                    Some(&mut cache),
+                    &Forward::default(),
+                )
+                .unwrap();
+            let d = max_abs_diff(&out.logits, &full.logits.narrow(1, i, 1).unwrap());
+            assert!(
+                d < tol,
+                "{dtype:?} chunk {chunk} position {i}: decode differs from recomputation by {d}"
+            );
+            for (l, tr) in out.trace.iter().enumerate() {
+                if let (Some(tr), Some(ftr)) = (tr, &full.trace[l]) {
+                    assert_eq!(tr.exec[0], ftr.exec[i], "chunk {chunk} layer {l} position {i}");
+                }
+            }
+        }
+    }
+    // The routers of the routed configs make real decisions here (neither all nor none execute).
+    for tr in one.trace.iter().flatten() {
+        let n = tr.exec.iter().filter(|e| **e).count();
+        assert!(n > 0 && n < 60, "degenerate routing: {n} of 60 execute");
+    }
+}
+
+#[test]
+fn chunked_prefill_equals_one_shot_dense() {
+    for cfg in [tiny_config(false), tiny_config(true)] {
+        check_chunked_prefill(&cfg, DType::F32, 1e-4);
+        check_chunked_prefill(&cfg, DType::F64, 1e-10);
+    }
+}
+
+#[test]
+fn chunked_prefill_equals_one_shot_mlp_skip() {
+    let cfg = routed(tiny_config(false), SkipKind::Mlp);
+    check_chunked_prefill(&cfg, DType::F32, 1e-4);
+    check_chunked_prefill(&cfg, DType::F64, 1e-10);
+}
+
+#[test]
+fn chunked_prefill_equals_one_shot_layer_skip() {
+    let cfg = routed(tiny_config(false), SkipKind::Layer);
+    check_chunked_prefill(&cfg, DType::F32, 1e-4);
+    check_chunked_prefill(&cfg, DType::F64, 1e-10);
+}
+
+/// A left-padded batch prefilled in chunks gives each sequence's real tokens the one-shot logits and routing,
+/// and batched decode continues from it as from the one-shot cache.
+#[test]
+fn chunked_prefill_of_a_padded_batch() {
+    for cfg in [
+        tiny_config(true),
+        routed(tiny_config(false), SkipKind::Mlp),
+        routed(tiny_config(false), SkipKind::Layer),
+    ] {
+        let m = Model::load(&cfg, &random_weights(&cfg, 13), DType::F32, &Device::Cpu).unwrap();
+        let batch = Batch::left_padded(&[ids(50, 1), ids(23, 2)], 0);
+        let all = Forward {
+            all_logits: true,
+            ..Default::default()
+        };
+        let (mut c1, mut c2) = (m.new_cache(), m.new_cache());
+        let one = m.forward_chunked(&batch, Some(&mut c1), &all, usize::MAX).unwrap();
+        let got = m.forward_chunked(&batch, Some(&mut c2), &all, 16).unwrap();
+        for (bi, pad) in [(0, 0), (1, 27)] {
+            let a = got.logits.get(bi).unwrap().narrow(0, pad, 50 - pad).unwrap();
+            let b = one.logits.get(bi).unwrap().narrow(0, pad, 50 - pad).unwrap();
+            let d = max_abs_diff(&a, &b);
+            assert!(d < 1e-4, "sequence {bi}: logits differ by {d}");
+            for (l, (x, y)) in got.trace.iter().zip(&one.trace).enumerate() {
+                if let (Some(x), Some(y)) = (x, y) {
+                    let r = bi * 50 + pad..(bi + 1) * 50;
+                    assert_eq!(x.exec[r.clone()], y.exec[r], "sequence {bi} layer {l}");
+                }
+            }
+        }
+        let step = Batch::next_tokens(&[5, 6], &[50, 23]);
+        let a = m.forward(&step, Some(&mut c1), &Forward::default()).unwrap();
+        let b = m.forward(&step, Some(&mut c2), &Forward::default()).unwrap();
+        let d = max_abs_diff(&a.logits, &b.logits);
+        assert!(d < 1e-4, "decode after chunked prefill differs by {d}");
+    }
+}
+
+/// On SmolLM2-135M, a prompt of more than one [`PREFILL_CHUNK`] gives the one-shot logits (within f32
+/// summation-order noise) and the same greedy continuation.
+#[test]
+fn smollm2_long_prompt_chunked_equals_one_shot() {
+    use crate::generate::{GenerateParams, Generator};
+    use crate::testing::{smollm2_gguf, CALIB_TEXT};
+    let Some(gguf) = smollm2_gguf() else { return };
+    let ckpt = crate::checkpoint::Checkpoint::open(&gguf).unwrap();
+    let m = Model::load(&ckpt.config, &ckpt.weights, DType::F32, &Device::Cpu).unwrap();
+    let tok = ckpt.tokenizer.as_ref().expect("the GGUF has a tokenizer");
+    let text = tok.encode(CALIB_TEXT, false).unwrap();
+    let prompt: Vec<u32> = text.iter().copied().cycle().take(PREFILL_CHUNK + 200).collect();
+    let batch = Batch::single(&prompt, 0);
+    let mut cache = m.new_cache();
+    let one = m
+        .forward_chunked(&batch, Some(&mut cache), &Forward::default(), usize::MAX)
+        .unwrap();
+    let chunked = m.forward(&batch, None, &Forward::default()).unwrap();
+    let d = max_abs_diff(&chunked.logits, &one.logits);
+    assert!(d < 2e-3, "last-position logits differ by {d}");
+    // Greedy continuation: one-shot prefill then decode, against the generator (which prefills in chunks).
+    let mut want = vec![crate::generate::argmax(
+        &one.logits.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+    )];
+    for i in 0..7 {
+        let pos = (prompt.len() + i) as u32;
+        let out = m
+            .forward(
+                &Batch::next_tokens(&want[i..i + 1], &[pos]),
+                Some(&mut cache),
+                &Forward::default(),
+            )
+            .unwrap();
+        want.push(crate::generate::argmax(
+            &out.logits.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+        ));
+    }
+    let params = GenerateParams {
+        max_tokens: 8,
+        ..Default::default()
+    };
+    let got = Generator::new(&m, params)
+        .unwrap()
+        .generate(&prompt, |_| std::ops::ControlFlow::Continue(()))
+        .unwrap();
+    assert_eq!(got.tokens, want);
+}
