@@ -126,7 +126,9 @@ fn safetensors_bytes(tensors: &[(String, Tensor)], path: &Path) -> Result<Vec<u8
         contig.push((n.clone(), t.contiguous()?));
     }
     let views = contig.iter().map(|(n, t)| (n.as_str(), t));
-    safetensors::tensor::serialize(views, None)
+    // transformers' `from_pretrained` (4.40, the reference implementation's pin) needs `format: pt`.
+    let meta = std::collections::HashMap::from([("format".to_string(), "pt".to_string())]);
+    safetensors::tensor::serialize(views, Some(meta))
         .map_err(|e| TrainError::file(path, format!("cannot serialise tensors: {e}")))
 }
 
@@ -294,6 +296,20 @@ mod tests {
         assert_eq!(l.state.step, 6);
         assert_eq!(l.state.capacity, contents(6.0).state.capacity);
         assert_eq!(parse_f64(l.state.global_avg.as_deref().unwrap(), "g").unwrap(), 0.9);
+    }
+
+    /// transformers 4.40 refuses a safetensors file without `{"format": "pt"}` metadata (issue 14's finding).
+    #[test]
+    fn checkpoint_files_carry_the_metadata_transformers_expects() {
+        let d = tempfile::tempdir().unwrap();
+        let dir = d.path().join("ck");
+        save(&dir, &contents(1.0), &mut Fs).unwrap();
+        for f in ["model.safetensors", "trainer_state.safetensors"] {
+            let bytes = std::fs::read(dir.join(f)).unwrap();
+            let (_, meta) = safetensors::SafeTensors::read_metadata(&bytes).unwrap();
+            let m = meta.metadata().as_ref().expect("metadata");
+            assert_eq!(m.get("format").map(String::as_str), Some("pt"), "{f}");
+        }
     }
 
     #[test]
