@@ -157,11 +157,7 @@ fn process_threads(args: &dlo_compiler::runtime_args::RuntimeArgs) -> anyhow::Re
 
 fn main() -> std::process::ExitCode {
     dlo_runtime::alloc::tune_for_large_tensors();
-    // RUST_BACKTRACE is for panics; errors are messages for users, without the backtraces candle would
-    // capture into them (set before any thread starts).
-    if std::env::var_os("RUST_LIB_BACKTRACE").is_none() {
-        std::env::set_var("RUST_LIB_BACKTRACE", "0");
-    }
+    dlo_runtime::error::quiet_error_backtraces();
     let cli = Cli::parse();
     let result = match &cli.command {
         Command::Import(a) => import(a),

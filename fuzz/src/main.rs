@@ -36,12 +36,10 @@ struct Args {
 }
 
 fn main() -> anyhow::Result<std::process::ExitCode> {
+    dlo_runtime::error::quiet_error_backtraces();
     let args = Args::parse();
     let target = Target::parse(&args.target)
         .ok_or_else(|| anyhow::anyhow!("unknown target `{}` (engine, hf-dir, gguf, jsonl)", args.target))?;
-    if std::env::var_os("RUST_LIB_BACKTRACE").is_none() {
-        std::env::set_var("RUST_LIB_BACKTRACE", "0");
-    }
     let harness = Harness::new(target, &Assets::from_cache())?;
     if let Some(dir) = &args.replay {
         let mut files = Vec::new();

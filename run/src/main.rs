@@ -92,11 +92,7 @@ fn at_least_one(s: &str) -> std::result::Result<usize, String> {
 
 fn main() -> std::process::ExitCode {
     dlo_runtime::alloc::tune_for_large_tensors();
-    // RUST_BACKTRACE is for panics; errors are messages for users, without the backtraces candle would
-    // capture into them (set before any thread starts).
-    if std::env::var_os("RUST_LIB_BACKTRACE").is_none() {
-        std::env::set_var("RUST_LIB_BACKTRACE", "0");
-    }
+    dlo_runtime::error::quiet_error_backtraces();
     match run(Args::parse()) {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {

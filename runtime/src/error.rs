@@ -113,6 +113,15 @@ pub fn without_backtrace(e: candle_core::Error) -> candle_core::Error {
     }
 }
 
+/// For programs that own their process (`dlo-run`, `dlo-compile`, `dlo-fuzz`): keeps library backtraces out
+/// of error values (`RUST_LIB_BACKTRACE=0` unless the user set it), so that `RUST_BACKTRACE` serves panics only.
+/// Call it first thing in `main`, before any thread starts.
+pub fn quiet_error_backtraces() {
+    if std::env::var_os("RUST_LIB_BACKTRACE").is_none() {
+        std::env::set_var("RUST_LIB_BACKTRACE", "0");
+    }
+}
+
 /// The message of a candle error, without backtraces ([`without_backtrace`]).
 pub fn candle_message(e: candle_core::Error) -> String {
     without_backtrace(e).to_string()
