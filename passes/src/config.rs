@@ -567,7 +567,7 @@ impl ModelConfig {
             }
             Ok(())
         };
-        bounded("num_hidden_layers", self.num_hidden_layers, MAX_LAYERS)?;
+        // num_hidden_layers is bounded as soon as it is read (before the per-layer DLO lists).
         bounded("vocab_size", self.vocab_size, MAX_DIM)?;
         bounded("hidden_size", self.hidden_size, MAX_DIM)?;
         bounded("intermediate_size", self.intermediate_size, MAX_DIM)?;

@@ -148,13 +148,12 @@ impl RuntimeOptions {
     /// [`max_threads`] is lowered to it; the warning saying so is returned for the caller to show.
     pub fn init_process_threads(&self) -> Result<Option<String>> {
         self.validate()?;
-        let mut opts = self.clone();
-        let warning = opts.cap_threads();
-        if let Some(n) = opts.threads {
-            std::env::set_var("RAYON_NUM_THREADS", n.to_string());
-            // Fails only when the global pool already exists: then it keeps its size.
-            rayon::ThreadPoolBuilder::new().num_threads(n).build_global().ok();
-        }
+        let Some((n, warning)) = self.threads.map(capped_threads) else {
+            return Ok(None);
+        };
+        std::env::set_var("RAYON_NUM_THREADS", n.to_string());
+        // Fails only when the global pool already exists: then it keeps its size.
+        rayon::ThreadPoolBuilder::new().num_threads(n).build_global().ok();
         Ok(warning)
     }
 }
