@@ -500,9 +500,7 @@ impl Harness {
         match (self.target, structured) {
             (Target::Engine, true) => {
                 let mutated = if rng.one_in(2) {
-                    let mut r = rng.clone();
-                    rng.next_u64();
-                    patch_engine_header(bytes, |v| mutate_json(&mut r, &mut v["manifest"]))
+                    patch_engine_header(bytes, |v| mutate_json(rng, &mut v["manifest"]))
                 } else {
                     let mut b = mutate_bytes(rng, bytes);
                     fix_engine_checksums(&mut b);
@@ -531,10 +529,12 @@ impl Harness {
             (Target::Jsonl, true) => {
                 let text = String::from_utf8_lossy(bytes).into_owned();
                 let mut lines: Vec<String> = text.lines().map(str::to_string).collect();
-                let i = rng.below(lines.len().max(1)).min(lines.len().saturating_sub(1));
-                if let Some(Ok(mut v)) = lines.get(i).map(|l| serde_json::from_str::<Value>(l)) {
-                    mutate_json(rng, &mut v);
-                    lines[i] = v.to_string();
+                if !lines.is_empty() {
+                    let i = rng.below(lines.len());
+                    if let Ok(mut v) = serde_json::from_str::<Value>(&lines[i]) {
+                        mutate_json(rng, &mut v);
+                        lines[i] = v.to_string();
+                    }
                 }
                 *bytes = lines.join("\n").into_bytes();
             }

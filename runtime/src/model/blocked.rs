@@ -376,20 +376,16 @@ mod tests {
         let key = |bi: usize, s: usize| kval[bi][s].then_some(kpos[bi][s]);
         let mask = build_mask(b, t, n, &qpos, key, DType::F32, &dev).unwrap();
         let g = heads / kvh;
-        let kr = k
-            .unsqueeze(2)
-            .unwrap()
-            .repeat((1, 1, g, 1, 1))
-            .unwrap()
-            .reshape((b, heads, n, hd))
-            .unwrap();
-        let vr = v
-            .unsqueeze(2)
-            .unwrap()
-            .repeat((1, 1, g, 1, 1))
-            .unwrap()
-            .reshape((b, heads, n, hd))
-            .unwrap();
+        // Each KV head repeated for its g query heads.
+        let per_head = |x: &Tensor| {
+            x.unsqueeze(2)
+                .unwrap()
+                .repeat((1, 1, g, 1, 1))
+                .unwrap()
+                .reshape((b, heads, n, hd))
+                .unwrap()
+        };
+        let (kr, vr) = (per_head(&k), per_head(&v));
         let s = (q.matmul(&kr.t().unwrap()).unwrap() * scale).unwrap();
         let s = s.broadcast_add(&mask.squeeze(1).unwrap()).unwrap();
         let p = candle_nn::ops::softmax(&s, D::Minus1).unwrap();
