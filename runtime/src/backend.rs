@@ -26,6 +26,16 @@ pub trait Backend {
     /// entry per layer (`None` for dense layers).
     fn forward(&self, batch: &Batch, cache: Option<&mut Self::Cache>, opts: &Forward) -> Result<ForwardOutput>;
 
+    /// A decoding state whose sequence `i` continues sequence `rows[i]` of `cache`: a shared prefix (an
+    /// evaluation context) computed once and continued several ways. Backends that cannot copy their state
+    /// say so ([`crate::Error::InvalidArgument`]).
+    fn select_rows(&self, cache: &Self::Cache, rows: &[usize]) -> Result<Self::Cache> {
+        let _ = (cache, rows);
+        Err(crate::Error::InvalidArgument(
+            "this backend cannot copy a decoding state to continue it several ways".into(),
+        ))
+    }
+
     /// A diagnosis after non-finite logits: the first decoder layer whose output has a NaN or infinite value
     /// on a dense pass over `ids` (from position 0), when the backend can look inside; `None` when no layer
     /// output is non-finite (then the final norm or lm_head produced them) or the backend cannot tell.
@@ -48,6 +58,10 @@ impl Backend for Model {
 
     fn forward(&self, batch: &Batch, cache: Option<&mut Cache>, opts: &Forward) -> Result<ForwardOutput> {
         Model::forward(self, batch, cache, opts)
+    }
+
+    fn select_rows(&self, cache: &Cache, rows: &[usize]) -> Result<Cache> {
+        Ok(cache.select_rows(rows)?)
     }
 
     fn first_non_finite_layer(&self, ids: &[u32]) -> Result<Option<usize>> {

@@ -174,6 +174,32 @@ pub fn generation(
     f
 }
 
+/// Matmul FLOPs of one average token of cached passes (an evaluation's): `rates[l]` is the fraction of
+/// tokens that executed routed layer `l` (`None`, or a missing entry: all of them), `keys` the mean number
+/// of keys a token attends at a dense layer (its position + 1), and every token gets logits. Under `layer`
+/// skipping an executing token attends over the layer's executed keys, counted as `rate × keys`.
+pub fn per_token(cfg: &ModelConfig, rates: &[Option<f64>], keys: f64) -> f64 {
+    let c = Costs::of(cfg);
+    let mut f = c.lm_head as f64;
+    for l in 0..cfg.num_hidden_layers {
+        let r = if cfg.is_routed(l) {
+            rates.get(l).copied().flatten().unwrap_or(1.0).clamp(0.0, 1.0)
+        } else {
+            1.0
+        };
+        let (q, pairs) = if layer_skip(cfg, l) {
+            (r, r * r * keys)
+        } else {
+            (1.0, keys)
+        };
+        f += q * c.proj as f64 + pairs * c.pair as f64 + r * c.mlp as f64;
+        if cfg.is_routed(l) {
+            f += c.router as f64;
+        }
+    }
+    f
+}
+
 /// Executed counts of routed layers from routing counters (`None` for dense layers).
 fn exec_counts(stats: &crate::generate::RoutingStats) -> Vec<Option<u64>> {
     stats.layers.iter().map(|s| s.map(|(e, _)| e)).collect()
@@ -198,6 +224,33 @@ pub fn of_generation_dense(cfg: &ModelConfig, g: &Generation) -> Flops {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn per_token_is_a_one_token_prefill_at_full_rate_and_scales_the_skipped_units() {
+        let cfg = crate::testing::routed(crate::testing::tiny_config(false), SkipKind::Mlp);
+        let one = prefill(&cfg, 1, &[], 1).total() as f64;
+        assert_eq!(per_token(&cfg, &[], 1.0), one);
+        let c = Costs::of(&cfg);
+        let routed = (0..cfg.num_hidden_layers).filter(|&l| cfg.is_routed(l)).count() as f64;
+        let half: Vec<Option<f64>> = (0..cfg.num_hidden_layers)
+            .map(|l| cfg.is_routed(l).then_some(0.5))
+            .collect();
+        let saved = one - per_token(&cfg, &half, 1.0);
+        assert!((saved - routed * 0.5 * c.mlp as f64).abs() < 1e-6, "{saved}");
+        // 9 more keys per token cost 9 more (query, key) pairs in every layer
+        let more = per_token(&cfg, &[], 10.0) - one;
+        assert!((more - 9.0 * cfg.num_hidden_layers as f64 * c.pair as f64).abs() < 1e-6);
+        let lcfg = crate::testing::routed(crate::testing::tiny_config(false), SkipKind::Layer);
+        let off: Vec<Option<f64>> = (0..lcfg.num_hidden_layers)
+            .map(|l| lcfg.is_routed(l).then_some(0.0))
+            .collect();
+        let dense_layers = (0..lcfg.num_hidden_layers).filter(|&l| !lcfg.is_routed(l)).count() as f64;
+        let rest = per_token(&lcfg, &off, 4.0);
+        let want = c.lm_head as f64
+            + dense_layers * (c.proj + 4 * c.pair + c.mlp) as f64
+            + (lcfg.num_hidden_layers as f64 - dense_layers) * c.router as f64;
+        assert!((rest - want).abs() < 1e-6, "{rest} vs {want}");
+    }
     use crate::generate::{GenerateParams, Generator};
     use crate::model::{Batch, Forward, Model};
     use crate::testing::{random_weights, routed, tiny_config};

@@ -86,6 +86,38 @@ impl LayerCache {
         Ok((kb.narrow(2, 0, self.len)?, vb.narrow(2, 0, self.len)?))
     }
 
+    /// A cache whose sequence `i` is a copy of sequence `rows[i]` of this one (rows may repeat): one
+    /// prefix computed once, then continued several ways. The copy holds exactly the used slots.
+    pub fn select_rows(&self, rows: &[usize]) -> Result<LayerCache> {
+        let (Some(k), Some(v)) = (&self.k, &self.v) else {
+            return Ok(LayerCache {
+                soft_cap: self.soft_cap,
+                ..Default::default()
+            });
+        };
+        let n = self.pos.len();
+        if let Some(bad) = rows.iter().find(|&&r| r >= n) {
+            candle_core::bail!("row {bad} of a cache holding {n} sequences");
+        }
+        let idx = Tensor::from_vec(
+            rows.iter().map(|&r| r as u32).collect::<Vec<_>>(),
+            rows.len(),
+            k.device(),
+        )?;
+        let pick = |t: &Tensor| t.narrow(2, 0, self.len)?.contiguous()?.index_select(&idx, 0);
+        fn meta<T: Clone>(v: &[Vec<T>], rows: &[usize]) -> Vec<Vec<T>> {
+            rows.iter().map(|&r| v[r].clone()).collect()
+        }
+        Ok(LayerCache {
+            k: Some(pick(k)?),
+            v: Some(pick(v)?),
+            len: self.len,
+            pos: meta(&self.pos, rows),
+            valid: meta(&self.valid, rows),
+            soft_cap: self.soft_cap,
+        })
+    }
+
     /// Positions and validity of sequence `b`'s slots, for [`super::blocked::attend`].
     pub fn keys(&self, b: usize) -> Keys<'_> {
         Keys {
@@ -158,6 +190,13 @@ impl Cache {
                 })
                 .collect(),
         }
+    }
+
+    /// Caches whose sequence `i` continues sequence `rows[i]` of these ([`LayerCache::select_rows`]).
+    pub fn select_rows(&self, rows: &[usize]) -> Result<Cache> {
+        Ok(Cache {
+            layers: self.layers.iter().map(|l| l.select_rows(rows)).collect::<Result<_>>()?,
+        })
     }
 
     /// Tokens held per layer for sequence `b` (differs across layers under `layer` skipping).

@@ -78,6 +78,27 @@ impl Batch {
         batch
     }
 
+    /// Several sequences that continue a cache, right-padded with `pad_id` to the longest: sequence `i`'s
+    /// first token sits at position `start[i]`. Padding comes after every real token, so none of them sees it.
+    pub fn right_padded(seqs: &[Vec<u32>], start: &[u32], pad_id: u32) -> Self {
+        let t = seqs.iter().map(Vec::len).max().unwrap_or(0);
+        let mut batch = Batch {
+            ids: Vec::with_capacity(seqs.len() * t),
+            b: seqs.len(),
+            t,
+            pos: Vec::with_capacity(seqs.len() * t),
+            valid: Vec::with_capacity(seqs.len() * t),
+        };
+        for (s, &p0) in seqs.iter().zip(start) {
+            for i in 0..t {
+                batch.ids.push(s.get(i).copied().unwrap_or(pad_id));
+                batch.pos.push(p0 + i as u32);
+                batch.valid.push(i < s.len());
+            }
+        }
+        batch
+    }
+
     /// Tokens `start..start + len` of every sequence.
     pub fn columns(&self, start: usize, len: usize) -> Self {
         let cols = |v: &[u32]| -> Vec<u32> {

@@ -2,6 +2,7 @@
 //! routed layers follow the reference rule.
 
 use super::*;
+use crate::backend::Backend;
 use crate::testing::{max_abs_diff, random_weights, routed, tiny_config};
 use dlo_passes::SkipKind;
 
@@ -85,6 +86,65 @@ fn layer_skip_decode_equals_recompute_with_ragged_caches() {
             "layer {l} executed {executed} of 40: routers are degenerate"
         );
     }
+}
+
+/// Two prefixes prefilled once (left-padded), their caches copied row by row and continued several ways
+/// (right-padded) give each full sequence's logits and routing decisions: the shared-context scoring of
+/// evaluation.
+fn check_shared_prefix_continuations(cfg: &ModelConfig) {
+    let m = Model::load(cfg, &random_weights(cfg, 13), DType::F32, &Device::Cpu).unwrap();
+    let all = Forward {
+        all_logits: true,
+        ..Default::default()
+    };
+    let prefixes = [ids(7, 1), ids(3, 2)];
+    let mut cache = m.new_cache();
+    m.forward(&Batch::left_padded(&prefixes, 0), Some(&mut cache), &all)
+        .unwrap();
+    // continuation i extends prefix rows[i]
+    let rows = [1usize, 0, 1, 0];
+    let conts = [ids(5, 3), ids(2, 4), ids(1, 5), ids(4, 6)];
+    let start: Vec<u32> = rows.iter().map(|&r| prefixes[r].len() as u32).collect();
+    let mut forked = m.select_rows(&cache, &rows).unwrap();
+    let batch = Batch::right_padded(&conts, &start, 0);
+    let out = m.forward(&batch, Some(&mut forked), &all).unwrap();
+    assert_eq!(
+        forked.layers[0].len(),
+        7 + 5,
+        "7 prefix slots (one row padded) and 5 continuation slots"
+    );
+    for (i, (&r, c)) in rows.iter().zip(&conts).enumerate() {
+        let full: Vec<u32> = prefixes[r].iter().chain(c).copied().collect();
+        let alone = m.forward(&Batch::single(&full, 0), None, &all).unwrap();
+        let p = prefixes[r].len();
+        let got = out.logits.get(i).unwrap().narrow(0, 0, c.len()).unwrap();
+        let want = alone.logits.get(0).unwrap().narrow(0, p, c.len()).unwrap();
+        let d = max_abs_diff(&got, &want);
+        assert!(d < 1e-4, "continuation {i}: logits differ by {d}");
+        for (l, tr) in out.trace.iter().enumerate() {
+            if let (Some(tr), Some(at)) = (tr, &alone.trace[l]) {
+                let t = batch.t;
+                assert_eq!(
+                    &tr.exec[i * t..i * t + c.len()],
+                    &at.exec[p..],
+                    "continuation {i}, layer {l}"
+                );
+                assert!(
+                    !tr.exec[i * t + c.len()..(i + 1) * t].iter().any(|e| *e),
+                    "padding executed"
+                );
+            }
+        }
+    }
+    let e = m.select_rows(&cache, &[2]).unwrap_err().to_string();
+    assert!(e.contains("row 2 of a cache holding 2 sequences"), "{e}");
+}
+
+#[test]
+fn shared_prefix_continuations_equal_full_sequences() {
+    check_shared_prefix_continuations(&tiny_config(false));
+    check_shared_prefix_continuations(&routed(tiny_config(false), SkipKind::Mlp));
+    check_shared_prefix_continuations(&routed(tiny_config(false), SkipKind::Layer));
 }
 
 /// Padding a sequence inside a batch does not change any of its tokens' logits or routing.
