@@ -7,11 +7,10 @@ use dlo_runtime::{Error, Result};
 use std::io::Read;
 use std::path::Path;
 
-/// Reads the documents of a text or JSONL(.gz) file.
-pub fn read_documents(path: &Path) -> Result<Vec<String>> {
+/// The UTF-8 text of a file, gunzipped when its name ends in `.gz`.
+pub fn read_text(path: &Path) -> Result<String> {
     let raw = std::fs::read(path).map_err(|e| Error::io(path, e))?;
-    let name = path.to_string_lossy();
-    let bytes = if name.ends_with(".gz") {
+    let bytes = if path.to_string_lossy().ends_with(".gz") {
         let mut out = Vec::new();
         flate2::read::GzDecoder::new(&raw[..])
             .read_to_end(&mut out)
@@ -20,7 +19,13 @@ pub fn read_documents(path: &Path) -> Result<Vec<String>> {
     } else {
         raw
     };
-    let text = String::from_utf8(bytes).map_err(|_| Error::format(path, "not UTF-8 text"))?;
+    String::from_utf8(bytes).map_err(|_| Error::format(path, "not UTF-8 text"))
+}
+
+/// Reads the documents of a text or JSONL(.gz) file.
+pub fn read_documents(path: &Path) -> Result<Vec<String>> {
+    let text = read_text(path)?;
+    let name = path.to_string_lossy();
     let is_jsonl = name.ends_with(".jsonl") || name.ends_with(".jsonl.gz") || name.ends_with(".json");
     if !is_jsonl {
         let docs: Vec<String> = text

@@ -2,7 +2,7 @@
 //!
 //! As in ripgrep, argv, plans and printing are apart: a command's clap arguments (`XArgs`) become a validated
 //! plan, the library runs the plan and returns a report or a typed error, and only `dlo-compile`'s `main`
-//! prints. [`import`], [`analyze`], [`expand`] and [`build`] work this way; [`train`] still takes its
+//! prints. [`import`], [`analyze`], [`expand`], [`build`] and [`eval`] work this way; [`train`] still takes its
 //! arguments and prints from the library.
 //!
 //! | stage | module |
@@ -13,6 +13,7 @@
 //! | fine-tune with DLO routing | [`train`] |
 //! | lower a model into a native engine | [`build`] |
 //! | lower to ONNX (prefill + decode, `If` for routed layers) | [`onnx`] |
+//! | accuracy against FLOPs on benchmark tasks | [`eval`] |
 //!
 //! Shared pieces: [`calibrate`] (router thresholds for a compute budget, used by `build` and by `train`'s
 //! held-out rule), [`corpus`] (reading sample text), [`plot`] (PNG/SVG charts), [`runtime_args`] (`--device`, `--threads`).
@@ -22,6 +23,7 @@ pub mod analyze;
 pub mod build;
 pub mod calibrate;
 pub mod corpus;
+pub mod eval;
 pub mod expand;
 pub mod import;
 pub mod onnx;

@@ -29,6 +29,8 @@ enum Command {
     Expand(Box<dlo_compiler::expand::ExpandArgs>),
     /// Fine-tune a (DLO) model on chat data with the routing losses.
     Train(Box<dlo_compiler::train::TrainArgs>),
+    /// Accuracy against FLOPs on benchmark tasks, for several models and compute budgets.
+    Eval(dlo_compiler::eval::EvalArgs),
 }
 
 /// `dlo-compile import`: warnings about what the output will lack, then what was written.
@@ -146,6 +148,31 @@ fn train(args: &dlo_compiler::train::TrainArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// `dlo-compile eval`: a progress bar while scoring, then the Markdown table and where the results went.
+fn eval(args: &dlo_compiler::eval::EvalArgs) -> anyhow::Result<()> {
+    let plan = args.plan()?;
+    let bar = indicatif::ProgressBar::new(0).with_style(
+        indicatif::ProgressStyle::with_template("{bar:30} {pos}/{len} requests {elapsed}<{eta} {msg}")
+            .expect("a valid template"),
+    );
+    let r = dlo_compiler::eval::run(&plan, |p| {
+        bar.set_length(p.total);
+        bar.set_position(p.done);
+        bar.set_message(p.what.clone());
+    });
+    bar.finish_and_clear();
+    let r = r?;
+    for w in &r.warnings {
+        eprintln!("warning: {w}");
+    }
+    print!("{}", dlo_compiler::eval::markdown(&r.results));
+    eprintln!(
+        "wrote {}/{{results.json,results.md,requests.jsonl,accuracy_vs_flops.svg,accuracy_vs_flops.png}}",
+        r.output.display()
+    );
+    Ok(())
+}
+
 /// Applies `--threads` to the whole process before a command that runs the model starts any thread (the
 /// command's plan checks and opens the device).
 fn process_threads(args: &dlo_compiler::runtime_args::RuntimeArgs) -> anyhow::Result<()> {
@@ -165,6 +192,7 @@ fn main() -> std::process::ExitCode {
         Command::Analyze(a) => process_threads(&a.runtime).and_then(|()| analyze(a)),
         Command::Expand(a) => expand(a),
         Command::Train(a) => process_threads(&a.runtime).and_then(|()| train(a)),
+        Command::Eval(a) => process_threads(&a.runtime).and_then(|()| eval(a)),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

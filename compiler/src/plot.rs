@@ -216,15 +216,37 @@ pub fn lines(
     series: &[(String, Vec<(f64, f64)>)],
     stem: &Path,
 ) -> Result<()> {
+    write_lines(title, x_label, y_label, series, false, stem)
+}
+
+/// [`lines`] with a marker on every point (for series of a few measured points, one point each included).
+pub fn lines_with_points(
+    title: &str,
+    x_label: &str,
+    y_label: &str,
+    series: &[(String, Vec<(f64, f64)>)],
+    stem: &Path,
+) -> Result<()> {
+    write_lines(title, x_label, y_label, series, true, stem)
+}
+
+fn write_lines(
+    title: &str,
+    x_label: &str,
+    y_label: &str,
+    series: &[(String, Vec<(f64, f64)>)],
+    markers: bool,
+    stem: &Path,
+) -> Result<()> {
     let png = stem.with_extension("png");
     let svg = stem.with_extension("svg");
     {
         let root = BitMapBackend::new(&png, (1000, 600)).into_drawing_area();
-        draw_lines(title, x_label, y_label, series, &root)?;
+        draw_lines(title, x_label, y_label, series, markers, &root)?;
         root.present().map_err(|e| anyhow!("{}: {e}", png.display()))?;
     }
     let root = SVGBackend::new(&svg, (1000, 600)).into_drawing_area();
-    draw_lines(title, x_label, y_label, series, &root)?;
+    draw_lines(title, x_label, y_label, series, markers, &root)?;
     root.present()
         .map_err(|e| anyhow!("{}: {e}", svg.display()))
         .context("writing SVG")
@@ -235,6 +257,7 @@ fn draw_lines<DB: DrawingBackend>(
     x_label: &str,
     y_label: &str,
     series: &[(String, Vec<(f64, f64)>)],
+    markers: bool,
     root: &DrawingArea<DB, Shift>,
 ) -> Result<()>
 where
@@ -255,6 +278,12 @@ where
         (x0, x1, y0, y1) = (0.0, 1.0, 0.0, 1.0);
     }
     let pad = ((y1 - y0) * 0.05).max(1e-6);
+    // markers at the ends of the x range stay inside the plot
+    let xpad = if markers {
+        ((x1 - x0) * 0.05).max(x0.abs() * 0.02)
+    } else {
+        0.0
+    };
     let mut b = ChartBuilder::on(root);
     b.margin(15);
     if text {
@@ -263,7 +292,7 @@ where
             .y_label_area_size(60);
     }
     let mut chart = b
-        .build_cartesian_2d(x0..x1.max(x0 + 1e-9), (y0 - pad)..(y1 + pad))
+        .build_cartesian_2d((x0 - xpad)..(x1 + xpad).max(x0 + 1e-9), (y0 - pad)..(y1 + pad))
         .map_err(err)?;
     if text {
         chart
@@ -276,6 +305,11 @@ where
     }
     for (i, (name, pts)) in series.iter().enumerate() {
         let color = Palette99::pick(i).to_rgba();
+        if markers {
+            chart
+                .draw_series(pts.iter().map(|&p| Circle::new(p, 5, color.filled())))
+                .map_err(err)?;
+        }
         let s = chart
             .draw_series(LineSeries::new(pts.iter().copied(), color.stroke_width(2)))
             .map_err(err)?;
@@ -333,6 +367,16 @@ mod tests {
         )
         .unwrap();
         assert!(dir.path().join("l.png").exists() && dir.path().join("l.svg").exists());
+        lines_with_points(
+            "t",
+            "x",
+            "y",
+            &[("one".into(), vec![(2.0, 0.5)])],
+            &dir.path().join("p"),
+        )
+        .unwrap();
+        let svg = std::fs::read_to_string(dir.path().join("p.svg")).unwrap();
+        assert!(svg.contains("<circle"), "a one-point series shows its point");
         assert_eq!(colormap(0.0), RGBColor(48, 18, 59));
         assert_eq!(colormap(1.0), RGBColor(180, 20, 10));
     }

@@ -1,0 +1,364 @@
+//! Log-likelihood scoring on any [`Backend`], with each context computed once for all its continuations.
+//!
+//! A request is split into tokens as lm-evaluation-harness splits it ([`encode`]). Requests that share a
+//! context form a [`Group`]. Groups are scored in batches: the contexts of a batch run once, left-padded, into
+//! a KV cache; the cache's rows are copied once per continuation ([`Backend::select_rows`]); the
+//! continuations then run right-padded from there. Routing is causal per token, so a token's routing and
+//! logits are those of the whole sequence scored alone (`dlo_runtime::model` tests this).
+
+use dlo_runtime::generate::RoutingStats;
+use dlo_runtime::model::{Batch, Forward, ForwardOutput, Routing};
+use dlo_runtime::{Backend, Error, Result, Tokenizer};
+
+/// A request's tokens: the context (never empty) and the scored continuation (never empty).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Encoded {
+    /// Context tokens.
+    pub context: Vec<u32>,
+    /// Continuation tokens.
+    pub continuation: Vec<u32>,
+}
+
+/// The tokenizer's unknown-token id, when its model has one (a BPE, WordPiece or WordLevel `unk_token`, a
+/// Unigram `unk_id`): a continuation that encodes to it cannot be scored faithfully.
+pub fn unk_id(tok: &Tokenizer) -> Option<u32> {
+    let model = serde_json::to_value(tok.inner().get_model()).ok()?;
+    if let Some(t) = model["unk_token"].as_str() {
+        return tok.token_to_id(t);
+    }
+    model["unk_id"].as_u64().map(|i| i as u32)
+}
+
+/// How the requests of one model are turned into tokens.
+#[derive(Debug, Clone)]
+pub struct Encoder<'a> {
+    /// The model's tokenizer.
+    pub tok: &'a Tokenizer,
+    /// The one context token used when a context encodes to nothing (BOS, else the first stop token).
+    pub prefix: u32,
+    /// The model's vocabulary size.
+    pub vocab: usize,
+    /// The tokenizer's unknown token ([`unk_id`]).
+    pub unk: Option<u32>,
+}
+
+impl Encoder<'_> {
+    /// Splits a request as lm-evaluation-harness does: whitespace at the end of the context moves to the
+    /// start of the continuation; the context is encoded alone, the continuation is what encoding context and
+    /// continuation together adds after it. An empty context becomes [`Encoder::prefix`]. The tokenizer adds
+    /// BOS to both when it is configured to. `Err` holds the problem, in words: a continuation that encodes
+    /// to nothing, to the unknown token, or to ids outside the model's vocabulary.
+    pub fn encode(&self, context: &str, continuation: &str) -> std::result::Result<Encoded, String> {
+        let ctx = context.trim_end();
+        let cont = format!("{}{continuation}", &context[ctx.len()..]);
+        let run = |s: &str| self.tok.encode(s, true).map_err(|e| e.to_string());
+        let whole = run(&format!("{ctx}{cont}"))?;
+        let mut context = run(ctx)?;
+        let continuation: Vec<u32> = whole[context.len().min(whole.len())..].to_vec();
+        if context.is_empty() {
+            context.push(self.prefix);
+        }
+        if continuation.is_empty() {
+            return Err(format!(
+                "the continuation {cont:?} encodes to no tokens after its context"
+            ));
+        }
+        if let Some(&id) = whole.iter().find(|&&id| id as usize >= self.vocab) {
+            return Err(format!(
+                "the tokenizer gives id {id}, outside the model's vocabulary of {}",
+                self.vocab
+            ));
+        }
+        if let Some(u) = self.unk.filter(|u| whole.contains(u)) {
+            let text = self.tok.id_to_token(u).unwrap_or_default();
+            return Err(format!(
+                "the text {:?} needs the unknown token {text:?} (id {u}): this vocabulary cannot tokenize it",
+                format!("{ctx}{cont}")
+            ));
+        }
+        Ok(Encoded { context, continuation })
+    }
+}
+
+/// Continuations scored after one shared context.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Group {
+    /// Context tokens (non-empty).
+    pub context: Vec<u32>,
+    /// Continuation tokens of each request (each non-empty).
+    pub continuations: Vec<Vec<u32>>,
+}
+
+/// The score of one request.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Scored {
+    /// log p(continuation | context), summed over the continuation's tokens (natural log).
+    pub ll: f64,
+    /// Whether every continuation token is the model's most likely next token.
+    pub greedy: bool,
+}
+
+/// What scoring ran: routing counters and token counts.
+#[derive(Debug, Clone, Default)]
+pub struct Counters {
+    /// Executed / routed tokens per layer.
+    pub routing: RoutingStats,
+    /// Tokens run through the model (contexts once, continuations).
+    pub tokens: u64,
+    /// Sum over those tokens of the keys each attended at a dense layer (position + 1).
+    pub keys: u64,
+    /// Continuation tokens scored.
+    pub scored: u64,
+}
+
+impl Counters {
+    fn add(&mut self, out: &ForwardOutput, batch: &Batch) {
+        self.routing.add(out, &batch.valid);
+        for (p, v) in batch.pos.iter().zip(&batch.valid) {
+            if *v {
+                self.tokens += 1;
+                self.keys += *p as u64 + 1;
+            }
+        }
+    }
+
+    /// Mean keys per token (the attention length [`dlo_runtime::flops::per_token`] takes).
+    pub fn mean_keys(&self) -> f64 {
+        self.keys as f64 / self.tokens.max(1) as f64
+    }
+}
+
+/// Batch limits: continuation rows per batch, and tokens per batched pass (rows × padded length, for the
+/// contexts and for the continuations; this bounds the memory of the logits).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    /// Most continuation rows in one batch.
+    pub rows: usize,
+    /// Most tokens (padding included) in one forward pass.
+    pub tokens: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits { rows: 64, tokens: 1024 }
+    }
+}
+
+/// log-softmax of `row` at `target`, and whether `target` is the first argmax (as `argmax` picks it).
+fn log_prob(row: &[f32], target: u32) -> (f64, bool) {
+    let (mut max, mut arg) = (f32::NEG_INFINITY, 0);
+    for (i, &x) in row.iter().enumerate() {
+        if x > max {
+            (max, arg) = (x, i);
+        }
+    }
+    let sum: f64 = row.iter().map(|&x| ((x - max) as f64).exp()).sum();
+    ((row[target as usize] - max) as f64 - sum.ln(), arg == target as usize)
+}
+
+fn host_logits(out: &ForwardOutput) -> Result<Vec<f32>> {
+    Ok(out
+        .logits
+        .to_dtype(candle_core::DType::F32)?
+        .flatten_all()?
+        .to_vec1::<f32>()?)
+}
+
+/// Scores every group's continuations under `routing`; `progress` hears the number of requests finished
+/// after each batch. Returns, per group, one [`Scored`] per continuation.
+pub fn score<B: Backend>(
+    model: &B,
+    routing: &Routing,
+    groups: &[Group],
+    limits: Limits,
+    counters: &mut Counters,
+    mut progress: impl FnMut(usize),
+) -> Result<Vec<Vec<Scored>>> {
+    if let Some(g) = groups
+        .iter()
+        .find(|g| g.context.is_empty() || g.continuations.iter().any(Vec::is_empty))
+    {
+        return Err(Error::InvalidArgument(format!(
+            "a scoring group with {} context tokens has an empty context or continuation",
+            g.context.len()
+        )));
+    }
+    let mut out: Vec<Vec<Scored>> = vec![Vec::new(); groups.len()];
+    // Similar context lengths batch together with little padding.
+    let mut order: Vec<usize> = (0..groups.len()).collect();
+    order.sort_by_key(|&i| groups[i].context.len());
+    let mut i = 0;
+    while i < order.len() {
+        let (mut j, mut rows, mut ctx, mut cont) = (i, 0, 0, 0);
+        while j < order.len() {
+            let g = &groups[order[j]];
+            let r = rows + g.continuations.len();
+            let c = ctx.max(g.context.len());
+            let t = cont.max(g.continuations.iter().map(|c| c.len() - 1).max().unwrap_or(0));
+            if j > i && (r > limits.rows || c * (j - i + 1) > limits.tokens || t * r > limits.tokens) {
+                break;
+            }
+            (rows, ctx, cont, j) = (r, c, t, j + 1);
+        }
+        for (g, s) in order[i..j]
+            .iter()
+            .zip(batch(model, routing, groups, &order[i..j], counters)?)
+        {
+            out[*g] = s;
+        }
+        progress(rows);
+        i = j;
+    }
+    Ok(out)
+}
+
+/// Scores the groups `ids` in one context pass and one continuation pass.
+fn batch<B: Backend>(
+    model: &B,
+    routing: &Routing,
+    groups: &[Group],
+    ids: &[usize],
+    counters: &mut Counters,
+) -> Result<Vec<Vec<Scored>>> {
+    let vocab = model.config().vocab_size;
+    let contexts: Vec<Vec<u32>> = ids.iter().map(|&g| groups[g].context.clone()).collect();
+    let mut cache = model.new_cache();
+    let ctx_batch = Batch::left_padded(&contexts, 0);
+    let last = |all_logits| Forward {
+        routing: routing.clone(),
+        all_logits,
+    };
+    let ctx_out = model.forward(&ctx_batch, Some(&mut cache), &last(false))?;
+    counters.add(&ctx_out, &ctx_batch);
+    let first = host_logits(&ctx_out)?;
+    // One row per continuation, continuing its group's context row.
+    let (mut rows, mut inputs, mut start) = (vec![], vec![], vec![]);
+    for (gi, &g) in ids.iter().enumerate() {
+        for c in &groups[g].continuations {
+            rows.push(gi);
+            inputs.push(c[..c.len() - 1].to_vec());
+            start.push(groups[g].context.len() as u32);
+        }
+    }
+    let rest = if inputs.iter().any(|c| !c.is_empty()) {
+        let mut forked = model.select_rows(&cache, &rows)?;
+        drop(cache);
+        let b = Batch::right_padded(&inputs, &start, 0);
+        let o = model.forward(&b, Some(&mut forked), &last(true))?;
+        counters.add(&o, &b);
+        Some((host_logits(&o)?, b.t))
+    } else {
+        None
+    };
+    let mut out: Vec<Vec<Scored>> = vec![Vec::new(); ids.len()];
+    let mut r = 0;
+    for (gi, &g) in ids.iter().enumerate() {
+        for c in &groups[g].continuations {
+            let (mut ll, mut greedy) = (0.0, true);
+            for (k, &target) in c.iter().enumerate() {
+                let row = match (k, &rest) {
+                    (0, _) => &first[gi * vocab..(gi + 1) * vocab],
+                    (_, Some((logits, t))) => &logits[((r * t) + k - 1) * vocab..][..vocab],
+                    (_, None) => unreachable!("a continuation longer than one token makes a second pass"),
+                };
+                let (lp, best) = log_prob(row, target);
+                if !lp.is_finite() {
+                    return Err(Error::NonFiniteLogits {
+                        position: groups[g].context.len() + k,
+                        layer: None,
+                        cause: "while scoring a continuation".into(),
+                    });
+                }
+                ll += lp;
+                greedy &= best;
+            }
+            counters.scored += c.len() as u64;
+            out[gi].push(Scored { ll, greedy });
+            r += 1;
+        }
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{DType, Device};
+    use dlo_passes::SkipKind;
+    use dlo_runtime::model::Model;
+    use dlo_runtime::testing::{random_weights, routed, tiny_config};
+
+    /// Each request scored alone, by one full forward pass over context + continuation.
+    fn alone(m: &Model, routing: &Routing, ctx: &[u32], cont: &[u32]) -> Scored {
+        let full: Vec<u32> = ctx.iter().chain(cont).copied().collect();
+        let o = m
+            .forward(
+                &Batch::single(&full, 0),
+                None,
+                &Forward {
+                    routing: routing.clone(),
+                    all_logits: true,
+                },
+            )
+            .unwrap();
+        let v = host_logits(&o).unwrap();
+        let vocab = m.config().vocab_size;
+        let (mut ll, mut greedy) = (0.0, true);
+        for (k, &t) in cont.iter().enumerate() {
+            let (lp, b) = log_prob(&v[(ctx.len() - 1 + k) * vocab..][..vocab], t);
+            ll += lp;
+            greedy &= b;
+        }
+        Scored { ll, greedy }
+    }
+
+    #[test]
+    fn shared_context_batches_score_as_each_request_alone() {
+        for cfg in [
+            tiny_config(false),
+            routed(tiny_config(false), SkipKind::Mlp),
+            routed(tiny_config(false), SkipKind::Layer),
+        ] {
+            let m = Model::load(&cfg, &random_weights(&cfg, 3), DType::F32, &Device::Cpu).unwrap();
+            let groups: Vec<Group> = (0..7u32)
+                .map(|g| Group {
+                    context: (0..(2 + g * 3) % 11 + 1).map(|i| (i * 7 + g) % 90 + 1).collect(),
+                    continuations: (0..(g % 4 + 1))
+                        .map(|c| (0..(c * 2 + g) % 5 + 1).map(|i| (i * 13 + c + g) % 90 + 1).collect())
+                        .collect(),
+                })
+                .collect();
+            // small limits force several batches, one-group batches and mixed lengths
+            for limits in [Limits { rows: 5, tokens: 40 }, Limits::default()] {
+                let mut counters = Counters::default();
+                let mut done = 0;
+                let got = score(&m, &Routing::Reference, &groups, limits, &mut counters, |n| done += n).unwrap();
+                let requests: usize = groups.iter().map(|g| g.continuations.len()).sum();
+                assert_eq!(done, requests);
+                for (g, s) in groups.iter().zip(&got) {
+                    for (c, s) in g.continuations.iter().zip(s) {
+                        let want = alone(&m, &Routing::Reference, &g.context, c);
+                        assert!((s.ll - want.ll).abs() < 1e-4, "{} vs {}", s.ll, want.ll);
+                        assert_eq!(s.greedy, want.greedy);
+                    }
+                }
+                let ctx: usize = groups.iter().map(|g| g.context.len()).sum();
+                let cont: usize = groups.iter().flat_map(|g| &g.continuations).map(|c| c.len() - 1).sum();
+                assert_eq!(counters.tokens as usize, ctx + cont, "each context runs once");
+                assert_eq!(counters.scored as usize, cont + requests);
+                if cfg.dlo.is_some() {
+                    let r = counters.routing.mean_rate();
+                    assert!(r > 0.0 && r < 1.0, "routers are degenerate: {r}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn log_prob_is_a_log_softmax_with_the_first_argmax() {
+        let (lp, best) = log_prob(&[1.0, 3.0, 3.0], 1);
+        let want = 3.0 - (1f64.exp() + 2.0 * 3f64.exp()).ln();
+        assert!((lp - want).abs() < 1e-6 && best);
+        assert!(!log_prob(&[1.0, 3.0, 3.0], 2).1, "ties go to the first index");
+    }
+}
