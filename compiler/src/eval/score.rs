@@ -183,45 +183,85 @@ pub fn score<B: Backend>(
             g.context.len()
         )));
     }
-    let mut out: Vec<Vec<Scored>> = vec![Vec::new(); groups.len()];
-    // Similar context lengths batch together with little padding.
-    let mut order: Vec<usize> = (0..groups.len()).collect();
-    order.sort_by_key(|&i| groups[i].context.len());
+    // A group's continuations, shortest first, cut into pieces that fit the limits on their own.
+    let mut pieces: Vec<Piece> = Vec::new();
+    for (g, group) in groups.iter().enumerate() {
+        let mut ks: Vec<usize> = (0..group.continuations.len()).collect();
+        ks.sort_by_key(|&k| group.continuations[k].len());
+        let mut piece = Piece {
+            group: g,
+            conts: vec![],
+        };
+        for k in ks {
+            let len = group.continuations[k].len() - 1;
+            let rows = piece.conts.len() + 1;
+            if !piece.conts.is_empty() && (rows > limits.rows || rows * len > limits.tokens) {
+                pieces.push(std::mem::replace(
+                    &mut piece,
+                    Piece {
+                        group: g,
+                        conts: vec![],
+                    },
+                ));
+            }
+            piece.conts.push(k);
+        }
+        pieces.push(piece);
+    }
+    // Pieces of similar continuation and context lengths batch together with little padding.
+    let longest = |p: &Piece| groups[p.group].continuations[*p.conts.last().expect("non-empty")].len();
+    pieces.sort_by_key(|p| (longest(p), groups[p.group].context.len()));
+    let mut out: Vec<Vec<Option<Scored>>> = groups.iter().map(|g| vec![None; g.continuations.len()]).collect();
     let mut i = 0;
-    while i < order.len() {
+    while i < pieces.len() {
         let (mut j, mut rows, mut ctx, mut cont) = (i, 0, 0, 0);
-        while j < order.len() {
-            let g = &groups[order[j]];
-            let r = rows + g.continuations.len();
-            let c = ctx.max(g.context.len());
-            let t = cont.max(g.continuations.iter().map(|c| c.len() - 1).max().unwrap_or(0));
+        while j < pieces.len() {
+            let p = &pieces[j];
+            let r = rows + p.conts.len();
+            let c = ctx.max(groups[p.group].context.len());
+            let t = cont.max(longest(p) - 1);
             if j > i && (r > limits.rows || c * (j - i + 1) > limits.tokens || t * r > limits.tokens) {
                 break;
             }
             (rows, ctx, cont, j) = (r, c, t, j + 1);
         }
-        for (g, s) in order[i..j]
-            .iter()
-            .zip(batch(model, routing, groups, &order[i..j], counters)?)
-        {
-            out[*g] = s;
+        let scored = batch(model, routing, groups, &pieces[i..j], counters)?;
+        for (p, s) in pieces[i..j].iter().zip(scored) {
+            for (&k, s) in p.conts.iter().zip(s) {
+                out[p.group][k] = Some(s);
+            }
         }
         progress(rows);
         i = j;
     }
-    Ok(out)
+    Ok(out
+        .into_iter()
+        .map(|g| {
+            g.into_iter()
+                .map(|s| s.expect("every continuation is scored"))
+                .collect()
+        })
+        .collect())
 }
 
-/// Scores the groups `ids` in one context pass and one continuation pass.
+/// Some continuations of one group, scored after one copy of its context.
+#[derive(Debug, Clone)]
+struct Piece {
+    group: usize,
+    /// Indices into the group's continuations.
+    conts: Vec<usize>,
+}
+
+/// Scores `pieces` in one context pass and one continuation pass; per piece, one score per continuation.
 fn batch<B: Backend>(
     model: &B,
     routing: &Routing,
     groups: &[Group],
-    ids: &[usize],
+    pieces: &[Piece],
     counters: &mut Counters,
 ) -> Result<Vec<Vec<Scored>>> {
     let vocab = model.config().vocab_size;
-    let contexts: Vec<Vec<u32>> = ids.iter().map(|&g| groups[g].context.clone()).collect();
+    let contexts: Vec<Vec<u32>> = pieces.iter().map(|p| groups[p.group].context.clone()).collect();
     let mut cache = model.new_cache();
     let ctx_batch = Batch::left_padded(&contexts, 0);
     let last = |all_logits| Forward {
@@ -231,13 +271,14 @@ fn batch<B: Backend>(
     let ctx_out = model.forward(&ctx_batch, Some(&mut cache), &last(false))?;
     counters.add(&ctx_out, &ctx_batch);
     let first = host_logits(&ctx_out)?;
-    // One row per continuation, continuing its group's context row.
+    // One row per continuation, continuing its piece's context row.
+    let conts = |p: &Piece| -> Vec<&Vec<u32>> { p.conts.iter().map(|&k| &groups[p.group].continuations[k]).collect() };
     let (mut rows, mut inputs, mut start) = (vec![], vec![], vec![]);
-    for (gi, &g) in ids.iter().enumerate() {
-        for c in &groups[g].continuations {
-            rows.push(gi);
+    for (pi, p) in pieces.iter().enumerate() {
+        for c in conts(p) {
+            rows.push(pi);
             inputs.push(c[..c.len() - 1].to_vec());
-            start.push(groups[g].context.len() as u32);
+            start.push(groups[p.group].context.len() as u32);
         }
     }
     let rest = if inputs.iter().any(|c| !c.is_empty()) {
@@ -250,21 +291,21 @@ fn batch<B: Backend>(
     } else {
         None
     };
-    let mut out: Vec<Vec<Scored>> = vec![Vec::new(); ids.len()];
+    let mut out: Vec<Vec<Scored>> = vec![Vec::new(); pieces.len()];
     let mut r = 0;
-    for (gi, &g) in ids.iter().enumerate() {
-        for c in &groups[g].continuations {
+    for (pi, p) in pieces.iter().enumerate() {
+        for c in conts(p) {
             let (mut ll, mut greedy) = (0.0, true);
             for (k, &target) in c.iter().enumerate() {
                 let row = match (k, &rest) {
-                    (0, _) => &first[gi * vocab..(gi + 1) * vocab],
+                    (0, _) => &first[pi * vocab..(pi + 1) * vocab],
                     (_, Some((logits, t))) => &logits[((r * t) + k - 1) * vocab..][..vocab],
                     (_, None) => unreachable!("a continuation longer than one token makes a second pass"),
                 };
                 let (lp, best) = log_prob(row, target);
                 if !lp.is_finite() {
                     return Err(Error::NonFiniteLogits {
-                        position: groups[g].context.len() + k,
+                        position: groups[p.group].context.len() + k,
                         layer: None,
                         cause: "while scoring a continuation".into(),
                     });
@@ -273,7 +314,7 @@ fn batch<B: Backend>(
                 greedy &= best;
             }
             counters.scored += c.len() as u64;
-            out[gi].push(Scored { ll, greedy });
+            out[pi].push(Scored { ll, greedy });
             r += 1;
         }
     }

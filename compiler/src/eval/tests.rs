@@ -93,7 +93,7 @@ fn args(models: Vec<PathBuf>, tasks_dir: &Path, out: PathBuf) -> EvalArgs {
         budget: vec!["default".into()],
         tasks_dir: Some(tasks_dir.to_path_buf()),
         batch_rows: 5,
-        batch_tokens: 64,
+        batch_tokens: 256,
         output: out,
         runtime: RuntimeArgs::default(),
     }
