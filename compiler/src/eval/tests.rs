@@ -269,21 +269,39 @@ fn budgets_follow_the_engine_plan() {
         runtime: Default::default(),
     };
     crate::build::run(BuildPlan::from_args(&b).unwrap()).unwrap();
+    let dense = write_model(&dir.path().join("dense"), &tiny_config(false), true);
     let a = EvalArgs {
         budget: vec!["default".into(), "0.5".into(), "1".into(), "0.5".into()],
-        ..args(vec![engine.clone()], &tasks, dir.path().join("out"))
+        ..args(vec![engine.clone(), dense], &tasks, dir.path().join("out"))
     };
     let plan = a.plan().unwrap();
     assert_eq!(
         plan.budgets,
         vec![BudgetSpec::Default, BudgetSpec::Rate(0.5), BudgetSpec::Rate(1.0)]
     );
-    let r = run(&plan, |_| {}).unwrap();
-    assert_eq!(r.results.len(), 6);
+    let mut last = None;
+    let r = run(&plan, |p| last = Some((p.done, p.total))).unwrap();
+    assert_eq!(
+        last,
+        Some((4 * 54, 4 * 54)),
+        "3 budgets of the engine, 1 of the dense model"
+    );
+    assert_eq!(r.results.len(), 8);
+    let dense_budgets: Vec<&str> = r
+        .results
+        .iter()
+        .filter(|x| x.model == "dense")
+        .map(|x| x.budget.as_str())
+        .collect();
+    assert_eq!(
+        dense_budgets,
+        ["default", "default"],
+        "a model without routers is scored once"
+    );
     let at = |b: &str| {
         r.results
             .iter()
-            .find(|x| x.budget == b && x.task == "arc_easy")
+            .find(|x| x.budget == b && x.task == "arc_easy" && x.model == "m.dlo")
             .unwrap()
     };
     assert_eq!(at("1").exec_rate, Some(1.0));
