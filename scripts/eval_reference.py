@@ -267,11 +267,12 @@ def main() -> None:
                 out.write(json.dumps(row) + "\n")
                 rows.append(dict(row, _cont=r["request"]["continuation"]))
             scored = sum(len(c) for _, c in pairs)
+            rate = scored / max(scorer.wall, 1e-9)
             print(summarise(task, rows))
             print(f"  {len(reqs)} requests, {scorer.input_tokens} tokens through the model, {scored} continuation "
-                  f"tokens scored in {scorer.wall:.2f} s: {scored / max(scorer.wall, 1e-9):.1f} scored tokens/s", flush=True)
+                  f"tokens scored in {scorer.wall:.2f} s: {rate:.1f} scored tokens/s", flush=True)
             speeds.append(f"REF_SPEED task={task} requests={len(reqs)} input_tokens={scorer.input_tokens} "
-                          f"scored_tokens={scored} tokens_per_s={scored / max(scorer.wall, 1e-9):.2f} wall_s={scorer.wall:.3f}")
+                          f"scored_tokens={scored} tokens_per_s={rate:.2f} wall_s={scorer.wall:.3f}")
     os.replace(tmp, a.output)
     print(f"wrote {a.output}")
     for s in speeds:
