@@ -25,7 +25,7 @@ set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 CACHE="${DLO_CACHE:-$HOME/.cache/dlo}"
-PY="${DLO_PYTHON:-$CACHE/venv/bin/python}"
+PY="${DLO_TORCH_PYTHON:-$CACHE/venv/bin/python}"  # torch + transformers (setup-python.sh --fixtures)
 THREADS="${THREADS:-2}"  # one or more thread counts, e.g. "1 2"
 PP="${PROMPT_TOKENS:-128}"
 TG="${GEN_TOKENS:-64}"

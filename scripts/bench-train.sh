@@ -12,8 +12,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 while IFS='=' read -r k v; do export "$k=$v"; done < <(bash scripts/fetch-assets.sh)
-bash scripts/setup-python.sh --fixtures >&2
-PY="$DLO_CACHE/venv/bin/python"
+PY="$(bash scripts/setup-python.sh --fixtures | sed -n 's/^DLO_TORCH_PYTHON=//p')"
 THREADS="${THREADS:-2}" BATCH="${BATCH:-4}" SEQ="${SEQ:-256}" STEPS="${STEPS:-4}" ROUNDS="${ROUNDS:-2}"
 cargo build --release --bins >&2
 BIN="$(cargo metadata --format-version 1 --no-deps | python3 -c 'import json,sys; print(json.load(sys.stdin)["target_directory"])')/release"

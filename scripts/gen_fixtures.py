@@ -20,9 +20,10 @@ Fixtures:
   saved without scaling by HF and the ``rope_scaling`` entry is added to config.json afterwards.
   Also ``logits_bf16``.
 - ``dlo_mlp`` (``model_type: llama_dlo_exattn``) and ``dlo_layer`` (``llama_dlo``): DLO-routed checkpoints with
-  routers on every layer but layer 0. The reference eval semantics (dlo-method.md §4) are written out below
-  in PyTorch over the HF modules. Besides ``logits``, the golden file holds per routed layer ``l``:
-  ``exec.{l}`` (u8, 1 = the token executed the routed unit) and ``router_logit.{l}`` (f32, ``z = w·h``).
+  routers on every layer but layer 0. The reference eval semantics (dlo-method.md §4) are written out in
+  PyTorch over the HF modules in ``dlo_reference.py`` (``run``). Besides ``logits``, the golden file holds per
+  routed layer ``l``: ``exec.{l}`` (u8, 1 = the token executed the routed unit) and ``router_logit.{l}`` (f32,
+  ``z = w·h``).
 
 Numerics: weights are drawn in f32 with HF's initialiser at ``initializer_range=0.2`` (std 0.02 would give
 near-zero logits) and norm weights uniform in [0.5, 1.5]. All weights except ``llama_tied``'s are then rounded
@@ -52,6 +53,8 @@ import torch
 import transformers
 from safetensors.torch import save_file
 from transformers import LlamaConfig, LlamaForCausalLM
+
+from dlo_reference import run
 
 F32 = torch.float32
 BF16 = torch.bfloat16
@@ -136,68 +139,6 @@ def to_bf16(model: LlamaForCausalLM) -> LlamaForCausalLM:
     for layer, f in zip(m.model.layers, inv):
         layer.self_attn.rotary_emb.inv_freq = f.to(F32)
     return m
-
-
-# ----------------------------------------------------------------------------------------------------------
-# The explicit forward pass (dense and DLO-routed), over the HF modules
-
-
-def causal_mask(n: int, dtype: torch.dtype) -> torch.Tensor:
-    """Additive causal mask [1, 1, n, n]."""
-    m = torch.full((n, n), torch.finfo(dtype).min, dtype=dtype).triu(1)
-    return m[None, None]
-
-
-def attn(layer, x: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
-    """Causal self-attention of ``x: [1, n, d]`` (already normalised) at position ids ``pos: [n]``."""
-    out, _, _ = layer.self_attn(hidden_states=x, attention_mask=causal_mask(x.shape[1], x.dtype), position_ids=pos[None])
-    return out
-
-
-def run(model: LlamaForCausalLM, ids: torch.Tensor, dlo: dict | None = None, routers: dict | None = None, force=None):
-    """Logits ``[n, vocab]`` and, per routed layer, (router logits z, exec mask).
-
-    ``dlo``: None (dense) or {"skip": "mlp"|"layer", "alpha", "beta", "rescale"}; ``routers``: layer → w [d].
-    ``force``: None (reference rule: execute iff σ(z) > 0.5) or True/False for every routed unit.
-    """
-    mm = model.model
-    n = ids.shape[0]
-    pos = torch.arange(n)
-    h = mm.embed_tokens(ids[None])  # [1, n, d]
-    trace = {}
-    for l, layer in enumerate(mm.layers):
-        w = None if routers is None else routers.get(l)
-        if w is None:
-            a = h + attn(layer, layer.input_layernorm(h), pos)
-            h = a + layer.mlp(layer.post_attention_layernorm(a))
-            continue
-        # Router on the raw residual entering the layer, in the model dtype, no bias (dlo-method.md §4.1).
-        z = (h @ w.to(h.dtype))[0]  # [n]
-        r = torch.sigmoid(z)
-        execute = (r > 0.5) if force is None else torch.full((n,), bool(force))
-        g = 0.5 * dlo["alpha"] + (r - 0.5) * dlo["beta"] if dlo["rescale"] else torch.ones_like(r)
-        idx = execute.nonzero().flatten()
-        if dlo["skip"] == "mlp":
-            # Attention for all tokens; MLP only for executed ones, scaled by the gate.
-            a = h + attn(layer, layer.input_layernorm(h), pos)
-            out = a.clone()
-            if len(idx):
-                sel = a[0, idx]
-                out[0, idx] = sel + layer.mlp(layer.post_attention_layernorm(sel)) * g[idx, None]
-        else:
-            # Whole-layer skip: executed tokens, packed in order, attend causally among themselves only,
-            # at their original positions; skipped tokens pass through unchanged.
-            out = h.clone()
-            if len(idx):
-                hp = h[:, idx]
-                a = hp + attn(layer, layer.input_layernorm(hp), pos[idx])
-                y = a + layer.mlp(layer.post_attention_layernorm(a)) * g[idx, None]
-                out[0, idx] = y[0]
-        h = out
-        trace[l] = (z.detach().float(), execute.clone())
-    h = mm.norm(h)
-    logits = model.lm_head(h)[0]
-    return logits.detach().float(), trace
 
 
 # ----------------------------------------------------------------------------------------------------------

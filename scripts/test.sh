@@ -5,6 +5,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 while IFS="=" read -r k v; do export "$k=$v"; done < <(DLO_FETCH_LLAMA_CPP=1 bash scripts/fetch-assets.sh)
 while IFS='=' read -r k v; do export "$k=$v"; done < <(bash scripts/setup-python.sh)
+# The PyTorch reference (torch 2.3.0 + transformers 4.40.1, the reference implementation's pins): DLO_TORCH_PYTHON.
+while IFS='=' read -r k v; do export "$k=$v"; done < <(bash scripts/setup-python.sh --fixtures)
 # Tests that need an asset or the Python env fail when it is missing (instead of skipping), and each one that
 # found what it needs appends a line to this log, counted at the end (dlo_runtime::testing::found_or_skip).
 export DLO_REQUIRE_ASSETS=1

@@ -1,7 +1,8 @@
 //! `dlo-compile train` end to end on a tiny HF checkpoint with a byte-level tokenizer and a ChatML template:
-//! a run, an interrupted run resumed to the same curve, and bad inputs refused before training starts.
+//! a run, an interrupted run resumed to the same curve, bad inputs refused before training starts, and trained
+//! checkpoints that load in transformers 4.40.1 with our logits.
 
-use candle_core::{Device, Tensor};
+use candle_core::{DType, Device, Tensor};
 use dlo_runtime::testing::{write_hf_checkpoint, XorShift};
 use serde_json::{json, Value};
 use std::collections::HashMap;
@@ -61,18 +62,37 @@ fn write_tokenizer(dir: &Path) {
     std::fs::write(dir.join("tokenizer_config.json"), tc.to_string()).unwrap();
 }
 
-/// A tiny DLO checkpoint (3 layers, routers on 1 and 2) with random weights from `seed`.
+/// A tiny DLO checkpoint (MLP skip, routers on every layer but 0) with random weights from `seed`.
 fn write_model(dir: &Path, seed: u64, layers: usize) {
+    write_model_of(dir, seed, layers, Some("llama_dlo_exattn"));
+}
+
+/// A tiny checkpoint with random weights from `seed`: dense (`dlo_type` None) or of DLO `model_type`
+/// `dlo_type` with routers on every layer but 0.
+fn write_model_of(dir: &Path, seed: u64, layers: usize, dlo_type: Option<&str>) {
     let (d, f, h, kv, hd) = (16usize, 32usize, 4usize, 2usize, 4usize);
-    let cfg = json!({
-        "model_type": "llama_dlo_exattn", "architectures": ["LlamaDLOExAttnForCausalLM"],
+    let mut cfg = json!({
+        "model_type": "llama", "architectures": ["LlamaForCausalLM"],
         "vocab_size": V, "hidden_size": d, "intermediate_size": f, "num_hidden_layers": layers,
         "num_attention_heads": h, "num_key_value_heads": kv, "head_dim": hd, "rms_norm_eps": 1e-5,
         "rope_theta": 10000.0, "max_position_embeddings": 256, "tie_word_embeddings": false,
-        "eos_token_id": 257, "is_dlo": (0..layers).map(|l| l > 0).collect::<Vec<_>>(),
-        "dlo_capacity": 0.75, "dlo_loss_type": "cos-global", "dlo_loss_coefficient": 1.0,
-        "rescale_hidden_states": true, "scale_factor": 2.0, "scale_gap": 0.05, "gate_init_method": "random"
+        "eos_token_id": 257
     });
+    if let Some(t) = dlo_type {
+        let arch = match t {
+            "llama_dlo_exattn" => "LlamaDLOExAttnForCausalLM",
+            _ => "LlamaDLOForCausalLM",
+        };
+        let dlo = json!({
+            "model_type": t, "architectures": [arch],
+            "is_dlo": (0..layers).map(|l| l > 0).collect::<Vec<_>>(),
+            "dlo_capacity": 0.75, "dlo_loss_type": "cos-global", "dlo_loss_coefficient": 1.0,
+            "rescale_hidden_states": true, "scale_factor": 2.0, "scale_gap": 0.05, "gate_init_method": "random"
+        });
+        for (k, v) in dlo.as_object().unwrap() {
+            cfg[k] = v.clone();
+        }
+    }
     // Uniform with (about) the given standard deviation: sqrt(12) ≈ 3.46.
     let mut rng = XorShift::new(seed);
     let mut rnd = |n: usize, std: f32, mean: f32| -> Vec<f32> {
@@ -98,7 +118,7 @@ fn write_model(dir: &Path, seed: u64, layers: usize) {
         put(format!("{p}.mlp.down_proj.weight"), &[d, f], 0.3, 0.0);
         put(format!("{p}.input_layernorm.weight"), &[d], 0.1, 1.0);
         put(format!("{p}.post_attention_layernorm.weight"), &[d], 0.1, 1.0);
-        if l > 0 {
+        if l > 0 && dlo_type.is_some() {
             put(format!("model.routers.{l}.weight"), &[1, d], 0.5, 0.0);
         }
     }
@@ -392,4 +412,198 @@ fn killed_run_resumes_to_the_same_curve() {
         std::fs::read(a.join("final/model.safetensors")).unwrap(),
         std::fs::read(b.join("final/model.safetensors")).unwrap()
     );
+}
+
+/// The logits (and routing) `scripts/check_hf_load.py --logits-out` writes: transformers 4.40.1's
+/// `from_pretrained` load of `dir`, with the reference's routed eval forward for a DLO checkpoint.
+struct HfLogits {
+    logits: Vec<Vec<f32>>,
+    /// Per routed layer: router logits and exec decisions, per position.
+    routed: HashMap<usize, (Vec<f32>, Vec<bool>)>,
+}
+
+/// Runs `scripts/check_hf_load.py DIR --ids IDS --logits-out FILE` with `py`; the process output, and the
+/// file's contents when it succeeded.
+fn hf_logits(py: &Path, dir: &Path, ids: &[u32]) -> (std::process::Output, Option<HfLogits>) {
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/check_hf_load.py");
+    let out_file = dir.with_extension("logits.json");
+    let ids_arg = ids.iter().map(|i| i.to_string()).collect::<Vec<_>>().join(",");
+    let out = Command::new(py)
+        .arg(script)
+        .arg(dir)
+        .args(["--ids", &ids_arg, "--logits-out"])
+        .arg(&out_file)
+        .output()
+        .unwrap();
+    if !out.status.success() {
+        return (out, None);
+    }
+    let v: Value = serde_json::from_str(&std::fs::read_to_string(&out_file).unwrap()).unwrap();
+    let f32s = |v: &Value| -> Vec<f32> {
+        v.as_array()
+            .unwrap()
+            .iter()
+            .map(|x| x.as_f64().unwrap() as f32)
+            .collect()
+    };
+    let logits = v["logits"].as_array().unwrap().iter().map(f32s).collect();
+    let routed = v["routed"]
+        .as_object()
+        .unwrap()
+        .iter()
+        .map(|(l, r)| {
+            let exec = r["exec"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|e| e.as_i64() == Some(1))
+                .collect();
+            (l.parse().unwrap(), (f32s(&r["router_logits"]), exec))
+        })
+        .collect();
+    (out, Some(HfLogits { logits, routed }))
+}
+
+fn max_abs(v: impl IntoIterator<Item = f32>) -> f32 {
+    v.into_iter().fold(0.0, |m, x| m.max(x.abs()))
+}
+
+/// Issue: a checkpoint written by `dlo-compile train` did not load in transformers 4.40.1 (`from_pretrained`
+/// stopped with `AttributeError: 'NoneType' object has no attribute 'get'`: the safetensors file carried no
+/// `{"format": "pt"}` metadata). Trained checkpoints, dense and DLO (MLP and whole-layer skip), now load there
+/// through `from_pretrained`, and transformers' logits (the reference's routed eval forward over its modules
+/// for DLO) equal our runtime's with the reference routing: max |Δ| ≤ 1e-4 × max |logit|, the same routing
+/// decisions. The same dense checkpoint rewritten without the metadata is refused there as it was.
+#[test]
+fn trained_checkpoints_load_in_transformers_with_our_logits() {
+    use dlo_runtime::model::{Batch, Forward, Routing};
+    use dlo_runtime::{Checkpoint, Model};
+    const REL_TOL: f32 = 1e-4;
+    let Some(py) = dlo_runtime::testing::torch_python() else {
+        return;
+    };
+    let d = tempfile::tempdir().unwrap();
+    let data = write_data(d.path());
+    // Text-like ids with the chat markers: the bytes of a sentence, framed by <|im_start|> and <|im_end|>.
+    let ids: Vec<u32> = std::iter::once(256)
+        .chain("user\nrepeat: the quick brown fox".bytes().map(u32::from))
+        .chain([257])
+        .collect();
+    for (name, dlo_type) in [
+        ("dense", None),
+        ("mlp", Some("llama_dlo_exattn")),
+        ("layer", Some("llama_dlo")),
+    ] {
+        let model = d.path().join(format!("{name}-model"));
+        write_model_of(&model, 7, 3, dlo_type);
+        let run = d.path().join(format!("{name}-run"));
+        let started = std::time::Instant::now();
+        let out = train(&[
+            model.to_str().unwrap(),
+            "--data",
+            data.to_str().unwrap(),
+            "-o",
+            run.to_str().unwrap(),
+            "--steps",
+            "2",
+            "--batch",
+            "2",
+            "--seq-len",
+            "48",
+            "--lr",
+            "1e-2",
+            "--eval-split",
+            "0",
+            "--save-every",
+            "0",
+        ]);
+        assert!(out.status.success(), "{name}: {}", String::from_utf8_lossy(&out.stderr));
+        let train_s = started.elapsed().as_secs_f32();
+        let fin = run.join("final");
+        assert_ne!(
+            std::fs::read(fin.join("model.safetensors")).unwrap(),
+            std::fs::read(model.join("model.safetensors")).unwrap(),
+            "{name}: training changed nothing"
+        );
+        let started = std::time::Instant::now();
+        let (out, hf) = hf_logits(&py, &fin, &ids);
+        let hf = hf.unwrap_or_else(|| {
+            panic!(
+                "{name}: transformers could not load the trained checkpoint:\n{}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            )
+        });
+        let hf_s = started.elapsed().as_secs_f32();
+
+        let ck = Checkpoint::open(&fin).unwrap();
+        let ours = Model::load(&ck.config, &ck.weights, DType::F32, &Device::Cpu).unwrap();
+        let fwd = Forward {
+            routing: Routing::Reference,
+            all_logits: true,
+        };
+        let out = ours.forward(&Batch::single(&ids, 0), None, &fwd).unwrap();
+        let got: Vec<Vec<f32>> = out.logits.squeeze(0).unwrap().to_vec2().unwrap();
+        assert_eq!(
+            (got.len(), got[0].len()),
+            (hf.logits.len(), hf.logits[0].len()),
+            "{name}: logits shape"
+        );
+        let scale = max_abs(hf.logits.iter().flatten().copied());
+        let diff = max_abs(got.iter().flatten().zip(hf.logits.iter().flatten()).map(|(a, b)| a - b));
+
+        // The routing: the same layers routed, the same decisions, router logits as close as the logits.
+        let routed: Vec<usize> = (0..out.trace.len()).filter(|l| out.trace[*l].is_some()).collect();
+        let mut hf_routed: Vec<usize> = hf.routed.keys().copied().collect();
+        hf_routed.sort();
+        assert_eq!(routed, hf_routed, "{name}: routed layers");
+        let mut rates = Vec::new();
+        for &l in &routed {
+            let tr = out.trace[l].as_ref().unwrap();
+            let (z, exec) = &hf.routed[&l];
+            let margin = z.iter().fold(f32::INFINITY, |m, x| m.min(x.abs()));
+            assert_eq!(
+                &tr.exec, exec,
+                "{name}: layer {l}: routing decisions differ from transformers' (smallest |z| {margin:e})"
+            );
+            let dz = max_abs(tr.logits.iter().zip(z).map(|(a, b)| a - b));
+            let zs = max_abs(z.iter().copied());
+            assert!(
+                dz <= REL_TOL * zs,
+                "{name}: layer {l}: router logits differ by {dz} (max |z| {zs})"
+            );
+            rates.push(format!("{l}:{}/{}", exec.iter().filter(|e| **e).count(), exec.len()));
+        }
+        if dlo_type.is_some() {
+            // Some tokens take each branch somewhere, so that the comparison covers the skip path too.
+            let execs = routed.iter().flat_map(|l| hf.routed[l].1.iter());
+            let on = execs.clone().filter(|e| **e).count();
+            assert!(on > 0 && on < execs.count(), "{name}: degenerate routing {rates:?}");
+        }
+        println!(
+            "{name}: trained in {train_s:.2} s, transformers load + forward {hf_s:.1} s; max |Δlogit| {diff:.3e} \
+             (max |logit| {scale:.3}); executed per routed layer {rates:?}"
+        );
+        assert!(scale > 0.5, "{name}: degenerate logits (max |logit| {scale})");
+        assert!(
+            diff <= REL_TOL * scale,
+            "{name}: logits differ from transformers' by {diff} (> {REL_TOL} × {scale})"
+        );
+
+        if dlo_type.is_none() {
+            // Without the metadata transformers 4.40.1 refuses the file, as it refused the issue's checkpoint:
+            // this test goes through the check that failed.
+            let bare = d.path().join("no-metadata");
+            std::fs::create_dir_all(&bare).unwrap();
+            for f in ["config.json", "tokenizer.json", "tokenizer_config.json"] {
+                std::fs::copy(fin.join(f), bare.join(f)).unwrap();
+            }
+            let tensors = candle_core::safetensors::load(fin.join("model.safetensors"), &Device::Cpu).unwrap();
+            candle_core::safetensors::save(&tensors, bare.join("model.safetensors")).unwrap();
+            let (out, hf) = hf_logits(&py, &bare, &ids);
+            let err = String::from_utf8_lossy(&out.stderr);
+            assert!(hf.is_none(), "a checkpoint without safetensors metadata loaded");
+            assert!(err.contains("'NoneType' object has no attribute 'get'"), "{err}");
+        }
+    }
 }

@@ -401,6 +401,24 @@ pub fn venv_python() -> Option<PathBuf> {
     )
 }
 
+/// The Python with torch 2.3.0 + transformers 4.40.1, the reference implementation's pins
+/// (`$DLO_TORCH_PYTHON`, default `$DLO_CACHE/venv/bin/python`, the env `scripts/setup-python.sh --fixtures`
+/// makes), if present ([`found_or_skip`] decides what happens otherwise).
+pub fn torch_python() -> Option<PathBuf> {
+    let p = std::env::var_os("DLO_TORCH_PYTHON")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| cache_dir().join("venv/bin/python"));
+    let missing = format!(
+        "Python with torch and transformers ({}; set DLO_TORCH_PYTHON)",
+        p.display()
+    );
+    found_or_skip(
+        p.exists().then_some(p),
+        &missing,
+        "bash scripts/setup-python.sh --fixtures (it prints DLO_TORCH_PYTHON=...)",
+    )
+}
+
 /// A tiny three-layer model whose layers 1 and 2 skip their MLPs.
 pub fn routed_mlp() -> ModelConfig {
     routed(tiny_config(false), SkipKind::Mlp)
