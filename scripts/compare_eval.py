@@ -121,7 +121,9 @@ def main() -> None:
         greedy_diff = 0
         for k in keys:
             o, r = ours[k], ref[k]
-            for f in ("label", "chars", "tokens"):
+            # `dlo-compile eval` keeps integer (multiple-choice) labels only; LAMBADA's are lists of answers
+            int_label = isinstance(r["label"], int) and not isinstance(r["label"], bool)
+            for f in ("label", "chars", "tokens") if int_label else ("chars", "tokens"):
                 if o[f] != r[f]:
                     differ.append(f"doc {k[1]} idx {k[2]}: {f} {o[f]!r} (ours) vs {r[f]!r} (reference)")
             if not (math.isfinite(o["ll"]) and math.isfinite(r["ll"])):
