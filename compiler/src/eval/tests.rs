@@ -119,7 +119,8 @@ fn eval_writes_results_that_agree_with_each_request() {
     );
     let out = dir.path().join("out");
     let mut calls = 0;
-    let plan = args(vec![dense, dlo], &tasks, out.clone()).plan().unwrap();
+    let named = PathBuf::from(format!("routed={}", dlo.display()));
+    let plan = args(vec![dense, named], &tasks, out.clone()).plan().unwrap();
     let r = run(&plan, |p| {
         calls += 1;
         assert!(p.done <= p.total && p.total == 2 * (48 + 6), "{p:?}");
@@ -180,7 +181,7 @@ fn eval_writes_results_that_agree_with_each_request() {
             .iter()
             .all(|v| v["ll"].as_f64().unwrap() < 0.0 && v["tokens"].as_u64().unwrap() > 0));
         assert!(res.tokens_run > 0 && res.tokens_scored > 0 && res.seconds > 0.0);
-        if res.model == "dlo" {
+        if res.model == "routed" {
             let rate = res.exec_rate.unwrap();
             assert!(
                 rate > 0.0 && rate < 1.0,
@@ -213,7 +214,7 @@ fn eval_writes_results_that_agree_with_each_request() {
     );
     let md = std::fs::read_to_string(out.join("results.md")).unwrap();
     assert!(
-        md.contains("| dlo | default | arc_easy rc_0shot | 6 |") && md.contains("| dense | default | lambada | 6 |"),
+        md.contains("| routed | default | arc_easy rc_0shot | 6 |") && md.contains("| dense | default | lambada | 6 |"),
         "{md}"
     );
     let json: Value = serde_json::from_str(&std::fs::read_to_string(out.join("results.json")).unwrap()).unwrap();
@@ -401,6 +402,13 @@ fn bad_input_is_a_clear_error_and_leaves_nothing_behind() {
                 ..base()
             },
             "output already exists",
+        ),
+        (
+            EvalArgs {
+                models: vec![model.clone(), PathBuf::from(format!("m={}", model.display()))],
+                ..base()
+            },
+            "two models are labelled `m`; name them with NAME=PATH",
         ),
     ] {
         let e = plan_err(a);
