@@ -277,7 +277,12 @@ where
     if x0 > x1 {
         (x0, x1, y0, y1) = (0.0, 1.0, 0.0, 1.0);
     }
-    let pad = ((y1 - y0) * 0.05).max(1e-6);
+    let pad = if markers {
+        // a few points, perhaps one: keep a readable band around them
+        ((y1 - y0) * 0.1).max(0.01 * y0.abs().max(y1.abs()).max(1.0))
+    } else {
+        ((y1 - y0) * 0.05).max(1e-6)
+    };
     // markers at the ends of the x range stay inside the plot
     let xpad = if markers {
         ((x1 - x0) * 0.05).max(x0.abs() * 0.02)
@@ -318,7 +323,7 @@ where
                 .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], color.stroke_width(2)));
         }
     }
-    if text && series.len() > 1 {
+    if text && (series.len() > 1 || markers) {
         chart
             .configure_series_labels()
             .background_style(WHITE.mix(0.8))
