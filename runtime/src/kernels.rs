@@ -1,4 +1,5 @@
-//! CPU kernels for the decode hot path: `y = W x` for a few input rows, `W: [out, in]` row-major.
+//! CPU kernels for the decode hot path: `y = W x` for a few input rows, `W: [out, in]` row-major; and a
+//! blocked transpose for the prefill projections, which compute `(W xᵀ)ᵀ`.
 //!
 //! Batch-1 decode is bound by reading the weights once per token. candle's general GEMM is tuned for
 //! large `m`; for `m ≤` [`MAX_ROWS`] these kernels stream each weight row once, dot it with every input row
@@ -194,6 +195,57 @@ mod tests {
                     (a - b).abs() <= 1e-4 * (1.0 + b.abs()),
                     "bf16 {rows}x{out}x{inp}: {a} vs {b}"
                 );
+            }
+        }
+    }
+}
+
+/// Tile side of [`transpose`]: a 32×32 f32 tile (4 KiB) read row by row and written column by column stays
+/// in L1.
+const TILE: usize = 32;
+
+/// `src: [rows, cols]` row-major → `[cols, rows]` row-major, tile by tile, the output's row bands split
+/// over the rayon pool. candle's strided copy walks element by element; on SmolLM2 prefill its transposes
+/// of the projections' outputs took 17% of the time.
+pub fn transpose(src: &[f32], rows: usize, cols: usize) -> Vec<f32> {
+    assert_eq!(
+        src.len(),
+        rows * cols,
+        "transpose: {} elements for {rows}×{cols}",
+        src.len()
+    );
+    let mut dst = vec![0f32; rows * cols];
+    if rows == 0 || cols == 0 {
+        return dst;
+    }
+    // Each task writes TILE output rows (TILE source columns) completely.
+    dst.par_chunks_mut(TILE * rows).enumerate().for_each(|(band, out)| {
+        let c0 = band * TILE;
+        let cn = out.len() / rows;
+        for r0 in (0..rows).step_by(TILE) {
+            let rn = TILE.min(rows - r0);
+            for c in 0..cn {
+                let o = &mut out[c * rows + r0..][..rn];
+                for (r, x) in o.iter_mut().enumerate() {
+                    *x = src[(r0 + r) * cols + c0 + c];
+                }
+            }
+        }
+    });
+    dst
+}
+
+#[cfg(test)]
+mod transpose_tests {
+    #[test]
+    fn transpose_matches_the_definition_on_ragged_shapes() {
+        for (rows, cols) in [(1, 1), (3, 70), (65, 33), (100, 1536), (0, 4)] {
+            let src: Vec<f32> = (0..rows * cols).map(|i| i as f32 * 0.5 - 7.0).collect();
+            let t = super::transpose(&src, rows, cols);
+            for r in 0..rows {
+                for c in 0..cols {
+                    assert_eq!(t[c * rows + r], src[r * cols + c], "{rows}×{cols} at ({r}, {c})");
+                }
             }
         }
     }
