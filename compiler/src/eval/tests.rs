@@ -1,6 +1,7 @@
 //! `dlo-compile eval` on tiny random checkpoints and synthetic request files: what it writes, budgets, and
 //! every bad input the command can meet.
 
+use super::tasks::tests::{row, write as write_task};
 use super::*;
 use crate::build::{BuildArgs, BuildPlan};
 use dlo_passes::{ModelConfig, SkipKind};
@@ -31,20 +32,6 @@ fn write_model(dir: &Path, cfg: &ModelConfig, tokenizer: bool) -> PathBuf {
         std::fs::write(dir.join("tokenizer.json"), tokenizer_json().to_string()).unwrap();
     }
     dir.to_path_buf()
-}
-
-fn row(doc: u64, idx: usize, label: usize, ctx: &str, cont: &str) -> String {
-    json!({"doc_id": doc, "idx": idx, "label": label, "request": {"context": ctx, "continuation": cont}}).to_string()
-}
-
-fn write_task(dir: &Path, task: &str, variant: &str, lines: &[String]) -> PathBuf {
-    let d = dir.join(task).join(variant);
-    std::fs::create_dir_all(&d).unwrap();
-    let p = d.join("requests.jsonl.gz");
-    let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
-    std::io::Write::write_all(&mut gz, lines.join("\n").as_bytes()).unwrap();
-    std::fs::write(&p, gz.finish().unwrap()).unwrap();
-    p
 }
 
 /// An ARC-like task (4 choices, unconditional rows) and a LAMBADA-like one, 6 documents each.

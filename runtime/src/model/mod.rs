@@ -58,29 +58,26 @@ impl Batch {
     /// Several sequences, left-padded with `pad_id` to the longest; positions count from each sequence's
     /// first real token. Returns the batch and each sequence's length.
     pub fn left_padded(seqs: &[Vec<u32>], pad_id: u32) -> Self {
-        let t = seqs.iter().map(Vec::len).max().unwrap_or(0);
-        let mut batch = Batch {
-            ids: Vec::with_capacity(seqs.len() * t),
-            b: seqs.len(),
-            t,
-            pos: Vec::with_capacity(seqs.len() * t),
-            valid: Vec::with_capacity(seqs.len() * t),
-        };
-        for s in seqs {
+        Self::padded(seqs, |_, s, i, t| {
             let pad = t - s.len();
-            for i in 0..t {
-                let real = i >= pad;
-                batch.ids.push(if real { s[i - pad] } else { pad_id });
-                batch.pos.push(i.saturating_sub(pad) as u32);
-                batch.valid.push(real);
+            match i.checked_sub(pad) {
+                Some(j) => (s[j], j as u32, true),
+                None => (pad_id, 0, false),
             }
-        }
-        batch
+        })
     }
 
     /// Several sequences that continue a cache, right-padded with `pad_id` to the longest: sequence `i`'s
     /// first token sits at position `start[i]`. Padding comes after every real token, so none of them sees it.
     pub fn right_padded(seqs: &[Vec<u32>], start: &[u32], pad_id: u32) -> Self {
+        Self::padded(seqs, |k, s, i, _| {
+            (s.get(i).copied().unwrap_or(pad_id), start[k] + i as u32, i < s.len())
+        })
+    }
+
+    /// Sequences padded to the longest (`t`): `slot(k, seqs[k], i, t)` gives column `i`'s (id, position,
+    /// valid).
+    fn padded(seqs: &[Vec<u32>], slot: impl Fn(usize, &[u32], usize, usize) -> (u32, u32, bool)) -> Self {
         let t = seqs.iter().map(Vec::len).max().unwrap_or(0);
         let mut batch = Batch {
             ids: Vec::with_capacity(seqs.len() * t),
@@ -89,11 +86,12 @@ impl Batch {
             pos: Vec::with_capacity(seqs.len() * t),
             valid: Vec::with_capacity(seqs.len() * t),
         };
-        for (s, &p0) in seqs.iter().zip(start) {
+        for (k, s) in seqs.iter().enumerate() {
             for i in 0..t {
-                batch.ids.push(s.get(i).copied().unwrap_or(pad_id));
-                batch.pos.push(p0 + i as u32);
-                batch.valid.push(i < s.len());
+                let (id, p, v) = slot(k, s, i, t);
+                batch.ids.push(id);
+                batch.pos.push(p);
+                batch.valid.push(v);
             }
         }
         batch
