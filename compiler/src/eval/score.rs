@@ -208,29 +208,17 @@ pub fn score<B: Backend>(
         }
         pieces.push(piece);
     }
-    // Pieces of similar continuation and context lengths batch together with little padding.
-    let longest = |p: &Piece| groups[p.group].continuations[*p.conts.last().expect("non-empty")].len();
-    pieces.sort_by_key(|p| (longest(p), groups[p.group].context.len()));
+    // Contexts of similar lengths run together; their continuations then run in batches of similar lengths
+    // (continuation rows pick their context's cache row, so the two passes batch independently).
+    pieces.sort_by_key(|p| groups[p.group].context.len());
     let mut out: Vec<Vec<Option<Scored>>> = groups.iter().map(|g| vec![None; g.continuations.len()]).collect();
     let mut i = 0;
     while i < pieces.len() {
-        let (mut j, mut rows, mut ctx, mut cont) = (i, 0, 0, 0);
-        while j < pieces.len() {
-            let p = &pieces[j];
-            let r = rows + p.conts.len();
-            let c = ctx.max(groups[p.group].context.len());
-            let t = cont.max(longest(p) - 1);
-            if j > i && (r > limits.rows || c * (j - i + 1) > limits.tokens || t * r > limits.tokens) {
-                break;
-            }
-            (rows, ctx, cont, j) = (r, c, t, j + 1);
+        let mut j = i + 1;
+        while j < pieces.len() && groups[pieces[j].group].context.len() * (j - i + 1) <= limits.tokens {
+            j += 1;
         }
-        let scored = batch(model, routing, groups, &pieces[i..j], counters)?;
-        for (p, s) in pieces[i..j].iter().zip(scored) {
-            for (&k, s) in p.conts.iter().zip(s) {
-                out[p.group][k] = Some(s);
-            }
-        }
+        let rows = batch(model, routing, groups, &pieces[i..j], limits, counters, &mut out)?;
         progress(rows);
         i = j;
     }
@@ -252,60 +240,79 @@ struct Piece {
     conts: Vec<usize>,
 }
 
-/// Scores `pieces` in one context pass and one continuation pass; per piece, one score per continuation.
+/// Scores `pieces`: one pass over their contexts (left-padded), then their continuations, shortest first, in
+/// passes within `limits`, each from copies of its rows of the contexts' cache. Writes each score into
+/// `out[group][continuation]` and returns the number of continuations scored.
 fn batch<B: Backend>(
     model: &B,
     routing: &Routing,
     groups: &[Group],
     pieces: &[Piece],
+    limits: Limits,
     counters: &mut Counters,
-) -> Result<Vec<Vec<Scored>>> {
+    out: &mut [Vec<Option<Scored>>],
+) -> Result<usize> {
     let vocab = model.config().vocab_size;
     let contexts: Vec<Vec<u32>> = pieces.iter().map(|p| groups[p.group].context.clone()).collect();
     let mut cache = model.new_cache();
     let ctx_batch = Batch::left_padded(&contexts, 0);
-    let last = |all_logits| Forward {
+    let opts = |all_logits| Forward {
         routing: routing.clone(),
         all_logits,
     };
-    let ctx_out = model.forward(&ctx_batch, Some(&mut cache), &last(false))?;
+    let ctx_out = model.forward(&ctx_batch, Some(&mut cache), &opts(false))?;
     counters.add(&ctx_out, &ctx_batch);
     let first = host_logits(&ctx_out)?;
-    // One row per continuation, continuing its piece's context row.
-    let conts = |p: &Piece| -> Vec<&Vec<u32>> { p.conts.iter().map(|&k| &groups[p.group].continuations[k]).collect() };
-    let (mut rows, mut inputs, mut start) = (vec![], vec![], vec![]);
-    for (pi, p) in pieces.iter().enumerate() {
-        for c in conts(p) {
-            rows.push(pi);
-            inputs.push(c[..c.len() - 1].to_vec());
-            start.push(groups[p.group].context.len() as u32);
+    // Every continuation: (its context's row, group, index in the group), shortest first.
+    let mut rows: Vec<(usize, usize, usize)> = pieces
+        .iter()
+        .enumerate()
+        .flat_map(|(pi, p)| p.conts.iter().map(move |&k| (pi, p.group, k)))
+        .collect();
+    let cont = |&(_, g, k): &(usize, usize, usize)| &groups[g].continuations[k];
+    rows.sort_by_key(|r| cont(r).len());
+    let mut i = 0;
+    while i < rows.len() {
+        // Continuations of one token are scored from the contexts' logits alone.
+        let mut j = i + 1;
+        let mut rest = None;
+        if cont(&rows[i]).len() > 1 {
+            while j < rows.len() && j - i < limits.rows && (cont(&rows[j]).len() - 1) * (j - i + 1) <= limits.tokens {
+                j += 1;
+            }
+            let picked: Vec<usize> = rows[i..j].iter().map(|r| r.0).collect();
+            let inputs: Vec<Vec<u32>> = rows[i..j]
+                .iter()
+                .map(|r| cont(r)[..cont(r).len() - 1].to_vec())
+                .collect();
+            let start: Vec<u32> = rows[i..j]
+                .iter()
+                .map(|&(_, g, _)| groups[g].context.len() as u32)
+                .collect();
+            let mut forked = model.select_rows(&cache, &picked)?;
+            let b = Batch::right_padded(&inputs, &start, 0);
+            let o = model.forward(&b, Some(&mut forked), &opts(true))?;
+            counters.add(&o, &b);
+            rest = Some((host_logits(&o)?, b.t));
+        } else {
+            while j < rows.len() && cont(&rows[j]).len() == 1 {
+                j += 1;
+            }
         }
-    }
-    let rest = if inputs.iter().any(|c| !c.is_empty()) {
-        let mut forked = model.select_rows(&cache, &rows)?;
-        drop(cache);
-        let b = Batch::right_padded(&inputs, &start, 0);
-        let o = model.forward(&b, Some(&mut forked), &last(true))?;
-        counters.add(&o, &b);
-        Some((host_logits(&o)?, b.t))
-    } else {
-        None
-    };
-    let mut out: Vec<Vec<Scored>> = vec![Vec::new(); pieces.len()];
-    let mut r = 0;
-    for (pi, p) in pieces.iter().enumerate() {
-        for c in conts(p) {
+        for (r, row) in rows[i..j].iter().enumerate() {
+            let (pi, g, k) = *row;
+            let c = cont(row);
             let (mut ll, mut greedy) = (0.0, true);
-            for (k, &target) in c.iter().enumerate() {
-                let row = match (k, &rest) {
+            for (n, &target) in c.iter().enumerate() {
+                let logits = match (n, &rest) {
                     (0, _) => &first[pi * vocab..(pi + 1) * vocab],
-                    (_, Some((logits, t))) => &logits[((r * t) + k - 1) * vocab..][..vocab],
-                    (_, None) => unreachable!("a continuation longer than one token makes a second pass"),
+                    (_, Some((logits, t))) => &logits[(r * t + n - 1) * vocab..][..vocab],
+                    (_, None) => unreachable!("continuations longer than one token make a pass"),
                 };
-                let (lp, best) = log_prob(row, target);
+                let (lp, best) = log_prob(logits, target);
                 if !lp.is_finite() {
                     return Err(Error::NonFiniteLogits {
-                        position: groups[p.group].context.len() + k,
+                        position: groups[g].context.len() + n,
                         layer: None,
                         cause: "while scoring a continuation".into(),
                     });
@@ -314,11 +321,11 @@ fn batch<B: Backend>(
                 greedy &= best;
             }
             counters.scored += c.len() as u64;
-            out[pi].push(Scored { ll, greedy });
-            r += 1;
+            out[g][k] = Some(Scored { ll, greedy });
         }
+        i = j;
     }
-    Ok(out)
+    Ok(rows.len())
 }
 
 #[cfg(test)]
