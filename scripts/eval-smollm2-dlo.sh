@@ -43,3 +43,8 @@ echo "budget with the base model's FLOPs per token: $R" >&2
 rm -rf "$OUT"
 "$BIN/dlo-compile" eval "base=$W/base" "dense-sft=$W/sft-dense/final" "dlo-sft=$W/sft-dlo.dlo" --budget "1,capacity,$R" \
   --task "$TASKS" --limit "$LIMIT" --threads "$THREADS" -o "$OUT"
+# DLO at the base model's FLOPs against the dense fine-tune (same FLOPs), per document, and at its other budgets
+for run in "dlo-sft:$R" dlo-sft:capacity dlo-sft:1; do
+  echo
+  python3 scripts/eval_paired.py "$OUT" "$run" dense-sft
+done
