@@ -5,7 +5,8 @@
 #   - its dense fine-tune, and
 #   - the 30 → 36 DLO fine-tune (routers on all 36 layers, MLP skipping), as an engine calibrated to its trained
 #     per-layer capacities on GSM8K text, at budget 1 (every unit on), at its capacity rule, and at the budget
-#     whose FLOPs per token equal the base model's,
+#     whose FLOPs per token equal the base model's (from the engine's quantile tables); and the same checkpoint
+#     built and calibrated at that budget (a second run, $OUT-cal),
 # all from scripts/train-smollm2-dlo.sh (GSM8K question → answer SFT: no benchmark below is trained on).
 # The equal-FLOPs budget is solved from the base model's FLOPs per token on a short first pass (LIMIT_PROBE docs).
 #
@@ -43,8 +44,16 @@ echo "budget with the base model's FLOPs per token: $R" >&2
 rm -rf "$OUT"
 "$BIN/dlo-compile" eval "base=$W/base" "dense-sft=$W/sft-dense/final" "dlo-sft=$W/sft-dlo.dlo" --budget "1,capacity,$R" \
   --task "$TASKS" --limit "$LIMIT" --threads "$THREADS" -o "$OUT"
+# The same budget calibrated at build time (fixed-point iteration on the GSM8K text), not mapped from quantiles
+[ -f "$W/sft-dlo-r$R.dlo" ] || "$BIN/dlo-compile" build "$W/sft-dlo/final" -o "$W/sft-dlo-r$R.dlo" --budget "$R" \
+  --calibration "$W/gsm8k.txt"
+rm -rf "$OUT-cal"
+"$BIN/dlo-compile" eval "dense-sft=$W/sft-dense/final" "dlo-sft-cal=$W/sft-dlo-r$R.dlo" --task "$TASKS" \
+  --limit "$LIMIT" --threads "$THREADS" -o "$OUT-cal"
 # DLO at the base model's FLOPs against the dense fine-tune (same FLOPs), per document, and at its other budgets
 for run in "dlo-sft:$R" dlo-sft:capacity dlo-sft:1; do
   echo
   python3 scripts/eval_paired.py "$OUT" "$run" dense-sft
 done
+echo
+python3 scripts/eval_paired.py "$OUT-cal" dlo-sft-cal dense-sft
