@@ -395,21 +395,25 @@ struct Prepared {
     groups: Vec<Group>,
     /// Per document: where each choice's score lands, then each unconditional request's.
     slots: Vec<(Vec<Slot>, Vec<Slot>)>,
-    /// Per document: continuation tokens of each choice, then of each unconditional request.
-    tokens: Vec<(Vec<usize>, Vec<usize>)>,
+}
+
+impl Prepared {
+    /// Continuation tokens of the request at `slot`.
+    fn tokens(&self, &(g, i): &Slot) -> usize {
+        self.groups[g].continuations[i].len()
+    }
 }
 
 /// Encodes `task` for a model: requests with the same context tokens share a group (across documents too:
-/// unconditional requests all share one neutral context), at most `max_rows` continuations per group.
-fn prepare(task: &Task, enc: &Encoder, model: &Path, max_rows: usize) -> Result<Prepared, EvalError> {
+/// unconditional requests all share one neutral context); scoring cuts large groups to its batch limits.
+fn prepare(task: &Task, enc: &Encoder, model: &Path) -> Result<Prepared, EvalError> {
     let mut p = Prepared {
         groups: vec![],
         slots: vec![],
-        tokens: vec![],
     };
     let mut open: HashMap<Vec<u32>, usize> = HashMap::new();
     for d in &task.docs {
-        let mut place = |r: &tasks::Request| -> Result<((usize, usize), usize), EvalError> {
+        let mut place = |r: &tasks::Request| -> Result<Slot, EvalError> {
             let e = enc
                 .encode(&r.context, &r.continuation)
                 .map_err(|problem| EvalError::Untokenizable {
@@ -418,37 +422,19 @@ fn prepare(task: &Task, enc: &Encoder, model: &Path, max_rows: usize) -> Result<
                     doc_id: d.doc_id,
                     problem,
                 })?;
-            let n = e.continuation.len();
-            let g = match open.get(&e.context) {
-                Some(&g) if p.groups[g].continuations.len() < max_rows => g,
-                _ => {
-                    p.groups.push(Group {
-                        context: e.context.clone(),
-                        continuations: vec![],
-                    });
-                    open.insert(e.context, p.groups.len() - 1);
-                    p.groups.len() - 1
-                }
-            };
+            let g = *open.entry(e.context).or_insert_with_key(|context| {
+                p.groups.push(Group {
+                    context: context.clone(),
+                    continuations: vec![],
+                });
+                p.groups.len() - 1
+            });
             p.groups[g].continuations.push(e.continuation);
-            Ok(((g, p.groups[g].continuations.len() - 1), n))
+            Ok((g, p.groups[g].continuations.len() - 1))
         };
-        let (cs, ct): (Vec<_>, Vec<_>) = d
-            .choices
-            .iter()
-            .map(&mut place)
-            .collect::<Result<Vec<_>, _>>()?
-            .into_iter()
-            .unzip();
-        let (us, ut): (Vec<_>, Vec<_>) = d
-            .uncond
-            .iter()
-            .map(&mut place)
-            .collect::<Result<Vec<_>, _>>()?
-            .into_iter()
-            .unzip();
+        let cs = d.choices.iter().map(&mut place).collect::<Result<Vec<_>, _>>()?;
+        let us = d.uncond.iter().map(&mut place).collect::<Result<Vec<_>, _>>()?;
         p.slots.push((cs, us));
-        p.tokens.push((ct, ut));
     }
     Ok(p)
 }
@@ -542,10 +528,7 @@ pub fn run(plan: &EvalPlan, mut progress: impl FnMut(&Progress)) -> Result<EvalR
             vocab: cfg.vocab_size,
             unk: score::unk_id(tok),
         };
-        let prepared: Vec<Prepared> = tasks
-            .iter()
-            .map(|t| prepare(t, &enc, path, plan.limits.rows))
-            .collect::<Result<_, _>>()?;
+        let prepared: Vec<Prepared> = tasks.iter().map(|t| prepare(t, &enc, path)).collect::<Result<_, _>>()?;
         let model = Model::load_opts(cfg, &opened.weights, &plan.runtime)?;
         for (budget, routing) in budgets.iter().zip(&routings) {
             let budget = budget.label();
@@ -559,32 +542,28 @@ pub fn run(plan: &EvalPlan, mut progress: impl FnMut(&Progress)) -> Result<EvalR
                 })?;
                 let seconds = t0.elapsed().as_secs_f64();
                 let mut docs = Vec::with_capacity(task.docs.len());
-                for (d, ((cs, us), (ct, ut))) in task.docs.iter().zip(prep.slots.iter().zip(&prep.tokens)) {
-                    let at = |&(g, i): &(usize, usize)| scored[g][i];
+                for (d, (cs, us)) in task.docs.iter().zip(&prep.slots) {
+                    let at = |&(g, i): &Slot| scored[g][i];
                     let choices: Vec<Choice> = d
                         .choices
                         .iter()
-                        .zip(cs.iter().zip(ct))
+                        .zip(cs)
                         .enumerate()
-                        .map(|(i, (r, (slot, &tokens)))| Choice {
+                        .map(|(i, (r, slot))| Choice {
                             ll: at(slot).ll,
                             greedy: at(slot).greedy,
-                            tokens,
+                            tokens: prep.tokens(slot),
                             chars: r.continuation.chars().count(),
                             uncond_ll: us.get(i).map(|s| at(s).ll),
                         })
                         .collect();
-                    let rows = d
-                        .choices
-                        .iter()
-                        .zip(cs.iter().zip(ct))
-                        .map(|(r, (s, t))| (d.doc_id, r, s, t));
+                    let rows = d.choices.iter().zip(cs).map(|(r, s)| (d.doc_id, r, s));
                     let urows = d
                         .uncond
                         .iter()
-                        .zip(us.iter().zip(ut))
-                        .map(|(r, (s, t))| (d.doc_id + tasks::UNCOND_OFFSET, r, s, t));
-                    for (doc_id, r, slot, &tokens) in rows.chain(urows) {
+                        .zip(us)
+                        .map(|(r, s)| (d.doc_id + tasks::UNCOND_OFFSET, r, s));
+                    for (doc_id, r, slot) in rows.chain(urows) {
                         let row = RequestRow {
                             model: label,
                             budget: &budget,
@@ -595,7 +574,7 @@ pub fn run(plan: &EvalPlan, mut progress: impl FnMut(&Progress)) -> Result<EvalR
                             label: d.label,
                             ll: at(slot).ll,
                             greedy: at(slot).greedy,
-                            tokens,
+                            tokens: prep.tokens(slot),
                             chars: r.continuation.chars().count(),
                         };
                         serde_json::to_writer(&mut requests, &row)?;
