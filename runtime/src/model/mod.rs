@@ -99,19 +99,15 @@ impl Batch {
 
     /// Tokens `start..start + len` of every sequence.
     pub fn columns(&self, start: usize, len: usize) -> Self {
-        let cols = |v: &[u32]| -> Vec<u32> {
-            (0..self.b)
-                .flat_map(|bi| v[bi * self.t + start..][..len].to_vec())
-                .collect()
-        };
+        fn cols<T: Copy>(v: &[T], b: usize, t: usize, start: usize, len: usize) -> Vec<T> {
+            (0..b).flat_map(|bi| v[bi * t + start..][..len].to_vec()).collect()
+        }
         Batch {
-            ids: cols(&self.ids),
+            ids: cols(&self.ids, self.b, self.t, start, len),
             b: self.b,
             t: len,
-            pos: cols(&self.pos),
-            valid: (0..self.b)
-                .flat_map(|bi| self.valid[bi * self.t + start..][..len].to_vec())
-                .collect(),
+            pos: cols(&self.pos, self.b, self.t, start, len),
+            valid: cols(&self.valid, self.b, self.t, start, len),
         }
     }
 
