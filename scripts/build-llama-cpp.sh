@@ -4,7 +4,11 @@
 # binaries exist (and, when LLAMA_CPP_SRC is given, are newer than its CMakeLists.txt).
 #
 # Sources: $LLAMA_CPP_SRC, else what `DLO_FETCH_LLAMA_CPP=1 scripts/fetch-assets.sh` unpacked.
-# Output:  $LLAMA_CPP_BUILD (default $DLO_CACHE/llama.cpp-build/build); prints LLAMA_BENCH=… and LLAMA_QUANTIZE=….
+# Output:  $LLAMA_CPP_BUILD (default $DLO_CACHE/llama.cpp-build/build-noamx); prints LLAMA_BENCH=… and
+#          LLAMA_QUANTIZE=….
+# Flags:   -march=native (GGML_NATIVE) without AMX: on our VMs ggml's AMX kernels for Q8_0/Q4_0 die with SIGILL at
+#          their first `tilezero` (tile data not enabled for the process), so llama.cpp runs its AVX-512/VNNI kernels,
+#          the fastest that work here.
 # Jobs:    $JOBS (default 1; the build is niced so it does not starve other work).
 set -euo pipefail
 
@@ -12,7 +16,7 @@ CACHE="${DLO_CACHE:-$HOME/.cache/dlo}"
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 JOBS="${JOBS:-1}"
 
-BUILD="${LLAMA_CPP_BUILD:-$CACHE/llama.cpp-build/build}"
+BUILD="${LLAMA_CPP_BUILD:-$CACHE/llama.cpp-build/build-noamx}"
 BENCH="$BUILD/bin/llama-bench"
 QUANT="$BUILD/bin/llama-quantize"
 if [ -z "${LLAMA_CPP_SRC:-}" ] && [ -x "$BENCH" ] && [ -x "$QUANT" ]; then
@@ -39,10 +43,16 @@ if [ -x "$BENCH" ] && [ -x "$QUANT" ] && [ "$BENCH" -nt "$LLAMA_CPP_SRC/CMakeLis
   exit 0
 fi
 
+# -mno-amx-* where the compiler knows them (GCC >= 11, Clang >= 12).
+NO_AMX=""
+if echo 'int main(){return 0;}' | ${CC:-cc} -x c -mno-amx-tile -mno-amx-int8 -mno-amx-bf16 - -o /dev/null 2>/dev/null; then
+  NO_AMX="-mno-amx-tile -mno-amx-int8 -mno-amx-bf16"
+fi
 echo "building llama.cpp from $LLAMA_CPP_SRC into $BUILD (-j $JOBS) ..." >&2
 nice -n 15 cmake -S "$LLAMA_CPP_SRC" -B "$BUILD" \
   -DCMAKE_BUILD_TYPE=Release \
   -DGGML_NATIVE=ON \
+  -DCMAKE_C_FLAGS="$NO_AMX" -DCMAKE_CXX_FLAGS="$NO_AMX" \
   -DLLAMA_CURL=OFF -DLLAMA_OPENSSL=OFF \
   -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_SERVER=OFF -DLLAMA_BUILD_APP=OFF \
   -DBUILD_SHARED_LIBS=OFF >&2

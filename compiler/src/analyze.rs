@@ -331,6 +331,7 @@ mod tests {
             runtime: RuntimeArgs {
                 device: "cuda:9".into(),
                 threads: None,
+                dequantize: false,
             },
             ..args.clone()
         };

@@ -589,6 +589,7 @@ mod tests {
                 runtime: RuntimeArgs {
                     device: device.into(),
                     threads,
+                    dequantize: false,
                 },
                 ..args(dir.path())
             };
@@ -599,6 +600,7 @@ mod tests {
             runtime: RuntimeArgs {
                 device: "cpu".into(),
                 threads: Some(1),
+                dequantize: false,
             },
             ..args(dir.path())
         })

@@ -13,6 +13,10 @@ pub struct RuntimeArgs {
     /// Worker threads (default: all cores; more than 4 per CPU are lowered to that, with a warning).
     #[arg(long)]
     pub threads: Option<usize>,
+    /// Dequantize block-quantized weights (a GGUF's Q4_1, a Q8_0 engine) to f32 at load instead of running
+    /// them in their blocks.
+    #[arg(long)]
+    pub dequantize: bool,
 }
 
 impl Default for RuntimeArgs {
@@ -20,6 +24,7 @@ impl Default for RuntimeArgs {
         RuntimeArgs {
             device: "cpu".into(),
             threads: None,
+            dequantize: false,
         }
     }
 }
@@ -39,6 +44,7 @@ impl RuntimeArgs {
             device: self.device.parse::<DeviceSpec>()?,
             dtype,
             threads: self.threads,
+            dequantize: self.dequantize,
             ..RuntimeOptions::default()
         };
         opts.validate()?;
@@ -55,6 +61,7 @@ mod tests {
         let a = RuntimeArgs {
             device: "cpu".into(),
             threads: Some(3),
+            dequantize: false,
         };
         let o = a.options(DType::F32).unwrap();
         assert_eq!((o.device, o.threads), (DeviceSpec::Cpu, Some(3)));
@@ -67,6 +74,7 @@ mod tests {
             let bad = RuntimeArgs {
                 device: device.into(),
                 threads,
+                dequantize: false,
             };
             let e = bad.options(DType::F32).unwrap_err().to_string();
             assert!(e.contains(needle), "{e}");

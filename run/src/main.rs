@@ -51,9 +51,11 @@ struct Args {
     /// RNG seed.
     #[arg(long, default_value_t = 42)]
     seed: u64,
-    /// Compute dtype (f64: a slow verification mode, e.g. `--dump` references for f64 ONNX exports).
-    #[arg(long, default_value = "f32", value_parser = ["f32", "bf16", "f64"])]
-    dtype: String,
+    /// Compute dtype, to which every weight is converted (f64: a slow verification mode, e.g. `--dump`
+    /// references for f64 ONNX exports). Without it the model computes in f32 and block-quantized weights (a
+    /// GGUF's Q4_1, a Q8_0 engine) run in their blocks; with it they are dequantized.
+    #[arg(long, value_parser = ["f32", "bf16", "f64"])]
+    dtype: Option<String>,
     /// Worker threads (default: all cores; more than 4 per CPU are lowered to that, with a warning).
     #[arg(long)]
     threads: Option<usize>,
@@ -105,11 +107,12 @@ fn main() -> std::process::ExitCode {
 fn run(args: Args) -> Result<()> {
     let opts = RuntimeOptions {
         device: args.device.parse()?,
-        dtype: match args.dtype.as_str() {
-            "bf16" => DType::BF16,
-            "f64" => DType::F64,
+        dtype: match args.dtype.as_deref() {
+            Some("bf16") => DType::BF16,
+            Some("f64") => DType::F64,
             _ => DType::F32,
         },
+        dequantize: args.dtype.is_some(),
         threads: args.threads,
         ..RuntimeOptions::default()
     };

@@ -171,7 +171,6 @@ fn time_it(n: usize, mut f: impl FnMut() -> Result<()>) -> Result<f64> {
 fn profile(m: &Model, decode_tok_s: f64) -> Result<()> {
     use dlo_runtime::kernels::{matvec, WeightElem};
     use dlo_runtime::model::layers::Linear;
-    use dlo_runtime::model::weight::Weight;
     let step_s = 1.0 / decode_tok_s;
     let d = m.config().hidden_size;
     let f = m.config().intermediate_size;
@@ -189,7 +188,7 @@ fn profile(m: &Model, decode_tok_s: f64) -> Result<()> {
     let head = match &m.lm_head {
         Some(h) => h.clone(),
         None => Linear {
-            weight: Weight::dense(m.embed_tokens.clone()),
+            weight: m.embed_tokens.clone(),
             bias: None,
         },
     };

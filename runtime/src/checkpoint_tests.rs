@@ -497,6 +497,71 @@ fn permute_and_unpermute_are_inverse_and_match_llama_cpp() {
     assert!(crate::gguf::unpermute_qk(&w, 5).is_err());
 }
 
+/// A quantized GGUF loaded with the runtime's defaults keeps its projections and embeddings in their blocks
+/// (Q/K rows unpermuted like the dense path), and its logits follow the dequantized model's up to the
+/// activations' 8-bit quantization; with `dequantize` every weight is dense.
+#[test]
+fn gguf_quantized_weights_run_in_their_blocks() {
+    use crate::model::weight::WeightKind;
+    use crate::model::{Batch, Forward};
+    use crate::{Model, RuntimeOptions};
+    let tmp = tempfile::tempdir().unwrap();
+    let path = tmp.path().join("q.gguf");
+    let mut v = tiny_hf_config_json();
+    v["hidden_size"] = json!(256);
+    v["intermediate_size"] = json!(512);
+    v["num_attention_heads"] = json!(4);
+    v["num_key_value_heads"] = json!(2);
+    v["head_dim"] = json!(64);
+    let cfg = config_of(&v);
+    let t = randn_tensors(&cfg);
+    let t: Tensors = t.into_iter().map(|(n, x)| (n, (x * 0.05).unwrap())).collect();
+    let ids: Vec<u32> = (0..12).map(|i| (i * 7 % cfg.vocab_size) as u32).collect();
+    for ty in [
+        GgmlDType::Q8_0,
+        GgmlDType::Q4_1,
+        GgmlDType::Q4_0,
+        GgmlDType::Q5_0,
+        GgmlDType::Q5_1,
+        GgmlDType::Q4K,
+    ] {
+        write_gguf(&path, &llama_metadata(&cfg), &to_gguf_tensors(&cfg, &t, ty));
+        let ck = Checkpoint::open(&path).unwrap();
+        let q = Model::load_opts(&ck.config, &ck.weights, &RuntimeOptions::default()).unwrap();
+        let dense = Model::load_opts(
+            &ck.config,
+            &ck.weights,
+            &RuntimeOptions {
+                dequantize: true,
+                ..RuntimeOptions::default()
+            },
+        )
+        .unwrap();
+        assert_eq!(q.layers[0].self_attn.q_proj.weight.kind(), WeightKind::Quantized(ty));
+        assert_eq!(q.embed_tokens.kind(), WeightKind::Quantized(ty));
+        assert_eq!(
+            dense.layers[0].self_attn.q_proj.weight.kind(),
+            WeightKind::Dense(DType::F32)
+        );
+        // The quantized weight holds exactly the values the dense path dequantized (rows in HF order).
+        let wq = q.layers[1].self_attn.k_proj.weight.to_dense(DType::F32).unwrap();
+        let wd = dense.layers[1].self_attn.k_proj.weight.to_dense(DType::F32).unwrap();
+        assert_eq!(max_abs_diff(&wq, &wd), 0.0, "{ty:?}");
+        let fwd = Forward {
+            all_logits: true,
+            ..Forward::default()
+        };
+        let a = q.forward(&Batch::single(&ids, 0), None, &fwd).unwrap().logits;
+        let b = dense.forward(&Batch::single(&ids, 0), None, &fwd).unwrap().logits;
+        let scale = b.abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap() as f64;
+        let d = max_abs_diff(&a, &b);
+        assert!(
+            d > 0.0 && d < 0.03 * scale,
+            "{ty:?}: max |Δlogit| {d} (logit scale {scale})"
+        );
+    }
+}
+
 #[test]
 fn gguf_quantized_tensors_dequantize() {
     let tmp = tempfile::tempdir().unwrap();

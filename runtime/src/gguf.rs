@@ -2,8 +2,11 @@
 //!
 //! - Hyperparameters come from the `{arch}.*` metadata keys (`arch` = `general.architecture`, `llama` or
 //!   `qwen2`); a missing key is an error naming the key and the file.
-//! - Every tensor is dequantized to f32 at load (F32, F16, BF16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0 and the
-//!   K-quants Q2_K…Q6_K, everything candle dequantizes); any other type is [`Error::UnsupportedDtype`].
+//! - Tensors are read when the model loads them, one at a time: block-quantized ones (Q4_0, Q4_1, Q5_0, Q5_1,
+//!   Q8_0 and the K-quants Q2_K…Q6_K) stay in their blocks for [`crate::model::weight::Weight::Quantized`],
+//!   or are dequantized when the caller asks for dense tensors; F32/F16/BF16 load as floats. Any other type is
+//!   [`Error::UnsupportedDtype`]. Opening the file checks every tensor's layout and that its values (block
+//!   scales) are finite.
 //! - Names are mapped to HF names (`blk.3.attn_q.weight` → `model.layers.3.self_attn.q_proj.weight`, see
 //!   [`hf_name`]); no `output.weight` means tied embeddings.
 //! - **RoPE convention.** llama.cpp's HF→GGUF converter permutes the rows of `attn_q`/`attn_k` for the
@@ -14,6 +17,7 @@
 //!   `[out, in]` like HF.
 
 use crate::error::{candle_message, Error, Result};
+use crate::model::weight::{qtensor_from_bytes, BlockBytes, Weight};
 use crate::tokenizer::Tokenizer;
 use crate::weights::{LoadReport, Weights};
 use candle_core::quantized::gguf_file::{Content, Value};
@@ -24,12 +28,13 @@ use serde_json::json;
 use std::collections::HashMap;
 use std::io::{BufReader, Seek};
 use std::path::Path;
+use std::path::PathBuf;
 
 /// What [`load`] returns: the parts of a [`crate::Checkpoint`].
 pub struct GgufCheckpoint {
     /// Hyperparameters translated into an HF-style config.
     pub config: ModelConfig,
-    /// Dequantized f32 tensors by HF name.
+    /// The tensors by HF name, read from the file when loaded (in their blocks or dequantized).
     pub weights: Weights,
     /// The tokenizer built from the GGUF vocabulary, if any.
     pub tokenizer: Option<Tokenizer>,
@@ -130,47 +135,222 @@ pub fn load(path: &Path) -> Result<GgufCheckpoint> {
 
     let mut tensors = HashMap::with_capacity(wanted.len());
     for (name, hf) in wanted {
-        let q = content
-            .tensor(&mut reader, &name, &Device::Cpu)
-            .map_err(|e| Error::format(path, format!("tensor `{name}`: {}", candle_message(e))))?;
-        let mut t = q.dequantize(&Device::Cpu).map_err(|e| {
-            Error::format(
-                path,
-                format!("tensor `{name}`: cannot dequantize: {}", candle_message(e)),
-            )
-        })?;
-        if let Some(i) = first_non_finite(&t) {
-            return Err(Error::format(
-                path,
-                format!(
-                    "tensor `{name}`: element {i} is not finite after dequantization (a NaN or infinite value \
-                     or block scale in the file)"
-                ),
-            ));
-        }
-        if permuted && (hf.contains(".self_attn.q_proj.") || hf.contains(".self_attn.k_proj.")) {
+        let info = &content.tensor_infos[&name];
+        let shape = info.shape.dims().to_vec();
+        let qk_heads = if permuted && (hf.contains(".self_attn.q_proj.") || hf.contains(".self_attn.k_proj.")) {
             let n_head = if hf.contains(".q_proj.") {
                 md.n_head
             } else {
                 md.n_head_kv
             };
-            t = unpermute_qk(&t, n_head)
-                .map_err(|e| Error::format(path, format!("tensor `{name}`: {}", candle_message(e))))?;
-        }
-        tensors.insert(hf, t);
+            let rows = shape.first().copied().unwrap_or(0);
+            if n_head == 0 || rows % (2 * n_head) != 0 {
+                return Err(Error::format(
+                    path,
+                    format!("tensor `{name}`: {rows} rows cannot be split into {n_head} heads of even size"),
+                ));
+            }
+            Some(n_head)
+        } else {
+            None
+        };
+        let bytes = tensor_bytes(info).unwrap_or(0) as usize; // check_layout proved it exists
+        tensors.insert(
+            hf,
+            GgufTensor {
+                gguf_name: name,
+                dtype: info.ggml_dtype,
+                shape,
+                start: content.tensor_data_offset + info.offset,
+                bytes,
+                qk_heads,
+            },
+        );
     }
-    let weights = Weights::from_tensors(tensors, path);
+    let file = reader.into_inner();
+    let store = GgufTensors {
+        file: std::sync::Mutex::new(file),
+        path: path.to_path_buf(),
+        tensors,
+    };
+    store.check_finite()?;
+    let weights = Weights::from_gguf(std::sync::Arc::new(store));
     let mut checked = weights.check(&config);
     checked.unused.append(&mut report.unused);
     let report = checked.into_result(path)?;
-    // Reading the rest of the file is done; the tokenizer only needs metadata.
-    let _ = reader.rewind();
     let tokenizer = Tokenizer::from_gguf(&content.metadata, path)?;
     Ok(GgufCheckpoint {
         config,
         weights,
         tokenizer,
         report,
+    })
+}
+
+/// A GGUF file's tensors by HF name, read on demand: one positioned read per tensor, so that a model built
+/// from it holds each tensor once (in its blocks, or dequantized when asked) and nothing else of the file.
+pub(crate) struct GgufTensors {
+    file: std::sync::Mutex<std::fs::File>,
+    path: PathBuf,
+    tensors: HashMap<String, GgufTensor>,
+}
+
+/// Where one tensor lies and how to read it.
+struct GgufTensor {
+    gguf_name: String,
+    dtype: GgmlDType,
+    /// HF order (`[out, in]`).
+    shape: Vec<usize>,
+    /// Absolute byte offset of the data.
+    start: u64,
+    bytes: usize,
+    /// `Some(heads)` for Q/K weights whose rows llama.cpp's converter permuted (undone when read).
+    qk_heads: Option<usize>,
+}
+
+impl GgufTensors {
+    /// The file.
+    pub(crate) fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// HF names of the tensors.
+    pub(crate) fn names(&self) -> impl Iterator<Item = &String> {
+        self.tensors.keys()
+    }
+
+    /// Shape (HF order) of `hf`.
+    pub(crate) fn shape(&self, hf: &str) -> Option<&[usize]> {
+        self.tensors.get(hf).map(|t| t.shape.as_slice())
+    }
+
+    /// ggml type of `hf`.
+    pub(crate) fn dtype(&self, hf: &str) -> Option<GgmlDType> {
+        self.tensors.get(hf).map(|t| t.dtype)
+    }
+
+    /// The raw bytes of `hf`, rows in HF order.
+    fn bytes(&self, t: &GgufTensor) -> Result<Vec<u8>> {
+        let mut bytes = self.read(t)?;
+        if let Some(heads) = t.qk_heads {
+            unpermute_rows(&mut bytes, t.shape[0], heads).map_err(|e| self.tensor_error(t, candle_message(e)))?;
+        }
+        Ok(bytes)
+    }
+
+    /// The 2-D block-quantized tensor `hf` as a weight in its blocks, rows in HF order, on the CPU.
+    pub(crate) fn weight(&self, hf: &str) -> Result<Weight> {
+        let t = self.entry(hf)?;
+        let (out, inp) = match t.shape[..] {
+            [out, inp] => (out, inp),
+            _ => return Err(self.tensor_error(t, format!("shape {:?} is not a matrix", t.shape))),
+        };
+        let bytes = self.bytes(t)?;
+        Weight::from_blocks(t.dtype, out, inp, BlockBytes::Owned(bytes))
+            .map_err(|e| self.tensor_error(t, candle_message(e)))
+    }
+
+    /// `hf` dequantized to f32 on `device`, rows in HF order.
+    pub(crate) fn dequantized(&self, hf: &str, device: &Device) -> Result<Tensor> {
+        let t = self.entry(hf)?;
+        let bytes = self.bytes(t)?;
+        qtensor_from_bytes(&bytes, t.dtype, &t.shape, &Device::Cpu)
+            .and_then(|q| q.dequantize(device))
+            .map_err(|e| self.tensor_error(t, format!("cannot dequantize: {}", candle_message(e))))
+    }
+
+    fn entry(&self, hf: &str) -> Result<&GgufTensor> {
+        self.tensors.get(hf).ok_or_else(|| Error::MissingTensor {
+            path: self.path.clone(),
+            name: hf.to_string(),
+        })
+    }
+
+    fn tensor_error(&self, t: &GgufTensor, msg: impl std::fmt::Display) -> Error {
+        Error::format(&self.path, format!("tensor `{}`: {msg}", t.gguf_name))
+    }
+
+    /// The tensor's bytes as stored.
+    fn read(&self, t: &GgufTensor) -> Result<Vec<u8>> {
+        use std::io::{Read, SeekFrom};
+        let mut bytes = vec![0u8; t.bytes];
+        let mut f = self.file.lock().unwrap_or_else(|p| p.into_inner());
+        f.seek(SeekFrom::Start(t.start))
+            .and_then(|_| f.read_exact(&mut bytes))
+            .map_err(|e| Error::io(&self.path, e))?;
+        Ok(bytes)
+    }
+
+    /// Every tensor's values are finite: float tensors element by element, block formats by their scales (the
+    /// quants are integers, so finite scales give finite values). One read of the file, one tensor at a time.
+    fn check_finite(&self) -> Result<()> {
+        let mut names: Vec<&String> = self.tensors.keys().collect();
+        names.sort();
+        for hf in names {
+            let t = &self.tensors[hf];
+            let bytes = self.read(t)?;
+            if let Some(i) = first_non_finite(t.dtype, &bytes) {
+                return Err(self.tensor_error(
+                    t,
+                    format!(
+                        "element {i} is not finite after dequantization (a NaN or infinite value or block scale \
+                         in the file)"
+                    ),
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Undoes llama.cpp's Q/K permutation on raw rows (`rows` rows of equal byte length): the row order of
+/// [`unpermute_qk`], applied to whole rows, so that it works for block formats as for floats.
+fn unpermute_rows(bytes: &mut [u8], rows: usize, heads: usize) -> candle_core::Result<()> {
+    if rows == 0 {
+        return Ok(());
+    }
+    let ids = Tensor::arange(0u32, rows as u32, &Device::Cpu)?.reshape((rows, 1))?;
+    let order: Vec<u32> = unpermute_qk(&ids, heads)?.flatten_all()?.to_vec1()?;
+    let row = bytes.len() / rows;
+    let src = bytes.to_vec();
+    for (dst, &from) in order.iter().enumerate() {
+        let from = from as usize;
+        bytes[dst * row..(dst + 1) * row].copy_from_slice(&src[from * row..(from + 1) * row]);
+    }
+    Ok(())
+}
+
+/// The element index of the first value that would not be finite after dequantizing `bytes` of type `t`.
+fn first_non_finite(t: GgmlDType, bytes: &[u8]) -> Option<usize> {
+    let f16_at = |b: &[u8], o: usize| half::f16::from_le_bytes([b[o], b[o + 1]]).is_finite();
+    match t {
+        GgmlDType::F32 => bytes
+            .chunks_exact(4)
+            .position(|c| !f32::from_le_bytes([c[0], c[1], c[2], c[3]]).is_finite()),
+        GgmlDType::F16 => bytes.chunks_exact(2).position(|c| !f16_at(c, 0)),
+        GgmlDType::BF16 => bytes
+            .chunks_exact(2)
+            .position(|c| !half::bf16::from_le_bytes([c[0], c[1]]).is_finite()),
+        _ => {
+            let offsets = scale_offsets(t)?;
+            let size = t.type_size();
+            bytes
+                .chunks_exact(size)
+                .position(|b| offsets.iter().any(|&o| !f16_at(b, o)))
+                .map(|blk| blk * t.block_size())
+        }
+    }
+}
+
+/// Byte offsets of the f16 scales inside one block of a ggml block type (ggml's block layouts).
+fn scale_offsets(t: GgmlDType) -> Option<&'static [usize]> {
+    Some(match t {
+        GgmlDType::Q4_0 | GgmlDType::Q5_0 | GgmlDType::Q8_0 => &[0],
+        GgmlDType::Q4_1 | GgmlDType::Q5_1 | GgmlDType::Q4K | GgmlDType::Q5K => &[0, 2],
+        GgmlDType::Q2K => &[80, 82],
+        GgmlDType::Q3K => &[108],
+        GgmlDType::Q6K => &[208],
+        _ => return None,
     })
 }
 
@@ -238,18 +418,6 @@ fn check_layout(path: &Path, content: &Content, alignment: u64, file_len: u64) -
         }
     }
     Ok(())
-}
-
-/// The index of the first NaN or infinite element of a dequantized (f32, contiguous) tensor.
-fn first_non_finite(t: &Tensor) -> Option<usize> {
-    let (storage, layout) = t.storage_and_layout();
-    match &*storage {
-        candle_core::Storage::Cpu(candle_core::CpuStorage::F32(v)) if layout.is_contiguous() => {
-            let v = &v[layout.start_offset()..layout.start_offset() + layout.shape().elem_count()];
-            v.iter().position(|x| !x.is_finite())
-        }
-        _ => None,
-    }
 }
 
 /// ggml types candle can dequantize on the CPU.

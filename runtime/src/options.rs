@@ -93,6 +93,9 @@ pub struct RuntimeOptions {
     /// Whether few-row CPU products (batch-1 decode) use the decode matvec ([`crate::kernels::matvec`])
     /// instead of candle's GEMM. On by default; off only to measure or to rule the kernel out.
     pub matvec: bool,
+    /// Dequantize block-quantized weights (a GGUF's Q4_1, an engine's Q8_0) to [`Self::dtype`] at load instead of
+    /// running them in their blocks. Off by default: a quantized model runs quantized.
+    pub dequantize: bool,
 }
 
 impl Default for RuntimeOptions {
@@ -102,6 +105,7 @@ impl Default for RuntimeOptions {
             dtype: DType::F32,
             threads: None,
             matvec: true,
+            dequantize: false,
         }
     }
 }
@@ -137,6 +141,7 @@ impl RuntimeOptions {
             dtype: self.dtype,
             device,
             matvec: self.matvec,
+            quantized: !self.dequantize,
         }
     }
 

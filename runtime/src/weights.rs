@@ -13,7 +13,8 @@
 
 use crate::error::{candle_message, Error, Result};
 use crate::model::layers::Load;
-use crate::model::weight::{DenseWeight, Weight};
+use crate::model::weight::{ggml_name, DenseWeight, Weight, QUANT_TYPES};
+use candle_core::quantized::GgmlDType;
 use candle_core::{DType, Device, Tensor};
 use dlo_passes::ModelConfig;
 use std::collections::{HashMap, HashSet};
@@ -24,10 +25,12 @@ use std::path::{Path, PathBuf};
 enum Store {
     /// Memory-mapped safetensors files (one or several shards).
     Safetensors(candle_core::safetensors::MmapedSafetensors),
-    /// Tensors already materialised (GGUF dequantised at load, tests, passes).
+    /// Tensors already materialised (tests, passes, training).
     Loaded(HashMap<String, Tensor>),
     /// A memory-mapped engine file; tensors are copied out (and checksummed) when first loaded.
     Engine(std::sync::Arc<crate::engine::format::EngineFile>),
+    /// A GGUF file, read tensor by tensor (in ggml blocks or dequantized).
+    Gguf(std::sync::Arc<crate::gguf::GgufTensors>),
 }
 
 /// A set of named tensors from one checkpoint.
@@ -67,6 +70,15 @@ impl Weights {
         }
     }
 
+    /// Reads tensors from a GGUF file on demand.
+    pub(crate) fn from_gguf(g: std::sync::Arc<crate::gguf::GgufTensors>) -> Self {
+        let path = g.path().to_path_buf();
+        Weights {
+            store: Store::Gguf(g),
+            path,
+        }
+    }
+
     /// The checkpoint these weights come from.
     pub fn path(&self) -> &Path {
         &self.path
@@ -78,6 +90,7 @@ impl Weights {
             Store::Safetensors(st) => st.get(name).is_ok(),
             Store::Loaded(m) => m.contains_key(name),
             Store::Engine(e) => e.entry(name).is_some(),
+            Store::Gguf(g) => g.shape(name).is_some(),
         }
     }
 
@@ -87,6 +100,7 @@ impl Weights {
             Store::Safetensors(st) => st.tensors().into_iter().map(|(n, _)| n).collect(),
             Store::Loaded(m) => m.keys().cloned().collect(),
             Store::Engine(e) => e.tensors().iter().map(|t| t.name.clone()).collect(),
+            Store::Gguf(g) => g.names().cloned().collect(),
         };
         v.sort();
         v
@@ -98,15 +112,17 @@ impl Weights {
             Store::Safetensors(st) => st.get(name).ok().map(|v| v.shape().to_vec()),
             Store::Loaded(m) => m.get(name).map(|t| t.dims().to_vec()),
             Store::Engine(e) => e.entry(name).map(|t| t.shape.clone()),
+            Store::Gguf(g) => g.shape(name).map(<[usize]>::to_vec),
         }
     }
 
-    /// The storage dtype of a tensor (lower-case, e.g. `bf16`, `i64`), if present.
+    /// The storage dtype of a tensor (lower-case, e.g. `bf16`, `i64`, `q4_1`), if present.
     pub fn storage_dtype(&self, name: &str) -> Option<String> {
         match &self.store {
             Store::Safetensors(st) => st.get(name).ok().map(|v| format!("{:?}", v.dtype()).to_lowercase()),
             Store::Loaded(m) => m.get(name).map(|t| t.dtype().as_str().to_string()),
             Store::Engine(e) => e.entry(name).map(|t| t.dtype.as_str().to_string()),
+            Store::Gguf(g) => g.dtype(name).map(|t| ggml_name(t).to_string()),
         }
     }
 
@@ -150,7 +166,7 @@ impl Weights {
                 }),
                 Some(_) => {
                     let dt = self.storage_dtype(name).unwrap_or_default();
-                    if !SUPPORTED_DTYPES.contains(&dt.as_str()) {
+                    if !SUPPORTED_DTYPES.contains(&dt.as_str()) && self.quant_type(name).is_none() {
                         report.unsupported.push((name.clone(), dt));
                     }
                 }
@@ -166,6 +182,20 @@ impl Weights {
 
     /// Loads `name`, checks it has `shape`, converts it to `dtype` on `device`.
     pub fn get(&self, name: &str, shape: &[usize], dtype: DType, device: &Device) -> Result<Tensor> {
+        self.check_shape(name, shape)?;
+        let t = match &self.store {
+            Store::Safetensors(st) => st
+                .load(name, device)
+                .map_err(|e| Error::format(&self.path, format!("tensor `{name}`: {}", candle_message(e))))?,
+            Store::Loaded(m) => m[name].to_device(device)?,
+            Store::Engine(e) => e.load(name, device)?,
+            Store::Gguf(g) => g.dequantized(name, device)?,
+        };
+        Ok(t.to_dtype(dtype)?)
+    }
+
+    /// `name` exists and has `shape`.
+    fn check_shape(&self, name: &str, shape: &[usize]) -> Result<()> {
         let found = self.shape_of(name).ok_or_else(|| Error::MissingTensor {
             path: self.path.clone(),
             name: name.to_string(),
@@ -178,21 +208,28 @@ impl Weights {
                 found,
             });
         }
-        let t = match &self.store {
-            Store::Safetensors(st) => st
-                .load(name, device)
-                .map_err(|e| Error::format(&self.path, format!("tensor `{name}`: {}", candle_message(e))))?,
-            Store::Loaded(m) => m[name].to_device(device)?,
-            Store::Engine(e) => e.load(name, device)?,
-        };
-        Ok(t.to_dtype(dtype)?)
+        Ok(())
     }
 
-    /// The projection weight `name` of shape `[out, in]` in the form its storage calls for ([`Weight`]):
-    /// today every stored dtype becomes a dense tensor in `dtype` on `device`; a block-quantized storage
-    /// kind becomes its own [`Weight`] variant here, and the model code does not change. `ld` says the
-    /// compute dtype, the device and whether the CPU decode kernel may serve few-row products.
+    /// The block type of `name` when it is stored block-quantized (a [`QUANT_TYPES`] type).
+    pub fn quant_type(&self, name: &str) -> Option<GgmlDType> {
+        match &self.store {
+            Store::Gguf(g) => g.dtype(name).filter(|t| QUANT_TYPES.iter().any(|(q, _)| q == t)),
+            _ => None,
+        }
+    }
+
+    /// The projection (or embedding) weight `name` of shape `[out, in]` in the form its storage calls for
+    /// ([`Weight`]): block-quantized storage stays in its blocks when `ld.quantized` (on the CPU), everything
+    /// else becomes a dense tensor in `ld.dtype` on `ld.device`. `ld` also says whether the CPU decode kernel
+    /// may serve few-row products.
     pub fn weight(&self, name: &str, shape: &[usize], ld: &Load) -> Result<Weight> {
+        if let (Some(_), Store::Gguf(g), true) =
+            (self.quant_type(name), &self.store, ld.quantized && ld.device.is_cpu())
+        {
+            self.check_shape(name, shape)?;
+            return g.weight(name);
+        }
         let tensor = self.get(name, shape, ld.dtype, ld.device)?;
         Ok(Weight::Dense(DenseWeight {
             tensor,

@@ -111,6 +111,9 @@ pub struct Load<'a> {
     pub device: &'a Device,
     /// Whether dense projections may use the CPU decode matvec.
     pub matvec: bool,
+    /// Whether block-quantized projections and embeddings stay in their blocks ([`Weight::Quantized`]);
+    /// otherwise they are dequantized to `dtype`.
+    pub quantized: bool,
 }
 
 /// RMSNorm with a learned scale.

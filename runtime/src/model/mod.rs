@@ -26,7 +26,7 @@ use cache::{Cache, LayerCache};
 use candle_core::{DType, Device, IndexOp, Tensor, D};
 use dlo_passes::{Gate, ModelConfig, RoutedUnit};
 use layers::{DecoderLayer, Exec, Kv, Linear, Load, RmsNorm, Router, Step};
-use weight::{DenseWeight, Weight};
+use weight::Weight;
 
 /// A batch of token sequences for one forward step.
 #[derive(Debug, Clone)]
@@ -204,8 +204,8 @@ pub struct Forward {
 #[derive(Debug, Clone)]
 pub struct Model {
     cfg: ModelConfig,
-    /// `model.embed_tokens.weight`, `[vocab, d]`.
-    pub embed_tokens: Tensor,
+    /// `model.embed_tokens.weight`, `[vocab, d]`: looked up by row, and the lm_head when tied.
+    pub embed_tokens: Weight,
     /// The decoder layers.
     pub layers: Vec<DecoderLayer>,
     /// Routers, `Some` for routed layers.
@@ -217,12 +217,11 @@ pub struct Model {
     rope: rope::Rope,
     dtype: DType,
     device: Device,
-    /// Whether the tied lm_head may use the CPU decode matvec (as the other projections).
-    matvec: bool,
 }
 
 impl Model {
-    /// Builds the model from weights in HF naming, converting them to `dtype` on `device`.
+    /// Builds the model from weights in HF naming, converting them to `dtype` on `device` (quantized weights
+    /// are dequantized: every tensor is dense).
     pub fn load(cfg: &ModelConfig, w: &Weights, dtype: DType, device: &Device) -> Result<Self> {
         Self::load_with(
             cfg,
@@ -231,6 +230,7 @@ impl Model {
                 dtype,
                 device,
                 matvec: true,
+                quantized: false,
             },
         )
     }
@@ -244,7 +244,7 @@ impl Model {
     fn load_with(cfg: &ModelConfig, w: &Weights, ld: &Load) -> Result<Self> {
         let (v, d) = (cfg.vocab_size, cfg.hidden_size);
         let (dtype, device) = (ld.dtype, ld.device);
-        let embed_tokens = w.get("model.embed_tokens.weight", &[v, d], dtype, device)?;
+        let embed_tokens = w.weight("model.embed_tokens.weight", &[v, d], ld)?;
         let layers = (0..cfg.num_hidden_layers)
             .map(|i| DecoderLayer::load(w, i, cfg, ld))
             .collect::<Result<Vec<_>>>()?;
@@ -273,7 +273,6 @@ impl Model {
             rope: rope::Rope::new(cfg),
             dtype,
             device: device.clone(),
-            matvec: ld.matvec,
         })
     }
 
@@ -445,7 +444,7 @@ impl Model {
         let ids = Tensor::from_vec(batch.ids.clone(), b * t, &self.device)?;
         let h = self
             .embed_tokens
-            .index_select(&ids, 0)?
+            .rows(&ids, self.dtype)?
             .reshape((b, t, self.cfg.hidden_size))?;
         let (cos, sin) = self.rope.cos_sin(&batch.pos, b, t, self.dtype, &self.device)?;
         let step = Step {
@@ -466,10 +465,7 @@ impl Model {
         let logits = match &self.lm_head {
             Some(head) => head.forward(&h)?,
             None => Linear {
-                weight: Weight::Dense(DenseWeight {
-                    tensor: self.embed_tokens.clone(),
-                    matvec: self.matvec,
-                }),
+                weight: self.embed_tokens.clone(),
                 bias: None,
             }
             .forward(&h)?,
@@ -482,9 +478,13 @@ impl Model {
         layers::wide(self.dtype)
     }
 
-    /// All tensors of the model by HF name (a tied lm_head is not repeated), e.g. to save a checkpoint.
+    /// All dense tensors of the model by HF name (a tied lm_head is not repeated), e.g. to save a checkpoint.
+    /// Quantized weights are not listed: they have no dense tensor.
     pub fn named_tensors(&self) -> Vec<(String, Tensor)> {
-        let mut v = vec![("model.embed_tokens.weight".to_string(), self.embed_tokens.clone())];
+        let mut v = Vec::new();
+        if let Some(e) = self.embed_tokens.as_dense() {
+            v.push(("model.embed_tokens.weight".to_string(), e.clone()));
+        }
         for (i, l) in self.layers.iter().enumerate() {
             let p = format!("model.layers.{i}");
             let a = &l.self_attn;

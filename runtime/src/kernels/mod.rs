@@ -7,6 +7,8 @@
 //! to f32 in registers, so bf16 decode reads half the bytes of f32.
 
 use half::bf16;
+pub mod quant;
+
 use rayon::prelude::*;
 
 /// Largest number of input rows the matvec kernels take (beyond that, GEMM wins).
@@ -47,7 +49,7 @@ impl WeightElem for bf16 {
 }
 
 #[cfg(target_arch = "x86_64")]
-fn has_avx2_fma() -> bool {
+pub(crate) fn has_avx2_fma() -> bool {
     use std::sync::OnceLock;
     static HAS: OnceLock<bool> = OnceLock::new();
     *HAS.get_or_init(|| is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma"))
