@@ -19,7 +19,7 @@ use crate::runtime_args::RuntimeArgs;
 use candle_core::{DType, Device};
 use dlo_passes::ModelConfig;
 use dlo_runtime::engine::format::StorageDtype;
-use dlo_runtime::engine::{open_any, write_engine_file, Budget, EnginePlan, Opened, Provenance};
+use dlo_runtime::engine::{open_any, write_engine_file_as, Budget, EnginePlan, Opened, Provenance, WeightsDtype};
 use dlo_runtime::RuntimeOptions;
 use dlo_runtime::{Error, Model, Result, Tokenizer, Weights};
 use std::path::{Path, PathBuf};
@@ -35,10 +35,12 @@ pub struct BuildArgs {
     /// What to build: a native engine file, or ONNX models (prefill + decode) for onnxruntime / TensorRT.
     #[arg(long, default_value = "native", value_parser = ["native", "onnx"])]
     pub target: String,
-    /// Storage dtype of the engine's tensors; for ONNX the element type of the models: f32 (deployment) or
-    /// f64 (verification of the lowering against the runtime computing in f64).
-    #[arg(long, default_value = "f32", value_parser = ["f32", "bf16", "f16", "f64"])]
-    pub dtype: String,
+    /// Storage of the engine's weights: f32, bf16, f16, or a ggml block format (q8_0, q4_0, q4_1, q5_0, q5_1,
+    /// q2_k … q6_k) for the projections (embeddings then q8_0, norms and routers f32). Default: as the source
+    /// stores them (a quantized GGUF's blocks are copied, floats become f32). For ONNX the element type of
+    /// the models: f32 (deployment, the default) or f64 (verification against the runtime computing in f64).
+    #[arg(long)]
+    pub dtype: Option<String>,
     /// Execution rate of routed units: a number in (0, 1] (the same rate in every routed layer), or
     /// `capacity` (each layer its trained capacity, `dlo_capacity`); needs --calibration.
     #[arg(long, value_parser = parse_budget)]
@@ -97,8 +99,9 @@ pub struct BuildPlan {
     pub target: Target,
     /// Output engine file.
     pub output: PathBuf,
-    /// Storage dtype of a native engine (f32 for ONNX, whose element type is in [`Target::Onnx`]).
-    pub dtype: StorageDtype,
+    /// Storage of a native engine's weights; `None`: as the source stores them (f32 for ONNX, whose element type is
+    /// in [`Target::Onnx`]).
+    pub dtype: Option<StorageDtype>,
     /// Target execution rates.
     pub budget: Option<BudgetArg>,
     /// Calibration text file.
@@ -118,18 +121,28 @@ impl BuildPlan {
     pub fn from_args(a: &BuildArgs) -> Result<Self> {
         let (target, dtype) = match a.target.as_str() {
             "native" => {
-                let dtype = StorageDtype::parse(&a.dtype).ok_or_else(|| {
-                    Error::InvalidArgument(match a.dtype.as_str() {
-                        "f64" => "--dtype f64: native engines store f32, bf16 or f16; f64 is a verification target of \
-                                  --target onnx"
-                            .into(),
-                        d => format!("--dtype {d}: expected f32, bf16 or f16"),
-                    })
-                })?;
+                let dtype = match a.dtype.as_deref() {
+                    None => None,
+                    Some(d) => Some(StorageDtype::parse(d).ok_or_else(|| {
+                        Error::InvalidArgument(match d {
+                            "f64" => "--dtype f64: native engines store f32, bf16, f16 or ggml blocks; f64 is a \
+                                      verification target of --target onnx"
+                                .into(),
+                            d => format!(
+                                "--dtype {d}: expected f32, bf16, f16 or one of {}",
+                                dlo_runtime::model::weight::QUANT_TYPES
+                                    .iter()
+                                    .map(|(_, n)| *n)
+                                    .collect::<Vec<_>>()
+                                    .join(", ")
+                            ),
+                        })
+                    })?),
+                };
                 (Target::Native, dtype)
             }
             "onnx" => {
-                let elem = match a.dtype.as_str() {
+                let elem = match a.dtype.as_deref().unwrap_or("f32") {
                     "f32" => crate::onnx::Elem::F32,
                     "f64" => crate::onnx::Elem::F64,
                     d => {
@@ -138,7 +151,7 @@ impl BuildPlan {
                         )))
                     }
                 };
-                (Target::Onnx(elem), StorageDtype::F32)
+                (Target::Onnx(elem), Some(StorageDtype::F32))
             }
             t => return Err(Error::InvalidArgument(format!("--target {t}: expected native or onnx"))),
         };
@@ -400,13 +413,23 @@ fn write_native(
     if let Some(cal) = calibration {
         cal.apply(&mut engine_plan);
     }
-    let bytes = write_engine_file(
+    let (dtype, storage) = match plan.dtype {
+        Some(d) => (d, WeightsDtype::Storage(d)),
+        None => {
+            // Name the engine after its projections' storage (what decides its size and speed).
+            let probe = "model.layers.0.mlp.down_proj.weight";
+            let d = w.quant_type(probe).map_or(StorageDtype::F32, StorageDtype::Blocks);
+            (d, WeightsDtype::Source)
+        }
+    };
+    let bytes = write_engine_file_as(
         &plan.output,
         cfg,
         w,
         tok,
         &engine_plan,
-        Provenance::now(&plan.source, plan.dtype),
+        Provenance::now(&plan.source, dtype),
+        storage,
     )?;
     Ok((bytes, routed.len()))
 }
@@ -567,7 +590,7 @@ mod tests {
             model: dir.join("src"),
             output: dir.join("m.dlo"),
             target: "native".into(),
-            dtype: "f32".into(),
+            dtype: Some("f32".into()),
             budget: None,
             calibration: None,
             heldout: None,
@@ -614,7 +637,7 @@ mod tests {
         let cfg = tiny(Some(SkipKind::Mlp));
         let w = weights(&cfg, 0.5);
         let a = BuildArgs {
-            dtype: "bf16".into(),
+            dtype: Some("bf16".into()),
             ..args(dir.path())
         };
         let r = build_from(&BuildPlan::from_args(&a).unwrap(), &cfg, &w, Some(&char_tokenizer())).unwrap();
@@ -669,7 +692,7 @@ mod tests {
         let again = BuildArgs {
             model: a.output.clone(),
             output: dir.path().join("again.dlo"),
-            dtype: "bf16".into(),
+            dtype: Some("bf16".into()),
             ..args(dir.path())
         };
         run(BuildPlan::from_args(&again).unwrap()).unwrap();
@@ -687,7 +710,7 @@ mod tests {
         // --dtype f64 makes the whole ONNX pair f64: weights, caches and logits.
         let onnx64 = BuildArgs {
             target: "onnx".into(),
-            dtype: "f64".into(),
+            dtype: Some("f64".into()),
             output: dir.path().join("onnx64"),
             ..args(dir.path())
         };
@@ -766,24 +789,24 @@ mod tests {
         let e = BuildPlan::from_args(&a).unwrap_err().to_string();
         assert!(e.contains("--budget needs --calibration"), "{e}");
         let a = BuildArgs {
-            dtype: "q4".into(),
+            dtype: Some("q4".into()),
             ..args(dir.path())
         };
         assert!(BuildPlan::from_args(&a).is_err());
         // f64 is an ONNX verification type only; ONNX models are f32 or f64.
         let a = BuildArgs {
-            dtype: "f64".into(),
+            dtype: Some("f64".into()),
             ..args(dir.path())
         };
         let e = BuildPlan::from_args(&a).unwrap_err().to_string();
         assert!(
-            e.contains("native engines store f32, bf16 or f16") && e.contains("--target onnx"),
+            e.contains("native engines store f32, bf16, f16 or ggml blocks") && e.contains("--target onnx"),
             "{e}"
         );
         for (dtype, ok) in [("f32", true), ("f64", true), ("bf16", false), ("f16", false)] {
             let a = BuildArgs {
                 target: "onnx".into(),
-                dtype: dtype.into(),
+                dtype: Some(dtype.into()),
                 ..args(dir.path())
             };
             match BuildPlan::from_args(&a) {

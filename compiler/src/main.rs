@@ -123,7 +123,7 @@ fn build(args: &dlo_compiler::build::BuildArgs) -> anyhow::Result<()> {
             plan.output.display(),
             r.bytes as f64 / 1e6,
             r.routed_layers,
-            plan.dtype.as_str()
+            plan.dtype.map_or("weights as stored in the source", |d| d.as_str())
         ),
     }
     Ok(())

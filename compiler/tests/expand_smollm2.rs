@@ -125,7 +125,7 @@ fn smollm2_dlo_engine_with_budget_capacity_follows_each_layers_capacity() {
         model: ckpt,
         output: engine.clone(),
         target: "native".into(),
-        dtype: "f32".into(),
+        dtype: Some("f32".into()),
         budget: Some(BudgetArg::Capacity),
         calibration: Some(text_path),
         heldout: None,

@@ -238,6 +238,11 @@ impl GgufTensors {
         Ok(bytes)
     }
 
+    /// The stored bytes of `hf`, rows in HF order.
+    pub(crate) fn raw(&self, hf: &str) -> Result<Vec<u8>> {
+        self.bytes(self.entry(hf)?)
+    }
+
     /// The 2-D block-quantized tensor `hf` as a weight in its blocks, rows in HF order, on the CPU.
     pub(crate) fn weight(&self, hf: &str) -> Result<Weight> {
         let t = self.entry(hf)?;

@@ -13,7 +13,7 @@
 
 use crate::error::{candle_message, Error, Result};
 use crate::model::layers::Load;
-use crate::model::weight::{ggml_name, DenseWeight, Weight, QUANT_TYPES};
+use crate::model::weight::{ggml_name, BlockBytes, DenseWeight, Weight, QUANT_TYPES};
 use candle_core::quantized::GgmlDType;
 use candle_core::{DType, Device, Tensor};
 use dlo_passes::ModelConfig;
@@ -215,8 +215,22 @@ impl Weights {
     pub fn quant_type(&self, name: &str) -> Option<GgmlDType> {
         match &self.store {
             Store::Gguf(g) => g.dtype(name).filter(|t| QUANT_TYPES.iter().any(|(q, _)| q == t)),
+            Store::Engine(e) => e.entry(name).and_then(|t| t.dtype.blocks()),
             _ => None,
         }
+    }
+
+    /// The stored blocks of a block-quantized tensor (rows in HF order), to copy them without requantizing.
+    pub fn raw_blocks(&self, name: &str) -> Result<Option<(GgmlDType, Vec<u8>)>> {
+        let Some(t) = self.quant_type(name) else {
+            return Ok(None);
+        };
+        let bytes = match &self.store {
+            Store::Gguf(g) => g.raw(name)?,
+            Store::Engine(e) => e.tensor_bytes(name)?,
+            _ => return Ok(None),
+        };
+        Ok(Some((t, bytes)))
     }
 
     /// The projection (or embedding) weight `name` of shape `[out, in]` in the form its storage calls for
@@ -224,11 +238,15 @@ impl Weights {
     /// else becomes a dense tensor in `ld.dtype` on `ld.device`. `ld` also says whether the CPU decode kernel
     /// may serve few-row products.
     pub fn weight(&self, name: &str, shape: &[usize], ld: &Load) -> Result<Weight> {
-        if let (Some(_), Store::Gguf(g), true) =
-            (self.quant_type(name), &self.store, ld.quantized && ld.device.is_cpu())
-        {
+        if ld.quantized && ld.device.is_cpu() && self.quant_type(name).is_some() {
             self.check_shape(name, shape)?;
-            return g.weight(name);
+            if let Store::Gguf(g) = &self.store {
+                return g.weight(name);
+            }
+            if let (Some((t, bytes)), [out, inp]) = (self.raw_blocks(name)?, shape) {
+                return Weight::from_blocks(t, *out, *inp, BlockBytes::Owned(bytes))
+                    .map_err(|e| Error::format(&self.path, format!("tensor `{name}`: {}", candle_message(e))));
+            }
         }
         let tensor = self.get(name, shape, ld.dtype, ld.device)?;
         Ok(Weight::Dense(DenseWeight {

@@ -251,7 +251,7 @@ fn budgets_follow_the_engine_plan() {
         model: src.clone(),
         output: engine.clone(),
         target: "native".into(),
-        dtype: "f32".into(),
+        dtype: Some("f32".into()),
         budget: None,
         calibration: Some(text),
         heldout: None,

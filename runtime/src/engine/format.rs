@@ -21,9 +21,13 @@
 //! - `manifest`: the lowered plan ([`super::Manifest`]: model config, layer schedule, gate parameters,
 //!   budget and thresholds, router-logit quantiles, tokenizer and chat template, provenance);
 //! - `tensors`: the tensor table, an array of `{"name", "dtype", "shape", "offset", "length", "crc32"}`
-//!   sorted by `offset`; `dtype` is `f32`, `bf16` or `f16`; `offset` is absolute (from the start of the file)
-//!   and a multiple of 256; `length` is exactly `product(shape) × dtype size`; `crc32` is 8 lower-case hex
-//!   digits (fixed width, so the writer can stream tensors and patch the checksums in afterwards).
+//!   sorted by `offset`; `dtype` is `f32`, `bf16`, `f16`, or a ggml block format (`q4_0`, `q4_1`, `q5_0`, `q5_1`,
+//!   `q8_0`, `q2_k`, `q3_k`, `q4_k`, `q5_k`, `q6_k`: the last dimension a whole number of blocks, each row its
+//!   blocks in ggml's byte layout); `offset` is absolute (from the start of the file) and a multiple of 256;
+//!   `length` is exactly `product(shape) × dtype size` (for blocks: `product(shape) / block elements × block
+//!   bytes`); `crc32` is 8 lower-case hex digits (fixed width, so the writer can stream tensors and patch the
+//!   checksums in afterwards). Block formats are an additive change: version-1 readers that predate them
+//!   refuse the unknown dtype by name.
 //!
 //! **Versioning.** The version sits right after the magic and is checked before anything else is parsed:
 //! a file with a newer version is refused with [`Error::EngineVersion`] ("rebuild the engine or upgrade
@@ -47,6 +51,7 @@
 //! patches the checksums into the header, syncs, and renames it into place: a failed build leaves no file.
 
 use crate::error::{Error, Result};
+use candle_core::quantized::GgmlDType;
 use candle_core::{DType, Device, Tensor};
 use dlo_passes::fsutil::AtomicFile;
 use serde::{Deserialize, Serialize};
@@ -71,63 +76,128 @@ pub const MAX_TENSORS: usize = 65_536;
 /// Largest accepted tensor rank.
 pub const MAX_RANK: usize = 8;
 
-/// Storage dtype of an engine tensor.
+/// Storage dtype of an engine tensor: a float type, or a ggml block format.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
 pub enum StorageDtype {
     /// IEEE binary32.
+    #[serde(rename = "f32")]
     F32,
     /// bfloat16.
+    #[serde(rename = "bf16")]
     Bf16,
     /// IEEE binary16.
+    #[serde(rename = "f16")]
     F16,
+    /// ggml blocks of this type (one of [`crate::model::weight::QUANT_TYPES`]).
+    #[serde(untagged, with = "ggml_serde")]
+    Blocks(GgmlDType),
+}
+
+/// (De)serializes a block type as its lower-case ggml name, refusing types engines do not store.
+mod ggml_serde {
+    use crate::model::weight::{ggml_name, parse_quant};
+    use candle_core::quantized::GgmlDType;
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(t: &GgmlDType, s: S) -> std::result::Result<S::Ok, S::Error> {
+        s.serialize_str(ggml_name(*t))
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> std::result::Result<GgmlDType, D::Error> {
+        let name = String::deserialize(d)?;
+        parse_quant(&name).ok_or_else(|| {
+            serde::de::Error::custom(format!(
+                "unknown tensor dtype `{name}` (supported: f32, bf16, f16, {})",
+                crate::model::weight::QUANT_TYPES
+                    .iter()
+                    .map(|(_, n)| *n)
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ))
+        })
+    }
 }
 
 impl StorageDtype {
     /// Bytes that a tensor of `shape` takes in this storage, or why the shape cannot be stored in it. This is
-    /// the one place that knows a storage kind's layout: a block-quantized kind (a whole number of blocks per
-    /// row) adds its rule here, and the reader and the writer follow.
+    /// the one place that knows a storage kind's layout; the reader and the writer follow it.
     pub fn byte_len(self, shape: &[usize]) -> std::result::Result<u64, String> {
-        shape
+        let elems = shape
             .iter()
-            .try_fold(self.size() as u64, |acc, &d| acc.checked_mul(d as u64))
-            .ok_or_else(|| "its byte length overflows".to_string())
+            .try_fold(1u64, |acc, &d| acc.checked_mul(d as u64))
+            .ok_or_else(|| "its byte length overflows".to_string())?;
+        match self {
+            StorageDtype::Blocks(t) => {
+                let cols = shape.last().copied().unwrap_or(1) as u64;
+                let block = t.block_size() as u64;
+                if !cols.is_multiple_of(block) {
+                    return Err(format!(
+                        "rows of {cols} elements are not a whole number of {} blocks ({block} elements)",
+                        self.as_str()
+                    ));
+                }
+                (elems / block)
+                    .checked_mul(t.type_size() as u64)
+                    .ok_or_else(|| "its byte length overflows".to_string())
+            }
+            _ => elems
+                .checked_mul(self.size() as u64)
+                .ok_or_else(|| "its byte length overflows".to_string()),
+        }
     }
 
-    /// Bytes per element.
+    /// Bytes per element of a float type (0 for block formats, whose size is per block).
     pub fn size(self) -> usize {
         match self {
             StorageDtype::F32 => 4,
             StorageDtype::Bf16 | StorageDtype::F16 => 2,
+            StorageDtype::Blocks(_) => 0,
         }
     }
-    /// The candle dtype.
+    /// The candle dtype values are read as: the float type itself, f32 for block formats (dequantized).
     pub fn dtype(self) -> DType {
         match self {
-            StorageDtype::F32 => DType::F32,
+            StorageDtype::F32 | StorageDtype::Blocks(_) => DType::F32,
             StorageDtype::Bf16 => DType::BF16,
             StorageDtype::F16 => DType::F16,
         }
     }
-    /// `f32`, `bf16` or `f16`.
+    /// The block type, for block formats.
+    pub fn blocks(self) -> Option<GgmlDType> {
+        match self {
+            StorageDtype::Blocks(t) => Some(t),
+            _ => None,
+        }
+    }
+    /// `f32`, `bf16`, `f16`, `q4_1`, `q4_k`, ….
     pub fn as_str(self) -> &'static str {
         match self {
             StorageDtype::F32 => "f32",
             StorageDtype::Bf16 => "bf16",
             StorageDtype::F16 => "f16",
+            StorageDtype::Blocks(t) => crate::model::weight::ggml_name(t),
         }
     }
-    /// Parses `f32`, `bf16` or `f16`.
+    /// Parses `f32`, `bf16`, `f16` or a block format's name (`q8_0`, `Q4_K`, …).
     pub fn parse(s: &str) -> Option<Self> {
         match s {
             "f32" => Some(StorageDtype::F32),
             "bf16" => Some(StorageDtype::Bf16),
             "f16" => Some(StorageDtype::F16),
-            _ => None,
+            _ => crate::model::weight::parse_quant(s).map(StorageDtype::Blocks),
         }
     }
-    /// Little-endian bytes of `t` converted to this dtype.
+    /// Little-endian bytes of `t` in this storage (block formats quantize the rows as ggml does).
     pub fn tensor_bytes(self, t: &Tensor) -> Result<Vec<u8>> {
+        if let StorageDtype::Blocks(q) = self {
+            let t = t.to_dtype(DType::F32)?;
+            let t = if t.rank() == 2 {
+                t
+            } else {
+                t.flatten_to(t.rank().saturating_sub(2))?
+            };
+            return Ok(crate::model::weight::quantize(&t, q)?.data()?.into_owned());
+        }
         let flat = t.to_dtype(self.dtype())?.flatten_all()?;
         Ok(match self {
             StorageDtype::F32 => flat.to_vec1::<f32>()?.iter().flat_map(|x| x.to_le_bytes()).collect(),
@@ -141,6 +211,7 @@ impl StorageDtype {
                 .iter()
                 .flat_map(|x| x.to_bits().to_le_bytes())
                 .collect(),
+            StorageDtype::Blocks(_) => unreachable!("handled above"),
         })
     }
 }
@@ -482,6 +553,18 @@ impl EngineFile {
             name: name.into(),
         })?;
         let t = &self.tensors[i];
+        if let Some(q) = t.dtype.blocks() {
+            let b = self.bytes_of(i)?;
+            let q = crate::model::weight::qtensor_from_bytes(&b, q, &t.shape, &Device::Cpu)
+                .and_then(|q| q.dequantize(device))
+                .map_err(|e| {
+                    Error::format(
+                        &self.path,
+                        format!("tensor `{}`: {}", t.name, crate::error::candle_message(e)),
+                    )
+                })?;
+            return Ok(q);
+        }
         if !device.is_cpu() {
             let b = self.bytes_of(i)?;
             return Ok(Tensor::from_raw_buffer(&b, t.dtype.dtype(), &t.shape, device)?);
@@ -493,6 +576,7 @@ impl EngineFile {
                 self.check_crc(i, self.read_and_hash(t.offset, as_bytes_mut(&mut v))?)?;
                 Tensor::from_vec(v, t.shape.as_slice(), device)?
             }
+            StorageDtype::Blocks(_) => unreachable!("handled above"),
             StorageDtype::Bf16 | StorageDtype::F16 => {
                 use half::vec::HalfBitsVecExt;
                 let mut v = vec![0u16; n];

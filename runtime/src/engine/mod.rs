@@ -23,6 +23,7 @@ use crate::error::{Error, Result};
 use crate::model::Routing;
 use crate::tokenizer::Tokenizer;
 use crate::weights::Weights;
+use candle_core::quantized::GgmlDType;
 use candle_core::Device;
 use dlo_passes::ModelConfig;
 use format::{EngineFile, StorageDtype, TensorSpec};
@@ -129,8 +130,19 @@ pub fn model_tensors(cfg: &ModelConfig) -> Vec<(String, Vec<usize>)> {
     crate::weights::expected_tensors(cfg)
 }
 
-/// Lowers a model into an engine at `path`: the tensors `cfg` needs (converted to `dtype`), the plan, the
-/// tokenizer and provenance. Tensors are read from `weights` one at a time. Returns the file size.
+/// How an engine stores its weights.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WeightsDtype {
+    /// Each tensor as the source stores it: block-quantized tensors copied block for block (a GGUF's
+    /// Q4_1 stays Q4_1), everything else f32.
+    Source,
+    /// [`tensor_storage`] of this dtype: a float dtype for all tensors, or a block format for the projections.
+    Storage(StorageDtype),
+}
+
+/// Lowers a model into an engine at `path`: the tensors `cfg` needs (stored as [`tensor_storage`] of
+/// `provenance.dtype` says), the plan, the tokenizer and provenance. Tensors are read from `weights` one at a
+/// time. Returns the file size.
 pub fn write_engine_file(
     path: &Path,
     cfg: &ModelConfig,
@@ -138,6 +150,20 @@ pub fn write_engine_file(
     tokenizer: Option<&Tokenizer>,
     plan: &EnginePlan,
     provenance: Provenance,
+) -> Result<u64> {
+    let dtype = WeightsDtype::Storage(provenance.dtype);
+    write_engine_file_as(path, cfg, weights, tokenizer, plan, provenance, dtype)
+}
+
+/// [`write_engine_file`] with the weights stored as `dtype` says.
+pub fn write_engine_file_as(
+    path: &Path,
+    cfg: &ModelConfig,
+    weights: &Weights,
+    tokenizer: Option<&Tokenizer>,
+    plan: &EnginePlan,
+    provenance: Provenance,
+    dtype: WeightsDtype,
 ) -> Result<u64> {
     plan.validate(cfg)
         .map_err(|p| Error::InvalidArgument(format!("engine plan: {p}")))?;
@@ -147,22 +173,59 @@ pub fn write_engine_file(
         tokenizer: tokenizer.map(TokenizerSpec::from_tokenizer).transpose()?,
         provenance: provenance.clone(),
     };
-    let dtype = provenance.dtype;
     let tensors = model_tensors(cfg);
     let specs: Vec<TensorSpec> = tensors
         .iter()
         .map(|(name, shape)| TensorSpec {
             name: name.clone(),
-            dtype,
+            dtype: match dtype {
+                WeightsDtype::Source => match weights.quant_type(name) {
+                    Some(t) => StorageDtype::Blocks(t),
+                    None => StorageDtype::F32,
+                },
+                WeightsDtype::Storage(d) => tensor_storage(name, shape, d),
+            },
             shape: shape.clone(),
         })
         .collect();
     let json = serde_json::to_value(&manifest).map_err(|e| Error::InvalidArgument(format!("manifest: {e}")))?;
     format::write_engine(path, &json, &specs, |i| {
         let (name, shape) = &tensors[i];
-        let t = weights.get(name, shape, dtype.dtype(), &Device::Cpu)?;
-        dtype.tensor_bytes(&t)
+        let want = specs[i].dtype;
+        // Blocks already in the wanted format are copied, not requantized.
+        if let Some((t, bytes)) = weights.raw_blocks(name)? {
+            if want == StorageDtype::Blocks(t) {
+                return Ok(bytes);
+            }
+        }
+        let t = weights.get(name, shape, want.dtype(), &Device::Cpu)?;
+        want.tensor_bytes(&t)
     })
+}
+
+/// The storage of tensor `name` (of `shape`) in an engine whose weights are `dtype`:
+/// - a float dtype: every tensor in it;
+/// - a block format: the decoder layers' projections in it (a k-quant whose 256-element super block does not
+///   divide the rows falls back as llama.cpp's quantizer does: Q4_K → Q5_0, Q6_K → Q8_0, …, see
+///   [`crate::model::weight::quant_for_row`]), the embeddings and an untied lm_head in Q8_0 (llama.cpp keeps
+///   its output and embedding tensors at higher precision too), and norms, routers and biases in f32.
+pub fn tensor_storage(name: &str, shape: &[usize], dtype: StorageDtype) -> StorageDtype {
+    let StorageDtype::Blocks(t) = dtype else { return dtype };
+    let cols = shape.last().copied().unwrap_or(0);
+    let block = |t| match crate::model::weight::quant_for_row(t, cols) {
+        Some(t) => StorageDtype::Blocks(t),
+        None => StorageDtype::F32,
+    };
+    if shape.len() != 2 || name.starts_with("model.routers.") || !name.ends_with(".weight") {
+        return StorageDtype::F32;
+    }
+    if name == "model.embed_tokens.weight" || name == "lm_head.weight" {
+        return block(GgmlDType::Q8_0);
+    }
+    if name.contains(".self_attn.") || name.contains(".mlp.") {
+        return block(t);
+    }
+    StorageDtype::F32
 }
 
 /// An opened engine.
