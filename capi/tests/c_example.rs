@@ -6,12 +6,11 @@
 use crate::generation::reference;
 use crate::support::tiny::Tiny;
 use crate::support::*;
-use candle_core::{DType, Device};
 use dlo_runtime::chat::Message;
 use dlo_runtime::generate::{GenerateParams, Generator, SamplingParams};
 use dlo_runtime::model::Routing;
 use dlo_runtime::testing::{found_or_skip, smollm2_gguf};
-use dlo_runtime::{Checkpoint, Model, Tokenizer};
+use dlo_runtime::{Checkpoint, Model, RuntimeOptions, Tokenizer};
 use std::ops::ControlFlow;
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -145,7 +144,8 @@ fn dlo_run_chat(path: &Path, text: &str, max_tokens: usize) -> String {
         .render(&[Message::new("user", text)], true)
         .unwrap();
     let prompt = tok.encode(&rendered, false).unwrap();
-    let m = Model::load(&ck.config, &ck.weights, DType::F32, &Device::Cpu).unwrap();
+    // As dlo-run and the C ABI load it by default: a quantized GGUF runs in its blocks.
+    let m = Model::load_opts(&ck.config, &ck.weights, &RuntimeOptions::default()).unwrap();
     let mut stop_tokens = ck.config.eos_token_ids.clone();
     stop_tokens.extend(&tok.eos_token_ids);
     let params = GenerateParams {
@@ -184,7 +184,7 @@ fn c_example_prints_what_dlo_run_prints_on_smollm2_token_ids() {
     let exe = build_c_example(tmp.path());
     let ck = Checkpoint::open(&gguf).unwrap();
     let ids = [3000u32, 4000, 5000, 600, 700, 800, 9000];
-    let m = Model::load(&ck.config, &ck.weights, DType::F32, &Device::Cpu).unwrap();
+    let m = Model::load_opts(&ck.config, &ck.weights, &RuntimeOptions::default()).unwrap();
     let mut stop_tokens = ck.config.eos_token_ids.clone();
     if let Some(t) = &ck.tokenizer {
         stop_tokens.extend(&t.eos_token_ids);
@@ -221,7 +221,10 @@ fn c_and_python_examples_print_what_dlo_run_prints_on_smollm2_gguf() {
     let q = "What is the capital of France?";
     let args = [gguf.to_str().unwrap(), q, "--chat", "--max-tokens", "32"];
     let want = dlo_run_chat(&gguf, q, 32);
-    assert!(want.contains("Paris"), "{want}");
+    // The Q4_1 file's own weights, run in their blocks, give llama.cpp's greedy answer (llama-completion
+    // --temp 0 on the same file and prompt: "L'Étoile, la Marseillaise, la femme au …"); the same weights
+    // dequantized say "Paris" by a margin of 0.08 logits, which 8-bit activations flip.
+    assert!(want.starts_with("L'Étoile, la Marseillaise"), "{want}");
     assert_eq!(run(Command::new(&exe).args(args)), want);
     if let Some(got) = dlo_run(&[args[0], "--prompt", q, "--chat", "--max-tokens", "32"]) {
         assert_eq!(got, want, "dlo-run");

