@@ -3,6 +3,8 @@
 # transformers, on the same weights at the same precision and thread count (docs/benchmarks.md).
 #
 #   scripts/bench-cpu.sh                    # f32 and bf16, 2 threads, pp128 / tg64
+#   DTYPES="q8_0 q4_1 q4_k_m q4_0" THREADS="1 2" ENGINES="ours llama_cpp" scripts/bench-cpu.sh
+#                                           # quantized weights: both run the same GGUF file in its own blocks
 #   THREADS="1 2" DTYPES="f32" ROUNDS=5 REPS=2 scripts/bench-cpu.sh
 #   PROMPT_TOKENS=4096 GEN_TOKENS=0 DTYPES=f32 ENGINES="ours llama_cpp" RSS_TOKENS=8000 scripts/bench-cpu.sh
 #                                           # long prompts: pp4096 ours vs llama.cpp, and the peak RSS of an
@@ -16,6 +18,9 @@
 # Weights: the Q4_1 GGUF from scripts/fetch-assets.sh, dequantised once: `llama-quantize --allow-requantize`
 # to F32 and BF16 GGUFs for llama.cpp, and scripts/gguf_to_hf.py to an f32 HF directory for us and for HF
 # (bf16 runs cast those f32 values to bf16 at load, as llama-quantize does: round to nearest even).
+# Quantized dtypes (q8_0, q4_0, q4_k_m, …: llama-quantize's type names, lower case) are GGUFs that
+# llama-quantize makes from the F32 GGUF (q4_1 is the shipped file itself); llama.cpp and ours (`dlo-run
+# FILE.gguf --bench`, no --dtype: the file's own blocks) run the same file. HF has no row for them.
 # Ours: `dlo-run MODEL --bench ...` (built from this checkout) when it has --bench, else the bench_forward example.
 # All three measure prefill as one pass over 128 tokens from an empty cache and decode as 64 single-token steps
 # from an empty cache (llama-bench's pp/tg tests), mean of REPS runs after a warm-up. llama.cpp keeps its default
@@ -42,13 +47,19 @@ SMOL=$(bash "$ROOT/scripts/fetch-assets.sh" | sed -n 's/^SMOLLM2_GGUF=//p')
 eval "$(bash "$ROOT/scripts/build-llama-cpp.sh")" # sets LLAMA_BENCH, LLAMA_QUANTIZE
 
 # Same weights for everyone: dequantised GGUFs for llama.cpp, an f32 HF directory for us and HF.
-for ty in F32 BF16; do
-  out="$WORK/smollm2-$(echo "$ty" | tr 'A-Z' 'a-z').gguf"
+is_float() { case "$1" in f32|bf16|f16) return 0 ;; *) return 1 ;; esac; }
+quantize_to() { # source gguf, llama-quantize type → $WORK/smollm2-<type>.gguf
+  local out="$WORK/smollm2-$(echo "$2" | tr 'A-Z' 'a-z').gguf"
   if [ ! -s "$out" ]; then
-    "$LLAMA_QUANTIZE" --allow-requantize "$SMOL" "$out.tmp" "$ty" >"$WORK/quantize-$ty.log" 2>&1 \
-      || { echo "error: llama-quantize to $ty failed, see $WORK/quantize-$ty.log" >&2; exit 1; }
+    "$LLAMA_QUANTIZE" --allow-requantize "$1" "$out.tmp" "$2" >"$WORK/quantize-$2.log" 2>&1 \
+      || { echo "error: llama-quantize to $2 failed, see $WORK/quantize-$2.log" >&2; exit 1; }
     mv "$out.tmp" "$out"
   fi
+}
+for ty in F32 BF16; do quantize_to "$SMOL" "$ty"; done
+ln -sf "$SMOL" "$WORK/smollm2-q4_1.gguf"
+for dt in $DTYPES; do
+  is_float "$dt" || [ "$dt" = q4_1 ] || quantize_to "$WORK/smollm2-f32.gguf" "$(echo "$dt" | tr 'a-z' 'A-Z')"
 done
 HF="$CACHE/smollm2-hf-f32"
 if [ ! -s "$HF/model.safetensors" ]; then
@@ -81,9 +92,15 @@ tg=[r["avg_ts"] for r in rows if r["n_gen"]>0 and r["n_prompt"]==0] or [float("n
 print(f"{pp[0]:.2f} {tg[0]:.2f}")'
 }
 
+# ours' command for a dtype: the f32 HF directory with --dtype, or the quantized GGUF as it is.
+ours_cmd() {
+  if is_float "$1"; then echo "${OURS[*]} --dtype $1"; else echo "$WORK/ours.bin $WORK/smollm2-$1.gguf --bench"; fi
+}
+
 ours() {
   local line
-  line=$("${OURS[@]}" --prompt-tokens "$PP" --gen-tokens "$((TG > 0 ? TG : 1))" --threads "$2" --dtype "$1" \
+  # shellcheck disable=SC2046
+  line=$($(ours_cmd "$1") --prompt-tokens "$PP" --gen-tokens "$((TG > 0 ? TG : 1))" --threads "$2" \
     2>/dev/null | tail -n1)
   local tg
   tg=$(echo "$line" | field decode_tok_s)
@@ -92,6 +109,7 @@ ours() {
 }
 
 hf() {
+  is_float "$1" || { echo "nan nan"; return; }
   local line
   line=$("$PY" "$ROOT/scripts/bench_hf.py" "$HF" --prompt-tokens "$PP" --gen-tokens "$TG" --threads "$2" \
     --dtype "$1" --reps "$REPS" 2>/dev/null | tail -n1)
@@ -147,8 +165,9 @@ if [ -n "$RSS_TOKENS" ]; then
   echo "| threads | dtype | prompt tokens | peak RSS MB | 1-token peak RSS MB | above the 1-token run MB | prefill tok/s |"
   echo "|---|---|---|---|---|---|---|"
   rss() { # dtype threads prompt-tokens → "kB prefill_tok_s"
-    /usr/bin/time -f "%M" -o "$WORK/rss.time" "${OURS[@]}" --prompt-tokens "$3" --gen-tokens 1 --threads "$2" \
-      --dtype "$1" >"$WORK/rss.out" 2>/dev/null
+    # shellcheck disable=SC2046
+    /usr/bin/time -f "%M" -o "$WORK/rss.time" $(ours_cmd "$1") --prompt-tokens "$3" --gen-tokens 1 --threads "$2" \
+      >"$WORK/rss.out" 2>/dev/null
     echo "$(tail -n1 "$WORK/rss.time") $(field prefill_tok_s <"$WORK/rss.out")"
   }
   for t in $THREADS; do
