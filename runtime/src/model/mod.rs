@@ -478,6 +478,53 @@ impl Model {
         layers::wide(self.dtype)
     }
 
+    /// The projection and embedding weights by storage kind: `(kind, tensors, bytes)`, sorted by bytes
+    /// (largest first).
+    pub fn weight_kinds(&self) -> Vec<(weight::WeightKind, usize, usize)> {
+        let mut all: Vec<&Weight> = vec![&self.embed_tokens];
+        all.extend(self.lm_head.iter().map(|h| &h.weight));
+        for l in &self.layers {
+            let (a, m) = (&l.self_attn, &l.mlp);
+            for lin in [&a.q_proj, &a.k_proj, &a.v_proj, &a.o_proj, &m.gate_proj, &m.up_proj, &m.down_proj] {
+                all.push(&lin.weight);
+            }
+        }
+        let mut kinds: Vec<(weight::WeightKind, usize, usize)> = Vec::new();
+        for w in all {
+            let k = w.kind();
+            match kinds.iter_mut().find(|(kk, _, _)| *kk == k) {
+                Some(e) => {
+                    e.1 += 1;
+                    e.2 += w.storage_bytes();
+                }
+                None => kinds.push((k, 1, w.storage_bytes())),
+            }
+        }
+        kinds.sort_by_key(|&(_, _, b)| std::cmp::Reverse(b));
+        kinds
+    }
+
+    /// Weight bytes one decode step reads with every unit executing: every projection and the lm_head (the
+    /// embedding table when tied); an embedding lookup reads one row, which is left out.
+    pub fn bytes_per_token(&self) -> usize {
+        let head = match &self.lm_head {
+            Some(h) => h.weight.storage_bytes(),
+            None => self.embed_tokens.storage_bytes(),
+        };
+        let layers: usize = self
+            .layers
+            .iter()
+            .map(|l| {
+                let (a, m) = (&l.self_attn, &l.mlp);
+                [&a.q_proj, &a.k_proj, &a.v_proj, &a.o_proj, &m.gate_proj, &m.up_proj, &m.down_proj]
+                    .iter()
+                    .map(|lin| lin.weight.storage_bytes())
+                    .sum::<usize>()
+            })
+            .sum();
+        head + layers
+    }
+
     /// All dense tensors of the model by HF name (a tied lm_head is not repeated), e.g. to save a checkpoint.
     /// Quantized weights are not listed: they have no dense tensor.
     pub fn named_tensors(&self) -> Vec<(String, Tensor)> {
