@@ -421,7 +421,7 @@ fn tile_fn_for(t: BlockType, isa: Isa) -> TileFn {
 
 /// AVX-512 VNNI with 256-bit vectors (`vpdpbusd`: one instruction per 32-byte dot product, no saturation).
 #[cfg(target_arch = "x86_64")]
-fn has_vnni() -> bool {
+pub(crate) fn has_vnni() -> bool {
     use std::sync::OnceLock;
     static HAS: OnceLock<bool> = OnceLock::new();
     *HAS.get_or_init(|| {

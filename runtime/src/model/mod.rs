@@ -485,7 +485,15 @@ impl Model {
         all.extend(self.lm_head.iter().map(|h| &h.weight));
         for l in &self.layers {
             let (a, m) = (&l.self_attn, &l.mlp);
-            for lin in [&a.q_proj, &a.k_proj, &a.v_proj, &a.o_proj, &m.gate_proj, &m.up_proj, &m.down_proj] {
+            for lin in [
+                &a.q_proj,
+                &a.k_proj,
+                &a.v_proj,
+                &a.o_proj,
+                &m.gate_proj,
+                &m.up_proj,
+                &m.down_proj,
+            ] {
                 all.push(&lin.weight);
             }
         }
@@ -516,10 +524,18 @@ impl Model {
             .iter()
             .map(|l| {
                 let (a, m) = (&l.self_attn, &l.mlp);
-                [&a.q_proj, &a.k_proj, &a.v_proj, &a.o_proj, &m.gate_proj, &m.up_proj, &m.down_proj]
-                    .iter()
-                    .map(|lin| lin.weight.storage_bytes())
-                    .sum::<usize>()
+                [
+                    &a.q_proj,
+                    &a.k_proj,
+                    &a.v_proj,
+                    &a.o_proj,
+                    &m.gate_proj,
+                    &m.up_proj,
+                    &m.down_proj,
+                ]
+                .iter()
+                .map(|lin| lin.weight.storage_bytes())
+                .sum::<usize>()
             })
             .sum();
         head + layers

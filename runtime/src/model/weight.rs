@@ -70,11 +70,14 @@ pub struct QuantWeight {
 
 #[derive(Debug, Clone)]
 enum QData {
-    /// The 32-element block formats, multiplied by [`kernels::quant`] straight from `bytes[start..]`.
+    /// The 32-element block formats, multiplied by [`kernels::quant`] straight from `bytes[start..]`, or by
+    /// [`kernels::packed`] when `packed` (eight-row interleaved groups; `start` and the row count are then
+    /// multiples of 8 rows).
     Blocks {
         ty: BlockType,
         bytes: Arc<BlockBytes>,
         start: usize,
+        packed: bool,
     },
     /// The k-quants, multiplied by candle's kernels; `rows` is this weight's range of `q`'s rows.
     Candle {
@@ -151,7 +154,16 @@ impl Weight {
         let Some(bt) = BlockType::of(ty) else {
             return Self::quantized(qtensor_from_bytes(&bytes, ty, &[out, inp], &Device::Cpu)?);
         };
-        Ok(Weight::Quantized(QuantWeight {
+        // Eight-row interleaved blocks where the CPU has the kernel for them (kernels::packed).
+        if kernels::packed::supported(bt) && out.is_multiple_of(kernels::packed::ROWS) {
+            let packed = kernels::packed::pack(bt, &bytes, out, inp);
+            return Ok(Self::blocks_weight(ty, bt, out, inp, BlockBytes::Owned(packed), true));
+        }
+        Ok(Self::blocks_weight(ty, bt, out, inp, bytes, false))
+    }
+
+    fn blocks_weight(ty: GgmlDType, bt: BlockType, out: usize, inp: usize, bytes: BlockBytes, packed: bool) -> Self {
+        Weight::Quantized(QuantWeight {
             ty,
             out,
             inp,
@@ -159,8 +171,9 @@ impl Weight {
                 ty: bt,
                 bytes: Arc::new(bytes),
                 start: 0,
+                packed,
             },
-        }))
+        })
     }
 
     /// What the weight is stored as.
@@ -259,10 +272,35 @@ impl Weight {
                     candle_core::bail!("rows {off}..{} of a {}-row weight", off + n, q.out);
                 }
                 let data = match &q.data {
-                    QData::Blocks { ty, bytes, start } => QData::Blocks {
+                    QData::Blocks { ty, packed: true, .. }
+                        if !(off.is_multiple_of(kernels::packed::ROWS) && n.is_multiple_of(kernels::packed::ROWS)) =>
+                    {
+                        // Rows that split a packed group: copy them out in ggml's row layout.
+                        let (_, w, _) = q.blocks().expect("block data");
+                        let rb = ty.row_bytes(q.inp);
+                        let mut bytes = vec![0u8; n * rb];
+                        for (r, dst) in bytes.chunks_exact_mut(rb).enumerate() {
+                            kernels::packed::unpack_row(*ty, w, off + r, q.inp, dst);
+                        }
+                        return Ok(Self::blocks_weight(
+                            q.ty,
+                            *ty,
+                            n,
+                            q.inp,
+                            BlockBytes::Owned(bytes),
+                            false,
+                        ));
+                    }
+                    QData::Blocks {
+                        ty,
+                        bytes,
+                        start,
+                        packed,
+                    } => QData::Blocks {
                         ty: *ty,
                         bytes: bytes.clone(),
                         start: start + off * ty.row_bytes(q.inp),
+                        packed: *packed,
                     },
                     QData::Candle { q: t, rows } => QData::Candle {
                         q: t.clone(),
@@ -285,12 +323,15 @@ impl QuantWeight {
         self.ty
     }
 
-    /// This weight's bytes, for the 32-element block formats.
-    fn blocks(&self) -> Option<(BlockType, &[u8])> {
+    /// This weight's bytes, for the 32-element block formats, and whether they are packed.
+    fn blocks(&self) -> Option<(BlockType, &[u8], bool)> {
         match &self.data {
-            QData::Blocks { ty, bytes, start } => {
-                Some((*ty, &bytes[*start..*start + self.out * ty.row_bytes(self.inp)]))
-            }
+            QData::Blocks {
+                ty,
+                bytes,
+                start,
+                packed,
+            } => Some((*ty, &bytes[*start..*start + self.out * ty.row_bytes(self.inp)], *packed)),
             QData::Candle { .. } => None,
         }
     }
@@ -308,10 +349,14 @@ impl QuantWeight {
         };
         let y = match &self.data {
             QData::Blocks { .. } => {
-                let (ty, w) = self.blocks().expect("block data");
+                let (ty, w, packed) = self.blocks().expect("block data");
                 let rows = xf.dim(0)?;
                 let (st, layout) = xf.storage_and_layout();
                 let y = match (&*st, layout.contiguous_offsets()) {
+                    (candle_core::Storage::Cpu(candle_core::CpuStorage::F32(v)), Some((a, b))) if packed => {
+                        let act = kernels::quant::quantize_activations(&v[a..b], self.inp);
+                        kernels::packed::matmul(ty, w, self.out, self.inp, &act, rows)
+                    }
                     (candle_core::Storage::Cpu(candle_core::CpuStorage::F32(v)), Some((a, b))) => {
                         kernels::quant::matmul(ty, w, self.out, self.inp, &v[a..b], rows)
                     }
@@ -335,16 +380,22 @@ impl QuantWeight {
     fn rows(&self, ids: &Tensor) -> candle_core::Result<Tensor> {
         match &self.data {
             QData::Blocks { .. } => {
-                let (ty, w) = self.blocks().expect("block data");
+                let (ty, w, packed) = self.blocks().expect("block data");
                 let ids: Vec<u32> = ids.flatten_all()?.to_dtype(DType::U32)?.to_vec1()?;
                 let rb = ty.row_bytes(self.inp);
                 let mut out = vec![0f32; ids.len() * self.inp];
+                let mut row = vec![0u8; rb];
                 for (&id, dst) in ids.iter().zip(out.chunks_exact_mut(self.inp)) {
                     let id = id as usize;
                     if id >= self.out {
                         candle_core::bail!("row {id} of a {}-row weight", self.out);
                     }
-                    kernels::quant::dequantize_row(ty, &w[id * rb..(id + 1) * rb], dst);
+                    if packed {
+                        kernels::packed::unpack_row(ty, w, id, self.inp, &mut row);
+                        kernels::quant::dequantize_row(ty, &row, dst);
+                    } else {
+                        kernels::quant::dequantize_row(ty, &w[id * rb..(id + 1) * rb], dst);
+                    }
                 }
                 Tensor::from_vec(out, (ids.len(), self.inp), &Device::Cpu)
             }
@@ -381,7 +432,11 @@ impl QuantWeight {
             }
         }
         let Some(first) = qs.first() else { return Ok(None) };
-        if qs.iter().any(|q| q.ty != first.ty || q.inp != first.inp) {
+        let (bt, _, packed) = first.blocks().expect("block data");
+        if qs
+            .iter()
+            .any(|q| q.ty != first.ty || q.inp != first.inp || q.blocks().expect("block data").2 != packed)
+        {
             return Ok(None);
         }
         let mut bytes = Vec::new();
@@ -389,12 +444,15 @@ impl QuantWeight {
             bytes.extend_from_slice(q.blocks().expect("block data").1);
         }
         let out = qs.iter().map(|q| q.out).sum();
-        Ok(Some(Weight::from_blocks(
+        // Packed parts are whole groups, so their concatenation is the packed stack.
+        Ok(Some(Weight::blocks_weight(
             first.ty,
+            bt,
             out,
             first.inp,
             BlockBytes::Owned(bytes),
-        )?))
+            packed,
+        )))
     }
 }
 

@@ -1,0 +1,303 @@
+//! Q4_0, Q4_1 and Q8_0 weights repacked eight rows at a time, for AVX-512 VNNI.
+//!
+//! [`super::quant`] dots one weight row with one activation row, so every 32-element block ends in a
+//! horizontal sum. Here eight rows are interleaved (as llama.cpp's `repack.cpp` does for Q4_0): for a group of
+//! 8 rows and one block index, the 8 scales are contiguous, then the quants so that 4 consecutive bytes of a
+//! 32-byte vector belong to one row. `vpdpbusd` of such a vector with 4 activation bytes broadcast to every lane
+//! then adds each row's partial dot product to its own lane: the 8 lanes *are* the 8 outputs, the scales are a
+//! vector, and no horizontal sum is left.
+//!
+//! Group layout, per block index `i` (`gb` bytes, the same total as the 8 original blocks):
+//! - Q4_0: `d[8]` (f16), then 4 × 32 quant bytes; Q4_1: `d[8]`, `m[8]`, then 4 × 32.
+//!   Vector `k` holds bytes `4k..4k+4` of each row's 16 nibble bytes: low nibbles are elements `4k..4k+4`,
+//!   high nibbles elements `16+4k..16+4k+4`.
+//! - Q8_0: `d[8]`, then 8 × 32 bytes; vector `k` holds each row's quants `4k..4k+4`, stored `q ^ 0x80` (= q + 128
+//!   as an unsigned byte, which `vpdpbusd` needs; the 128 · Σx it adds is subtracted through the scales).
+
+use super::quant::{ActBlock, BlockType, BLOCK};
+
+/// Rows per group.
+pub const ROWS: usize = 8;
+
+/// Whether `t` has a packed form and this CPU runs its kernel.
+pub fn supported(t: BlockType) -> bool {
+    matches!(t, BlockType::Q4_0 | BlockType::Q4_1 | BlockType::Q8_0) && has_kernel()
+}
+
+fn has_kernel() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        super::quant::has_vnni()
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
+/// Bytes of one group block: 8 × the original block.
+pub const fn group_block_bytes(t: BlockType) -> usize {
+    ROWS * t.block_bytes()
+}
+
+/// Repacks `out` rows (a multiple of [`ROWS`]) of `inp` columns from ggml's row-major blocks.
+pub fn pack(t: BlockType, src: &[u8], out: usize, inp: usize) -> Vec<u8> {
+    assert!(out.is_multiple_of(ROWS) && inp.is_multiple_of(BLOCK) && supported_type(t));
+    let (nb, bb, gb) = (inp / BLOCK, t.block_bytes(), group_block_bytes(t));
+    let rb = nb * bb;
+    let mut dst = vec![0u8; src.len()];
+    for g in 0..out / ROWS {
+        for i in 0..nb {
+            let o = (g * nb + i) * gb;
+            let d = &mut dst[o..o + gb];
+            for r in 0..ROWS {
+                let b = &src[(g * ROWS + r) * rb + i * bb..][..bb];
+                d[2 * r..2 * r + 2].copy_from_slice(&b[0..2]);
+                match t {
+                    BlockType::Q4_0 => {
+                        for k in 0..4 {
+                            d[16 + 32 * k + 4 * r..][..4].copy_from_slice(&b[2 + 4 * k..2 + 4 * k + 4]);
+                        }
+                    }
+                    BlockType::Q4_1 => {
+                        d[16 + 2 * r..16 + 2 * r + 2].copy_from_slice(&b[2..4]);
+                        for k in 0..4 {
+                            d[32 + 32 * k + 4 * r..][..4].copy_from_slice(&b[4 + 4 * k..4 + 4 * k + 4]);
+                        }
+                    }
+                    _ => {
+                        for k in 0..8 {
+                            for p in 0..4 {
+                                d[16 + 32 * k + 4 * r + p] = b[2 + 4 * k + p] ^ 0x80;
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+    dst
+}
+
+fn supported_type(t: BlockType) -> bool {
+    matches!(t, BlockType::Q4_0 | BlockType::Q4_1 | BlockType::Q8_0)
+}
+
+/// Row `row` of packed weights (`inp` columns) back in ggml's block layout (for embedding lookups).
+pub fn unpack_row(t: BlockType, packed: &[u8], row: usize, inp: usize, dst: &mut [u8]) {
+    let (nb, bb, gb) = (inp / BLOCK, t.block_bytes(), group_block_bytes(t));
+    let (g, r) = (row / ROWS, row % ROWS);
+    for i in 0..nb {
+        let d = &packed[(g * nb + i) * gb..][..gb];
+        let b = &mut dst[i * bb..(i + 1) * bb];
+        b[0..2].copy_from_slice(&d[2 * r..2 * r + 2]);
+        match t {
+            BlockType::Q4_0 => {
+                for k in 0..4 {
+                    b[2 + 4 * k..2 + 4 * k + 4].copy_from_slice(&d[16 + 32 * k + 4 * r..][..4]);
+                }
+            }
+            BlockType::Q4_1 => {
+                b[2..4].copy_from_slice(&d[16 + 2 * r..16 + 2 * r + 2]);
+                for k in 0..4 {
+                    b[4 + 4 * k..4 + 4 * k + 4].copy_from_slice(&d[32 + 32 * k + 4 * r..][..4]);
+                }
+            }
+            _ => {
+                for k in 0..8 {
+                    for p in 0..4 {
+                        b[2 + 4 * k + p] = d[16 + 32 * k + 4 * r + p] ^ 0x80;
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// `y = x Wᵀ` for packed `w` (`out` rows, `inp` columns) and activation blocks `act` (`rows` rows): returns
+/// `[rows, out]`. The groups are split over the rayon pool.
+pub fn matmul(t: BlockType, w: &[u8], out: usize, inp: usize, act: &[ActBlock], rows: usize) -> Vec<f32> {
+    use rayon::prelude::*;
+    assert!(has_kernel() && supported_type(t));
+    let nb = inp / BLOCK;
+    let gstride = nb * group_block_bytes(t);
+    assert_eq!(w.len(), out / ROWS * gstride);
+    assert_eq!(act.len(), rows * nb);
+    let mut y = vec![0f32; rows * out];
+    let dst = Dst(y.as_mut_ptr());
+    let groups = out / ROWS;
+    let run = |range: std::ops::Range<usize>| {
+        for g in range {
+            let wg = &w[g * gstride..(g + 1) * gstride];
+            let mut r = 0;
+            while r < rows {
+                let na = (rows - r).min(2);
+                let mut res = [[0f32; ROWS]; 2];
+                #[cfg(target_arch = "x86_64")]
+                // SAFETY: `has_kernel` checked the CPU; `wg` is one group of `nb` blocks, `act` holds rows r..r+na.
+                unsafe {
+                    match (t, na) {
+                        (BlockType::Q4_0, 1) => vnni::group::<0, 1>(wg, &act[r * nb..], nb, &mut res),
+                        (BlockType::Q4_0, _) => vnni::group::<0, 2>(wg, &act[r * nb..], nb, &mut res),
+                        (BlockType::Q4_1, 1) => vnni::group::<1, 1>(wg, &act[r * nb..], nb, &mut res),
+                        (BlockType::Q4_1, _) => vnni::group::<1, 2>(wg, &act[r * nb..], nb, &mut res),
+                        (_, 1) => vnni::group::<2, 1>(wg, &act[r * nb..], nb, &mut res),
+                        (_, _) => vnni::group::<2, 2>(wg, &act[r * nb..], nb, &mut res),
+                    }
+                }
+                for (k, row) in res.iter().enumerate().take(na) {
+                    // SAFETY: group g alone writes columns g·8..g·8+8; the row index is below `rows`.
+                    unsafe {
+                        std::ptr::copy_nonoverlapping(row.as_ptr(), dst.get().add((r + k) * out + g * ROWS), ROWS);
+                    }
+                }
+                r += na;
+            }
+        }
+    };
+    let threads = rayon::current_num_threads().max(1);
+    let piece = groups.div_ceil(threads * 8).max(1);
+    (0..groups.div_ceil(piece))
+        .into_par_iter()
+        .for_each(|p| run(p * piece..groups.min((p + 1) * piece)));
+    y
+}
+
+#[derive(Clone, Copy)]
+struct Dst(*mut f32);
+// SAFETY: workers write disjoint column ranges of `y` (see `matmul`), which outlives the parallel loop.
+unsafe impl Send for Dst {}
+unsafe impl Sync for Dst {}
+impl Dst {
+    fn get(self) -> *mut f32 {
+        self.0
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod vnni {
+    use super::super::quant::ActBlock;
+    use std::arch::x86_64::*;
+
+    /// `T`: 0 = Q4_0, 1 = Q4_1, 2 = Q8_0; `NA` activation rows (1 or 2). `res[r][j]` = dot of row j of the
+    /// group with activation row r.
+    ///
+    /// # Safety
+    /// AVX-512 VNNI/VL/BW, AVX2, FMA and F16C; `w` holds `nb` group blocks, `act` `NA · nb` blocks.
+    #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
+    pub unsafe fn group<const T: usize, const NA: usize>(
+        w: &[u8],
+        act: &[ActBlock],
+        nb: usize,
+        res: &mut [[f32; 8]; 2],
+    ) {
+        let gb: usize = match T {
+            0 => 144,
+            1 => 160,
+            _ => 272,
+        };
+        let hdr: usize = if T == 1 { 32 } else { 16 };
+        debug_assert!(w.len() >= nb * gb && act.len() >= NA * nb);
+        let zero: f32 = match T {
+            0 => -8.0,
+            1 => 0.0,
+            _ => -128.0,
+        };
+        let mask = _mm256_set1_epi8(0x0F);
+        let mut acc = [_mm256_setzero_ps(); NA];
+        let mut corr = [_mm256_setzero_ps(); NA];
+        let wp = w.as_ptr();
+        for i in 0..nb {
+            let b = wp.add(i * gb);
+            let d = _mm256_cvtph_ps(_mm_loadu_si128(b as *const __m128i));
+            let c = if T == 1 {
+                _mm256_cvtph_ps(_mm_loadu_si128(b.add(16) as *const __m128i))
+            } else {
+                _mm256_mul_ps(d, _mm256_set1_ps(zero))
+            };
+            let q = b.add(hdr);
+            // The 8 quant vectors: element groups 0..8 (4 elements each) of all 8 rows.
+            let mut v = [_mm256_setzero_si256(); 8];
+            if T == 2 {
+                for (k, vk) in v.iter_mut().enumerate() {
+                    *vk = _mm256_loadu_si256(q.add(32 * k) as *const __m256i);
+                }
+            } else {
+                for k in 0..4 {
+                    let p = _mm256_loadu_si256(q.add(32 * k) as *const __m256i);
+                    v[k] = _mm256_and_si256(p, mask);
+                    v[k + 4] = _mm256_and_si256(_mm256_srli_epi16(p, 4), mask);
+                }
+            }
+            for r in 0..NA {
+                let a = &*act.as_ptr().add(r * nb + i);
+                let x = a.q.as_ptr() as *const i32;
+                // Four independent accumulation chains (vpdpbusd has a 5-cycle latency).
+                let mut s0 = _mm256_dpbusd_epi32(_mm256_setzero_si256(), v[0], _mm256_set1_epi32(x.read_unaligned()));
+                let mut s1 = _mm256_dpbusd_epi32(
+                    _mm256_setzero_si256(),
+                    v[1],
+                    _mm256_set1_epi32(x.add(1).read_unaligned()),
+                );
+                let mut s2 = _mm256_dpbusd_epi32(
+                    _mm256_setzero_si256(),
+                    v[2],
+                    _mm256_set1_epi32(x.add(2).read_unaligned()),
+                );
+                let mut s3 = _mm256_dpbusd_epi32(
+                    _mm256_setzero_si256(),
+                    v[3],
+                    _mm256_set1_epi32(x.add(3).read_unaligned()),
+                );
+                s0 = _mm256_dpbusd_epi32(s0, v[4], _mm256_set1_epi32(x.add(4).read_unaligned()));
+                s1 = _mm256_dpbusd_epi32(s1, v[5], _mm256_set1_epi32(x.add(5).read_unaligned()));
+                s2 = _mm256_dpbusd_epi32(s2, v[6], _mm256_set1_epi32(x.add(6).read_unaligned()));
+                s3 = _mm256_dpbusd_epi32(s3, v[7], _mm256_set1_epi32(x.add(7).read_unaligned()));
+                let s = _mm256_add_epi32(_mm256_add_epi32(s0, s1), _mm256_add_epi32(s2, s3));
+                acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s), _mm256_mul_ps(d, _mm256_set1_ps(a.d)), acc[r]);
+                corr[r] = _mm256_fmadd_ps(c, _mm256_set1_ps(a.s), corr[r]);
+            }
+        }
+        for r in 0..NA {
+            _mm256_storeu_ps(res[r].as_mut_ptr(), _mm256_add_ps(acc[r], corr[r]));
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::quant::{self, quantize_activations, quantize_row};
+    use super::*;
+
+    /// Packing is lossless (every row unpacks to its ggml bytes), and the packed kernel gives the row kernel's
+    /// products, for 1, 2 and 5 activation rows.
+    #[test]
+    fn packed_products_equal_the_row_kernels() {
+        let (out, inp) = (24, 96);
+        for t in [BlockType::Q4_0, BlockType::Q4_1, BlockType::Q8_0] {
+            let w = crate::testing::XorShift::new(3).symmetric_vec(out * inp, 1.0, 0.1);
+            let rb = t.row_bytes(inp);
+            let mut blocks = vec![0u8; out * rb];
+            for (src, dst) in w.chunks(inp).zip(blocks.chunks_mut(rb)) {
+                quantize_row(t, src, dst);
+            }
+            let packed = pack(t, &blocks, out, inp);
+            let mut row = vec![0u8; rb];
+            for r in 0..out {
+                unpack_row(t, &packed, r, inp, &mut row);
+                assert_eq!(row, blocks[r * rb..(r + 1) * rb], "{t:?} row {r}");
+            }
+            if !supported(t) {
+                continue;
+            }
+            for rows in [1, 2, 5] {
+                let x = crate::testing::XorShift::new(4).symmetric_vec(rows * inp, 1.0, 0.0);
+                let want = quant::matmul(t, &blocks, out, inp, &x, rows);
+                let got = matmul(t, &packed, out, inp, &quantize_activations(&x, inp), rows);
+                for (g, w) in got.iter().zip(&want) {
+                    assert!((g - w).abs() <= 1e-4 * (1.0 + w.abs()), "{t:?} rows {rows}: {g} vs {w}");
+                }
+            }
+        }
+    }
+}
