@@ -13,15 +13,18 @@
 //!   high nibbles elements `16+4k..16+4k+4`.
 //! - Q8_0: `d[8]`, then 8 × 32 bytes; vector `k` holds each row's quants `4k..4k+4`, stored `q ^ 0x80` (= q + 128
 //!   as an unsigned byte, which `vpdpbusd` needs; the 128 · Σx it adds is subtracted through the scales).
+//! - Q5_0: `d[8]`, 8 × u32 high-bit masks, then the 4 × 32 nibble bytes as for Q4; Q5_1: `d[8]`, `m[8]`, masks,
+//!   nibbles. Mask `k` has bit `4r + p` set when element `p` of nibble vector `k` (low nibbles for `k < 4`, high
+//!   nibbles of vector `k − 4` otherwise) of row `r` has its fifth bit; `vpmovm2b` turns it into bytes.
 
 use super::quant::{ActBlock, BlockType, BLOCK};
 
 /// Rows per group.
 pub const ROWS: usize = 8;
 
-/// Whether `t` has a packed form and this CPU runs its kernel.
-pub fn supported(t: BlockType) -> bool {
-    matches!(t, BlockType::Q4_0 | BlockType::Q4_1 | BlockType::Q8_0) && has_kernel()
+/// Whether this CPU runs the packed kernel for `t` (every 32-element block format has a packed form).
+pub fn supported(_t: BlockType) -> bool {
+    has_kernel()
 }
 
 fn has_kernel() -> bool {
@@ -42,7 +45,7 @@ pub const fn group_block_bytes(t: BlockType) -> usize {
 
 /// Repacks `out` rows (a multiple of [`ROWS`]) of `inp` columns from ggml's row-major blocks.
 pub fn pack(t: BlockType, src: &[u8], out: usize, inp: usize) -> Vec<u8> {
-    assert!(out.is_multiple_of(ROWS) && inp.is_multiple_of(BLOCK) && supported_type(t));
+    assert!(out.is_multiple_of(ROWS) && inp.is_multiple_of(BLOCK));
     let (nb, bb, gb) = (inp / BLOCK, t.block_bytes(), group_block_bytes(t));
     let rb = nb * bb;
     let mut dst = vec![0u8; src.len()];
@@ -65,11 +68,35 @@ pub fn pack(t: BlockType, src: &[u8], out: usize, inp: usize) -> Vec<u8> {
                             d[32 + 32 * k + 4 * r..][..4].copy_from_slice(&b[4 + 4 * k..4 + 4 * k + 4]);
                         }
                     }
-                    _ => {
+                    BlockType::Q8_0 => {
                         for k in 0..8 {
                             for p in 0..4 {
                                 d[16 + 32 * k + 4 * r + p] = b[2 + 4 * k + p] ^ 0x80;
                             }
+                        }
+                    }
+                    BlockType::Q5_0 | BlockType::Q5_1 => {
+                        let (hdr, qs) = if t == BlockType::Q5_1 {
+                            d[16 + 2 * r..16 + 2 * r + 2].copy_from_slice(&b[2..4]);
+                            (32, 4)
+                        } else {
+                            (16, 2)
+                        };
+                        let qh = u32::from_le_bytes([b[qs], b[qs + 1], b[qs + 2], b[qs + 3]]);
+                        for k in 0..8 {
+                            let mut m = u32::from_le_bytes([
+                                d[hdr + 4 * k],
+                                d[hdr + 4 * k + 1],
+                                d[hdr + 4 * k + 2],
+                                d[hdr + 4 * k + 3],
+                            ]);
+                            for p in 0..4 {
+                                m |= ((qh >> element(k, p)) & 1) << (4 * r + p);
+                            }
+                            d[hdr + 4 * k..hdr + 4 * k + 4].copy_from_slice(&m.to_le_bytes());
+                        }
+                        for k in 0..4 {
+                            d[hdr + 32 + 32 * k + 4 * r..][..4].copy_from_slice(&b[qs + 4 + 4 * k..qs + 8 + 4 * k]);
                         }
                     }
                 }
@@ -79,8 +106,14 @@ pub fn pack(t: BlockType, src: &[u8], out: usize, inp: usize) -> Vec<u8> {
     dst
 }
 
-fn supported_type(t: BlockType) -> bool {
-    matches!(t, BlockType::Q4_0 | BlockType::Q4_1 | BlockType::Q8_0)
+/// The element of a row that byte `p` of nibble vector `k` holds (`k < 4`: low nibbles of bytes `4k..4k+4`,
+/// else the high nibbles of bytes `4(k−4)..`).
+const fn element(k: usize, p: usize) -> usize {
+    if k < 4 {
+        4 * k + p
+    } else {
+        16 + 4 * (k - 4) + p
+    }
 }
 
 /// Row `row` of packed weights (`inp` columns) back in ggml's block layout (for embedding lookups).
@@ -103,11 +136,35 @@ pub fn unpack_row(t: BlockType, packed: &[u8], row: usize, inp: usize, dst: &mut
                     b[4 + 4 * k..4 + 4 * k + 4].copy_from_slice(&d[32 + 32 * k + 4 * r..][..4]);
                 }
             }
-            _ => {
+            BlockType::Q8_0 => {
                 for k in 0..8 {
                     for p in 0..4 {
                         b[2 + 4 * k + p] = d[16 + 32 * k + 4 * r + p] ^ 0x80;
                     }
+                }
+            }
+            BlockType::Q5_0 | BlockType::Q5_1 => {
+                let (hdr, qs) = if t == BlockType::Q5_1 {
+                    b[2..4].copy_from_slice(&d[16 + 2 * r..16 + 2 * r + 2]);
+                    (32, 4)
+                } else {
+                    (16, 2)
+                };
+                let mut qh = 0u32;
+                for k in 0..8 {
+                    let m = u32::from_le_bytes([
+                        d[hdr + 4 * k],
+                        d[hdr + 4 * k + 1],
+                        d[hdr + 4 * k + 2],
+                        d[hdr + 4 * k + 3],
+                    ]);
+                    for p in 0..4 {
+                        qh |= ((m >> (4 * r + p)) & 1) << element(k, p);
+                    }
+                }
+                b[qs..qs + 4].copy_from_slice(&qh.to_le_bytes());
+                for k in 0..4 {
+                    b[qs + 4 + 4 * k..qs + 8 + 4 * k].copy_from_slice(&d[hdr + 32 + 32 * k + 4 * r..][..4]);
                 }
             }
         }
@@ -118,7 +175,7 @@ pub fn unpack_row(t: BlockType, packed: &[u8], row: usize, inp: usize, dst: &mut
 /// `[rows, out]`. The groups are split over the rayon pool.
 pub fn matmul(t: BlockType, w: &[u8], out: usize, inp: usize, act: &[ActBlock], rows: usize) -> Vec<f32> {
     use rayon::prelude::*;
-    assert!(has_kernel() && supported_type(t));
+    assert!(has_kernel());
     let nb = inp / BLOCK;
     let gstride = nb * group_block_bytes(t);
     assert_eq!(w.len(), out / ROWS * gstride);
@@ -141,8 +198,12 @@ pub fn matmul(t: BlockType, w: &[u8], out: usize, inp: usize, act: &[ActBlock], 
                         (BlockType::Q4_0, _) => vnni::group::<0, 2>(wg, &act[r * nb..], nb, &mut res),
                         (BlockType::Q4_1, 1) => vnni::group::<1, 1>(wg, &act[r * nb..], nb, &mut res),
                         (BlockType::Q4_1, _) => vnni::group::<1, 2>(wg, &act[r * nb..], nb, &mut res),
-                        (_, 1) => vnni::group::<2, 1>(wg, &act[r * nb..], nb, &mut res),
-                        (_, _) => vnni::group::<2, 2>(wg, &act[r * nb..], nb, &mut res),
+                        (BlockType::Q8_0, 1) => vnni::group::<2, 1>(wg, &act[r * nb..], nb, &mut res),
+                        (BlockType::Q8_0, _) => vnni::group::<2, 2>(wg, &act[r * nb..], nb, &mut res),
+                        (BlockType::Q5_0, 1) => vnni::group::<3, 1>(wg, &act[r * nb..], nb, &mut res),
+                        (BlockType::Q5_0, _) => vnni::group::<3, 2>(wg, &act[r * nb..], nb, &mut res),
+                        (BlockType::Q5_1, 1) => vnni::group::<4, 1>(wg, &act[r * nb..], nb, &mut res),
+                        (BlockType::Q5_1, _) => vnni::group::<4, 2>(wg, &act[r * nb..], nb, &mut res),
                     }
                 }
                 for (k, row) in res.iter().enumerate().take(na) {
@@ -179,7 +240,7 @@ mod vnni {
     use super::super::quant::ActBlock;
     use std::arch::x86_64::*;
 
-    /// `T`: 0 = Q4_0, 1 = Q4_1, 2 = Q8_0; `NA` activation rows (1 or 2). `res[r][j]` = dot of row j of the
+    /// `T`: 0 = Q4_0, 1 = Q4_1, 2 = Q8_0, 3 = Q5_0, 4 = Q5_1; `NA` activation rows (1 or 2). `res[r][j]` = dot of row j of the
     /// group with activation row r.
     ///
     /// # Safety
@@ -194,14 +255,23 @@ mod vnni {
         let gb: usize = match T {
             0 => 144,
             1 => 160,
-            _ => 272,
+            2 => 272,
+            3 => 176,
+            _ => 192,
         };
-        let hdr: usize = if T == 1 { 32 } else { 16 };
+        // Where the quant vectors start; Q5's high-bit masks sit just before them.
+        let hdr: usize = match T {
+            0 | 2 => 16,
+            1 => 32,
+            3 => 48,
+            _ => 64,
+        };
         debug_assert!(w.len() >= nb * gb && act.len() >= NA * nb);
         let zero: f32 = match T {
             0 => -8.0,
-            1 => 0.0,
-            _ => -128.0,
+            2 => -128.0,
+            3 => -16.0,
+            _ => 0.0,
         };
         let mask = _mm256_set1_epi8(0x0F);
         let mut acc = [_mm256_setzero_ps(); NA];
@@ -210,7 +280,7 @@ mod vnni {
         for i in 0..nb {
             let b = wp.add(i * gb);
             let d = _mm256_cvtph_ps(_mm_loadu_si128(b as *const __m128i));
-            let c = if T == 1 {
+            let c = if T == 1 || T == 4 {
                 _mm256_cvtph_ps(_mm_loadu_si128(b.add(16) as *const __m128i))
             } else {
                 _mm256_mul_ps(d, _mm256_set1_ps(zero))
@@ -227,6 +297,14 @@ mod vnni {
                     let p = _mm256_loadu_si256(q.add(32 * k) as *const __m256i);
                     v[k] = _mm256_and_si256(p, mask);
                     v[k + 4] = _mm256_and_si256(_mm256_srli_epi16(p, 4), mask);
+                }
+                if T >= 3 {
+                    let hi = _mm256_set1_epi8(0x10);
+                    let masks = q.sub(32) as *const u32;
+                    for (k, vk) in v.iter_mut().enumerate() {
+                        let m = _mm256_movm_epi8(masks.add(k).read_unaligned());
+                        *vk = _mm256_or_si256(*vk, _mm256_and_si256(m, hi));
+                    }
                 }
             }
             for r in 0..NA {
@@ -274,7 +352,13 @@ mod tests {
     #[test]
     fn packed_products_equal_the_row_kernels() {
         let (out, inp) = (24, 96);
-        for t in [BlockType::Q4_0, BlockType::Q4_1, BlockType::Q8_0] {
+        for t in [
+            BlockType::Q4_0,
+            BlockType::Q4_1,
+            BlockType::Q8_0,
+            BlockType::Q5_0,
+            BlockType::Q5_1,
+        ] {
             let w = crate::testing::XorShift::new(3).symmetric_vec(out * inp, 1.0, 0.1);
             let rb = t.row_bytes(inp);
             let mut blocks = vec![0u8; out * rb];
