@@ -56,6 +56,10 @@ struct Args {
     /// GGUF's Q4_1, a Q8_0 engine) run in their blocks; with it they are dequantized.
     #[arg(long, value_parser = ["f32", "bf16", "f64"])]
     dtype: Option<String>,
+    /// Storage of the KV cache (default: the compute dtype). f16 (llama.cpp's default) halves its memory; K/V
+    /// are widened back to the compute dtype for attention.
+    #[arg(long, value_parser = ["f32", "f16", "bf16"])]
+    kv_dtype: Option<String>,
     /// Worker threads (default: all cores; more than 4 per CPU are lowered to that, with a warning).
     #[arg(long)]
     threads: Option<usize>,
@@ -113,6 +117,11 @@ fn run(args: Args) -> Result<()> {
             _ => DType::F32,
         },
         dequantize: args.dtype.is_some(),
+        kv_dtype: args.kv_dtype.as_deref().map(|d| match d {
+            "f16" => DType::F16,
+            "bf16" => DType::BF16,
+            _ => DType::F32,
+        }),
         threads: args.threads,
         ..RuntimeOptions::default()
     };

@@ -96,6 +96,8 @@ pub struct RuntimeOptions {
     /// Dequantize block-quantized weights (a GGUF's Q4_1, an engine's Q8_0) to [`Self::dtype`] at load instead of
     /// running them in their blocks. Off by default: a quantized model runs quantized.
     pub dequantize: bool,
+    /// Storage dtype of the KV cache: `None` = the compute dtype; f16 (llama.cpp's default) or bf16 halve it.
+    pub kv_dtype: Option<DType>,
 }
 
 impl Default for RuntimeOptions {
@@ -106,6 +108,7 @@ impl Default for RuntimeOptions {
             threads: None,
             matvec: true,
             dequantize: false,
+            kv_dtype: None,
         }
     }
 }
@@ -125,6 +128,13 @@ impl RuntimeOptions {
                 self.dtype
             )));
         }
+        if let Some(kv) = self.kv_dtype {
+            if !matches!(kv, DType::F32 | DType::F16 | DType::BF16 | DType::F64) {
+                return Err(Error::InvalidArgument(format!(
+                    "KV cache dtype {kv:?} is not one of f32, f16, bf16"
+                )));
+            }
+        }
         Ok(())
     }
 
@@ -142,6 +152,7 @@ impl RuntimeOptions {
             device,
             matvec: self.matvec,
             quantized: !self.dequantize,
+            kv_dtype: self.kv_dtype,
         }
     }
 

@@ -28,9 +28,17 @@ pub struct LayerCache {
     /// Growth stops doubling at this many slots (the model's context), 0 for no limit; a cache can still
     /// grow past it (a batch's slots can outnumber its positions), then by doubling again.
     soft_cap: usize,
+    /// Storage dtype of K/V (`None`: the dtype they arrive in). K/V are converted on the way in and back to the
+    /// arriving dtype on the way out.
+    dtype: Option<DType>,
 }
 
 impl LayerCache {
+    /// The dtype K/V are stored in, once the cache holds any.
+    pub fn storage_dtype(&self) -> Option<DType> {
+        self.k.as_ref().map(Tensor::dtype)
+    }
+
     /// Number of slots in use.
     pub fn len(&self) -> usize {
         self.len
@@ -50,6 +58,7 @@ impl LayerCache {
     /// and returns the full K and V (`[b, kv_heads, len, head_dim]`).
     pub fn append(&mut self, k: &Tensor, v: &Tensor, pos: &[u32], valid: &[bool]) -> Result<(Tensor, Tensor)> {
         let (b, kvh, t, hd) = k.dims4()?;
+        let (in_dt, store) = (k.dtype(), self.dtype.unwrap_or(k.dtype()));
         let need = self.len + t;
         let cap = self.k.as_ref().map_or(0, |k| k.dim(2).unwrap_or(0));
         if need > cap {
@@ -60,7 +69,7 @@ impl LayerCache {
             };
             let new_cap = need.max(doubled).max(64);
             let grow = |old: &Option<Tensor>, like: &Tensor| -> Result<Tensor> {
-                let buf = Tensor::zeros((b, kvh, new_cap, hd), like.dtype(), like.device())?;
+                let buf = Tensor::zeros((b, kvh, new_cap, hd), store, like.device())?;
                 if let Some(old) = old {
                     if self.len > 0 {
                         buf.slice_set(&old.narrow(2, 0, self.len)?.contiguous()?, 2, 0)?;
@@ -72,8 +81,8 @@ impl LayerCache {
             self.v = Some(grow(&self.v, v)?);
         }
         let (kb, vb) = (self.k.as_ref().expect("allocated"), self.v.as_ref().expect("allocated"));
-        kb.slice_set(&k.contiguous()?, 2, self.len)?;
-        vb.slice_set(&v.contiguous()?, 2, self.len)?;
+        kb.slice_set(&k.to_dtype(store)?.contiguous()?, 2, self.len)?;
+        vb.slice_set(&v.to_dtype(store)?.contiguous()?, 2, self.len)?;
         if self.pos.len() != b {
             self.pos = vec![Vec::new(); b];
             self.valid = vec![Vec::new(); b];
@@ -83,7 +92,11 @@ impl LayerCache {
             self.valid[i].extend_from_slice(&valid[i * t..(i + 1) * t]);
         }
         self.len = need;
-        Ok((kb.narrow(2, 0, self.len)?, vb.narrow(2, 0, self.len)?))
+        let (k, v) = (kb.narrow(2, 0, self.len)?, vb.narrow(2, 0, self.len)?);
+        if store == in_dt {
+            return Ok((k, v));
+        }
+        Ok((k.to_dtype(in_dt)?, v.to_dtype(in_dt)?))
     }
 
     /// A cache whose sequence `i` is a copy of sequence `rows[i]` of this one (rows may repeat): one
@@ -115,6 +128,7 @@ impl LayerCache {
             pos: meta(&self.pos, rows),
             valid: meta(&self.valid, rows),
             soft_cap: self.soft_cap,
+            dtype: self.dtype,
         })
     }
 
@@ -190,6 +204,14 @@ impl Cache {
                 })
                 .collect(),
         }
+    }
+
+    /// These caches storing K/V as `dtype` (`None`: as computed), e.g. f16 to halve their memory.
+    pub fn with_dtype(mut self, dtype: Option<DType>) -> Self {
+        for l in &mut self.layers {
+            l.dtype = dtype;
+        }
+        self
     }
 
     /// Caches whose sequence `i` continues sequence `rows[i]` of these ([`LayerCache::select_rows`]).

@@ -114,6 +114,8 @@ pub struct Load<'a> {
     /// Whether block-quantized projections and embeddings stay in their blocks ([`Weight::Quantized`]);
     /// otherwise they are dequantized to `dtype`.
     pub quantized: bool,
+    /// Storage dtype of the KV caches the model makes (`None`: the compute dtype).
+    pub kv_dtype: Option<DType>,
 }
 
 /// RMSNorm with a learned scale.

@@ -217,6 +217,8 @@ pub struct Model {
     rope: rope::Rope,
     dtype: DType,
     device: Device,
+    /// Storage dtype of the KV caches of [`Self::new_cache`] (`None`: the compute dtype).
+    kv_dtype: Option<DType>,
 }
 
 impl Model {
@@ -231,6 +233,7 @@ impl Model {
                 device,
                 matvec: true,
                 quantized: false,
+                kv_dtype: None,
             },
         )
     }
@@ -273,6 +276,7 @@ impl Model {
             rope: rope::Rope::new(cfg),
             dtype,
             device: device.clone(),
+            kv_dtype: ld.kv_dtype,
         })
     }
 
@@ -293,7 +297,7 @@ impl Model {
 
     /// A fresh KV cache for this model (its growth stops doubling at the context length).
     pub fn new_cache(&self) -> Cache {
-        Cache::with_soft_cap(self.layers.len(), self.cfg.max_position_embeddings)
+        Cache::with_soft_cap(self.layers.len(), self.cfg.max_position_embeddings).with_dtype(self.kv_dtype)
     }
 
     /// Runs the model over `batch`, appending to `cache` (a fresh one is used when `None`).

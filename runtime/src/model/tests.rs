@@ -423,3 +423,33 @@ fn smollm2_long_prompt_chunked_equals_one_shot() {
         .unwrap();
     assert_eq!(got.tokens, want);
 }
+
+/// An f16 KV cache holds K/V rounded to f16 and widens them back for attention: cached decoding stays within
+/// f16 rounding of an f32 cache (and the cache's buffers are f16).
+#[test]
+fn f16_kv_cache_decodes_within_rounding() {
+    let cfg = routed(tiny_config(false), SkipKind::Mlp);
+    let w = random_weights(&cfg, 7);
+    let opts = crate::RuntimeOptions {
+        kv_dtype: Some(DType::F16),
+        ..Default::default()
+    };
+    let m16 = Model::load_opts(&cfg, &w, &opts).unwrap();
+    let m32 = Model::load(&cfg, &w, DType::F32, &Device::Cpu).unwrap();
+    let seq = ids(10, 2);
+    let fwd = Forward {
+        routing: Routing::Force(true),
+        ..Default::default()
+    };
+    let (mut c16, mut c32) = (m16.new_cache(), m32.new_cache());
+    m16.forward(&Batch::single(&seq[..6], 0), Some(&mut c16), &fwd).unwrap();
+    m32.forward(&Batch::single(&seq[..6], 0), Some(&mut c32), &fwd).unwrap();
+    assert_eq!(c16.layers[0].storage_dtype(), Some(DType::F16));
+    for (i, &tok) in seq.iter().enumerate().skip(6) {
+        let step = Batch::next_tokens(&[tok], &[i as u32]);
+        let a = m16.forward(&step, Some(&mut c16), &fwd).unwrap().logits;
+        let b = m32.forward(&step, Some(&mut c32), &fwd).unwrap().logits;
+        let d = max_abs_diff(&a, &b);
+        assert!(d > 0.0 && d < 1e-2, "position {i}: {d}");
+    }
+}
