@@ -224,6 +224,145 @@ pub fn matmul(t: BlockType, w: &[u8], out: usize, inp: usize, act: &[ActBlock], 
     y
 }
 
+/// Elements of a Q4_K super block.
+pub const QK_K: usize = 256;
+/// Bytes of a ggml Q4_K block: `d`, `dmin` (f16), 12 bytes of 6-bit scales and mins, 128 nibble bytes.
+const Q4K_BLOCK: usize = 144;
+/// Bytes of a packed Q4_K group block: `d[8]`, `dmin[8]`, `sc[8 sub-blocks][8 rows]`, `m[8][8]` (u8), then per
+/// sub-block the 4 × 32 nibble bytes of the Q4 layout above.
+pub const Q4K_GROUP_BLOCK: usize = 16 + 16 + 64 + 64 + 8 * 128;
+
+/// Scale and min (6 bits each) of sub-block `j` from a Q4_K block's 12 scale bytes (ggml's `get_scale_min_k4`).
+fn scale_min(sc: &[u8], j: usize) -> (u8, u8) {
+    if j < 4 {
+        (sc[j] & 63, sc[j + 4] & 63)
+    } else {
+        (
+            (sc[j + 4] & 0xF) | ((sc[j - 4] >> 6) << 4),
+            (sc[j + 4] >> 4) | ((sc[j] >> 6) << 4),
+        )
+    }
+}
+
+/// The 12 scale bytes that [`scale_min`] decodes back to `sc`, `m`.
+fn encode_scale_min(sc: &[u8; 8], m: &[u8; 8]) -> [u8; 12] {
+    let mut b = [0u8; 12];
+    for j in 0..4 {
+        b[j] = sc[j] | ((sc[j + 4] >> 4) << 6);
+        b[j + 4] = m[j] | ((m[j + 4] >> 4) << 6);
+        b[j + 8] = (sc[j + 4] & 0xF) | ((m[j + 4] & 0xF) << 4);
+    }
+    b
+}
+
+/// Repacks `out` rows (a multiple of [`ROWS`]) of `inp` columns (a multiple of [`QK_K`]) of ggml Q4_K blocks.
+pub fn pack_q4k(src: &[u8], out: usize, inp: usize) -> Vec<u8> {
+    assert!(out.is_multiple_of(ROWS) && inp.is_multiple_of(QK_K));
+    let nb = inp / QK_K;
+    let rb = nb * Q4K_BLOCK;
+    let mut dst = vec![0u8; out / ROWS * nb * Q4K_GROUP_BLOCK];
+    for g in 0..out / ROWS {
+        for i in 0..nb {
+            let d = &mut dst[(g * nb + i) * Q4K_GROUP_BLOCK..][..Q4K_GROUP_BLOCK];
+            for r in 0..ROWS {
+                let b = &src[(g * ROWS + r) * rb + i * Q4K_BLOCK..][..Q4K_BLOCK];
+                d[2 * r..2 * r + 2].copy_from_slice(&b[0..2]);
+                d[16 + 2 * r..16 + 2 * r + 2].copy_from_slice(&b[2..4]);
+                for j in 0..8 {
+                    let (sc, m) = scale_min(&b[4..16], j);
+                    d[32 + 8 * j + r] = sc;
+                    d[96 + 8 * j + r] = m;
+                    // Sub-block j: nibbles of bytes 32·(j/2) .. +32, low for even j, high for odd.
+                    let q = &b[16 + 32 * (j / 2)..][..32];
+                    let nib = |e: usize| if j % 2 == 0 { q[e] & 0xF } else { q[e] >> 4 };
+                    for k in 0..4 {
+                        for p in 0..4 {
+                            d[160 + 128 * j + 32 * k + 4 * r + p] = nib(4 * k + p) | (nib(16 + 4 * k + p) << 4);
+                        }
+                    }
+                }
+            }
+        }
+    }
+    dst
+}
+
+/// Row `row` of packed Q4_K weights back in ggml's block layout.
+pub fn unpack_row_q4k(packed: &[u8], row: usize, inp: usize, dst: &mut [u8]) {
+    let nb = inp / QK_K;
+    let (g, r) = (row / ROWS, row % ROWS);
+    for i in 0..nb {
+        let d = &packed[(g * nb + i) * Q4K_GROUP_BLOCK..][..Q4K_GROUP_BLOCK];
+        let b = &mut dst[i * Q4K_BLOCK..(i + 1) * Q4K_BLOCK];
+        b[0..2].copy_from_slice(&d[2 * r..2 * r + 2]);
+        b[2..4].copy_from_slice(&d[16 + 2 * r..16 + 2 * r + 2]);
+        let sc: [u8; 8] = std::array::from_fn(|j| d[32 + 8 * j + r]);
+        let m: [u8; 8] = std::array::from_fn(|j| d[96 + 8 * j + r]);
+        b[4..16].copy_from_slice(&encode_scale_min(&sc, &m));
+        for j in 0..8 {
+            for k in 0..4 {
+                for p in 0..4 {
+                    let v = d[160 + 128 * j + 32 * k + 4 * r + p];
+                    let (lo, hi) = (v & 0xF, v >> 4);
+                    for (e, n) in [(4 * k + p, lo), (16 + 4 * k + p, hi)] {
+                        let q = &mut b[16 + 32 * (j / 2) + e];
+                        *q = if j % 2 == 0 {
+                            (*q & 0xF0) | n
+                        } else {
+                            (*q & 0x0F) | (n << 4)
+                        };
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// `y = x Wᵀ` for packed Q4_K `w` (`out` rows, `inp` columns) and 32-element activation blocks `act`.
+pub fn matmul_q4k(w: &[u8], out: usize, inp: usize, act: &[ActBlock], rows: usize) -> Vec<f32> {
+    use rayon::prelude::*;
+    assert!(has_kernel());
+    let (nb, nb32) = (inp / QK_K, inp / BLOCK);
+    let gstride = nb * Q4K_GROUP_BLOCK;
+    assert_eq!(w.len(), out / ROWS * gstride);
+    assert_eq!(act.len(), rows * nb32);
+    let mut y = vec![0f32; rows * out];
+    let dst = Dst(y.as_mut_ptr());
+    let groups = out / ROWS;
+    let run = |range: std::ops::Range<usize>| {
+        for g in range {
+            let wg = &w[g * gstride..(g + 1) * gstride];
+            let mut r = 0;
+            while r < rows {
+                let na = (rows - r).min(2);
+                let mut res = [[0f32; ROWS]; 2];
+                #[cfg(target_arch = "x86_64")]
+                // SAFETY: `has_kernel` checked the CPU; `wg` is one group of `nb` super blocks.
+                unsafe {
+                    if na == 1 {
+                        vnni::group_q4k::<1>(wg, &act[r * nb32..], nb, &mut res)
+                    } else {
+                        vnni::group_q4k::<2>(wg, &act[r * nb32..], nb, &mut res)
+                    }
+                }
+                for (k, row) in res.iter().enumerate().take(na) {
+                    // SAFETY: group g alone writes columns g·8..g·8+8; the row index is below `rows`.
+                    unsafe {
+                        std::ptr::copy_nonoverlapping(row.as_ptr(), dst.get().add((r + k) * out + g * ROWS), ROWS);
+                    }
+                }
+                r += na;
+            }
+        }
+    };
+    let threads = rayon::current_num_threads().max(1);
+    let piece = groups.div_ceil(threads * 8).max(1);
+    (0..groups.div_ceil(piece))
+        .into_par_iter()
+        .for_each(|p| run(p * piece..groups.min((p + 1) * piece)));
+    y
+}
+
 #[derive(Clone, Copy)]
 struct Dst(*mut f32);
 // SAFETY: workers write disjoint column ranges of `y` (see `matmul`), which outlives the parallel loop.
@@ -340,12 +479,111 @@ mod vnni {
             _mm256_storeu_ps(res[r].as_mut_ptr(), _mm256_add_ps(acc[r], corr[r]));
         }
     }
+
+    /// The dot products of 8 packed Q4_K rows with `NA` activation rows of 32-element blocks: per sub-block the
+    /// Q4_1 arithmetic with scale `d · sc` and offset `−dmin · m`, both as 8-lane vectors.
+    ///
+    /// # Safety
+    /// As [`group`]; `w` holds `nb` packed super blocks, `act` `NA · 8 · nb` blocks.
+    #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
+    pub unsafe fn group_q4k<const NA: usize>(w: &[u8], act: &[ActBlock], nb: usize, res: &mut [[f32; 8]; 2]) {
+        let gb = super::Q4K_GROUP_BLOCK;
+        debug_assert!(w.len() >= nb * gb && act.len() >= NA * 8 * nb);
+        let mask = _mm256_set1_epi8(0x0F);
+        let mut acc = [_mm256_setzero_ps(); NA];
+        let mut corr = [_mm256_setzero_ps(); NA];
+        let wp = w.as_ptr();
+        for i in 0..nb {
+            let b = wp.add(i * gb);
+            let d = _mm256_cvtph_ps(_mm_loadu_si128(b as *const __m128i));
+            let dmin = _mm256_cvtph_ps(_mm_loadu_si128(b.add(16) as *const __m128i));
+            for j in 0..8 {
+                let sc = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64(
+                    b.add(32 + 8 * j) as *const __m128i
+                )));
+                let mn = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64(
+                    b.add(96 + 8 * j) as *const __m128i
+                )));
+                let ws = _mm256_mul_ps(d, sc);
+                let wm = _mm256_mul_ps(_mm256_sub_ps(_mm256_setzero_ps(), dmin), mn);
+                let q = b.add(160 + 128 * j);
+                let mut v = [_mm256_setzero_si256(); 8];
+                for k in 0..4 {
+                    let p = _mm256_loadu_si256(q.add(32 * k) as *const __m256i);
+                    v[k] = _mm256_and_si256(p, mask);
+                    v[k + 4] = _mm256_and_si256(_mm256_srli_epi16(p, 4), mask);
+                }
+                for r in 0..NA {
+                    let a = &*act.as_ptr().add(r * 8 * nb + 8 * i + j);
+                    let x = a.q.as_ptr() as *const i32;
+                    let bc = |n: usize| _mm256_set1_epi32(x.add(n).read_unaligned());
+                    let mut s0 = _mm256_dpbusd_epi32(_mm256_setzero_si256(), v[0], bc(0));
+                    let mut s1 = _mm256_dpbusd_epi32(_mm256_setzero_si256(), v[1], bc(1));
+                    let mut s2 = _mm256_dpbusd_epi32(_mm256_setzero_si256(), v[2], bc(2));
+                    let mut s3 = _mm256_dpbusd_epi32(_mm256_setzero_si256(), v[3], bc(3));
+                    s0 = _mm256_dpbusd_epi32(s0, v[4], bc(4));
+                    s1 = _mm256_dpbusd_epi32(s1, v[5], bc(5));
+                    s2 = _mm256_dpbusd_epi32(s2, v[6], bc(6));
+                    s3 = _mm256_dpbusd_epi32(s3, v[7], bc(7));
+                    let s = _mm256_add_epi32(_mm256_add_epi32(s0, s1), _mm256_add_epi32(s2, s3));
+                    acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s), _mm256_mul_ps(ws, _mm256_set1_ps(a.d)), acc[r]);
+                    corr[r] = _mm256_fmadd_ps(wm, _mm256_set1_ps(a.s), corr[r]);
+                }
+            }
+        }
+        for r in 0..NA {
+            _mm256_storeu_ps(res[r].as_mut_ptr(), _mm256_add_ps(acc[r], corr[r]));
+        }
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::super::quant::{self, quantize_activations, quantize_row};
     use super::*;
+
+    /// Packed Q4_K unpacks to ggml's bytes, and its products equal candle's dequantized weights times the
+    /// (dequantized) 8-bit activations.
+    #[test]
+    fn packed_q4k_is_exact() {
+        use candle_core::quantized::{GgmlDType, QTensor};
+        use candle_core::{Device, Tensor};
+        let (out, inp) = (16, 512);
+        let v = crate::testing::XorShift::new(5).symmetric_vec(out * inp, 1.0, 0.2);
+        let t = Tensor::from_vec(v, (out, inp), &Device::Cpu).unwrap();
+        let q = QTensor::quantize(&t, GgmlDType::Q4K).unwrap();
+        let bytes = q.data().unwrap().into_owned();
+        let wd = q.dequantize(&Device::Cpu).unwrap().to_vec2::<f32>().unwrap();
+        let packed = pack_q4k(&bytes, out, inp);
+        let rb = inp / QK_K * Q4K_BLOCK;
+        let mut row = vec![0u8; rb];
+        for r in 0..out {
+            unpack_row_q4k(&packed, r, inp, &mut row);
+            assert_eq!(row, bytes[r * rb..(r + 1) * rb], "row {r}");
+        }
+        if !has_kernel() {
+            return;
+        }
+        for rows in [1, 3] {
+            let x = crate::testing::XorShift::new(6).symmetric_vec(rows * inp, 1.0, 0.0);
+            let act = quantize_activations(&x, inp);
+            let y = matmul_q4k(&packed, out, inp, &act, rows);
+            for r in 0..rows {
+                let xd: Vec<f32> = act[r * inp / BLOCK..(r + 1) * inp / BLOCK]
+                    .iter()
+                    .flat_map(|b| b.q.iter().map(move |&q| b.d * q as f32))
+                    .collect();
+                for (o, w) in wd.iter().enumerate() {
+                    let want: f32 = w.iter().zip(&xd).map(|(a, b)| a * b).sum();
+                    let got = y[r * out + o];
+                    assert!(
+                        (got - want).abs() < 1e-3 * (1.0 + want.abs()),
+                        "row {r} out {o}: {got} vs {want}"
+                    );
+                }
+            }
+        }
+    }
 
     /// Packing is lossless (every row unpacks to its ggml bytes), and the packed kernel gives the row kernel's
     /// products, for 1, 2 and 5 activation rows.

@@ -79,7 +79,9 @@ enum QData {
         start: usize,
         packed: bool,
     },
-    /// The k-quants, multiplied by candle's kernels; `rows` is this weight's range of `q`'s rows.
+    /// Q4_K in eight-row groups ([`kernels::packed::pack_q4k`]), from `bytes[start..]` (a whole number of groups).
+    PackedQ4K { bytes: Arc<BlockBytes>, start: usize },
+    /// The other k-quants, multiplied by candle's kernels; `rows` is this weight's range of `q`'s rows.
     Candle {
         q: Arc<QTensor>,
         rows: Option<(usize, usize)>,
@@ -133,10 +135,15 @@ impl Weight {
     pub fn quantized(q: QTensor) -> candle_core::Result<Self> {
         let (out, inp) = q.shape().dims2()?;
         let ty = q.dtype();
-        if BlockType::of(ty).is_some() {
+        if BlockType::of(ty).is_some() || packs_q4k(ty, out) {
             return Self::from_blocks(ty, out, inp, BlockBytes::Owned(q.data()?.into_owned()));
         }
-        Ok(Weight::Quantized(QuantWeight {
+        Ok(Self::candle(q, out, inp))
+    }
+
+    fn candle(q: QTensor, out: usize, inp: usize) -> Self {
+        let ty = q.dtype();
+        Weight::Quantized(QuantWeight {
             ty,
             out,
             inp,
@@ -144,15 +151,31 @@ impl Weight {
                 q: Arc::new(q),
                 rows: None,
             },
-        }))
+        })
     }
 
     /// A quantized weight `[out, in]` of ggml type `ty` from its raw blocks. Errors (never panics) when the
     /// type is not one we multiply, the rows are not whole blocks, or the byte count is not the shape's.
     pub fn from_blocks(ty: GgmlDType, out: usize, inp: usize, bytes: BlockBytes) -> candle_core::Result<Self> {
         check_blocks(ty, out, inp, bytes.len())?;
+        if packs_q4k(ty, out) {
+            let packed = kernels::packed::pack_q4k(&bytes, out, inp);
+            return Ok(Weight::Quantized(QuantWeight {
+                ty,
+                out,
+                inp,
+                data: QData::PackedQ4K {
+                    bytes: Arc::new(BlockBytes::Owned(packed)),
+                    start: 0,
+                },
+            }));
+        }
         let Some(bt) = BlockType::of(ty) else {
-            return Self::quantized(qtensor_from_bytes(&bytes, ty, &[out, inp], &Device::Cpu)?);
+            return Ok(Self::candle(
+                qtensor_from_bytes(&bytes, ty, &[out, inp], &Device::Cpu)?,
+                out,
+                inp,
+            ));
         };
         // Eight-row interleaved blocks where the CPU has the kernel for them (kernels::packed).
         if kernels::packed::supported(bt) && out.is_multiple_of(kernels::packed::ROWS) {
@@ -302,6 +325,16 @@ impl Weight {
                         start: start + off * ty.row_bytes(q.inp),
                         packed: *packed,
                     },
+                    QData::PackedQ4K { bytes, start } if off.is_multiple_of(8) && n.is_multiple_of(8) => {
+                        QData::PackedQ4K {
+                            bytes: bytes.clone(),
+                            start: start + off / 8 * q.inp / kernels::packed::QK_K * kernels::packed::Q4K_GROUP_BLOCK,
+                        }
+                    }
+                    QData::PackedQ4K { .. } => {
+                        let rows = q.ggml_rows(off, n)?;
+                        return Weight::quantized(qtensor_from_bytes(&rows, q.ty, &[n, q.inp], &Device::Cpu)?);
+                    }
                     QData::Candle { q: t, rows } => QData::Candle {
                         q: t.clone(),
                         rows: Some((rows.map_or(0, |(o, _)| o) + off, n)),
@@ -332,8 +365,32 @@ impl QuantWeight {
                 start,
                 packed,
             } => Some((*ty, &bytes[*start..*start + self.out * ty.row_bytes(self.inp)], *packed)),
-            QData::Candle { .. } => None,
+            QData::PackedQ4K { .. } | QData::Candle { .. } => None,
         }
+    }
+
+    /// Packed Q4_K bytes of this weight.
+    fn q4k(&self) -> Option<&[u8]> {
+        match &self.data {
+            QData::PackedQ4K { bytes, start } => {
+                let len = self.out / 8 * self.inp / kernels::packed::QK_K * kernels::packed::Q4K_GROUP_BLOCK;
+                Some(&bytes[*start..*start + len])
+            }
+            _ => None,
+        }
+    }
+
+    /// Rows `off..off + n` of a packed Q4_K weight in ggml's block layout.
+    fn ggml_rows(&self, off: usize, n: usize) -> candle_core::Result<Vec<u8>> {
+        let w = self
+            .q4k()
+            .ok_or_else(|| candle_core::Error::Msg("not a packed Q4_K weight".into()))?;
+        let rb = self.inp / self.ty.block_size() * self.ty.type_size();
+        let mut out = vec![0u8; n * rb];
+        for (r, dst) in out.chunks_exact_mut(rb).enumerate() {
+            kernels::packed::unpack_row_q4k(w, off + r, self.inp, dst);
+        }
+        Ok(out)
     }
 
     /// `x Wᵀ` on f32 activations (bf16/f16 inputs are widened and the result narrowed back): our kernels
@@ -359,6 +416,20 @@ impl QuantWeight {
                     }
                     (candle_core::Storage::Cpu(candle_core::CpuStorage::F32(v)), Some((a, b))) => {
                         kernels::quant::matmul(ty, w, self.out, self.inp, &v[a..b], rows)
+                    }
+                    _ => candle_core::bail!("quantized weights run on the CPU"),
+                };
+                drop(st);
+                Tensor::from_vec(y, (rows, self.out), x.device())?
+            }
+            QData::PackedQ4K { .. } => {
+                let w = self.q4k().expect("q4k data");
+                let rows = xf.dim(0)?;
+                let (st, layout) = xf.storage_and_layout();
+                let y = match (&*st, layout.contiguous_offsets()) {
+                    (candle_core::Storage::Cpu(candle_core::CpuStorage::F32(v)), Some((a, b))) => {
+                        let act = kernels::quant::quantize_activations(&v[a..b], self.inp);
+                        kernels::packed::matmul_q4k(w, self.out, self.inp, &act, rows)
                     }
                     _ => candle_core::bail!("quantized weights run on the CPU"),
                 };
@@ -399,6 +470,19 @@ impl QuantWeight {
                 }
                 Tensor::from_vec(out, (ids.len(), self.inp), &Device::Cpu)
             }
+            QData::PackedQ4K { .. } => {
+                let ids: Vec<u32> = ids.flatten_all()?.to_dtype(DType::U32)?.to_vec1()?;
+                let mut out = Vec::with_capacity(ids.len() * self.inp);
+                for &id in &ids {
+                    if id as usize >= self.out {
+                        candle_core::bail!("row {id} of a {}-row weight", self.out);
+                    }
+                    let row = self.ggml_rows(id as usize, 1)?;
+                    let q = qtensor_from_bytes(&row, self.ty, &[1, self.inp], &Device::Cpu)?;
+                    out.extend(q.dequantize(&Device::Cpu)?.flatten_all()?.to_vec1::<f32>()?);
+                }
+                Tensor::from_vec(out, (ids.len(), self.inp), &Device::Cpu)
+            }
             QData::Candle { q, rows: None } => q.embedding(ids),
             QData::Candle { .. } => candle_core::bail!("row lookup in a row view of a quantized weight"),
         }
@@ -410,6 +494,10 @@ impl QuantWeight {
             QData::Blocks { .. } => {
                 let ids = Tensor::arange(0u32, self.out as u32, &Device::Cpu)?;
                 self.rows(&ids)
+            }
+            QData::PackedQ4K { .. } => {
+                let rows = self.ggml_rows(0, self.out)?;
+                qtensor_from_bytes(&rows, self.ty, &[self.out, self.inp], &Device::Cpu)?.dequantize(&Device::Cpu)
             }
             QData::Candle { q, rows } => {
                 let t = q.dequantize(&Device::Cpu)?;
@@ -454,6 +542,11 @@ impl QuantWeight {
             packed,
         )))
     }
+}
+
+/// Whether a `ty` weight of `out` rows is repacked for [`kernels::packed::matmul_q4k`].
+fn packs_q4k(ty: GgmlDType, out: usize) -> bool {
+    ty == GgmlDType::Q4K && out.is_multiple_of(kernels::packed::ROWS) && kernels::packed::supported(BlockType::Q4_1)
 }
 
 /// `bytes` are exactly the blocks of an `[out, inp]` tensor of ggml type `ty`, whose rows are whole blocks.
