@@ -524,6 +524,7 @@ fn gguf_quantized_weights_run_in_their_blocks() {
         GgmlDType::Q5_0,
         GgmlDType::Q5_1,
         GgmlDType::Q4K,
+        GgmlDType::Q6K,
     ] {
         write_gguf(&path, &llama_metadata(&cfg), &to_gguf_tensors(&cfg, &t, ty));
         let ck = Checkpoint::open(&path).unwrap();
@@ -679,7 +680,10 @@ fn gguf_unsupported_quantization_type_is_reported() {
     let (e, msg) = open_err(&path);
     assert!(matches!(e, Error::UnsupportedDtype { .. }), "{e:?}");
     assert!(
-        msg.contains(&path.display().to_string()) && msg.contains("`blk.1.ffn_up.weight`") && msg.contains("Q8_1"),
+        msg.contains(&path.display().to_string())
+            && msg.contains("`blk.1.ffn_up.weight`")
+            && msg.contains("Q8_1")
+            && msg.contains("supported: f32, f16, bf16, q4_0"),
         "{msg}"
     );
 }

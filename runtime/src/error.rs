@@ -46,7 +46,10 @@ pub enum Error {
         report: Box<crate::weights::LoadReport>,
     },
     /// A dtype or quantization type we cannot read.
-    #[error("{path}: tensor `{name}`: unsupported type {dtype}")]
+    #[error(
+        "{path}: tensor `{name}`: unsupported type {dtype} (supported: f32, f16, bf16, q4_0, q4_1, q5_0, q5_1, q8_0, \
+         q2_k, q3_k, q4_k, q5_k, q6_k)"
+    )]
     UnsupportedDtype { path: PathBuf, name: String, dtype: String },
     /// Tokenizer construction, encoding or decoding failed.
     #[error("tokenizer ({path}): {problem}")]

@@ -363,6 +363,173 @@ pub fn matmul_q4k(w: &[u8], out: usize, inp: usize, act: &[ActBlock], rows: usiz
     y
 }
 
+/// Bytes of a ggml Q6_K block: `ql[128]`, `qh[64]`, `scales[16]` (i8), `d` (f16).
+const Q6K_BLOCK: usize = 210;
+/// Bytes of a packed Q6_K group block: `d[8]`, `sc[16 sub-blocks][8 rows]` (i8), then per 32-element block the
+/// fifth- and sixth-bit masks of its 8 vectors (2 × 8 × u32) and its 4 × 32 nibble bytes (the Q4 layout).
+pub const Q6K_GROUP_BLOCK: usize = 16 + 128 + 8 * (64 + 128);
+
+/// The 6-bit quant (0..64, value `q − 32`) of element `e` of a Q6_K block (ggml's `dequantize_row_q6_K`).
+fn q6_get(b: &[u8], e: usize) -> u8 {
+    let (h, j, l) = (e / 128, (e % 128) / 32, e % 32);
+    let (ql, qh) = (&b[64 * h..], &b[128 + 32 * h..]);
+    let low = match j {
+        0 => ql[l] & 0xF,
+        1 => ql[l + 32] & 0xF,
+        2 => ql[l] >> 4,
+        _ => ql[l + 32] >> 4,
+    };
+    low | (((qh[l] >> (2 * j)) & 3) << 4)
+}
+
+/// Sets element `e` of a Q6_K block to the 6-bit quant `q` (the inverse of [`q6_get`]).
+fn q6_set(b: &mut [u8], e: usize, q: u8) {
+    let (h, j, l) = (e / 128, (e % 128) / 32, e % 32);
+    let lo = q & 0xF;
+    let li = 64 * h + l + if j % 2 == 1 { 32 } else { 0 };
+    b[li] = if j < 2 {
+        (b[li] & 0xF0) | lo
+    } else {
+        (b[li] & 0x0F) | (lo << 4)
+    };
+    let hi = 128 + 32 * h + l;
+    b[hi] = (b[hi] & !(3 << (2 * j))) | ((q >> 4) << (2 * j));
+}
+
+/// Repacks `out` rows (a multiple of [`ROWS`]) of `inp` columns (a multiple of [`QK_K`]) of ggml Q6_K blocks.
+pub fn pack_q6k(src: &[u8], out: usize, inp: usize) -> Vec<u8> {
+    assert!(out.is_multiple_of(ROWS) && inp.is_multiple_of(QK_K));
+    let nb = inp / QK_K;
+    let rb = nb * Q6K_BLOCK;
+    let mut dst = vec![0u8; out / ROWS * nb * Q6K_GROUP_BLOCK];
+    for g in 0..out / ROWS {
+        for i in 0..nb {
+            let d = &mut dst[(g * nb + i) * Q6K_GROUP_BLOCK..][..Q6K_GROUP_BLOCK];
+            for r in 0..ROWS {
+                let b = &src[(g * ROWS + r) * rb + i * Q6K_BLOCK..][..Q6K_BLOCK];
+                d[2 * r..2 * r + 2].copy_from_slice(&b[208..210]);
+                for k in 0..16 {
+                    d[16 + 8 * k + r] = b[192 + k];
+                }
+                for blk in 0..8 {
+                    let o = 144 + 192 * blk;
+                    for k in 0..8 {
+                        let (mut m4, mut m5) = (
+                            u32::from_le_bytes(d[o + 4 * k..o + 4 * k + 4].try_into().expect("4 bytes")),
+                            u32::from_le_bytes(d[o + 32 + 4 * k..o + 32 + 4 * k + 4].try_into().expect("4 bytes")),
+                        );
+                        for p in 0..4 {
+                            let q = q6_get(b, 32 * blk + element(k, p));
+                            m4 |= (((q >> 4) & 1) as u32) << (4 * r + p);
+                            m5 |= (((q >> 5) & 1) as u32) << (4 * r + p);
+                        }
+                        d[o + 4 * k..o + 4 * k + 4].copy_from_slice(&m4.to_le_bytes());
+                        d[o + 32 + 4 * k..o + 32 + 4 * k + 4].copy_from_slice(&m5.to_le_bytes());
+                    }
+                    for k in 0..4 {
+                        for p in 0..4 {
+                            let lo = q6_get(b, 32 * blk + 4 * k + p) & 0xF;
+                            let hi = q6_get(b, 32 * blk + 16 + 4 * k + p) & 0xF;
+                            d[o + 64 + 32 * k + 4 * r + p] = lo | (hi << 4);
+                        }
+                    }
+                }
+            }
+        }
+    }
+    dst
+}
+
+/// Row `row` of packed Q6_K weights back in ggml's block layout.
+pub fn unpack_row_q6k(packed: &[u8], row: usize, inp: usize, dst: &mut [u8]) {
+    let nb = inp / QK_K;
+    let (g, r) = (row / ROWS, row % ROWS);
+    for i in 0..nb {
+        let d = &packed[(g * nb + i) * Q6K_GROUP_BLOCK..][..Q6K_GROUP_BLOCK];
+        let b = &mut dst[i * Q6K_BLOCK..(i + 1) * Q6K_BLOCK];
+        b.fill(0);
+        b[208..210].copy_from_slice(&d[2 * r..2 * r + 2]);
+        for k in 0..16 {
+            b[192 + k] = d[16 + 8 * k + r];
+        }
+        for blk in 0..8 {
+            let o = 144 + 192 * blk;
+            for k in 0..8 {
+                let m4 = u32::from_le_bytes(d[o + 4 * k..o + 4 * k + 4].try_into().expect("4 bytes"));
+                let m5 = u32::from_le_bytes(d[o + 32 + 4 * k..o + 32 + 4 * k + 4].try_into().expect("4 bytes"));
+                for p in 0..4 {
+                    let e = element(k, p);
+                    let nib = d[o + 64 + 32 * (k % 4) + 4 * r + p];
+                    let lo = if k < 4 { nib & 0xF } else { nib >> 4 };
+                    let hi = (((m4 >> (4 * r + p)) & 1) | (((m5 >> (4 * r + p)) & 1) << 1)) as u8;
+                    q6_set(b, 32 * blk + e, lo | (hi << 4));
+                }
+            }
+        }
+    }
+}
+
+/// `y = x Wᵀ` for packed Q6_K `w` (`out` rows, `inp` columns) and 32-element activation blocks `act`.
+pub fn matmul_q6k(w: &[u8], out: usize, inp: usize, act: &[ActBlock], rows: usize) -> Vec<f32> {
+    matmul_k(w, out, inp, act, rows, Q6K_GROUP_BLOCK, |wg, a, nb, na, res| {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: `has_kernel` checked the CPU (in matmul_k); `wg` is one group of `nb` super blocks.
+        unsafe {
+            if na == 1 {
+                vnni::group_q6k::<1>(wg, a, nb, res)
+            } else {
+                vnni::group_q6k::<2>(wg, a, nb, res)
+            }
+        }
+    })
+}
+
+/// The parallel loop of the k-quant products: 8-row groups of `gb`-byte super blocks, `kernel(group, act,
+/// nb, na, res)` for 1 or 2 activation rows at a time.
+fn matmul_k(
+    w: &[u8],
+    out: usize,
+    inp: usize,
+    act: &[ActBlock],
+    rows: usize,
+    gb: usize,
+    kernel: impl Fn(&[u8], &[ActBlock], usize, usize, &mut [[f32; ROWS]; 2]) + Sync,
+) -> Vec<f32> {
+    use rayon::prelude::*;
+    assert!(has_kernel());
+    let (nb, nb32) = (inp / QK_K, inp / BLOCK);
+    let gstride = nb * gb;
+    assert_eq!(w.len(), out / ROWS * gstride);
+    assert_eq!(act.len(), rows * nb32);
+    let mut y = vec![0f32; rows * out];
+    let dst = Dst(y.as_mut_ptr());
+    let groups = out / ROWS;
+    let run = |range: std::ops::Range<usize>| {
+        for g in range {
+            let wg = &w[g * gstride..(g + 1) * gstride];
+            let mut r = 0;
+            while r < rows {
+                let na = (rows - r).min(2);
+                let mut res = [[0f32; ROWS]; 2];
+                kernel(wg, &act[r * nb32..], nb, na, &mut res);
+                for (k, row) in res.iter().enumerate().take(na) {
+                    // SAFETY: group g alone writes columns g·8..g·8+8; the row index is below `rows`.
+                    unsafe {
+                        std::ptr::copy_nonoverlapping(row.as_ptr(), dst.get().add((r + k) * out + g * ROWS), ROWS);
+                    }
+                }
+                r += na;
+            }
+        }
+    };
+    let threads = rayon::current_num_threads().max(1);
+    let piece = groups.div_ceil(threads * 8).max(1);
+    (0..groups.div_ceil(piece))
+        .into_par_iter()
+        .for_each(|p| run(p * piece..groups.min((p + 1) * piece)));
+    y
+}
+
 #[derive(Clone, Copy)]
 struct Dst(*mut f32);
 // SAFETY: workers write disjoint column ranges of `y` (see `matmul`), which outlives the parallel loop.
@@ -535,12 +702,120 @@ mod vnni {
             _mm256_storeu_ps(res[r].as_mut_ptr(), _mm256_add_ps(acc[r], corr[r]));
         }
     }
+
+    /// The dot products of 8 packed Q6_K rows with `NA` activation rows: per 32-element block, two 16-element
+    /// halves with their own scale vectors `d · sc`, quants `q − 32` (the 32 · Σx subtracted per half).
+    ///
+    /// # Safety
+    /// As [`group`]; `w` holds `nb` packed super blocks, `act` `NA · 8 · nb` blocks.
+    #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
+    pub unsafe fn group_q6k<const NA: usize>(w: &[u8], act: &[ActBlock], nb: usize, res: &mut [[f32; 8]; 2]) {
+        let gb = super::Q6K_GROUP_BLOCK;
+        debug_assert!(w.len() >= nb * gb && act.len() >= NA * 8 * nb);
+        let (mask, b4, b5) = (_mm256_set1_epi8(0x0F), _mm256_set1_epi8(0x10), _mm256_set1_epi8(0x20));
+        let mut acc = [_mm256_setzero_ps(); NA];
+        let wp = w.as_ptr();
+        for i in 0..nb {
+            let b = wp.add(i * gb);
+            let d = _mm256_cvtph_ps(_mm_loadu_si128(b as *const __m128i));
+            for blk in 0..8 {
+                let sc = |k: usize| {
+                    _mm256_mul_ps(
+                        d,
+                        _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(
+                            b.add(16 + 8 * k) as *const __m128i
+                        ))),
+                    )
+                };
+                let (s_lo, s_hi) = (sc(2 * blk), sc(2 * blk + 1));
+                let o = b.add(144 + 192 * blk);
+                let (m4, m5) = (o as *const u32, o.add(32) as *const u32);
+                let mut v = [_mm256_setzero_si256(); 8];
+                for k in 0..4 {
+                    let p = _mm256_loadu_si256(o.add(64 + 32 * k) as *const __m256i);
+                    v[k] = _mm256_and_si256(p, mask);
+                    v[k + 4] = _mm256_and_si256(_mm256_srli_epi16(p, 4), mask);
+                }
+                for (k, vk) in v.iter_mut().enumerate() {
+                    let hi4 = _mm256_and_si256(_mm256_movm_epi8(m4.add(k).read_unaligned()), b4);
+                    let hi5 = _mm256_and_si256(_mm256_movm_epi8(m5.add(k).read_unaligned()), b5);
+                    *vk = _mm256_or_si256(*vk, _mm256_or_si256(hi4, hi5));
+                }
+                for (r, acc_r) in acc.iter_mut().enumerate() {
+                    let a = &*act.as_ptr().add(r * 8 * nb + 8 * i + blk);
+                    let x = a.q.as_ptr() as *const i32;
+                    let bc = |n: usize| _mm256_set1_epi32(x.add(n).read_unaligned());
+                    // Elements 0..16 are vectors 0..4, elements 16..32 vectors 4..8.
+                    let mut l0 = _mm256_dpbusd_epi32(_mm256_setzero_si256(), v[0], bc(0));
+                    let mut l1 = _mm256_dpbusd_epi32(_mm256_setzero_si256(), v[1], bc(1));
+                    let mut h0 = _mm256_dpbusd_epi32(_mm256_setzero_si256(), v[4], bc(4));
+                    let mut h1 = _mm256_dpbusd_epi32(_mm256_setzero_si256(), v[5], bc(5));
+                    l0 = _mm256_dpbusd_epi32(l0, v[2], bc(2));
+                    l1 = _mm256_dpbusd_epi32(l1, v[3], bc(3));
+                    h0 = _mm256_dpbusd_epi32(h0, v[6], bc(6));
+                    h1 = _mm256_dpbusd_epi32(h1, v[7], bc(7));
+                    // Σ (q − 32)·x per half: subtract 32 · Σx of that half before scaling.
+                    let lo = _mm256_sub_epi32(_mm256_add_epi32(l0, l1), _mm256_set1_epi32(32 * a.isum_lo));
+                    let hi = _mm256_sub_epi32(_mm256_add_epi32(h0, h1), _mm256_set1_epi32(32 * (a.isum - a.isum_lo)));
+                    let dx = _mm256_set1_ps(a.d);
+                    *acc_r = _mm256_fmadd_ps(_mm256_cvtepi32_ps(lo), _mm256_mul_ps(s_lo, dx), *acc_r);
+                    *acc_r = _mm256_fmadd_ps(_mm256_cvtepi32_ps(hi), _mm256_mul_ps(s_hi, dx), *acc_r);
+                }
+            }
+        }
+        for (r, acc_r) in acc.iter().enumerate() {
+            _mm256_storeu_ps(res[r].as_mut_ptr(), *acc_r);
+        }
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::super::quant::{self, quantize_activations, quantize_row};
     use super::*;
+
+    /// Packed Q6_K unpacks to ggml's bytes, and its products equal candle's dequantized weights times the
+    /// (dequantized) 8-bit activations.
+    #[test]
+    fn packed_q6k_is_exact() {
+        use candle_core::quantized::{GgmlDType, QTensor};
+        use candle_core::{Device, Tensor};
+        let (out, inp) = (16, 512);
+        let v = crate::testing::XorShift::new(7).symmetric_vec(out * inp, 1.0, 0.2);
+        let t = Tensor::from_vec(v, (out, inp), &Device::Cpu).unwrap();
+        let q = QTensor::quantize(&t, GgmlDType::Q6K).unwrap();
+        let bytes = q.data().unwrap().into_owned();
+        let wd = q.dequantize(&Device::Cpu).unwrap().to_vec2::<f32>().unwrap();
+        let packed = pack_q6k(&bytes, out, inp);
+        let rb = inp / QK_K * Q6K_BLOCK;
+        let mut row = vec![0u8; rb];
+        for r in 0..out {
+            unpack_row_q6k(&packed, r, inp, &mut row);
+            assert_eq!(row, bytes[r * rb..(r + 1) * rb], "row {r}");
+        }
+        if !has_kernel() {
+            return;
+        }
+        for rows in [1, 3] {
+            let x = crate::testing::XorShift::new(8).symmetric_vec(rows * inp, 1.0, 0.0);
+            let act = quantize_activations(&x, inp);
+            let y = matmul_q6k(&packed, out, inp, &act, rows);
+            for r in 0..rows {
+                let xd: Vec<f32> = act[r * inp / BLOCK..(r + 1) * inp / BLOCK]
+                    .iter()
+                    .flat_map(|b| b.q.iter().map(move |&q| b.d * q as f32))
+                    .collect();
+                for (o, w) in wd.iter().enumerate() {
+                    let want: f32 = w.iter().zip(&xd).map(|(a, b)| a * b).sum();
+                    let got = y[r * out + o];
+                    assert!(
+                        (got - want).abs() < 1e-3 * (1.0 + want.abs()),
+                        "row {r} out {o}: {got} vs {want}"
+                    );
+                }
+            }
+        }
+    }
 
     /// Packed Q4_K unpacks to ggml's bytes, and its products equal candle's dequantized weights times the
     /// (dequantized) 8-bit activations.

@@ -98,7 +98,8 @@ pub struct ActBlock {
     pub s: f32,
     /// `Σ q` (for formats with a zero point).
     pub isum: i32,
-    _pad: i32,
+    /// `Σ q` over the first 16 quants (for Q6_K, whose scales cover 16 elements).
+    pub isum_lo: i32,
     /// Quants.
     pub q: [i8; BLOCK],
 }
@@ -143,6 +144,7 @@ fn quantize_block(v: &[f32], b: &mut ActBlock) {
     }
     b.d = d;
     b.isum = sum;
+    b.isum_lo = b.q[..BLOCK / 2].iter().map(|&q| q as i32).sum();
     b.s = d * sum as f32;
 }
 
@@ -174,12 +176,18 @@ unsafe fn quantize_block_avx2(v: &[f32], b: &mut ActBlock) {
     let w23 = _mm256_packs_epi32(q[2], q[3]);
     let bytes = _mm256_permutevar8x32_epi32(_mm256_packs_epi16(w01, w23), _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
     _mm256_storeu_si256(b.q.as_mut_ptr() as *mut __m256i, bytes);
-    let sum16 = _mm256_madd_epi16(_mm256_add_epi16(w01, w23), _mm256_set1_epi16(1));
-    let s = _mm_add_epi32(_mm256_castsi256_si128(sum16), _mm256_extracti128_si256(sum16, 1));
-    let s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0b01_00_11_10));
-    let sum = _mm_cvtsi128_si32(_mm_add_epi32(s, _mm_shuffle_epi32(s, 0b00_00_00_01)));
+    // w01 holds quants 0..16 (as i16), w23 quants 16..32.
+    let hsum = |v: __m256i| {
+        let v = _mm256_madd_epi16(v, _mm256_set1_epi16(1));
+        let s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+        let s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0b01_00_11_10));
+        _mm_cvtsi128_si32(_mm_add_epi32(s, _mm_shuffle_epi32(s, 0b00_00_00_01)))
+    };
+    let lo = hsum(w01);
+    let sum = lo + hsum(w23);
     b.d = d;
     b.isum = sum;
+    b.isum_lo = lo;
     b.s = d * sum as f32;
 }
 
@@ -726,6 +734,7 @@ mod tests {
             let q: Vec<i8> = blk.iter().map(|&x| (x * (1.0 / d)).round_ties_even() as i8).collect();
             assert_eq!(fast.q.to_vec(), q);
             assert_eq!(fast.isum, q.iter().map(|&q| q as i32).sum::<i32>());
+            assert_eq!(fast.isum_lo, q[..16].iter().map(|&q| q as i32).sum::<i32>());
             assert_eq!(fast.d, d);
         }
     }

@@ -79,8 +79,9 @@ enum QData {
         start: usize,
         packed: bool,
     },
-    /// Q4_K in eight-row groups ([`kernels::packed::pack_q4k`]), from `bytes[start..]` (a whole number of groups).
-    PackedQ4K { bytes: Arc<BlockBytes>, start: usize },
+    /// Q4_K or Q6_K in eight-row groups ([`kernels::packed::pack_q4k`], [`kernels::packed::pack_q6k`]), from
+    /// `bytes[start..]` (a whole number of groups).
+    PackedK { bytes: Arc<BlockBytes>, start: usize },
     /// The other k-quants, multiplied by candle's kernels; `rows` is this weight's range of `q`'s rows.
     Candle {
         q: Arc<QTensor>,
@@ -135,7 +136,7 @@ impl Weight {
     pub fn quantized(q: QTensor) -> candle_core::Result<Self> {
         let (out, inp) = q.shape().dims2()?;
         let ty = q.dtype();
-        if BlockType::of(ty).is_some() || packs_q4k(ty, out) {
+        if BlockType::of(ty).is_some() || packs_k(ty, out) {
             return Self::from_blocks(ty, out, inp, BlockBytes::Owned(q.data()?.into_owned()));
         }
         Ok(Self::candle(q, out, inp))
@@ -158,13 +159,17 @@ impl Weight {
     /// type is not one we multiply, the rows are not whole blocks, or the byte count is not the shape's.
     pub fn from_blocks(ty: GgmlDType, out: usize, inp: usize, bytes: BlockBytes) -> candle_core::Result<Self> {
         check_blocks(ty, out, inp, bytes.len())?;
-        if packs_q4k(ty, out) {
-            let packed = kernels::packed::pack_q4k(&bytes, out, inp);
+        if packs_k(ty, out) {
+            let packed = if ty == GgmlDType::Q4K {
+                kernels::packed::pack_q4k(&bytes, out, inp)
+            } else {
+                kernels::packed::pack_q6k(&bytes, out, inp)
+            };
             return Ok(Weight::Quantized(QuantWeight {
                 ty,
                 out,
                 inp,
-                data: QData::PackedQ4K {
+                data: QData::PackedK {
                     bytes: Arc::new(BlockBytes::Owned(packed)),
                     start: 0,
                 },
@@ -325,13 +330,11 @@ impl Weight {
                         start: start + off * ty.row_bytes(q.inp),
                         packed: *packed,
                     },
-                    QData::PackedQ4K { bytes, start } if off.is_multiple_of(8) && n.is_multiple_of(8) => {
-                        QData::PackedQ4K {
-                            bytes: bytes.clone(),
-                            start: start + off / 8 * q.inp / kernels::packed::QK_K * kernels::packed::Q4K_GROUP_BLOCK,
-                        }
-                    }
-                    QData::PackedQ4K { .. } => {
+                    QData::PackedK { bytes, start } if off.is_multiple_of(8) && n.is_multiple_of(8) => QData::PackedK {
+                        bytes: bytes.clone(),
+                        start: start + off / 8 * q.inp / kernels::packed::QK_K * k_group_bytes(q.ty),
+                    },
+                    QData::PackedK { .. } => {
                         let rows = q.ggml_rows(off, n)?;
                         return Weight::quantized(qtensor_from_bytes(&rows, q.ty, &[n, q.inp], &Device::Cpu)?);
                     }
@@ -365,30 +368,34 @@ impl QuantWeight {
                 start,
                 packed,
             } => Some((*ty, &bytes[*start..*start + self.out * ty.row_bytes(self.inp)], *packed)),
-            QData::PackedQ4K { .. } | QData::Candle { .. } => None,
+            QData::PackedK { .. } | QData::Candle { .. } => None,
         }
     }
 
-    /// Packed Q4_K bytes of this weight.
-    fn q4k(&self) -> Option<&[u8]> {
+    /// Packed k-quant bytes of this weight.
+    fn packed_k(&self) -> Option<&[u8]> {
         match &self.data {
-            QData::PackedQ4K { bytes, start } => {
-                let len = self.out / 8 * self.inp / kernels::packed::QK_K * kernels::packed::Q4K_GROUP_BLOCK;
+            QData::PackedK { bytes, start } => {
+                let len = self.out / 8 * self.inp / kernels::packed::QK_K * k_group_bytes(self.ty);
                 Some(&bytes[*start..*start + len])
             }
             _ => None,
         }
     }
 
-    /// Rows `off..off + n` of a packed Q4_K weight in ggml's block layout.
+    /// Rows `off..off + n` of a packed k-quant weight in ggml's block layout.
     fn ggml_rows(&self, off: usize, n: usize) -> candle_core::Result<Vec<u8>> {
         let w = self
-            .q4k()
-            .ok_or_else(|| candle_core::Error::Msg("not a packed Q4_K weight".into()))?;
+            .packed_k()
+            .ok_or_else(|| candle_core::Error::Msg("not a packed k-quant weight".into()))?;
         let rb = self.inp / self.ty.block_size() * self.ty.type_size();
         let mut out = vec![0u8; n * rb];
         for (r, dst) in out.chunks_exact_mut(rb).enumerate() {
-            kernels::packed::unpack_row_q4k(w, off + r, self.inp, dst);
+            if self.ty == GgmlDType::Q4K {
+                kernels::packed::unpack_row_q4k(w, off + r, self.inp, dst);
+            } else {
+                kernels::packed::unpack_row_q6k(w, off + r, self.inp, dst);
+            }
         }
         Ok(out)
     }
@@ -422,14 +429,18 @@ impl QuantWeight {
                 drop(st);
                 Tensor::from_vec(y, (rows, self.out), x.device())?
             }
-            QData::PackedQ4K { .. } => {
-                let w = self.q4k().expect("q4k data");
+            QData::PackedK { .. } => {
+                let w = self.packed_k().expect("packed data");
                 let rows = xf.dim(0)?;
                 let (st, layout) = xf.storage_and_layout();
                 let y = match (&*st, layout.contiguous_offsets()) {
                     (candle_core::Storage::Cpu(candle_core::CpuStorage::F32(v)), Some((a, b))) => {
                         let act = kernels::quant::quantize_activations(&v[a..b], self.inp);
-                        kernels::packed::matmul_q4k(w, self.out, self.inp, &act, rows)
+                        if self.ty == GgmlDType::Q4K {
+                            kernels::packed::matmul_q4k(w, self.out, self.inp, &act, rows)
+                        } else {
+                            kernels::packed::matmul_q6k(w, self.out, self.inp, &act, rows)
+                        }
                     }
                     _ => candle_core::bail!("quantized weights run on the CPU"),
                 };
@@ -470,7 +481,7 @@ impl QuantWeight {
                 }
                 Tensor::from_vec(out, (ids.len(), self.inp), &Device::Cpu)
             }
-            QData::PackedQ4K { .. } => {
+            QData::PackedK { .. } => {
                 let ids: Vec<u32> = ids.flatten_all()?.to_dtype(DType::U32)?.to_vec1()?;
                 let mut out = Vec::with_capacity(ids.len() * self.inp);
                 for &id in &ids {
@@ -495,7 +506,7 @@ impl QuantWeight {
                 let ids = Tensor::arange(0u32, self.out as u32, &Device::Cpu)?;
                 self.rows(&ids)
             }
-            QData::PackedQ4K { .. } => {
+            QData::PackedK { .. } => {
                 let rows = self.ggml_rows(0, self.out)?;
                 qtensor_from_bytes(&rows, self.ty, &[self.out, self.inp], &Device::Cpu)?.dequantize(&Device::Cpu)
             }
@@ -544,9 +555,20 @@ impl QuantWeight {
     }
 }
 
-/// Whether a `ty` weight of `out` rows is repacked for [`kernels::packed::matmul_q4k`].
-fn packs_q4k(ty: GgmlDType, out: usize) -> bool {
-    ty == GgmlDType::Q4K && out.is_multiple_of(kernels::packed::ROWS) && kernels::packed::supported(BlockType::Q4_1)
+/// Whether a `ty` weight of `out` rows is repacked for [`kernels::packed::matmul_q4k`] / `matmul_q6k`.
+fn packs_k(ty: GgmlDType, out: usize) -> bool {
+    matches!(ty, GgmlDType::Q4K | GgmlDType::Q6K)
+        && out.is_multiple_of(kernels::packed::ROWS)
+        && kernels::packed::supported(BlockType::Q4_1)
+}
+
+/// Bytes of one packed eight-row super block of a k-quant.
+fn k_group_bytes(ty: GgmlDType) -> usize {
+    if ty == GgmlDType::Q4K {
+        kernels::packed::Q4K_GROUP_BLOCK
+    } else {
+        kernels::packed::Q6K_GROUP_BLOCK
+    }
 }
 
 /// `bytes` are exactly the blocks of an `[out, inp]` tensor of ggml type `ty`, whose rows are whole blocks.
