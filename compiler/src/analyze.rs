@@ -1,8 +1,8 @@
 //! `dlo-compile analyze`: per-layer, per-token similarity of unit input vs output on real text
 //! ([`crate::analysis`]).
 //!
-//! Writes `similarity.json` (per-layer statistics: mean, quantiles, ShortGPT block influence 1 − mean cos,
-//! for the MLP unit and the whole layer) and `similarity.png` / `.svg` (a layer × token heatmap of how much
+//! Writes `similarity.json` (the weights' storage kinds and the bytes a decode step reads; per-layer statistics:
+//! mean, quantiles, ShortGPT block influence 1 − mean cos, for the MLP unit and the whole layer) and `similarity.png` / `.svg` (a layer × token heatmap of how much
 //! each layer changes each token, with per-layer block influence beside it) into a new directory.
 
 use crate::analysis::{similarity_profile, LayerSimilarity};
@@ -231,6 +231,12 @@ pub fn run(plan: &AnalyzePlan) -> Result<AnalyzeReport, AnalyzeError> {
         "tokens": total,
         "sequences": seqs.len(),
         "definition": "cosine similarity of unit input vs output per token; block_influence = 1 - mean (ShortGPT)",
+        "weights": model
+            .weight_kinds()
+            .iter()
+            .map(|(k, n, b)| json!({"kind": k.name(), "tensors": n, "bytes": b}))
+            .collect::<Vec<_>>(),
+        "bytes_per_token": model.bytes_per_token(),
         "layers": layers,
     });
     if let Some(parent) = plan.output.parent().filter(|p| !p.as_os_str().is_empty()) {

@@ -208,6 +208,15 @@ fn analyze_smollm2_on_lambada_writes_statistics_and_plots() {
     let report: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(out.join("similarity.json")).unwrap()).unwrap();
     assert_eq!(report["tokens"], 384);
+    // The GGUF runs in its own blocks: Q4_1 projections, the tied Q8_0 embedding read as the lm_head.
+    let kinds: Vec<&str> = report["weights"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|w| w["kind"].as_str().unwrap())
+        .collect();
+    assert_eq!(kinds, ["q4_1", "q8_0"]);
+    assert!(report["bytes_per_token"].as_u64().unwrap() > 90_000_000);
     let layers = report["layers"].as_array().unwrap();
     assert_eq!(layers.len(), 30);
     for l in layers {

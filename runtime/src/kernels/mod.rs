@@ -156,12 +156,97 @@ mod avx2 {
     }
 
     dot_kernel!(dot_f32, f32, load_f32, |v: f32| v);
+
+    /// `e^x` for 8 lanes: Cephes' `expf` (range reduction by ln 2 in two parts, degree-5 polynomial), inputs
+    /// clamped to ±88.376 so that the result stays finite.
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn exp8(x: __m256) -> __m256 {
+        let x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-88.376_26)), _mm256_set1_ps(88.376_26));
+        let n = _mm256_floor_ps(_mm256_fmadd_ps(
+            x,
+            _mm256_set1_ps(std::f32::consts::LOG2_E),
+            _mm256_set1_ps(0.5),
+        ));
+        let r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693_359_4), x);
+        let r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.121_944_4e-4), r);
+        let mut p = _mm256_set1_ps(1.987_569_1e-4);
+        for c in [
+            1.398_199_9e-3,
+            8.333_452e-3,
+            4.166_579_6e-2,
+            1.666_666_5e-1,
+            5.000_000_1e-1,
+        ] {
+            p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(c));
+        }
+        let y = _mm256_add_ps(_mm256_fmadd_ps(p, _mm256_mul_ps(r, r), r), _mm256_set1_ps(1.0));
+        let pow2 = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+        _mm256_mul_ps(y, _mm256_castsi256_ps(pow2))
+    }
+
+    /// [`super::swiglu`] over whole 8-lane chunks; returns how many elements it wrote.
+    ///
+    /// # Safety
+    /// Requires AVX2 and FMA; the slices have equal lengths.
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn swiglu(g: &[f32], u: &[f32], out: &mut [f32]) -> usize {
+        let n = g.len() / 8 * 8;
+        let one = _mm256_set1_ps(1.0);
+        let mut i = 0;
+        while i < n {
+            let gv = _mm256_loadu_ps(g.as_ptr().add(i));
+            let e = exp8(_mm256_sub_ps(_mm256_setzero_ps(), gv));
+            let s = _mm256_div_ps(gv, _mm256_add_ps(one, e));
+            _mm256_storeu_ps(
+                out.as_mut_ptr().add(i),
+                _mm256_mul_ps(s, _mm256_loadu_ps(u.as_ptr().add(i))),
+            );
+            i += 8;
+        }
+        n
+    }
     dot_kernel!(dot_bf16, bf16, load_bf16, |v: bf16| v.to_f32());
+}
+
+/// `out[i] = silu(g[i]) · u[i]` (`silu(x) = x / (1 + e^−x)`), the SwiGLU of an MLP; AVX2 with a vectorized
+/// `exp` (Cephes' polynomial, ~1 ulp) where the CPU has it. libm's scalar `expf` took 12 % of a SmolLM2
+/// prefill once the quantized projections were fast.
+pub fn swiglu(g: &[f32], u: &[f32], out: &mut [f32]) {
+    let n = g.len().min(u.len()).min(out.len());
+    let mut i = 0;
+    #[cfg(target_arch = "x86_64")]
+    {
+        if has_avx2_fma() {
+            // SAFETY: the CPU has AVX2 and FMA (checked at run time); the loop stays inside the slices.
+            unsafe { i = avx2::swiglu(&g[..n], &u[..n], &mut out[..n]) };
+        }
+    }
+    for j in i..n {
+        out[j] = g[j] / (1.0 + (-g[j]).exp()) * u[j];
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The vectorized SwiGLU matches the scalar formula to a few ulps, saturating cleanly at large |g|.
+    #[test]
+    fn swiglu_matches_the_scalar_formula() {
+        let mut g: Vec<f32> = (0..1003).map(|i| (i as f32 - 500.0) * 0.05).collect();
+        g.extend([-200.0, -90.0, 90.0, 200.0, 0.0, -0.0, 1e-8]);
+        let u: Vec<f32> = g.iter().enumerate().map(|(i, _)| 1.0 + (i % 7) as f32 * 0.3).collect();
+        let mut out = vec![0f32; g.len()];
+        swiglu(&g, &u, &mut out);
+        for ((&g, &u), &o) in g.iter().zip(&u).zip(&out) {
+            let want = (g as f64 / (1.0 + (-g as f64).exp()) * u as f64) as f32;
+            assert!(
+                o.is_finite() && (o - want).abs() <= 2e-6 * (1.0 + want.abs()),
+                "g {g}: {o} vs {want}"
+            );
+        }
+    }
 
     fn naive(w: &[f32], x: &[f32], rows: usize, out: usize, inp: usize) -> Vec<f32> {
         let mut y = vec![0f32; rows * out];

@@ -376,6 +376,15 @@ impl CustomOp2 for SwiGlu {
         if l1.dims() != l2.dims() {
             candle_core::bail!("{}: shapes {:?} and {:?} differ", self.name(), l1.dims(), l2.dims());
         }
+        if let (CpuStorage::F32(_), CpuStorage::F32(_)) = (s1, s2) {
+            let g = data::<f32>(s1, l1, self.name())?;
+            let u = data::<f32>(s2, l2, self.name())?;
+            let mut y = vec![0f32; g.len()];
+            y.par_chunks_mut(TASK_ELEMS)
+                .zip(g.par_chunks(TASK_ELEMS).zip(u.par_chunks(TASK_ELEMS)))
+                .for_each(|(yc, (gc, uc))| crate::kernels::swiglu(gc, uc, yc));
+            return Ok((CpuStorage::F32(y), l1.shape().clone()));
+        }
         by_dtype!(s1, self.name(), |T| {
             let g = data::<T>(s1, l1, self.name())?;
             let u = data::<T>(s2, l2, self.name())?;

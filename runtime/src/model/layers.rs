@@ -181,7 +181,7 @@ impl Mlp {
     }
 
     /// `x: [.., d]` → `[.., d]`.
-    pub fn forward(&self, x: &Tensor, ex: Exec) -> candle_core::Result<Tensor> {
+    pub fn forward(&self, x: &Tensor, _ex: Exec) -> candle_core::Result<Tensor> {
         let (g, u) = match &self.gate_up {
             Some(f) => {
                 let y = f.forward(x)?;
@@ -190,7 +190,9 @@ impl Mlp {
             }
             None => (self.gate_proj.forward(x)?, self.up_proj.forward(x)?),
         };
-        let h = if ex.differentiable && fused::supported(&g) {
+        // One fused pass (vectorized exp) for inference and training alike on the CPU; candle's composed form
+        // elsewhere.
+        let h = if fused::supported(&g) {
             fused::swiglu(&g, &u)?
         } else {
             (candle_nn::Activation::Silu.forward(&g)? * u)?
