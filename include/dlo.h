@@ -254,6 +254,16 @@ enum dlo_status dlo_engine_free(struct dlo_engine **engine);
 enum dlo_status dlo_engine_get_info(const struct dlo_engine *engine,
                                     struct dlo_engine_info *out);
 
+// Describes how the engine's weights are stored: one line per storage kind, `KIND TENSORS BYTES` (e.g.
+// `q4_1 210 66355200`; kinds `f32`, `bf16`, `f16`, `q8_0`, `q4_0`, `q4_1`, `q5_0`, `q5_1`, `q2_k` … `q6_k`),
+// largest first, then `bytes_per_token N`: the weight bytes one decode step reads with every unit executing.
+// Output as in `dlo_detokenize` (text + NUL in caller-owned `buf`, `*n_out` = length without the NUL,
+// DLO_ERR_BUFFER_TOO_SMALL with the needed length; `buf = NULL, cap = 0` asks for the size).
+enum dlo_status dlo_engine_weights(const struct dlo_engine *engine,
+                                   char *buf,
+                                   size_t cap,
+                                   size_t *n_out);
+
 // Encodes NUL-terminated UTF-8 `text` into token ids. `add_special` != 0 adds the tokenizer's special
 // prefix (BOS when the model wants it). Writes the ids to `out[0 .. *n_out]`, `*n_out` being their count.
 // When `cap` is smaller than the count, nothing is written, `*n_out` is the count needed and the status is

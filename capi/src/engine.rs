@@ -278,6 +278,31 @@ pub unsafe extern "C" fn dlo_engine_get_info(engine: *const dlo_engine, out: *mu
     })
 }
 
+/// Describes how the engine's weights are stored: one line per storage kind, `KIND TENSORS BYTES` (e.g.
+/// `q4_1 210 66355200`; kinds `f32`, `bf16`, `f16`, `q8_0`, `q4_0`, `q4_1`, `q5_0`, `q5_1`, `q2_k` … `q6_k`),
+/// largest first, then `bytes_per_token N`: the weight bytes one decode step reads with every unit executing.
+/// Output as in `dlo_detokenize` (text + NUL in caller-owned `buf`, `*n_out` = length without the NUL,
+/// DLO_ERR_BUFFER_TOO_SMALL with the needed length; `buf = NULL, cap = 0` asks for the size).
+#[no_mangle]
+pub unsafe extern "C" fn dlo_engine_weights(
+    engine: *const dlo_engine,
+    buf: *mut c_char,
+    cap: usize,
+    n_out: *mut usize,
+) -> dlo_status {
+    guard(|| {
+        const F: &str = "dlo_engine_weights";
+        let e = handles::engine(id_of(engine, "engine", F)?, F)?;
+        check_out(buf, cap, n_out, "buf", F)?;
+        let mut text = String::new();
+        for (kind, tensors, bytes) in e.model.weight_kinds() {
+            text.push_str(&format!("{kind} {tensors} {bytes}\n"));
+        }
+        text.push_str(&format!("bytes_per_token {}\n", e.model.bytes_per_token()));
+        write_text(&text, buf, cap, n_out, F)
+    })
+}
+
 /// Encodes NUL-terminated UTF-8 `text` into token ids. `add_special` != 0 adds the tokenizer's special
 /// prefix (BOS when the model wants it). Writes the ids to `out[0 .. *n_out]`, `*n_out` being their count.
 /// When `cap` is smaller than the count, nothing is written, `*n_out` is the count needed and the status is

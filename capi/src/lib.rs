@@ -27,7 +27,8 @@ mod status;
 
 pub use engine::{
     dlo_chat_message, dlo_chat_render, dlo_detokenize, dlo_dtype, dlo_engine, dlo_engine_default_params,
-    dlo_engine_free, dlo_engine_get_info, dlo_engine_info, dlo_engine_load, dlo_engine_params, dlo_tokenize,
+    dlo_engine_free, dlo_engine_get_info, dlo_engine_info, dlo_engine_load, dlo_engine_params, dlo_engine_weights,
+    dlo_tokenize,
 };
 pub use session::{
     dlo_generate, dlo_generate_text, dlo_generation_result, dlo_session, dlo_session_default_params, dlo_session_free,

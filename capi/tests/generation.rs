@@ -224,6 +224,26 @@ fn text_functions_on_smollm2_gguf() {
         assert_eq!(got, want_text);
         assert_eq!(got, "Hello, wörld! 1 2 3");
 
+        // The GGUF runs in its own blocks: the storage kinds and the bytes a decode step reads.
+        expect(
+            dlo_engine_weights(e, std::ptr::null_mut(), 0, &mut n),
+            DLO_ERR_BUFFER_TOO_SMALL,
+        );
+        let mut buf = vec![0 as std::ffi::c_char; n + 1];
+        expect(dlo_engine_weights(e, buf.as_mut_ptr(), n + 1, &mut n), DLO_OK);
+        let weights = std::ffi::CStr::from_ptr(buf.as_ptr()).to_str().unwrap().to_string();
+        let lines: Vec<Vec<&str>> = weights.lines().map(|l| l.split(' ').collect()).collect();
+        assert_eq!(lines.len(), 3, "{weights}");
+        assert_eq!((lines[0][0], lines[0][1]), ("q4_1", "210"), "{weights}");
+        assert_eq!((lines[1][0], lines[1][1]), ("q8_0", "1"), "{weights}");
+        assert_eq!(lines[2][0], "bytes_per_token");
+        let per_token: u64 = lines[2][1].parse().unwrap();
+        let stored: u64 = lines[..2].iter().map(|l| l[2].parse::<u64>().unwrap()).sum();
+        assert_eq!(
+            per_token, stored,
+            "a tied model reads every projection and the embedding table per token"
+        );
+
         let sys = c("system");
         let user = c("user");
         let (m1, m2) = (c("Be brief."), c("Capital of France?"));
