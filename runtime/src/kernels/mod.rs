@@ -203,6 +203,16 @@ mod avx2 {
     dot_kernel!(dot_bf16, bf16, load_bf16, |v: bf16| v.to_f32());
 }
 
+/// Runs `f` over `0..n` split into contiguous ranges on the rayon pool, about 8 per thread (enough to balance
+/// uneven speeds, few enough that the split costs nothing next to the work).
+pub(crate) fn par_ranges(n: usize, f: impl Fn(std::ops::Range<usize>) + Sync) {
+    let threads = rayon::current_num_threads().max(1);
+    let piece = n.div_ceil(threads * 8).max(1);
+    (0..n.div_ceil(piece))
+        .into_par_iter()
+        .for_each(|p| f(p * piece..n.min((p + 1) * piece)));
+}
+
 /// `out[i] = silu(g[i]) · u[i]` (`silu(x) = x / (1 + e^−x)`), the SwiGLU of an MLP; AVX2 with a vectorized
 /// `exp` (Cephes' polynomial, ~1 ulp) where the CPU has it. libm's scalar `expf` took 12 % of a SmolLM2
 /// prefill once the quantized projections were fast.

@@ -174,38 +174,53 @@ pub fn unpack_row(t: BlockType, packed: &[u8], row: usize, inp: usize, dst: &mut
 /// `y = x Wᵀ` for packed `w` (`out` rows, `inp` columns) and activation blocks `act` (`rows` rows): returns
 /// `[rows, out]`. The groups are split over the rayon pool.
 pub fn matmul(t: BlockType, w: &[u8], out: usize, inp: usize, act: &[ActBlock], rows: usize) -> Vec<f32> {
-    use rayon::prelude::*;
-    assert!(has_kernel());
     let nb = inp / BLOCK;
-    let gstride = nb * group_block_bytes(t);
+    matmul_groups(w, out, inp, act, rows, nb * group_block_bytes(t), |wg, a, na, res| {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: `matmul_groups` checked the CPU; `wg` is one group of `nb` blocks, `a` holds `na` rows.
+        unsafe {
+            match (t, na) {
+                (BlockType::Q4_0, 1) => vnni::group::<0, 1>(wg, a, nb, res),
+                (BlockType::Q4_0, _) => vnni::group::<0, 2>(wg, a, nb, res),
+                (BlockType::Q4_1, 1) => vnni::group::<1, 1>(wg, a, nb, res),
+                (BlockType::Q4_1, _) => vnni::group::<1, 2>(wg, a, nb, res),
+                (BlockType::Q8_0, 1) => vnni::group::<2, 1>(wg, a, nb, res),
+                (BlockType::Q8_0, _) => vnni::group::<2, 2>(wg, a, nb, res),
+                (BlockType::Q5_0, 1) => vnni::group::<3, 1>(wg, a, nb, res),
+                (BlockType::Q5_0, _) => vnni::group::<3, 2>(wg, a, nb, res),
+                (BlockType::Q5_1, 1) => vnni::group::<4, 1>(wg, a, nb, res),
+                (BlockType::Q5_1, _) => vnni::group::<4, 2>(wg, a, nb, res),
+            }
+        }
+    })
+}
+
+/// The loop every packed product shares: 8-row groups of `gstride` bytes, `kernel(group, activations from row
+/// r, na, res)` for 1 or 2 activation rows at a time (`res[k]` = the group's 8 outputs for row r + k), the
+/// groups split over the rayon pool, each writing its own 8 columns of the `[rows, out]` result.
+fn matmul_groups(
+    w: &[u8],
+    out: usize,
+    inp: usize,
+    act: &[ActBlock],
+    rows: usize,
+    gstride: usize,
+    kernel: impl Fn(&[u8], &[ActBlock], usize, &mut [[f32; ROWS]; 2]) + Sync,
+) -> Vec<f32> {
+    assert!(has_kernel() && out.is_multiple_of(ROWS));
+    let nb32 = inp / BLOCK;
     assert_eq!(w.len(), out / ROWS * gstride);
-    assert_eq!(act.len(), rows * nb);
+    assert_eq!(act.len(), rows * nb32);
     let mut y = vec![0f32; rows * out];
     let dst = Dst(y.as_mut_ptr());
-    let groups = out / ROWS;
-    let run = |range: std::ops::Range<usize>| {
+    super::par_ranges(out / ROWS, |range| {
         for g in range {
             let wg = &w[g * gstride..(g + 1) * gstride];
             let mut r = 0;
             while r < rows {
                 let na = (rows - r).min(2);
                 let mut res = [[0f32; ROWS]; 2];
-                #[cfg(target_arch = "x86_64")]
-                // SAFETY: `has_kernel` checked the CPU; `wg` is one group of `nb` blocks, `act` holds rows r..r+na.
-                unsafe {
-                    match (t, na) {
-                        (BlockType::Q4_0, 1) => vnni::group::<0, 1>(wg, &act[r * nb..], nb, &mut res),
-                        (BlockType::Q4_0, _) => vnni::group::<0, 2>(wg, &act[r * nb..], nb, &mut res),
-                        (BlockType::Q4_1, 1) => vnni::group::<1, 1>(wg, &act[r * nb..], nb, &mut res),
-                        (BlockType::Q4_1, _) => vnni::group::<1, 2>(wg, &act[r * nb..], nb, &mut res),
-                        (BlockType::Q8_0, 1) => vnni::group::<2, 1>(wg, &act[r * nb..], nb, &mut res),
-                        (BlockType::Q8_0, _) => vnni::group::<2, 2>(wg, &act[r * nb..], nb, &mut res),
-                        (BlockType::Q5_0, 1) => vnni::group::<3, 1>(wg, &act[r * nb..], nb, &mut res),
-                        (BlockType::Q5_0, _) => vnni::group::<3, 2>(wg, &act[r * nb..], nb, &mut res),
-                        (BlockType::Q5_1, 1) => vnni::group::<4, 1>(wg, &act[r * nb..], nb, &mut res),
-                        (BlockType::Q5_1, _) => vnni::group::<4, 2>(wg, &act[r * nb..], nb, &mut res),
-                    }
-                }
+                kernel(wg, &act[r * nb32..], na, &mut res);
                 for (k, row) in res.iter().enumerate().take(na) {
                     // SAFETY: group g alone writes columns g·8..g·8+8; the row index is below `rows`.
                     unsafe {
@@ -215,12 +230,7 @@ pub fn matmul(t: BlockType, w: &[u8], out: usize, inp: usize, act: &[ActBlock], 
                 r += na;
             }
         }
-    };
-    let threads = rayon::current_num_threads().max(1);
-    let piece = groups.div_ceil(threads * 8).max(1);
-    (0..groups.div_ceil(piece))
-        .into_par_iter()
-        .for_each(|p| run(p * piece..groups.min((p + 1) * piece)));
+    });
     y
 }
 
@@ -320,47 +330,18 @@ pub fn unpack_row_q4k(packed: &[u8], row: usize, inp: usize, dst: &mut [u8]) {
 
 /// `y = x Wᵀ` for packed Q4_K `w` (`out` rows, `inp` columns) and 32-element activation blocks `act`.
 pub fn matmul_q4k(w: &[u8], out: usize, inp: usize, act: &[ActBlock], rows: usize) -> Vec<f32> {
-    use rayon::prelude::*;
-    assert!(has_kernel());
-    let (nb, nb32) = (inp / QK_K, inp / BLOCK);
-    let gstride = nb * Q4K_GROUP_BLOCK;
-    assert_eq!(w.len(), out / ROWS * gstride);
-    assert_eq!(act.len(), rows * nb32);
-    let mut y = vec![0f32; rows * out];
-    let dst = Dst(y.as_mut_ptr());
-    let groups = out / ROWS;
-    let run = |range: std::ops::Range<usize>| {
-        for g in range {
-            let wg = &w[g * gstride..(g + 1) * gstride];
-            let mut r = 0;
-            while r < rows {
-                let na = (rows - r).min(2);
-                let mut res = [[0f32; ROWS]; 2];
-                #[cfg(target_arch = "x86_64")]
-                // SAFETY: `has_kernel` checked the CPU; `wg` is one group of `nb` super blocks.
-                unsafe {
-                    if na == 1 {
-                        vnni::group_q4k::<1>(wg, &act[r * nb32..], nb, &mut res)
-                    } else {
-                        vnni::group_q4k::<2>(wg, &act[r * nb32..], nb, &mut res)
-                    }
-                }
-                for (k, row) in res.iter().enumerate().take(na) {
-                    // SAFETY: group g alone writes columns g·8..g·8+8; the row index is below `rows`.
-                    unsafe {
-                        std::ptr::copy_nonoverlapping(row.as_ptr(), dst.get().add((r + k) * out + g * ROWS), ROWS);
-                    }
-                }
-                r += na;
+    let nb = inp / QK_K;
+    matmul_groups(w, out, inp, act, rows, nb * Q4K_GROUP_BLOCK, |wg, a, na, res| {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: `matmul_groups` checked the CPU; `wg` is one group of `nb` super blocks.
+        unsafe {
+            if na == 1 {
+                vnni::group_q4k::<1>(wg, a, nb, res)
+            } else {
+                vnni::group_q4k::<2>(wg, a, nb, res)
             }
         }
-    };
-    let threads = rayon::current_num_threads().max(1);
-    let piece = groups.div_ceil(threads * 8).max(1);
-    (0..groups.div_ceil(piece))
-        .into_par_iter()
-        .for_each(|p| run(p * piece..groups.min((p + 1) * piece)));
-    y
+    })
 }
 
 /// Bytes of a ggml Q6_K block: `ql[128]`, `qh[64]`, `scales[16]` (i8), `d` (f16).
@@ -471,9 +452,10 @@ pub fn unpack_row_q6k(packed: &[u8], row: usize, inp: usize, dst: &mut [u8]) {
 
 /// `y = x Wᵀ` for packed Q6_K `w` (`out` rows, `inp` columns) and 32-element activation blocks `act`.
 pub fn matmul_q6k(w: &[u8], out: usize, inp: usize, act: &[ActBlock], rows: usize) -> Vec<f32> {
-    matmul_k(w, out, inp, act, rows, Q6K_GROUP_BLOCK, |wg, a, nb, na, res| {
+    let nb = inp / QK_K;
+    matmul_groups(w, out, inp, act, rows, nb * Q6K_GROUP_BLOCK, |wg, a, na, res| {
         #[cfg(target_arch = "x86_64")]
-        // SAFETY: `has_kernel` checked the CPU (in matmul_k); `wg` is one group of `nb` super blocks.
+        // SAFETY: `matmul_groups` checked the CPU; `wg` is one group of `nb` super blocks.
         unsafe {
             if na == 1 {
                 vnni::group_q6k::<1>(wg, a, nb, res)
@@ -482,52 +464,6 @@ pub fn matmul_q6k(w: &[u8], out: usize, inp: usize, act: &[ActBlock], rows: usiz
             }
         }
     })
-}
-
-/// The parallel loop of the k-quant products: 8-row groups of `gb`-byte super blocks, `kernel(group, act,
-/// nb, na, res)` for 1 or 2 activation rows at a time.
-fn matmul_k(
-    w: &[u8],
-    out: usize,
-    inp: usize,
-    act: &[ActBlock],
-    rows: usize,
-    gb: usize,
-    kernel: impl Fn(&[u8], &[ActBlock], usize, usize, &mut [[f32; ROWS]; 2]) + Sync,
-) -> Vec<f32> {
-    use rayon::prelude::*;
-    assert!(has_kernel());
-    let (nb, nb32) = (inp / QK_K, inp / BLOCK);
-    let gstride = nb * gb;
-    assert_eq!(w.len(), out / ROWS * gstride);
-    assert_eq!(act.len(), rows * nb32);
-    let mut y = vec![0f32; rows * out];
-    let dst = Dst(y.as_mut_ptr());
-    let groups = out / ROWS;
-    let run = |range: std::ops::Range<usize>| {
-        for g in range {
-            let wg = &w[g * gstride..(g + 1) * gstride];
-            let mut r = 0;
-            while r < rows {
-                let na = (rows - r).min(2);
-                let mut res = [[0f32; ROWS]; 2];
-                kernel(wg, &act[r * nb32..], nb, na, &mut res);
-                for (k, row) in res.iter().enumerate().take(na) {
-                    // SAFETY: group g alone writes columns g·8..g·8+8; the row index is below `rows`.
-                    unsafe {
-                        std::ptr::copy_nonoverlapping(row.as_ptr(), dst.get().add((r + k) * out + g * ROWS), ROWS);
-                    }
-                }
-                r += na;
-            }
-        }
-    };
-    let threads = rayon::current_num_threads().max(1);
-    let piece = groups.div_ceil(threads * 8).max(1);
-    (0..groups.div_ceil(piece))
-        .into_par_iter()
-        .for_each(|p| run(p * piece..groups.min((p + 1) * piece)));
-    y
 }
 
 #[derive(Clone, Copy)]
@@ -774,67 +710,27 @@ mod tests {
     use super::super::quant::{self, quantize_activations, quantize_row};
     use super::*;
 
-    /// Packed Q6_K unpacks to ggml's bytes, and its products equal candle's dequantized weights times the
-    /// (dequantized) 8-bit activations.
-    #[test]
-    fn packed_q6k_is_exact() {
-        use candle_core::quantized::{GgmlDType, QTensor};
-        use candle_core::{Device, Tensor};
-        let (out, inp) = (16, 512);
-        let v = crate::testing::XorShift::new(7).symmetric_vec(out * inp, 1.0, 0.2);
-        let t = Tensor::from_vec(v, (out, inp), &Device::Cpu).unwrap();
-        let q = QTensor::quantize(&t, GgmlDType::Q6K).unwrap();
-        let bytes = q.data().unwrap().into_owned();
-        let wd = q.dequantize(&Device::Cpu).unwrap().to_vec2::<f32>().unwrap();
-        let packed = pack_q6k(&bytes, out, inp);
-        let rb = inp / QK_K * Q6K_BLOCK;
-        let mut row = vec![0u8; rb];
-        for r in 0..out {
-            unpack_row_q6k(&packed, r, inp, &mut row);
-            assert_eq!(row, bytes[r * rb..(r + 1) * rb], "row {r}");
-        }
-        if !has_kernel() {
-            return;
-        }
-        for rows in [1, 3] {
-            let x = crate::testing::XorShift::new(8).symmetric_vec(rows * inp, 1.0, 0.0);
-            let act = quantize_activations(&x, inp);
-            let y = matmul_q6k(&packed, out, inp, &act, rows);
-            for r in 0..rows {
-                let xd: Vec<f32> = act[r * inp / BLOCK..(r + 1) * inp / BLOCK]
-                    .iter()
-                    .flat_map(|b| b.q.iter().map(move |&q| b.d * q as f32))
-                    .collect();
-                for (o, w) in wd.iter().enumerate() {
-                    let want: f32 = w.iter().zip(&xd).map(|(a, b)| a * b).sum();
-                    let got = y[r * out + o];
-                    assert!(
-                        (got - want).abs() < 1e-3 * (1.0 + want.abs()),
-                        "row {r} out {o}: {got} vs {want}"
-                    );
-                }
-            }
-        }
-    }
+    type Pack = fn(&[u8], usize, usize) -> Vec<u8>;
+    type Unpack = fn(&[u8], usize, usize, &mut [u8]);
+    type Product = fn(&[u8], usize, usize, &[ActBlock], usize) -> Vec<f32>;
 
-    /// Packed Q4_K unpacks to ggml's bytes, and its products equal candle's dequantized weights times the
+    /// A packed k-quant unpacks to ggml's bytes, and its products equal candle's dequantized weights times the
     /// (dequantized) 8-bit activations.
-    #[test]
-    fn packed_q4k_is_exact() {
-        use candle_core::quantized::{GgmlDType, QTensor};
+    fn check_k(ty: candle_core::quantized::GgmlDType, block: usize, pack: Pack, unpack: Unpack, product: Product) {
+        use candle_core::quantized::QTensor;
         use candle_core::{Device, Tensor};
         let (out, inp) = (16, 512);
         let v = crate::testing::XorShift::new(5).symmetric_vec(out * inp, 1.0, 0.2);
         let t = Tensor::from_vec(v, (out, inp), &Device::Cpu).unwrap();
-        let q = QTensor::quantize(&t, GgmlDType::Q4K).unwrap();
+        let q = QTensor::quantize(&t, ty).unwrap();
         let bytes = q.data().unwrap().into_owned();
         let wd = q.dequantize(&Device::Cpu).unwrap().to_vec2::<f32>().unwrap();
-        let packed = pack_q4k(&bytes, out, inp);
-        let rb = inp / QK_K * Q4K_BLOCK;
+        let packed = pack(&bytes, out, inp);
+        let rb = inp / QK_K * block;
         let mut row = vec![0u8; rb];
         for r in 0..out {
-            unpack_row_q4k(&packed, r, inp, &mut row);
-            assert_eq!(row, bytes[r * rb..(r + 1) * rb], "row {r}");
+            unpack(&packed, r, inp, &mut row);
+            assert_eq!(row, bytes[r * rb..(r + 1) * rb], "{ty:?} row {r}");
         }
         if !has_kernel() {
             return;
@@ -842,7 +738,7 @@ mod tests {
         for rows in [1, 3] {
             let x = crate::testing::XorShift::new(6).symmetric_vec(rows * inp, 1.0, 0.0);
             let act = quantize_activations(&x, inp);
-            let y = matmul_q4k(&packed, out, inp, &act, rows);
+            let y = product(&packed, out, inp, &act, rows);
             for r in 0..rows {
                 let xd: Vec<f32> = act[r * inp / BLOCK..(r + 1) * inp / BLOCK]
                     .iter()
@@ -853,11 +749,33 @@ mod tests {
                     let got = y[r * out + o];
                     assert!(
                         (got - want).abs() < 1e-3 * (1.0 + want.abs()),
-                        "row {r} out {o}: {got} vs {want}"
+                        "{ty:?} {r} {o}: {got} vs {want}"
                     );
                 }
             }
         }
+    }
+
+    #[test]
+    fn packed_q4k_is_exact() {
+        check_k(
+            candle_core::quantized::GgmlDType::Q4K,
+            Q4K_BLOCK,
+            pack_q4k,
+            unpack_row_q4k,
+            matmul_q4k,
+        );
+    }
+
+    #[test]
+    fn packed_q6k_is_exact() {
+        check_k(
+            candle_core::quantized::GgmlDType::Q6K,
+            Q6K_BLOCK,
+            pack_q6k,
+            unpack_row_q6k,
+            matmul_q6k,
+        );
     }
 
     /// Packing is lossless (every row unpacks to its ggml bytes), and the packed kernel gives the row kernel's

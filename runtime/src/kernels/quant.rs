@@ -248,13 +248,9 @@ fn matmul_with(kernel: TileFn, t: BlockType, w: &[u8], out: usize, inp: usize, x
             }
         }
     };
-    // Split the groups over the rayon pool, ~8 pieces per thread. (candle's spinning barrier pool measured the
-    // same on SmolLM2 decode: the step is bound by the kernels and the serial work between them, not wake-ups.)
-    let threads = rayon::current_num_threads().max(1);
-    let piece = groups.div_ceil(threads * 8).max(1);
-    (0..groups.div_ceil(piece))
-        .into_par_iter()
-        .for_each(|p| run(p * piece..groups.min((p + 1) * piece)));
+    // (candle's spinning barrier pool measured the same as rayon on SmolLM2 decode: the step is bound by the
+    // kernels and the serial work between them, not wake-ups.)
+    super::par_ranges(groups, run);
     if rows == 1 {
         return scratch;
     }

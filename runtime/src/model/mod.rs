@@ -487,20 +487,7 @@ impl Model {
     pub fn weight_kinds(&self) -> Vec<(weight::WeightKind, usize, usize)> {
         let mut all: Vec<&Weight> = vec![&self.embed_tokens];
         all.extend(self.lm_head.iter().map(|h| &h.weight));
-        for l in &self.layers {
-            let (a, m) = (&l.self_attn, &l.mlp);
-            for lin in [
-                &a.q_proj,
-                &a.k_proj,
-                &a.v_proj,
-                &a.o_proj,
-                &m.gate_proj,
-                &m.up_proj,
-                &m.down_proj,
-            ] {
-                all.push(&lin.weight);
-            }
-        }
+        all.extend(self.projections());
         let mut kinds: Vec<(weight::WeightKind, usize, usize)> = Vec::new();
         for w in all {
             let k = w.kind();
@@ -523,26 +510,24 @@ impl Model {
             Some(h) => h.weight.storage_bytes(),
             None => self.embed_tokens.storage_bytes(),
         };
-        let layers: usize = self
-            .layers
-            .iter()
-            .map(|l| {
-                let (a, m) = (&l.self_attn, &l.mlp);
-                [
-                    &a.q_proj,
-                    &a.k_proj,
-                    &a.v_proj,
-                    &a.o_proj,
-                    &m.gate_proj,
-                    &m.up_proj,
-                    &m.down_proj,
-                ]
-                .iter()
-                .map(|lin| lin.weight.storage_bytes())
-                .sum::<usize>()
-            })
-            .sum();
-        head + layers
+        head + self.projections().map(Weight::storage_bytes).sum::<usize>()
+    }
+
+    /// The seven projection weights of every decoder layer.
+    fn projections(&self) -> impl Iterator<Item = &Weight> {
+        self.layers.iter().flat_map(|l| {
+            let (a, m) = (&l.self_attn, &l.mlp);
+            [
+                &a.q_proj,
+                &a.k_proj,
+                &a.v_proj,
+                &a.o_proj,
+                &m.gate_proj,
+                &m.up_proj,
+                &m.down_proj,
+            ]
+            .map(|lin| &lin.weight)
+        })
     }
 
     /// All dense tensors of the model by HF name (a tied lm_head is not repeated), e.g. to save a checkpoint.

@@ -414,38 +414,25 @@ impl QuantWeight {
         let y = match &self.data {
             QData::Blocks { .. } => {
                 let (ty, w, packed) = self.blocks().expect("block data");
-                let rows = xf.dim(0)?;
-                let (st, layout) = xf.storage_and_layout();
-                let y = match (&*st, layout.contiguous_offsets()) {
-                    (candle_core::Storage::Cpu(candle_core::CpuStorage::F32(v)), Some((a, b))) if packed => {
-                        let act = kernels::quant::quantize_activations(&v[a..b], self.inp);
+                self.run_f32(&xf, |v, rows| {
+                    if packed {
+                        let act = kernels::quant::quantize_activations(v, self.inp);
                         kernels::packed::matmul(ty, w, self.out, self.inp, &act, rows)
+                    } else {
+                        kernels::quant::matmul(ty, w, self.out, self.inp, v, rows)
                     }
-                    (candle_core::Storage::Cpu(candle_core::CpuStorage::F32(v)), Some((a, b))) => {
-                        kernels::quant::matmul(ty, w, self.out, self.inp, &v[a..b], rows)
-                    }
-                    _ => candle_core::bail!("quantized weights run on the CPU"),
-                };
-                drop(st);
-                Tensor::from_vec(y, (rows, self.out), x.device())?
+                })?
             }
             QData::PackedK { .. } => {
                 let w = self.packed_k().expect("packed data");
-                let rows = xf.dim(0)?;
-                let (st, layout) = xf.storage_and_layout();
-                let y = match (&*st, layout.contiguous_offsets()) {
-                    (candle_core::Storage::Cpu(candle_core::CpuStorage::F32(v)), Some((a, b))) => {
-                        let act = kernels::quant::quantize_activations(&v[a..b], self.inp);
-                        if self.ty == GgmlDType::Q4K {
-                            kernels::packed::matmul_q4k(w, self.out, self.inp, &act, rows)
-                        } else {
-                            kernels::packed::matmul_q6k(w, self.out, self.inp, &act, rows)
-                        }
+                self.run_f32(&xf, |v, rows| {
+                    let act = kernels::quant::quantize_activations(v, self.inp);
+                    if self.ty == GgmlDType::Q4K {
+                        kernels::packed::matmul_q4k(w, self.out, self.inp, &act, rows)
+                    } else {
+                        kernels::packed::matmul_q6k(w, self.out, self.inp, &act, rows)
                     }
-                    _ => candle_core::bail!("quantized weights run on the CPU"),
-                };
-                drop(st);
-                Tensor::from_vec(y, (rows, self.out), x.device())?
+                })?
             }
             QData::Candle { q, rows } => {
                 let y = xf.apply_op1_no_bwd(q.as_ref())?;
@@ -456,6 +443,18 @@ impl QuantWeight {
             }
         };
         y.to_dtype(dt)
+    }
+
+    /// `f(x, rows)` on the values of a contiguous f32 CPU tensor `x: [rows, in]`, its result as `[rows, out]`.
+    fn run_f32(&self, x: &Tensor, f: impl FnOnce(&[f32], usize) -> Vec<f32>) -> candle_core::Result<Tensor> {
+        let rows = x.dim(0)?;
+        let (st, layout) = x.storage_and_layout();
+        let y = match (&*st, layout.contiguous_offsets()) {
+            (candle_core::Storage::Cpu(candle_core::CpuStorage::F32(v)), Some((a, b))) => f(&v[a..b], rows),
+            _ => candle_core::bail!("quantized weights run on the CPU"),
+        };
+        drop(st);
+        Tensor::from_vec(y, (rows, self.out), x.device())
     }
 
     /// Rows `ids` dequantized to f32: `[ids.len(), in]`.
