@@ -18,6 +18,7 @@
 //!   nibbles of vector `k − 4` otherwise) of row `r` has its fifth bit; `vpmovm2b` turns it into bytes.
 
 use super::quant::{ActBlock, BlockType, BLOCK};
+use rayon::prelude::*;
 
 /// Rows per group.
 pub const ROWS: usize = 8;
@@ -43,16 +44,16 @@ pub const fn group_block_bytes(t: BlockType) -> usize {
     ROWS * t.block_bytes()
 }
 
-/// Repacks `out` rows (a multiple of [`ROWS`]) of `inp` columns from ggml's row-major blocks.
+/// Repacks `out` rows (a multiple of [`ROWS`]) of `inp` columns from ggml's row-major blocks, the groups
+/// split over the rayon pool (repacking is part of loading a model).
 pub fn pack(t: BlockType, src: &[u8], out: usize, inp: usize) -> Vec<u8> {
     assert!(out.is_multiple_of(ROWS) && inp.is_multiple_of(BLOCK));
     let (nb, bb, gb) = (inp / BLOCK, t.block_bytes(), group_block_bytes(t));
     let rb = nb * bb;
     let mut dst = vec![0u8; src.len()];
-    for g in 0..out / ROWS {
+    dst.par_chunks_mut(nb * gb).enumerate().for_each(|(g, dg)| {
         for i in 0..nb {
-            let o = (g * nb + i) * gb;
-            let d = &mut dst[o..o + gb];
+            let d = &mut dg[i * gb..(i + 1) * gb];
             for r in 0..ROWS {
                 let b = &src[(g * ROWS + r) * rb + i * bb..][..bb];
                 d[2 * r..2 * r + 2].copy_from_slice(&b[0..2]);
@@ -102,7 +103,7 @@ pub fn pack(t: BlockType, src: &[u8], out: usize, inp: usize) -> Vec<u8> {
                 }
             }
         }
-    }
+    });
     dst
 }
 
@@ -271,29 +272,31 @@ pub fn pack_q4k(src: &[u8], out: usize, inp: usize) -> Vec<u8> {
     let nb = inp / QK_K;
     let rb = nb * Q4K_BLOCK;
     let mut dst = vec![0u8; out / ROWS * nb * Q4K_GROUP_BLOCK];
-    for g in 0..out / ROWS {
-        for i in 0..nb {
-            let d = &mut dst[(g * nb + i) * Q4K_GROUP_BLOCK..][..Q4K_GROUP_BLOCK];
-            for r in 0..ROWS {
-                let b = &src[(g * ROWS + r) * rb + i * Q4K_BLOCK..][..Q4K_BLOCK];
-                d[2 * r..2 * r + 2].copy_from_slice(&b[0..2]);
-                d[16 + 2 * r..16 + 2 * r + 2].copy_from_slice(&b[2..4]);
-                for j in 0..8 {
-                    let (sc, m) = scale_min(&b[4..16], j);
-                    d[32 + 8 * j + r] = sc;
-                    d[96 + 8 * j + r] = m;
-                    // Sub-block j: nibbles of bytes 32·(j/2) .. +32, low for even j, high for odd.
-                    let q = &b[16 + 32 * (j / 2)..][..32];
-                    let nib = |e: usize| if j % 2 == 0 { q[e] & 0xF } else { q[e] >> 4 };
-                    for k in 0..4 {
-                        for p in 0..4 {
-                            d[160 + 128 * j + 32 * k + 4 * r + p] = nib(4 * k + p) | (nib(16 + 4 * k + p) << 4);
+    dst.par_chunks_mut(nb * Q4K_GROUP_BLOCK)
+        .enumerate()
+        .for_each(|(g, dg)| {
+            for i in 0..nb {
+                let d = &mut dg[i * Q4K_GROUP_BLOCK..][..Q4K_GROUP_BLOCK];
+                for r in 0..ROWS {
+                    let b = &src[(g * ROWS + r) * rb + i * Q4K_BLOCK..][..Q4K_BLOCK];
+                    d[2 * r..2 * r + 2].copy_from_slice(&b[0..2]);
+                    d[16 + 2 * r..16 + 2 * r + 2].copy_from_slice(&b[2..4]);
+                    for j in 0..8 {
+                        let (sc, m) = scale_min(&b[4..16], j);
+                        d[32 + 8 * j + r] = sc;
+                        d[96 + 8 * j + r] = m;
+                        // Sub-block j: nibbles of bytes 32·(j/2) .. +32, low for even j, high for odd.
+                        let q = &b[16 + 32 * (j / 2)..][..32];
+                        let nib = |e: usize| if j % 2 == 0 { q[e] & 0xF } else { q[e] >> 4 };
+                        for k in 0..4 {
+                            for p in 0..4 {
+                                d[160 + 128 * j + 32 * k + 4 * r + p] = nib(4 * k + p) | (nib(16 + 4 * k + p) << 4);
+                            }
                         }
                     }
                 }
             }
-        }
-    }
+        });
     dst
 }
 
@@ -383,41 +386,43 @@ pub fn pack_q6k(src: &[u8], out: usize, inp: usize) -> Vec<u8> {
     let nb = inp / QK_K;
     let rb = nb * Q6K_BLOCK;
     let mut dst = vec![0u8; out / ROWS * nb * Q6K_GROUP_BLOCK];
-    for g in 0..out / ROWS {
-        for i in 0..nb {
-            let d = &mut dst[(g * nb + i) * Q6K_GROUP_BLOCK..][..Q6K_GROUP_BLOCK];
-            for r in 0..ROWS {
-                let b = &src[(g * ROWS + r) * rb + i * Q6K_BLOCK..][..Q6K_BLOCK];
-                d[2 * r..2 * r + 2].copy_from_slice(&b[208..210]);
-                for k in 0..16 {
-                    d[16 + 8 * k + r] = b[192 + k];
-                }
-                for blk in 0..8 {
-                    let o = 144 + 192 * blk;
-                    for k in 0..8 {
-                        let (mut m4, mut m5) = (
-                            u32::from_le_bytes(d[o + 4 * k..o + 4 * k + 4].try_into().expect("4 bytes")),
-                            u32::from_le_bytes(d[o + 32 + 4 * k..o + 32 + 4 * k + 4].try_into().expect("4 bytes")),
-                        );
-                        for p in 0..4 {
-                            let q = q6_get(b, 32 * blk + element(k, p));
-                            m4 |= (((q >> 4) & 1) as u32) << (4 * r + p);
-                            m5 |= (((q >> 5) & 1) as u32) << (4 * r + p);
-                        }
-                        d[o + 4 * k..o + 4 * k + 4].copy_from_slice(&m4.to_le_bytes());
-                        d[o + 32 + 4 * k..o + 32 + 4 * k + 4].copy_from_slice(&m5.to_le_bytes());
+    dst.par_chunks_mut(nb * Q6K_GROUP_BLOCK)
+        .enumerate()
+        .for_each(|(g, dg)| {
+            for i in 0..nb {
+                let d = &mut dg[i * Q6K_GROUP_BLOCK..][..Q6K_GROUP_BLOCK];
+                for r in 0..ROWS {
+                    let b = &src[(g * ROWS + r) * rb + i * Q6K_BLOCK..][..Q6K_BLOCK];
+                    d[2 * r..2 * r + 2].copy_from_slice(&b[208..210]);
+                    for k in 0..16 {
+                        d[16 + 8 * k + r] = b[192 + k];
                     }
-                    for k in 0..4 {
-                        for p in 0..4 {
-                            let lo = q6_get(b, 32 * blk + 4 * k + p) & 0xF;
-                            let hi = q6_get(b, 32 * blk + 16 + 4 * k + p) & 0xF;
-                            d[o + 64 + 32 * k + 4 * r + p] = lo | (hi << 4);
+                    for blk in 0..8 {
+                        let o = 144 + 192 * blk;
+                        for k in 0..8 {
+                            let (mut m4, mut m5) = (
+                                u32::from_le_bytes(d[o + 4 * k..o + 4 * k + 4].try_into().expect("4 bytes")),
+                                u32::from_le_bytes(d[o + 32 + 4 * k..o + 32 + 4 * k + 4].try_into().expect("4 bytes")),
+                            );
+                            for p in 0..4 {
+                                let q = q6_get(b, 32 * blk + element(k, p));
+                                m4 |= (((q >> 4) & 1) as u32) << (4 * r + p);
+                                m5 |= (((q >> 5) & 1) as u32) << (4 * r + p);
+                            }
+                            d[o + 4 * k..o + 4 * k + 4].copy_from_slice(&m4.to_le_bytes());
+                            d[o + 32 + 4 * k..o + 32 + 4 * k + 4].copy_from_slice(&m5.to_le_bytes());
+                        }
+                        for k in 0..4 {
+                            for p in 0..4 {
+                                let lo = q6_get(b, 32 * blk + 4 * k + p) & 0xF;
+                                let hi = q6_get(b, 32 * blk + 16 + 4 * k + p) & 0xF;
+                                d[o + 64 + 32 * k + 4 * r + p] = lo | (hi << 4);
+                            }
                         }
                     }
                 }
             }
-        }
-    }
+        });
     dst
 }
 
