@@ -484,8 +484,70 @@ impl Dst {
 
 #[cfg(target_arch = "x86_64")]
 mod vnni {
-    use super::super::quant::ActBlock;
+    use super::super::quant::{ActBlock, BlockType};
     use std::arch::x86_64::*;
+
+    /// The block types of `group`'s `T` index.
+    const TYPES: [BlockType; 5] = [
+        BlockType::Q4_0,
+        BlockType::Q4_1,
+        BlockType::Q8_0,
+        BlockType::Q5_0,
+        BlockType::Q5_1,
+    ];
+
+    /// The 8 quant vectors of a Q4-layout sub-block: vectors `k` and `k + 4` are the low and high nibbles of the
+    /// 32 bytes at `q + 32k`.
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
+    unsafe fn nibbles(q: *const u8) -> [__m256i; 8] {
+        let mask = _mm256_set1_epi8(0x0F);
+        let mut v = [_mm256_setzero_si256(); 8];
+        for k in 0..4 {
+            let p = _mm256_loadu_si256(q.add(32 * k) as *const __m256i);
+            v[k] = _mm256_and_si256(p, mask);
+            v[k + 4] = _mm256_and_si256(_mm256_srli_epi16(p, 4), mask);
+        }
+        v
+    }
+
+    /// Each row's (lane's) dot products of the quant vectors `v` with the activation quants `x` (vector `k` with
+    /// the 4 bytes `x[k]` broadcast), split into elements 0..16 (vectors 0..4) and 16..32 (vectors 4..8). Four
+    /// independent accumulation chains: `vpdpbusd` has a 5-cycle latency.
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
+    unsafe fn dot_halves(v: &[__m256i; 8], x: *const i32) -> (__m256i, __m256i) {
+        let bc = |n: usize| _mm256_set1_epi32(x.add(n).read_unaligned());
+        let z = _mm256_setzero_si256();
+        let (mut l0, mut l1) = (_mm256_dpbusd_epi32(z, v[0], bc(0)), _mm256_dpbusd_epi32(z, v[1], bc(1)));
+        let (mut h0, mut h1) = (_mm256_dpbusd_epi32(z, v[4], bc(4)), _mm256_dpbusd_epi32(z, v[5], bc(5)));
+        l0 = _mm256_dpbusd_epi32(l0, v[2], bc(2));
+        l1 = _mm256_dpbusd_epi32(l1, v[3], bc(3));
+        h0 = _mm256_dpbusd_epi32(h0, v[6], bc(6));
+        h1 = _mm256_dpbusd_epi32(h1, v[7], bc(7));
+        (_mm256_add_epi32(l0, l1), _mm256_add_epi32(h0, h1))
+    }
+
+    /// Sets the bit `bit` (0x10, 0x20) in every byte of `v` whose bit in the per-vector masks at `masks` is set
+    /// (mask `k`, bit `4r + p`, for byte `4r + p` of vector `k`): the fifth and sixth bits of Q5 and Q6 quants.
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
+    unsafe fn add_bit(v: &mut [__m256i; 8], masks: *const u8, bit: i8) {
+        let b = _mm256_set1_epi8(bit);
+        let masks = masks as *const u32;
+        for (k, vk) in v.iter_mut().enumerate() {
+            let m = _mm256_movm_epi8(masks.add(k).read_unaligned());
+            *vk = _mm256_or_si256(*vk, _mm256_and_si256(m, b));
+        }
+    }
+
+    /// [`dot_halves`] summed: the whole 32-element block.
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
+    unsafe fn dot(v: &[__m256i; 8], x: *const i32) -> __m256i {
+        let (lo, hi) = dot_halves(v, x);
+        _mm256_add_epi32(lo, hi)
+    }
 
     /// `T`: 0 = Q4_0, 1 = Q4_1, 2 = Q8_0, 3 = Q5_0, 4 = Q5_1; `NA` activation rows (1 or 2). `res[r][j]` = dot of row j of the
     /// group with activation row r.
@@ -499,13 +561,7 @@ mod vnni {
         nb: usize,
         res: &mut [[f32; 8]; 2],
     ) {
-        let gb: usize = match T {
-            0 => 144,
-            1 => 160,
-            2 => 272,
-            3 => 176,
-            _ => 192,
-        };
+        let gb = super::group_block_bytes(TYPES[T]);
         // Where the quant vectors start; Q5's high-bit masks sit just before them.
         let hdr: usize = match T {
             0 | 2 => 16,
@@ -520,7 +576,6 @@ mod vnni {
             3 => -16.0,
             _ => 0.0,
         };
-        let mask = _mm256_set1_epi8(0x0F);
         let mut acc = [_mm256_setzero_ps(); NA];
         let mut corr = [_mm256_setzero_ps(); NA];
         let wp = w.as_ptr();
@@ -540,45 +595,15 @@ mod vnni {
                     *vk = _mm256_loadu_si256(q.add(32 * k) as *const __m256i);
                 }
             } else {
-                for k in 0..4 {
-                    let p = _mm256_loadu_si256(q.add(32 * k) as *const __m256i);
-                    v[k] = _mm256_and_si256(p, mask);
-                    v[k + 4] = _mm256_and_si256(_mm256_srli_epi16(p, 4), mask);
-                }
+                v = nibbles(q);
                 if T >= 3 {
-                    let hi = _mm256_set1_epi8(0x10);
-                    let masks = q.sub(32) as *const u32;
-                    for (k, vk) in v.iter_mut().enumerate() {
-                        let m = _mm256_movm_epi8(masks.add(k).read_unaligned());
-                        *vk = _mm256_or_si256(*vk, _mm256_and_si256(m, hi));
-                    }
+                    add_bit(&mut v, q.sub(32), 0x10);
                 }
             }
             for r in 0..NA {
                 let a = &*act.as_ptr().add(r * nb + i);
                 let x = a.q.as_ptr() as *const i32;
-                // Four independent accumulation chains (vpdpbusd has a 5-cycle latency).
-                let mut s0 = _mm256_dpbusd_epi32(_mm256_setzero_si256(), v[0], _mm256_set1_epi32(x.read_unaligned()));
-                let mut s1 = _mm256_dpbusd_epi32(
-                    _mm256_setzero_si256(),
-                    v[1],
-                    _mm256_set1_epi32(x.add(1).read_unaligned()),
-                );
-                let mut s2 = _mm256_dpbusd_epi32(
-                    _mm256_setzero_si256(),
-                    v[2],
-                    _mm256_set1_epi32(x.add(2).read_unaligned()),
-                );
-                let mut s3 = _mm256_dpbusd_epi32(
-                    _mm256_setzero_si256(),
-                    v[3],
-                    _mm256_set1_epi32(x.add(3).read_unaligned()),
-                );
-                s0 = _mm256_dpbusd_epi32(s0, v[4], _mm256_set1_epi32(x.add(4).read_unaligned()));
-                s1 = _mm256_dpbusd_epi32(s1, v[5], _mm256_set1_epi32(x.add(5).read_unaligned()));
-                s2 = _mm256_dpbusd_epi32(s2, v[6], _mm256_set1_epi32(x.add(6).read_unaligned()));
-                s3 = _mm256_dpbusd_epi32(s3, v[7], _mm256_set1_epi32(x.add(7).read_unaligned()));
-                let s = _mm256_add_epi32(_mm256_add_epi32(s0, s1), _mm256_add_epi32(s2, s3));
+                let s = dot(&v, x);
                 acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s), _mm256_mul_ps(d, _mm256_set1_ps(a.d)), acc[r]);
                 corr[r] = _mm256_fmadd_ps(c, _mm256_set1_ps(a.s), corr[r]);
             }
@@ -597,7 +622,6 @@ mod vnni {
     pub unsafe fn group_q4k<const NA: usize>(w: &[u8], act: &[ActBlock], nb: usize, res: &mut [[f32; 8]; 2]) {
         let gb = super::Q4K_GROUP_BLOCK;
         debug_assert!(w.len() >= nb * gb && act.len() >= NA * 8 * nb);
-        let mask = _mm256_set1_epi8(0x0F);
         let mut acc = [_mm256_setzero_ps(); NA];
         let mut corr = [_mm256_setzero_ps(); NA];
         let wp = w.as_ptr();
@@ -615,25 +639,11 @@ mod vnni {
                 let ws = _mm256_mul_ps(d, sc);
                 let wm = _mm256_mul_ps(_mm256_sub_ps(_mm256_setzero_ps(), dmin), mn);
                 let q = b.add(160 + 128 * j);
-                let mut v = [_mm256_setzero_si256(); 8];
-                for k in 0..4 {
-                    let p = _mm256_loadu_si256(q.add(32 * k) as *const __m256i);
-                    v[k] = _mm256_and_si256(p, mask);
-                    v[k + 4] = _mm256_and_si256(_mm256_srli_epi16(p, 4), mask);
-                }
+                let v = nibbles(q);
                 for r in 0..NA {
                     let a = &*act.as_ptr().add(r * 8 * nb + 8 * i + j);
                     let x = a.q.as_ptr() as *const i32;
-                    let bc = |n: usize| _mm256_set1_epi32(x.add(n).read_unaligned());
-                    let mut s0 = _mm256_dpbusd_epi32(_mm256_setzero_si256(), v[0], bc(0));
-                    let mut s1 = _mm256_dpbusd_epi32(_mm256_setzero_si256(), v[1], bc(1));
-                    let mut s2 = _mm256_dpbusd_epi32(_mm256_setzero_si256(), v[2], bc(2));
-                    let mut s3 = _mm256_dpbusd_epi32(_mm256_setzero_si256(), v[3], bc(3));
-                    s0 = _mm256_dpbusd_epi32(s0, v[4], bc(4));
-                    s1 = _mm256_dpbusd_epi32(s1, v[5], bc(5));
-                    s2 = _mm256_dpbusd_epi32(s2, v[6], bc(6));
-                    s3 = _mm256_dpbusd_epi32(s3, v[7], bc(7));
-                    let s = _mm256_add_epi32(_mm256_add_epi32(s0, s1), _mm256_add_epi32(s2, s3));
+                    let s = dot(&v, x);
                     acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s), _mm256_mul_ps(ws, _mm256_set1_ps(a.d)), acc[r]);
                     corr[r] = _mm256_fmadd_ps(wm, _mm256_set1_ps(a.s), corr[r]);
                 }
@@ -653,7 +663,6 @@ mod vnni {
     pub unsafe fn group_q6k<const NA: usize>(w: &[u8], act: &[ActBlock], nb: usize, res: &mut [[f32; 8]; 2]) {
         let gb = super::Q6K_GROUP_BLOCK;
         debug_assert!(w.len() >= nb * gb && act.len() >= NA * 8 * nb);
-        let (mask, b4, b5) = (_mm256_set1_epi8(0x0F), _mm256_set1_epi8(0x10), _mm256_set1_epi8(0x20));
         let mut acc = [_mm256_setzero_ps(); NA];
         let wp = w.as_ptr();
         for i in 0..nb {
@@ -670,34 +679,16 @@ mod vnni {
                 };
                 let (s_lo, s_hi) = (sc(2 * blk), sc(2 * blk + 1));
                 let o = b.add(144 + 192 * blk);
-                let (m4, m5) = (o as *const u32, o.add(32) as *const u32);
-                let mut v = [_mm256_setzero_si256(); 8];
-                for k in 0..4 {
-                    let p = _mm256_loadu_si256(o.add(64 + 32 * k) as *const __m256i);
-                    v[k] = _mm256_and_si256(p, mask);
-                    v[k + 4] = _mm256_and_si256(_mm256_srli_epi16(p, 4), mask);
-                }
-                for (k, vk) in v.iter_mut().enumerate() {
-                    let hi4 = _mm256_and_si256(_mm256_movm_epi8(m4.add(k).read_unaligned()), b4);
-                    let hi5 = _mm256_and_si256(_mm256_movm_epi8(m5.add(k).read_unaligned()), b5);
-                    *vk = _mm256_or_si256(*vk, _mm256_or_si256(hi4, hi5));
-                }
+                let mut v = nibbles(o.add(64));
+                add_bit(&mut v, o, 0x10);
+                add_bit(&mut v, o.add(32), 0x20);
                 for (r, acc_r) in acc.iter_mut().enumerate() {
                     let a = &*act.as_ptr().add(r * 8 * nb + 8 * i + blk);
                     let x = a.q.as_ptr() as *const i32;
-                    let bc = |n: usize| _mm256_set1_epi32(x.add(n).read_unaligned());
-                    // Elements 0..16 are vectors 0..4, elements 16..32 vectors 4..8.
-                    let mut l0 = _mm256_dpbusd_epi32(_mm256_setzero_si256(), v[0], bc(0));
-                    let mut l1 = _mm256_dpbusd_epi32(_mm256_setzero_si256(), v[1], bc(1));
-                    let mut h0 = _mm256_dpbusd_epi32(_mm256_setzero_si256(), v[4], bc(4));
-                    let mut h1 = _mm256_dpbusd_epi32(_mm256_setzero_si256(), v[5], bc(5));
-                    l0 = _mm256_dpbusd_epi32(l0, v[2], bc(2));
-                    l1 = _mm256_dpbusd_epi32(l1, v[3], bc(3));
-                    h0 = _mm256_dpbusd_epi32(h0, v[6], bc(6));
-                    h1 = _mm256_dpbusd_epi32(h1, v[7], bc(7));
+                    let (l, h) = dot_halves(&v, x);
                     // Σ (q − 32)·x per half: subtract 32 · Σx of that half before scaling.
-                    let lo = _mm256_sub_epi32(_mm256_add_epi32(l0, l1), _mm256_set1_epi32(32 * a.isum_lo));
-                    let hi = _mm256_sub_epi32(_mm256_add_epi32(h0, h1), _mm256_set1_epi32(32 * (a.isum - a.isum_lo)));
+                    let lo = _mm256_sub_epi32(l, _mm256_set1_epi32(32 * a.isum_lo));
+                    let hi = _mm256_sub_epi32(h, _mm256_set1_epi32(32 * (a.isum - a.isum_lo)));
                     let dx = _mm256_set1_ps(a.d);
                     *acc_r = _mm256_fmadd_ps(_mm256_cvtepi32_ps(lo), _mm256_mul_ps(s_lo, dx), *acc_r);
                     *acc_r = _mm256_fmadd_ps(_mm256_cvtepi32_ps(hi), _mm256_mul_ps(s_hi, dx), *acc_r);
