@@ -541,6 +541,16 @@ mod vnni {
         }
     }
 
+    /// One activation block `a` against the quant vectors `v` of 8 rows whose values are `scale · u + c`:
+    /// `acc += (Σ u·x) · scale · d_x` and `corr += c · s_x` (`s_x = d_x Σ x`).
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
+    unsafe fn step(acc: &mut __m256, corr: &mut __m256, v: &[__m256i; 8], a: &ActBlock, scale: __m256, c: __m256) {
+        let s = dot(v, a.q.as_ptr() as *const i32);
+        *acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s), _mm256_mul_ps(scale, _mm256_set1_ps(a.d)), *acc);
+        *corr = _mm256_fmadd_ps(c, _mm256_set1_ps(a.s), *corr);
+    }
+
     /// [`dot_halves`] summed: the whole 32-element block.
     #[inline]
     #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
@@ -600,12 +610,8 @@ mod vnni {
                     add_bit(&mut v, q.sub(32), 0x10);
                 }
             }
-            for r in 0..NA {
-                let a = &*act.as_ptr().add(r * nb + i);
-                let x = a.q.as_ptr() as *const i32;
-                let s = dot(&v, x);
-                acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s), _mm256_mul_ps(d, _mm256_set1_ps(a.d)), acc[r]);
-                corr[r] = _mm256_fmadd_ps(c, _mm256_set1_ps(a.s), corr[r]);
+            for (r, (acc, corr)) in acc.iter_mut().zip(&mut corr).enumerate() {
+                step(acc, corr, &v, &*act.as_ptr().add(r * nb + i), d, c);
             }
         }
         for r in 0..NA {
@@ -638,14 +644,9 @@ mod vnni {
                 )));
                 let ws = _mm256_mul_ps(d, sc);
                 let wm = _mm256_mul_ps(_mm256_sub_ps(_mm256_setzero_ps(), dmin), mn);
-                let q = b.add(160 + 128 * j);
-                let v = nibbles(q);
-                for r in 0..NA {
-                    let a = &*act.as_ptr().add(r * 8 * nb + 8 * i + j);
-                    let x = a.q.as_ptr() as *const i32;
-                    let s = dot(&v, x);
-                    acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s), _mm256_mul_ps(ws, _mm256_set1_ps(a.d)), acc[r]);
-                    corr[r] = _mm256_fmadd_ps(wm, _mm256_set1_ps(a.s), corr[r]);
+                let v = nibbles(b.add(160 + 128 * j));
+                for (r, (acc, corr)) in acc.iter_mut().zip(&mut corr).enumerate() {
+                    step(acc, corr, &v, &*act.as_ptr().add(r * 8 * nb + 8 * i + j), ws, wm);
                 }
             }
         }

@@ -753,6 +753,7 @@ fn transposed(t: &Tensor) -> candle_core::Result<Tensor> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::testing::max_abs_diff;
 
     fn randn(shape: (usize, usize), seed: u64) -> Tensor {
         let v = crate::testing::XorShift::new(seed).symmetric_vec(shape.0 * shape.1, 1.0, 0.0);
@@ -776,16 +777,8 @@ mod tests {
             for rows in [1, 3, 40] {
                 let x = randn((rows, 512), 2);
                 let want = x.matmul(&dense.t().unwrap()).unwrap();
-                let got = q.matmul(&x).unwrap();
-                let err = (got - &want)
-                    .unwrap()
-                    .abs()
-                    .unwrap()
-                    .max_all()
-                    .unwrap()
-                    .to_scalar::<f32>()
-                    .unwrap();
-                let scale = want.abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+                let err = max_abs_diff(&q.matmul(&x).unwrap(), &want);
+                let scale = want.abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap() as f64;
                 assert!(
                     err < 0.02 * scale,
                     "{t:?} rows {rows}: max error {err} vs scale {scale}"
@@ -836,15 +829,7 @@ mod tests {
             let want = p.matmul(&x).unwrap();
             let view = fused.narrow_rows(off, n).unwrap();
             for got in [y.narrow(1, off, n).unwrap(), view.matmul(&x).unwrap()] {
-                let err = (got - &want)
-                    .unwrap()
-                    .abs()
-                    .unwrap()
-                    .max_all()
-                    .unwrap()
-                    .to_scalar::<f32>()
-                    .unwrap();
-                assert_eq!(err, 0.0);
+                assert_eq!(max_abs_diff(&got, &want), 0.0);
             }
             assert_eq!(
                 view.to_dense(DType::F32).unwrap().to_vec2::<f32>().unwrap(),
