@@ -704,7 +704,7 @@ mod vnni {
 
 #[cfg(test)]
 mod tests {
-    use super::super::quant::{self, quantize_activations, quantize_row};
+    use super::super::quant::{self, ggml_blocks, quantize_activations};
     use super::*;
 
     type Pack = fn(&[u8], usize, usize) -> Vec<u8>;
@@ -789,10 +789,7 @@ mod tests {
         ] {
             let w = crate::testing::XorShift::new(3).symmetric_vec(out * inp, 1.0, 0.1);
             let rb = t.row_bytes(inp);
-            let mut blocks = vec![0u8; out * rb];
-            for (src, dst) in w.chunks(inp).zip(blocks.chunks_mut(rb)) {
-                quantize_row(t, src, dst);
-            }
+            let blocks = ggml_blocks(t, &w, inp);
             let packed = pack(t, &blocks, out, inp);
             let mut row = vec![0u8; rb];
             for r in 0..out {

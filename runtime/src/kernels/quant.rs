@@ -267,70 +267,19 @@ pub fn dequantize_row(t: BlockType, src: &[u8], dst: &mut [f32]) {
     }
 }
 
-/// Quantizes `src` (a multiple of [`BLOCK`] elements) into `t` blocks as ggml's reference quantizers do.
-pub fn quantize_row(t: BlockType, src: &[f32], dst: &mut [u8]) {
-    for (v, b) in src.chunks_exact(BLOCK).zip(dst.chunks_exact_mut(t.block_bytes())) {
-        let mut q = [0u8; BLOCK];
-        let (d, m) = match t {
-            BlockType::Q8_0 => {
-                let amax = v.iter().fold(0f32, |a, &x| a.max(x.abs()));
-                let d = amax / 127.0;
-                let id = if d > 0.0 { 1.0 / d } else { 0.0 };
-                for (q, &x) in q.iter_mut().zip(v) {
-                    *q = ((x * id).round() as i8) as u8;
-                }
-                (d, 0.0)
-            }
-            BlockType::Q4_0 | BlockType::Q5_0 => {
-                // The value of largest magnitude maps to the most negative quant (−8 / −16), as ggml does.
-                let (levels, zero) = if t == BlockType::Q4_0 { (15, 8.0) } else { (31, 16.0) };
-                let max = v.iter().fold(0f32, |a, &x| if x.abs() > a.abs() { x } else { a });
-                let d = max / -zero;
-                let id = if d != 0.0 { 1.0 / d } else { 0.0 };
-                for (q, &x) in q.iter_mut().zip(v) {
-                    *q = ((x * id + zero + 0.5) as i32).clamp(0, levels) as u8;
-                }
-                (d, 0.0)
-            }
-            BlockType::Q4_1 | BlockType::Q5_1 => {
-                let levels = if t == BlockType::Q4_1 { 15 } else { 31 };
-                let (lo, hi) = v.iter().fold((f32::MAX, f32::MIN), |(a, b), &x| (a.min(x), b.max(x)));
-                let d = (hi - lo) / levels as f32;
-                let id = if d != 0.0 { 1.0 / d } else { 0.0 };
-                for (q, &x) in q.iter_mut().zip(v) {
-                    *q = (((x - lo) * id + 0.5) as i32).clamp(0, levels) as u8;
-                }
-                (d, lo)
-            }
-        };
-        pack(t, f16::from_f32(d), f16::from_f32(m), &q, b);
-    }
-}
-
-/// Writes one block from its scale, offset and unsigned quants (signed for Q8_0).
-fn pack(t: BlockType, d: f16, m: f16, q: &[u8; BLOCK], b: &mut [u8]) {
-    b[0..2].copy_from_slice(&d.to_le_bytes());
-    let mut at = 2;
-    if t.has_min() {
-        b[2..4].copy_from_slice(&m.to_le_bytes());
-        at = 4;
-    }
-    match t {
-        BlockType::Q8_0 => b[2..34].copy_from_slice(q),
-        _ => {
-            if matches!(t, BlockType::Q5_0 | BlockType::Q5_1) {
-                let qh = q
-                    .iter()
-                    .enumerate()
-                    .fold(0u32, |h, (j, &q)| h | (((q as u32) >> 4) & 1) << j);
-                b[at..at + 4].copy_from_slice(&qh.to_le_bytes());
-                at += 4;
-            }
-            for j in 0..16 {
-                b[at + j] = (q[j] & 0xF) | (q[j + 16] & 0xF) << 4;
-            }
-        }
-    }
+/// `values` (`rows × cols`) quantized to `t` blocks by candle's port of ggml's reference quantizers, for tests.
+#[cfg(test)]
+pub(crate) fn ggml_blocks(t: BlockType, values: &[f32], cols: usize) -> Vec<u8> {
+    use candle_core::quantized::{GgmlDType as G, QTensor};
+    let ty = match t {
+        BlockType::Q4_0 => G::Q4_0,
+        BlockType::Q4_1 => G::Q4_1,
+        BlockType::Q5_0 => G::Q5_0,
+        BlockType::Q5_1 => G::Q5_1,
+        BlockType::Q8_0 => G::Q8_0,
+    };
+    let x = candle_core::Tensor::from_slice(values, (values.len() / cols, cols), &candle_core::Device::Cpu).unwrap();
+    QTensor::quantize(&x, ty).unwrap().data().unwrap().into_owned()
 }
 
 /// A block's scale, offset and quants (unsigned, before the zero point; Q8_0's as their two's complement).
@@ -684,10 +633,7 @@ mod tests {
         let (out, inp) = (37, 128);
         for t in TYPES {
             let w = values(out * inp, 1);
-            let mut blocks = vec![0u8; out * t.row_bytes(inp)];
-            for (src, dst) in w.chunks(inp).zip(blocks.chunks_mut(t.row_bytes(inp))) {
-                quantize_row(t, src, dst);
-            }
+            let blocks = ggml_blocks(t, &w, inp);
             for rows in [1, 3, 9] {
                 let x = values(rows * inp, 2);
                 let act = quantize_activations(&x, inp);
@@ -735,13 +681,13 @@ mod tests {
         }
     }
 
-    /// Quantizing and dequantizing loses at most half a quantization step (plus f16 rounding of the scale).
+    /// Quantizing (ggml's reference quantizers) and dequantizing (ours) loses at most half a quantization step
+    /// (plus f16 rounding of the scale).
     #[test]
     fn quantize_round_trips_within_a_step() {
         for t in TYPES {
             let v = values(4 * BLOCK, 3);
-            let mut b = vec![0u8; t.row_bytes(v.len())];
-            quantize_row(t, &v, &mut b);
+            let b = ggml_blocks(t, &v, v.len());
             let mut back = vec![0f32; v.len()];
             dequantize_row(t, &b, &mut back);
             let levels = match t {
