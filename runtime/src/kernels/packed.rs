@@ -23,12 +23,9 @@ use rayon::prelude::*;
 /// Rows per group.
 pub const ROWS: usize = 8;
 
-/// Whether this CPU runs the packed kernel for `t` (every 32-element block format has a packed form).
-pub fn supported(_t: BlockType) -> bool {
-    has_kernel()
-}
-
-fn has_kernel() -> bool {
+/// Whether this CPU runs the packed kernels (every format with a packed form: the 32-element block formats,
+/// Q4_K and Q6_K).
+pub fn available() -> bool {
     #[cfg(target_arch = "x86_64")]
     {
         super::quant::has_vnni()
@@ -208,7 +205,7 @@ fn matmul_groups(
     gstride: usize,
     kernel: impl Fn(&[u8], &[ActBlock], usize, &mut [[f32; ROWS]; 2]) + Sync,
 ) -> Vec<f32> {
-    assert!(has_kernel() && out.is_multiple_of(ROWS));
+    assert!(available() && out.is_multiple_of(ROWS));
     let nb32 = inp / BLOCK;
     assert_eq!(w.len(), out / ROWS * gstride);
     assert_eq!(act.len(), rows * nb32);
@@ -729,7 +726,7 @@ mod tests {
             unpack(&packed, r, inp, &mut row);
             assert_eq!(row, bytes[r * rb..(r + 1) * rb], "{ty:?} row {r}");
         }
-        if !has_kernel() {
+        if !available() {
             return;
         }
         for rows in [1, 3] {
@@ -796,7 +793,7 @@ mod tests {
                 unpack_row(t, &packed, r, inp, &mut row);
                 assert_eq!(row, blocks[r * rb..(r + 1) * rb], "{t:?} row {r}");
             }
-            if !supported(t) {
+            if !available() {
                 continue;
             }
             for rows in [1, 2, 5] {

@@ -183,7 +183,7 @@ impl Weight {
             ));
         };
         // Eight-row interleaved blocks where the CPU has the kernel for them (kernels::packed).
-        if kernels::packed::supported(bt) && out.is_multiple_of(kernels::packed::ROWS) {
+        if kernels::packed::available() && out.is_multiple_of(kernels::packed::ROWS) {
             let packed = kernels::packed::pack(bt, &bytes, out, inp);
             return Ok(Self::blocks_weight(ty, bt, out, inp, BlockBytes::Owned(packed), true));
         }
@@ -558,7 +558,7 @@ impl QuantWeight {
 fn packs_k(ty: GgmlDType, out: usize) -> bool {
     matches!(ty, GgmlDType::Q4K | GgmlDType::Q6K)
         && out.is_multiple_of(kernels::packed::ROWS)
-        && kernels::packed::supported(BlockType::Q4_1)
+        && kernels::packed::available()
 }
 
 /// Bytes of one packed eight-row super block of a k-quant.
