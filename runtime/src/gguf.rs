@@ -17,7 +17,7 @@
 //!   `[out, in]` like HF.
 
 use crate::error::{candle_message, Error, Result};
-use crate::model::weight::{qtensor_from_bytes, BlockBytes, Weight};
+use crate::model::weight::qtensor_from_bytes;
 use crate::tokenizer::Tokenizer;
 use crate::weights::{LoadReport, Weights};
 use candle_core::quantized::gguf_file::{Content, Value};
@@ -241,18 +241,6 @@ impl GgufTensors {
     /// The stored bytes of `hf`, rows in HF order.
     pub(crate) fn raw(&self, hf: &str) -> Result<Vec<u8>> {
         self.bytes(self.entry(hf)?)
-    }
-
-    /// The 2-D block-quantized tensor `hf` as a weight in its blocks, rows in HF order, on the CPU.
-    pub(crate) fn weight(&self, hf: &str) -> Result<Weight> {
-        let t = self.entry(hf)?;
-        let (out, inp) = match t.shape[..] {
-            [out, inp] => (out, inp),
-            _ => return Err(self.tensor_error(t, format!("shape {:?} is not a matrix", t.shape))),
-        };
-        let bytes = self.bytes(t)?;
-        Weight::from_blocks(t.dtype, out, inp, BlockBytes::Owned(bytes))
-            .map_err(|e| self.tensor_error(t, candle_message(e)))
     }
 
     /// `hf` dequantized to f32 on `device`, rows in HF order.

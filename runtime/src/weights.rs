@@ -240,9 +240,6 @@ impl Weights {
     pub fn weight(&self, name: &str, shape: &[usize], ld: &Load) -> Result<Weight> {
         if ld.quantized && ld.device.is_cpu() && self.quant_type(name).is_some() {
             self.check_shape(name, shape)?;
-            if let Store::Gguf(g) = &self.store {
-                return g.weight(name);
-            }
             if let (Some((t, bytes)), [out, inp]) = (self.raw_blocks(name)?, shape) {
                 return Weight::from_blocks(t, *out, *inp, BlockBytes::Owned(bytes))
                     .map_err(|e| Error::format(&self.path, format!("tensor `{name}`: {}", candle_message(e))));
