@@ -88,6 +88,11 @@ fn null_pointers_are_rejected_for_every_parameter() {
             "n_out",
         );
 
+        let w = "dlo_engine_weights";
+        null_arg(dlo_engine_weights(null(), buf.as_mut_ptr(), 8, &mut n), w, "engine");
+        null_arg(dlo_engine_weights(e, null_mut(), 8, &mut n), w, "buf");
+        null_arg(dlo_engine_weights(e, buf.as_mut_ptr(), 8, null_mut()), w, "n_out");
+
         let r = "dlo_chat_render";
         let user = c("user");
         let ok = dlo_chat_message {

@@ -218,6 +218,12 @@ mod tests {
         };
         assert!(o.validate().unwrap_err().to_string().contains("0 threads"));
         assert!(o.init_process_threads().is_err());
+        let o = RuntimeOptions {
+            kv_dtype: Some(DType::U8),
+            ..Default::default()
+        };
+        let e = o.validate().unwrap_err().to_string();
+        assert!(e.contains("KV cache dtype U8") && e.contains("f32, f16, bf16"), "{e}");
         let max = max_threads();
         assert!(max >= 4 && max.is_multiple_of(4));
         for n in [max + 1, 100_000, usize::MAX] {
