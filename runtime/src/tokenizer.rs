@@ -9,6 +9,7 @@
 //! [`TextStream`] turns generated ids into text incrementally.
 
 mod gguf;
+mod json;
 
 pub use gguf::gguf_spm_vocab;
 
@@ -150,12 +151,7 @@ impl Tokenizer {
                 eos_token_ids.push(id);
             }
         }
-        let vocab_size = inner
-            .get_vocab(true)
-            .values()
-            .map(|&id| id as usize + 1)
-            .max()
-            .unwrap_or(0);
+        let vocab_size = id_span(&inner);
         let chat_template = specials.chat_template.map(|src| {
             ChatTemplate::new(
                 src,
@@ -407,6 +403,22 @@ fn leading_special(inner: &tokenizers::Tokenizer) -> Option<u32> {
     (with.len() > without.len() && with.get(1..=without.len()) == Some(without.as_slice())).then_some(first)
 }
 
+/// One more than the largest token id (what a model's embedding must cover). The common case, ids `0..n` for
+/// `n` tokens, is confirmed with lookups; otherwise the whole vocabulary is scanned (it is copied to do so,
+/// which on a 49k vocabulary costs milliseconds of the load).
+fn id_span(inner: &tokenizers::Tokenizer) -> usize {
+    let n = inner.get_vocab_size(true);
+    if (0..n as u32).all(|id| inner.id_to_token(id).is_some()) {
+        return n;
+    }
+    inner
+        .get_vocab(true)
+        .values()
+        .map(|&id| id as usize + 1)
+        .max()
+        .unwrap_or(0)
+}
+
 fn tok_err(path: &Path, problem: impl Into<String>) -> Error {
     Error::Tokenizer {
         path: path.to_path_buf(),
@@ -416,8 +428,9 @@ fn tok_err(path: &Path, problem: impl Into<String>) -> Error {
 
 fn load_tokenizer_json(path: &Path) -> Result<tokenizers::Tokenizer> {
     let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
-    tokenizers::Tokenizer::from_bytes(&bytes)
-        .map_err(|e| Error::format(path, format!("not a valid tokenizer.json: {e}")))
+    let text = std::str::from_utf8(&bytes)
+        .map_err(|e| Error::format(path, format!("not a valid tokenizer.json: not UTF-8 ({e})")))?;
+    json::parse(text).map_err(|e| Error::format(path, format!("not a valid tokenizer.json: {e}")))
 }
 
 fn read_json_opt(path: &Path) -> Result<Option<Json>> {
@@ -569,16 +582,11 @@ impl Tokenizer {
         eos_token_ids: Vec<u32>,
         chat_template: Option<ChatTemplate>,
     ) -> Result<Self> {
-        let inner: tokenizers::Tokenizer = json.parse().map_err(|e| Error::Tokenizer {
+        let inner = json::parse(json).map_err(|e| Error::Tokenizer {
             path: path.to_path_buf(),
             problem: format!("invalid tokenizer.json: {e}"),
         })?;
-        let vocab_size = inner
-            .get_vocab(true)
-            .values()
-            .map(|&id| id as usize + 1)
-            .max()
-            .unwrap_or(0);
+        let vocab_size = id_span(&inner);
         Ok(Tokenizer {
             bos_token: bos_token_id.and_then(|id| inner.id_to_token(id)),
             eos_token: eos_token_ids.first().and_then(|&id| inner.id_to_token(id)),
