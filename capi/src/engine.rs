@@ -5,7 +5,7 @@ use crate::handles;
 use crate::status::{dlo_status, guard, Failure, Result};
 use candle_core::DType;
 use dlo_runtime::chat::Message;
-use dlo_runtime::engine::{open_any, routing_for, EnginePlan};
+use dlo_runtime::engine::{load_any, routing_for, EnginePlan};
 use dlo_runtime::model::Routing;
 use dlo_runtime::options::capped_threads;
 use dlo_runtime::{Model, RuntimeOptions, Tokenizer};
@@ -132,9 +132,8 @@ impl EngineInner {
         opts.validate()
             .map_err(|e| Failure::invalid(format!("dlo_engine_params.n_threads: {e}")))?;
         let budget = check_budget(p.budget, "dlo_engine_params.budget")?;
-        let opened = open_any(path)?;
+        let (opened, model) = load_any(path, &opts)?;
         let default_routing = opened.routing(budget.map(f64::from))?;
-        let model = Model::load_opts(&opened.config, &opened.weights, &opts)?;
         let stop_tokens = opened.stop_tokens();
         Ok(EngineInner {
             model,

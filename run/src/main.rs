@@ -5,7 +5,7 @@ use candle_core::{DType, Device, IndexOp, Tensor};
 use clap::Parser;
 use dlo_passes::fsutil::AtomicFile;
 use dlo_runtime::chat::Message;
-use dlo_runtime::engine::open_any;
+use dlo_runtime::engine::load_any;
 use dlo_runtime::generate::{GenerateParams, Generator, SamplingParams};
 use dlo_runtime::model::{Batch, Forward, Routing};
 use dlo_runtime::{Model, RuntimeOptions};
@@ -129,12 +129,11 @@ fn run(args: Args) -> Result<()> {
         eprintln!("warning: --threads: {w}");
     }
     let t0 = Instant::now();
-    let ckpt = open_any(&args.model)?;
+    let (ckpt, model) =
+        load_any(&args.model, &opts).with_context(|| format!("loading the model from {}", args.model.display()))?;
     for w in &ckpt.warnings {
         eprintln!("warning: {w}");
     }
-    let model = Model::load_opts(&ckpt.config, &ckpt.weights, &opts)
-        .with_context(|| format!("building the model from {}", args.model.display()))?;
     let load_time = t0.elapsed();
     let routing = match args.force_routing.as_deref() {
         Some(_) if args.budget.is_some() => bail!("--budget and --force-routing exclude each other"),

@@ -11,6 +11,7 @@
 //!
 //! OWNER: loader work (issue 2). The API below is what the model definition uses; keep it.
 
+use crate::engine::format::StorageDtype;
 use crate::error::{candle_message, Error, Result};
 use crate::model::layers::Load;
 use crate::model::weight::{ggml_name, BlockBytes, DenseWeight, Weight, QUANT_TYPES};
@@ -240,9 +241,20 @@ impl Weights {
     pub fn weight(&self, name: &str, shape: &[usize], ld: &Load) -> Result<Weight> {
         if ld.quantized && ld.device.is_cpu() && self.quant_type(name).is_some() {
             self.check_shape(name, shape)?;
+            let in_blocks = |r: candle_core::Result<Weight>| {
+                r.map_err(|e| Error::format(&self.path, format!("tensor `{name}`: {}", candle_message(e))))
+            };
+            if let (Store::Engine(e), [out, inp]) = (&self.store, shape) {
+                // Engines are used in place from their memory map.
+                let (dtype, bytes) = e.tensor_mapped(name)?;
+                let t = dtype.blocks().expect("quant_type said block storage");
+                return in_blocks(match dtype {
+                    StorageDtype::Packed(_) => Weight::from_packed(t, *out, *inp, bytes),
+                    _ => Weight::from_blocks(t, *out, *inp, bytes),
+                });
+            }
             if let (Some((t, bytes)), [out, inp]) = (self.raw_blocks(name)?, shape) {
-                return Weight::from_blocks(t, *out, *inp, BlockBytes::Owned(bytes))
-                    .map_err(|e| Error::format(&self.path, format!("tensor `{name}`: {}", candle_message(e))));
+                return in_blocks(Weight::from_blocks(t, *out, *inp, BlockBytes::Owned(bytes)));
             }
         }
         let tensor = self.get(name, shape, ld.dtype, ld.device)?;

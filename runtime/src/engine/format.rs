@@ -51,6 +51,8 @@
 //! patches the checksums into the header, syncs, and renames it into place: a failed build leaves no file.
 
 use crate::error::{Error, Result};
+use crate::kernels::quant::BlockType;
+use crate::model::weight::BlockBytes;
 use candle_core::quantized::GgmlDType;
 use candle_core::{DType, Device, Tensor};
 use dlo_passes::fsutil::AtomicFile;
@@ -60,6 +62,7 @@ use std::fs::File;
 use std::io::{BufWriter, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, OnceLock};
 
 /// The 8 bytes every engine starts with.
 pub const MAGIC: &[u8; 8] = b"DLOENGN\0";
@@ -76,47 +79,52 @@ pub const MAX_TENSORS: usize = 65_536;
 /// Largest accepted tensor rank.
 pub const MAX_RANK: usize = 8;
 
-/// Storage dtype of an engine tensor: a float type, or a ggml block format.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+/// Storage dtype of an engine tensor: a float type, or a ggml block format, row-major or eight rows
+/// interleaved.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum StorageDtype {
     /// IEEE binary32.
-    #[serde(rename = "f32")]
     F32,
     /// bfloat16.
-    #[serde(rename = "bf16")]
     Bf16,
     /// IEEE binary16.
-    #[serde(rename = "f16")]
     F16,
-    /// ggml blocks of this type (one of [`crate::model::weight::QUANT_TYPES`]).
-    #[serde(untagged, with = "ggml_serde")]
+    /// ggml blocks of this type (one of [`crate::model::weight::QUANT_TYPES`]), ggml's row-major layout.
     Blocks(GgmlDType),
+    /// The same blocks in [`crate::kernels::packed`]'s layout, groups of eight rows interleaved (`q4_1_x8`):
+    /// the 32-element block formats, 2-D, rows a multiple of eight, the same byte count as row-major. The
+    /// packed kernels run them in place from the engine's memory map.
+    Packed(GgmlDType),
 }
 
-/// (De)serializes a block type as its lower-case ggml name, refusing types engines do not store.
-mod ggml_serde {
-    use crate::model::weight::{ggml_name, parse_quant};
-    use candle_core::quantized::GgmlDType;
-    use serde::{Deserialize, Deserializer, Serializer};
-
-    pub fn serialize<S: Serializer>(t: &GgmlDType, s: S) -> std::result::Result<S::Ok, S::Error> {
-        s.serialize_str(ggml_name(*t))
+impl Serialize for StorageDtype {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
+        s.serialize_str(self.as_str())
     }
+}
 
-    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> std::result::Result<GgmlDType, D::Error> {
+impl<'de> Deserialize<'de> for StorageDtype {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
         let name = String::deserialize(d)?;
-        parse_quant(&name).ok_or_else(|| {
+        StorageDtype::parse(&name).ok_or_else(|| {
+            let blocks = crate::model::weight::QUANT_TYPES.iter().map(|(_, n)| *n);
+            let packed = PACKED_NAMES.iter().map(|(_, n)| *n);
             serde::de::Error::custom(format!(
                 "unknown tensor dtype `{name}` (supported: f32, bf16, f16, {})",
-                crate::model::weight::QUANT_TYPES
-                    .iter()
-                    .map(|(_, n)| *n)
-                    .collect::<Vec<_>>()
-                    .join(", ")
+                blocks.chain(packed).collect::<Vec<_>>().join(", ")
             ))
         })
     }
 }
+
+/// The block types with a packed storage form, and its name.
+const PACKED_NAMES: [(GgmlDType, &str); 5] = [
+    (GgmlDType::Q4_0, "q4_0_x8"),
+    (GgmlDType::Q4_1, "q4_1_x8"),
+    (GgmlDType::Q5_0, "q5_0_x8"),
+    (GgmlDType::Q5_1, "q5_1_x8"),
+    (GgmlDType::Q8_0, "q8_0_x8"),
+];
 
 impl StorageDtype {
     /// Bytes that a tensor of `shape` takes in this storage, or why the shape cannot be stored in it. This is
@@ -127,7 +135,7 @@ impl StorageDtype {
             .try_fold(1u64, |acc, &d| acc.checked_mul(d as u64))
             .ok_or_else(|| "its byte length overflows".to_string())?;
         match self {
-            StorageDtype::Blocks(t) => {
+            StorageDtype::Blocks(t) | StorageDtype::Packed(t) => {
                 let cols = shape.last().copied().unwrap_or(1) as u64;
                 let block = t.block_size() as u64;
                 if !cols.is_multiple_of(block) {
@@ -135,6 +143,16 @@ impl StorageDtype {
                         "rows of {cols} elements are not a whole number of {} blocks ({block} elements)",
                         self.as_str()
                     ));
+                }
+                if let StorageDtype::Packed(_) = self {
+                    let rows = elems / cols.max(1);
+                    if shape.len() != 2 || !rows.is_multiple_of(crate::kernels::packed::ROWS as u64) {
+                        return Err(format!(
+                            "{} stores 2-D tensors whose rows are a multiple of {}",
+                            self.as_str(),
+                            crate::kernels::packed::ROWS
+                        ));
+                    }
                 }
                 (elems / block)
                     .checked_mul(t.type_size() as u64)
@@ -151,21 +169,28 @@ impl StorageDtype {
         match self {
             StorageDtype::F32 => 4,
             StorageDtype::Bf16 | StorageDtype::F16 => 2,
-            StorageDtype::Blocks(_) => 0,
+            StorageDtype::Blocks(_) | StorageDtype::Packed(_) => 0,
         }
     }
     /// The candle dtype values are read as: the float type itself, f32 for block formats (dequantized).
     pub fn dtype(self) -> DType {
         match self {
-            StorageDtype::F32 | StorageDtype::Blocks(_) => DType::F32,
+            StorageDtype::F32 | StorageDtype::Blocks(_) | StorageDtype::Packed(_) => DType::F32,
             StorageDtype::Bf16 => DType::BF16,
             StorageDtype::F16 => DType::F16,
         }
     }
-    /// The block type, for block formats.
+    /// The block type, for block formats (row-major or packed).
     pub fn blocks(self) -> Option<GgmlDType> {
         match self {
-            StorageDtype::Blocks(t) => Some(t),
+            StorageDtype::Blocks(t) | StorageDtype::Packed(t) => Some(t),
+            _ => None,
+        }
+    }
+    /// The packed form of a row-major block format, where it has one.
+    pub fn packed(self) -> Option<Self> {
+        match self {
+            StorageDtype::Blocks(t) if PACKED_NAMES.iter().any(|(p, _)| *p == t) => Some(StorageDtype::Packed(t)),
             _ => None,
         }
     }
@@ -176,27 +201,37 @@ impl StorageDtype {
             StorageDtype::Bf16 => "bf16",
             StorageDtype::F16 => "f16",
             StorageDtype::Blocks(t) => crate::model::weight::ggml_name(t),
+            StorageDtype::Packed(t) => PACKED_NAMES
+                .iter()
+                .find(|(p, _)| *p == t)
+                .map(|(_, n)| *n)
+                .expect("Packed holds a type with a packed form"),
         }
     }
-    /// Parses `f32`, `bf16`, `f16` or a block format's name (`q8_0`, `Q4_K`, …).
+    /// Parses `f32`, `bf16`, `f16`, a block format's name (`q8_0`, `Q4_K`, …) or a packed one (`q4_1_x8`).
     pub fn parse(s: &str) -> Option<Self> {
         match s {
             "f32" => Some(StorageDtype::F32),
             "bf16" => Some(StorageDtype::Bf16),
             "f16" => Some(StorageDtype::F16),
-            _ => crate::model::weight::parse_quant(s).map(StorageDtype::Blocks),
+            _ => PACKED_NAMES
+                .iter()
+                .find(|(_, n)| *n == s)
+                .map(|(t, _)| StorageDtype::Packed(*t))
+                .or_else(|| crate::model::weight::parse_quant(s).map(StorageDtype::Blocks)),
         }
     }
     /// Little-endian bytes of `t` in this storage (block formats quantize the rows as ggml does).
     pub fn tensor_bytes(self, t: &Tensor) -> Result<Vec<u8>> {
-        if let StorageDtype::Blocks(q) = self {
+        if let StorageDtype::Blocks(q) | StorageDtype::Packed(q) = self {
             let t = t.to_dtype(DType::F32)?;
             let t = if t.rank() == 2 {
                 t
             } else {
                 t.flatten_to(t.rank().saturating_sub(2))?
             };
-            return Ok(crate::model::weight::quantize(&t, q)?.data()?.into_owned());
+            let rows = crate::model::weight::quantize(&t, q)?.data()?.into_owned();
+            return Ok(self.pack_rows(rows, t.dims()));
         }
         let flat = t.to_dtype(self.dtype())?.flatten_all()?;
         Ok(match self {
@@ -211,8 +246,32 @@ impl StorageDtype {
                 .iter()
                 .flat_map(|x| x.to_bits().to_le_bytes())
                 .collect(),
-            StorageDtype::Blocks(_) => unreachable!("handled above"),
+            StorageDtype::Blocks(_) | StorageDtype::Packed(_) => unreachable!("handled above"),
         })
+    }
+
+    /// Row-major ggml blocks of `shape` in this storage: packed for [`StorageDtype::Packed`], as they are
+    /// otherwise.
+    pub fn pack_rows(self, bytes: Vec<u8>, shape: &[usize]) -> Vec<u8> {
+        match (self, shape) {
+            (StorageDtype::Packed(t), [out, inp]) => {
+                let bt = BlockType::of(t).expect("Packed holds a 32-element block type");
+                crate::kernels::packed::pack(bt, &bytes, *out, *inp)
+            }
+            _ => bytes,
+        }
+    }
+
+    /// Stored bytes of `shape` in ggml's row-major block layout: unpacked for [`StorageDtype::Packed`], as
+    /// they are otherwise.
+    pub fn unpack_rows(self, bytes: Vec<u8>, shape: &[usize]) -> Vec<u8> {
+        match (self, shape) {
+            (StorageDtype::Packed(t), [out, inp]) => {
+                let bt = BlockType::of(t).expect("Packed holds a 32-element block type");
+                crate::kernels::packed::unpack(bt, &bytes, *out, *inp)
+            }
+            _ => bytes,
+        }
     }
 }
 
@@ -298,6 +357,8 @@ pub struct EngineFile {
     crcs: Vec<u32>,
     index: HashMap<String, usize>,
     verified: Vec<AtomicBool>,
+    /// The file mapped read-only, on first use ([`Self::tensor_mapped`]).
+    map: OnceLock<Arc<memmap2::Mmap>>,
 }
 
 impl std::fmt::Debug for EngineFile {
@@ -477,6 +538,7 @@ impl EngineFile {
             crcs,
             index,
             verified,
+            map: OnceLock::new(),
         })
     }
 
@@ -536,13 +598,66 @@ impl EngineFile {
         Ok(total.finalize())
     }
 
-    /// The bytes of `name` (a copy), checking its crc32.
-    pub fn tensor_bytes(&self, name: &str) -> Result<Vec<u8>> {
-        let i = *self.index.get(name).ok_or_else(|| Error::MissingTensor {
+    fn index_of(&self, name: &str) -> Result<usize> {
+        self.index.get(name).copied().ok_or_else(|| Error::MissingTensor {
             path: self.path.clone(),
             name: name.into(),
+        })
+    }
+
+    /// The bytes of `name` (a copy), checking its crc32; block formats in ggml's row-major layout (packed
+    /// storage is unpacked).
+    pub fn tensor_bytes(&self, name: &str) -> Result<Vec<u8>> {
+        let i = self.index_of(name)?;
+        let t = &self.tensors[i];
+        Ok(t.dtype.unpack_rows(self.bytes_of(i)?, &t.shape))
+    }
+
+    /// The stored bytes of `name` in place in the file's memory map (mapped on first use), checking their
+    /// crc32 (in parallel 1 MiB chunks) on first access. Nothing is copied: the pages come from the page
+    /// cache.
+    ///
+    /// As for any mapped file, truncating the engine while it is in use makes the process fault (SIGBUS);
+    /// [`Self::tensor_bytes`] reads a copy instead.
+    pub fn tensor_mapped(&self, name: &str) -> Result<(StorageDtype, BlockBytes)> {
+        use rayon::prelude::*;
+        let i = self.index_of(name)?;
+        let map = match self.map.get() {
+            Some(m) => m.clone(),
+            None => {
+                // SAFETY: the map is read-only; see the note on truncation above.
+                let m = unsafe { memmap2::Mmap::map(&self.file) }.map_err(|e| Error::io(&self.path, e))?;
+                self.map.get_or_init(|| Arc::new(m)).clone()
+            }
+        };
+        let t = &self.tensors[i];
+        let (start, len) = (t.offset as usize, t.length as usize);
+        let bytes = map.get(start..start + len).ok_or_else(|| {
+            Error::format(
+                &self.path,
+                format!(
+                    "the file ended before byte {}: it was truncated or replaced",
+                    start + len
+                ),
+            )
         })?;
-        self.bytes_of(i)
+        if !self.verified[i].load(Ordering::Relaxed) {
+            const CHUNK: usize = 1 << 20;
+            let hashers: Vec<crc32fast::Hasher> = bytes
+                .par_chunks(CHUNK)
+                .map(|c| {
+                    let mut h = crc32fast::Hasher::new();
+                    h.update(c);
+                    h
+                })
+                .collect();
+            let mut total = crc32fast::Hasher::new();
+            for h in &hashers {
+                total.combine(h);
+            }
+            self.check_crc(i, total.finalize())?;
+        }
+        Ok((t.dtype, BlockBytes::Mapped { map, start, len }))
     }
 
     /// Tensor `name` on `device` in its storage dtype. On the CPU the bytes are read straight into the
@@ -554,7 +669,7 @@ impl EngineFile {
         })?;
         let t = &self.tensors[i];
         if let Some(q) = t.dtype.blocks() {
-            let b = self.bytes_of(i)?;
+            let b = t.dtype.unpack_rows(self.bytes_of(i)?, &t.shape);
             let q = crate::model::weight::qtensor_from_bytes(&b, q, &t.shape, &Device::Cpu)
                 .and_then(|q| q.dequantize(device))
                 .map_err(|e| {
@@ -576,7 +691,7 @@ impl EngineFile {
                 self.check_crc(i, self.read_and_hash(t.offset, as_bytes_mut(&mut v))?)?;
                 Tensor::from_vec(v, t.shape.as_slice(), device)?
             }
-            StorageDtype::Blocks(_) => unreachable!("handled above"),
+            StorageDtype::Blocks(_) | StorageDtype::Packed(_) => unreachable!("handled above"),
             StorageDtype::Bf16 | StorageDtype::F16 => {
                 use half::vec::HalfBitsVecExt;
                 let mut v = vec![0u16; n];

@@ -176,31 +176,45 @@ pub fn write_engine_file_as(
     let tensors = model_tensors(cfg);
     let specs: Vec<TensorSpec> = tensors
         .iter()
-        .map(|(name, shape)| TensorSpec {
-            name: name.clone(),
-            dtype: match dtype {
+        .map(|(name, shape)| {
+            let dtype = match dtype {
                 WeightsDtype::Source => match weights.quant_type(name) {
                     Some(t) => StorageDtype::Blocks(t),
                     None => StorageDtype::F32,
                 },
                 WeightsDtype::Storage(d) => tensor_storage(name, shape, d),
-            },
-            shape: shape.clone(),
+            };
+            TensorSpec {
+                name: name.clone(),
+                dtype: packed_storage(dtype, shape),
+                shape: shape.clone(),
+            }
         })
         .collect();
     let json = serde_json::to_value(&manifest).map_err(|e| Error::InvalidArgument(format!("manifest: {e}")))?;
     format::write_engine(path, &json, &specs, |i| {
         let (name, shape) = &tensors[i];
         let want = specs[i].dtype;
-        // Blocks already in the wanted format are copied, not requantized.
+        // Blocks already in the wanted format are copied (or repacked), not requantized.
         if let Some((t, bytes)) = weights.raw_blocks(name)? {
-            if want == StorageDtype::Blocks(t) {
-                return Ok(bytes);
+            if want.blocks() == Some(t) {
+                return Ok(want.pack_rows(bytes, shape));
             }
         }
         let t = weights.get(name, shape, want.dtype(), &Device::Cpu)?;
         want.tensor_bytes(&t)
     })
+}
+
+/// Block storage in its packed form ([`StorageDtype::Packed`]) where the shape allows (2-D, rows a multiple of
+/// eight, a 32-element block format): then the packed kernels run the weight in place from the engine's map,
+/// with no repacking at load. The layout does not depend on the CPU; one without the packed kernels unpacks
+/// it at load.
+fn packed_storage(dtype: StorageDtype, shape: &[usize]) -> StorageDtype {
+    match (dtype.packed(), shape) {
+        (Some(p), [out, _]) if out.is_multiple_of(crate::kernels::packed::ROWS) => p,
+        _ => dtype,
+    }
 }
 
 /// The storage of tensor `name` (of `shape`) in an engine whose weights are `dtype`:
@@ -380,6 +394,37 @@ pub fn stop_tokens(cfg: &ModelConfig, tokenizer: Option<&Tokenizer>) -> Vec<u32>
         }
     }
     ids
+}
+
+/// [`open_any`], then builds the model with `opts`. An engine's tokenizer (SmolLM2's is 2 MB of JSON) is read on
+/// a second thread while the weights load, so that it adds nothing to the time to the first forward pass.
+pub fn load_any(path: &Path, opts: &crate::RuntimeOptions) -> Result<(Opened, crate::Model)> {
+    if !is_engine(path) {
+        let opened = open_any(path)?;
+        let model = crate::Model::load_opts(&opened.config, &opened.weights, opts)?;
+        return Ok((opened, model));
+    }
+    let e = Engine::open(path)?;
+    let weights = e.weights();
+    let (model, tokenizer) = std::thread::scope(|s| {
+        let tokenizer = s.spawn(|| e.tokenizer());
+        let model = crate::Model::load_opts(e.config(), &weights, opts);
+        let tokenizer = tokenizer
+            .join()
+            .unwrap_or_else(|panic| std::panic::resume_unwind(panic));
+        (model, tokenizer)
+    });
+    let (model, tokenizer) = (model?, tokenizer?);
+    Ok((
+        Opened {
+            config: e.config().clone(),
+            weights,
+            tokenizer,
+            plan: Some(e.plan().clone()),
+            warnings: vec![],
+        },
+        model,
+    ))
 }
 
 /// Opens `path` as an engine when it starts with the engine magic, otherwise as a checkpoint

@@ -469,21 +469,29 @@ fn quantized_engines_store_blocks_and_run_them() {
         .chain([(SkipKind::Mlp, (G::Q4K, G::Q5_0))])
     {
         let cfg = routed(tiny_config(false), skip);
-        let (path, _) = write_tiny(dir.path(), &cfg, StorageDtype::Blocks(q), "q.dlo");
+        let (path, source) = write_tiny(dir.path(), &cfg, StorageDtype::Blocks(q), "q.dlo");
         assert!(std::fs::metadata(&path).unwrap().len() < f32_len, "{q:?}");
         let e = Engine::open(&path).unwrap();
         e.verify().unwrap();
         let entry = |n: &str| e.file().entry(n).unwrap().dtype;
-        assert_eq!(entry("model.layers.1.mlp.up_proj.weight"), StorageDtype::Blocks(stored));
+        // 32-element block formats are stored eight rows interleaved, ready for the packed kernels.
+        assert_eq!(entry("model.layers.1.mlp.up_proj.weight"), StorageDtype::Packed(stored));
+        // 97 vocabulary rows are not whole groups of eight: row-major.
         assert_eq!(entry("model.embed_tokens.weight"), StorageDtype::Blocks(G::Q8_0));
         assert_eq!(entry("lm_head.weight"), StorageDtype::Blocks(G::Q8_0));
+        // Read back as a copy, they are ggml's row-major blocks: the quantization of the source.
+        let up = "model.layers.1.mlp.up_proj.weight";
+        let shape = [cfg.intermediate_size, cfg.hidden_size];
+        let w = source.get(up, &shape, DType::F32, &Device::Cpu).unwrap();
+        let src = crate::model::weight::quantize(&w, stored).unwrap();
+        assert_eq!(e.file().tensor_bytes(up).unwrap(), src.data().unwrap().into_owned());
         assert_eq!(entry("model.norm.weight"), StorageDtype::F32);
         assert_eq!(entry("model.routers.1.weight"), StorageDtype::F32);
         let q_model = Model::load_opts(e.config(), &e.weights(), &crate::RuntimeOptions::default()).unwrap();
-        assert_eq!(
-            q_model.layers[2].mlp.down_proj.weight.kind(),
-            WeightKind::Quantized(stored)
-        );
+        let down = &q_model.layers[2].mlp.down_proj.weight;
+        assert_eq!(down.kind(), WeightKind::Quantized(stored));
+        // Where this CPU has the packed kernels, the engine's bytes are used in place from its map.
+        assert_eq!(down.in_place(), crate::kernels::packed::available(), "{q:?}");
         let opts = crate::RuntimeOptions {
             dequantize: true,
             ..Default::default()
@@ -502,6 +510,93 @@ fn quantized_engines_store_blocks_and_run_them() {
     }
 }
 
+/// The packed storage dtypes: names, the shapes they store (2-D, whole groups of eight rows) and their byte
+/// counts (those of row-major blocks); k-quants have none.
+#[test]
+fn packed_storage_names_and_shapes() {
+    use candle_core::quantized::GgmlDType as G;
+    for (name, t) in [
+        ("q4_0_x8", G::Q4_0),
+        ("q4_1_x8", G::Q4_1),
+        ("q5_0_x8", G::Q5_0),
+        ("q5_1_x8", G::Q5_1),
+        ("q8_0_x8", G::Q8_0),
+    ] {
+        let d = StorageDtype::parse(name).unwrap();
+        assert_eq!((d, d.as_str()), (StorageDtype::Packed(t), name));
+        assert_eq!(StorageDtype::Blocks(t).packed(), Some(d));
+        assert_eq!(d.byte_len(&[16, 64]), StorageDtype::Blocks(t).byte_len(&[16, 64]));
+        let err = d.byte_len(&[12, 64]).unwrap_err();
+        assert!(err.contains("rows are a multiple of 8"), "{err}");
+        assert!(d.byte_len(&[2, 8, 64]).is_err());
+        assert_eq!(serde_json::to_string(&d).unwrap(), format!("\"{name}\""));
+    }
+    assert_eq!(StorageDtype::Blocks(G::Q4K).packed(), None);
+    let err = serde_json::from_str::<StorageDtype>("\"q4_k_x8\"")
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("unknown tensor dtype `q4_k_x8`") && err.contains("q8_0_x8"),
+        "{err}"
+    );
+}
+
+/// SmolLM2's Q4_1 GGUF as an engine: its projections are stored packed and, where the CPU has the packed
+/// kernels, used in place from the map (q/k/v and gate/up, stored back to back, fused without a copy); the
+/// engine's logits are the GGUF's, bit for bit (the same blocks through the same kernels).
+#[test]
+fn smollm2_q4_engine_runs_in_place_as_the_gguf_does() {
+    let Some(gguf) = crate::testing::smollm2_gguf() else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let ck = crate::Checkpoint::open(&gguf).unwrap();
+    let path = dir.path().join("q4_1.dlo");
+    let plan = EnginePlan::from_config(&ck.config);
+    let prov = Provenance::now(&gguf, StorageDtype::F32);
+    write_engine_file_as(
+        &path,
+        &ck.config,
+        &ck.weights,
+        ck.tokenizer.as_ref(),
+        &plan,
+        prov,
+        WeightsDtype::Source,
+    )
+    .unwrap();
+    let opts = crate::RuntimeOptions::default();
+    let (opened, model) = load_any(&path, &opts).unwrap();
+    assert!(opened.tokenizer.is_some());
+    let e = Engine::open(&path).unwrap();
+    let q = "model.layers.0.self_attn.q_proj.weight";
+    assert_eq!(e.file().entry(q).unwrap().dtype, StorageDtype::Packed(GgmlDType::Q4_1));
+    if crate::kernels::packed::available() {
+        // q/k/v and gate/up are views of their fused weights, so these cover the fusion too.
+        for (i, w) in model.projections().enumerate() {
+            assert!(
+                w.in_place(),
+                "projection {i} (layer {}) was copied out of the map",
+                i / 7
+            );
+        }
+        assert!(model.embed_tokens.in_place(), "the tied Q8_0 embedding was copied");
+    }
+    let reference = Model::load_opts(&ck.config, &ck.weights, &opts).unwrap();
+    let ids: Vec<u32> = ck
+        .tokenizer
+        .as_ref()
+        .unwrap()
+        .encode("The capital of France is", true)
+        .unwrap();
+    let fwd = Forward {
+        all_logits: true,
+        routing: Routing::Force(true),
+    };
+    let a = model.forward(&Batch::single(&ids, 0), None, &fwd).unwrap().logits;
+    let b = reference.forward(&Batch::single(&ids, 0), None, &fwd).unwrap().logits;
+    assert_eq!(max_abs_diff(&a, &b), 0.0);
+}
+
 /// A quantized engine cut inside its block data, or with a flipped block byte, is a clear error naming the
 /// file (and the tensor), never a panic.
 #[test]
@@ -516,7 +611,7 @@ fn errors_quantized_engine_damaged() {
     let bytes = std::fs::read(&path).unwrap();
     let e = Engine::open(&path).unwrap();
     let t = e.file().entry("model.layers.1.mlp.gate_proj.weight").unwrap().clone();
-    assert_eq!(t.dtype.as_str(), "q4_0");
+    assert_eq!(t.dtype.as_str(), "q4_0_x8");
     let cut = write_bytes(dir.path(), "cut.dlo", &bytes[..t.offset as usize + 7]);
     let msg = open_err(&cut);
     assert!(msg.contains("engine is truncated") && msg.contains("cut.dlo"), "{msg}");

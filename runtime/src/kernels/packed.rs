@@ -114,6 +114,17 @@ const fn element(k: usize, p: usize) -> usize {
     }
 }
 
+/// All `out` rows of packed weights back in ggml's row-major block layout (the inverse of [`pack`]), the rows
+/// split over the rayon pool.
+pub fn unpack(t: BlockType, packed: &[u8], out: usize, inp: usize) -> Vec<u8> {
+    let rb = inp / BLOCK * t.block_bytes();
+    let mut dst = vec![0u8; out * rb];
+    dst.par_chunks_mut(rb)
+        .enumerate()
+        .for_each(|(row, d)| unpack_row(t, packed, row, inp, d));
+    dst
+}
+
 /// Row `row` of packed weights (`inp` columns) back in ggml's block layout (for embedding lookups).
 pub fn unpack_row(t: BlockType, packed: &[u8], row: usize, inp: usize, dst: &mut [u8]) {
     let (nb, bb, gb) = (inp / BLOCK, t.block_bytes(), group_block_bytes(t));
@@ -793,6 +804,7 @@ mod tests {
                 unpack_row(t, &packed, r, inp, &mut row);
                 assert_eq!(row, blocks[r * rb..(r + 1) * rb], "{t:?} row {r}");
             }
+            assert_eq!(unpack(t, &packed, out, inp), blocks, "{t:?}: unpack inverts pack");
             if !available() {
                 continue;
             }

@@ -514,7 +514,7 @@ impl Model {
     }
 
     /// The seven projection weights of every decoder layer.
-    fn projections(&self) -> impl Iterator<Item = &Weight> {
+    pub(crate) fn projections(&self) -> impl Iterator<Item = &Weight> {
         self.layers.iter().flat_map(|l| {
             let (a, m) = (&l.self_attn, &l.mlp);
             [

@@ -190,6 +190,21 @@ impl Weight {
         Ok(Self::blocks_weight(ty, bt, out, inp, bytes, false))
     }
 
+    /// A quantized weight `[out, in]` of a 32-element block type from blocks already in
+    /// [`kernels::packed`]'s layout (an engine's `q4_1_x8`): used as they are where the CPU has the packed
+    /// kernels (so a memory-mapped engine's bytes are used in place), unpacked to ggml's rows otherwise.
+    pub fn from_packed(ty: GgmlDType, out: usize, inp: usize, bytes: BlockBytes) -> candle_core::Result<Self> {
+        check_blocks(ty, out, inp, bytes.len())?;
+        let bt = BlockType::of(ty)
+            .filter(|_| out.is_multiple_of(kernels::packed::ROWS))
+            .ok_or_else(|| candle_core::Error::Msg(format!("no packed {} layout for {out} rows", ggml_name(ty))))?;
+        if kernels::packed::available() {
+            return Ok(Self::blocks_weight(ty, bt, out, inp, bytes, true));
+        }
+        let rows = kernels::packed::unpack(bt, &bytes, out, inp);
+        Ok(Self::blocks_weight(ty, bt, out, inp, BlockBytes::Owned(rows), false))
+    }
+
     fn blocks_weight(ty: GgmlDType, bt: BlockType, out: usize, inp: usize, bytes: BlockBytes, packed: bool) -> Self {
         Weight::Quantized(QuantWeight {
             ty,
@@ -202,6 +217,17 @@ impl Weight {
                 packed,
             },
         })
+    }
+
+    /// Whether the weight's bytes are used in place from a memory-mapped file (an engine's packed blocks).
+    pub fn in_place(&self) -> bool {
+        match self {
+            Weight::Quantized(QuantWeight {
+                data: QData::Blocks { bytes, .. } | QData::PackedK { bytes, .. },
+                ..
+            }) => matches!(**bytes, BlockBytes::Mapped { .. }),
+            _ => false,
+        }
     }
 
     /// What the weight is stored as.
@@ -537,11 +563,15 @@ impl QuantWeight {
         {
             return Ok(None);
         }
+        let out = qs.iter().map(|q| q.out).sum();
+        // Parts that lie back to back in one memory map (an engine's q/k/v, gate/up) stay in place.
+        if let Some(bytes) = adjacent_in_map(&qs) {
+            return Ok(Some(Weight::blocks_weight(first.ty, bt, out, first.inp, bytes, packed)));
+        }
         let mut bytes = Vec::new();
         for q in &qs {
             bytes.extend_from_slice(q.blocks().expect("block data").1);
         }
-        let out = qs.iter().map(|q| q.out).sum();
         // Packed parts are whole groups, so their concatenation is the packed stack.
         Ok(Some(Weight::blocks_weight(
             first.ty,
@@ -552,6 +582,30 @@ impl QuantWeight {
             packed,
         )))
     }
+}
+
+/// One mapped range covering `parts` when their bytes are consecutive ranges of the same memory map.
+fn adjacent_in_map(parts: &[&QuantWeight]) -> Option<BlockBytes> {
+    let mut range: Option<(&Arc<memmap2::Mmap>, usize, usize)> = None;
+    for q in parts {
+        let QData::Blocks { bytes, start, .. } = &q.data else {
+            return None;
+        };
+        let BlockBytes::Mapped { map, start: base, .. } = &**bytes else {
+            return None;
+        };
+        let (from, len) = (base + start, q.blocks()?.1.len());
+        range = match range {
+            None => Some((map, from, len)),
+            Some((m, s, l)) if Arc::ptr_eq(m, map) && s + l == from => Some((m, s, l + len)),
+            _ => return None,
+        };
+    }
+    range.map(|(map, start, len)| BlockBytes::Mapped {
+        map: map.clone(),
+        start,
+        len,
+    })
 }
 
 /// Whether a `ty` weight of `out` rows is repacked for [`kernels::packed::matmul_q4k`] / `matmul_q6k`.
