@@ -1,5 +1,6 @@
 //! Time from nothing to a model ready for its first forward pass, warm (the file in the page cache):
-//! [`load_any`] (open, weights and tokenizer; the tokenizer is read on a second thread), and its parts alone.
+//! [`load_any`] (open, weights and tokenizer; the tokenizer is read on a second thread), its parts alone, and
+//! for comparison the engine's tokenizer read by `tokenizers`' own reader.
 //!
 //! ```text
 //! cargo run --release -p dlo-runtime --example bench_load -- ENGINE_OR_CHECKPOINT [--threads 2] [--reps 7]
@@ -33,11 +34,12 @@ fn main() -> anyhow::Result<()> {
         ..Default::default()
     };
     opts.init_process_threads()?;
-    let mut parts: [(&str, Vec<Duration>); 4] = [
+    let mut parts: [(&str, Vec<Duration>); 5] = [
         ("load_any (open + weights ‖ tokenizer)", vec![]),
         ("  Engine::open", vec![]),
         ("  tokenizer", vec![]),
         ("  weights → Model", vec![]),
+        ("  (tokenizer by tokenizers' own reader)", vec![]),
     ];
     let engine = dlo_runtime::engine::is_engine(&path);
     for rep in 0..=reps {
@@ -56,6 +58,12 @@ fn main() -> anyhow::Result<()> {
             let t = Instant::now();
             let model = dlo_runtime::Model::load_opts(e.config(), &e.weights(), &opts)?;
             times.push(t.elapsed());
+            if let Some(spec) = &e.manifest().tokenizer {
+                let t = Instant::now();
+                let theirs: tokenizers::Tokenizer = spec.json.parse().map_err(|e| anyhow::anyhow!("{e}"))?;
+                times.push(t.elapsed());
+                drop(theirs);
+            }
             drop((tok, model));
         }
         if rep > 0 {
