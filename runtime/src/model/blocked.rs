@@ -36,7 +36,8 @@ pub struct Keys<'a> {
 
 /// `softmax(scale · q kᵀ + mask) v` per head, with grouped K/V heads.
 ///
-/// `q: [b, heads, t, hd]`; `k, v: [b, kv_heads, n, hd]` (rows may be strided, as cache views are);
+/// `q: [b, heads, t, hd]`; `k, v: [b, kv_heads, n, hd]` (rows may be strided, as cache views are; f32, or an
+/// f16/bf16 cache read as it is, each block of keys widened to f32 in a scratch tile);
 /// `q_pos`: `b*t`; `keys[bi]`: sequence `bi`'s `n` slots. Returns `[b, t, heads*hd]` in `q`'s dtype.
 pub fn attend(q: &Tensor, k: &Tensor, v: &Tensor, q_pos: &[u32], keys: &[Keys], scale: f64) -> Result<Tensor> {
     let dt = q.dtype();
@@ -46,7 +47,6 @@ pub fn attend(q: &Tensor, k: &Tensor, v: &Tensor, q_pos: &[u32], keys: &[Keys], 
         bail!("blocked attention: inconsistent shapes");
     }
     let q = q.to_dtype(DType::F32)?.contiguous()?;
-    let (k, v) = (k.to_dtype(DType::F32)?, v.to_dtype(DType::F32)?);
     let (qs, ql) = q.storage_and_layout();
     let (ks, kl) = k.storage_and_layout();
     let (vs, vl) = v.storage_and_layout();
@@ -78,6 +78,11 @@ pub fn attend(q: &Tensor, k: &Tensor, v: &Tensor, q_pos: &[u32], keys: &[Keys], 
                 let mut qs = vec![0f32; gm * hd];
                 let mut sc = vec![0f32; gm * KEY_BLOCK.min(vis)];
                 let mut o = vec![0f32; gm * hd];
+                // Widened K/V blocks, for a cache stored narrower than f32.
+                let (mut kw, mut vw) = match kd {
+                    Rows::F32(_) => (Vec::new(), Vec::new()),
+                    _ => (vec![0f32; KEY_BLOCK.min(vis) * hd], vec![0f32; KEY_BLOCK.min(vis) * hd]),
+                };
                 let (mut mx, mut sum) = (vec![0f32; gm], vec![0f32; gm]);
                 for kv in 0..kvh {
                     for gi in 0..g {
@@ -91,8 +96,8 @@ pub fn attend(q: &Tensor, k: &Tensor, v: &Tensor, q_pos: &[u32], keys: &[Keys], 
                     for k0 in (0..vis).step_by(KEY_BLOCK) {
                         let kn = KEY_BLOCK.min(vis - k0);
                         let sc = &mut sc[..gm * kn];
-                        let kb = &kd[bi * kst.0 + kv * kst.1 + k0 * kst.2..];
-                        let vb = &vd[bi * vst.0 + kv * vst.1 + k0 * vst.2..];
+                        let (kb, ks) = kd.block(bi * kst.0 + kv * kst.1 + k0 * kst.2, kst.2, kn, hd, &mut kw);
+                        let (vb, vs) = vd.block(bi * vst.0 + kv * vst.1 + k0 * vst.2, vst.2, kn, hd, &mut vw);
                         // SAFETY: `qs` is gm × hd, `sc` gm × kn, and kn ≤ n - k0 rows of K of stride kst.2 with hd
                         // unit-stride columns follow `kb`.
                         unsafe {
@@ -108,7 +113,7 @@ pub fn attend(q: &Tensor, k: &Tensor, v: &Tensor, q_pos: &[u32], keys: &[Keys], 
                                 1,
                                 hd as isize,
                                 kb.as_ptr(),
-                                kst.2 as isize,
+                                ks as isize,
                                 1,
                                 0.0,
                                 scale as f32,
@@ -147,7 +152,7 @@ pub fn attend(q: &Tensor, k: &Tensor, v: &Tensor, q_pos: &[u32], keys: &[Keys], 
                                 kn as isize,
                                 vb.as_ptr(),
                                 1,
-                                vst.2 as isize,
+                                vs as isize,
                                 1.0,
                                 1.0,
                                 false,
@@ -180,16 +185,59 @@ fn f32s<'a>(s: &'a Storage, l: &Layout) -> Result<&'a [f32]> {
 /// Element strides of a `[b, heads, n, hd]` tensor over its first three axes.
 type Strides = (usize, usize, usize);
 
-/// The f32 elements of a `[b, heads, n, hd]` CPU tensor with unit-stride rows, from its first element, and
-/// its strides over (b, heads, n).
-fn view<'a>(s: &'a Storage, l: &Layout) -> Result<(&'a [f32], Strides)> {
-    let st = l.stride();
-    match s {
-        Storage::Cpu(CpuStorage::F32(v)) if st.len() == 4 && st[3] == 1 => {
-            Ok((&v[l.start_offset()..], (st[0], st[1], st[2])))
+/// The elements of a K or V tensor from its first one.
+#[derive(Clone, Copy)]
+enum Rows<'a> {
+    F32(&'a [f32]),
+    F16(&'a [half::f16]),
+    Bf16(&'a [half::bf16]),
+}
+
+impl Rows<'_> {
+    /// `n` rows of `hd` elements starting at element `at`, `stride` apart, as f32 rows and their stride: in
+    /// place for f32, widened into `scratch` (`n·hd`, stride `hd`) otherwise.
+    fn block<'s>(
+        &'s self,
+        at: usize,
+        stride: usize,
+        n: usize,
+        hd: usize,
+        scratch: &'s mut [f32],
+    ) -> (&'s [f32], usize) {
+        use half::slice::HalfFloatSliceExt;
+        match self {
+            Rows::F32(v) => (&v[at..], stride),
+            Rows::F16(v) => {
+                for (r, dst) in scratch.chunks_mut(hd).take(n).enumerate() {
+                    v[at + r * stride..][..hd].convert_to_f32_slice(dst);
+                }
+                (scratch, hd)
+            }
+            Rows::Bf16(v) => {
+                for (r, dst) in scratch.chunks_mut(hd).take(n).enumerate() {
+                    v[at + r * stride..][..hd].convert_to_f32_slice(dst);
+                }
+                (scratch, hd)
+            }
         }
-        _ => bail!("blocked attention: expected an f32 CPU tensor with unit-stride rows"),
     }
+}
+
+/// The elements of a `[b, heads, n, hd]` CPU tensor (f32, f16 or bf16) with unit-stride rows, from its first
+/// element, and its strides over (b, heads, n).
+fn view<'a>(s: &'a Storage, l: &Layout) -> Result<(Rows<'a>, Strides)> {
+    let st = l.stride();
+    if st.len() != 4 || st[3] != 1 {
+        bail!("blocked attention: expected a CPU tensor with unit-stride rows");
+    }
+    let o = l.start_offset();
+    let rows = match s {
+        Storage::Cpu(CpuStorage::F32(v)) => Rows::F32(&v[o..]),
+        Storage::Cpu(CpuStorage::F16(v)) => Rows::F16(&v[o..]),
+        Storage::Cpu(CpuStorage::BF16(v)) => Rows::Bf16(&v[o..]),
+        _ => bail!("blocked attention: K/V must be f32, f16 or bf16 on the CPU"),
+    };
+    Ok((rows, (st[0], st[1], st[2])))
 }
 
 /// One step of the online softmax over a row of (masked, `-inf`) scores: exponentiates the row in place against
@@ -415,5 +463,18 @@ mod tests {
         let to = |x: &Tensor| x.to_dtype(DType::BF16).unwrap();
         let half = attend(&to(&q), &to(&k), &to(&v), &qpos, &keys, scale).unwrap();
         assert_eq!(half.dtype(), DType::BF16);
+        // An f16 or bf16 cache under f32 queries (strided views, as the cache's): the same bits as attending
+        // over the cache widened to f32 first, since widening is exact.
+        for dt in [DType::F16, DType::BF16] {
+            let (kn, vn) = (
+                kbuf.to_dtype(dt).unwrap().narrow(2, 0, n).unwrap(),
+                vbuf.to_dtype(dt).unwrap().narrow(2, 0, n).unwrap(),
+            );
+            let narrow = attend(&q, &kn, &vn, &qpos, &keys, scale).unwrap();
+            let wide = |x: &Tensor| x.to_dtype(DType::F32).unwrap();
+            let widened = attend(&q, &wide(&kn), &wide(&vn), &qpos, &keys, scale).unwrap();
+            assert_eq!(narrow.dtype(), DType::F32);
+            assert_eq!(crate::testing::max_abs_diff(&narrow, &widened), 0.0, "{dt:?}");
+        }
     }
 }

@@ -55,10 +55,22 @@ impl LayerCache {
     }
 
     /// Appends `k`, `v: [b, kv_heads, t, head_dim]` with per-slot positions and validity (`b*t`, row-major),
-    /// and returns the full K and V (`[b, kv_heads, len, head_dim]`).
+    /// and returns the full K and V (`[b, kv_heads, len, head_dim]`) in `k`'s dtype.
     pub fn append(&mut self, k: &Tensor, v: &Tensor, pos: &[u32], valid: &[bool]) -> Result<(Tensor, Tensor)> {
+        let in_dt = k.dtype();
+        let (k, v) = self.append_stored(k, v, pos, valid)?;
+        if k.dtype() == in_dt {
+            return Ok((k, v));
+        }
+        Ok((k.to_dtype(in_dt)?, v.to_dtype(in_dt)?))
+    }
+
+    /// [`Self::append`], returning views of the cache in its storage dtype ([`Self::storage_dtype`]): for
+    /// kernels that read an f16/bf16 cache as it is ([`super::blocked::attend`]) instead of converting all of
+    /// it at every step.
+    pub fn append_stored(&mut self, k: &Tensor, v: &Tensor, pos: &[u32], valid: &[bool]) -> Result<(Tensor, Tensor)> {
         let (b, kvh, t, hd) = k.dims4()?;
-        let (in_dt, store) = (k.dtype(), self.dtype.unwrap_or(k.dtype()));
+        let store = self.dtype.unwrap_or(k.dtype());
         let need = self.len + t;
         let cap = self.k.as_ref().map_or(0, |k| k.dim(2).unwrap_or(0));
         if need > cap {
@@ -92,11 +104,7 @@ impl LayerCache {
             self.valid[i].extend_from_slice(&valid[i * t..(i + 1) * t]);
         }
         self.len = need;
-        let (k, v) = (kb.narrow(2, 0, self.len)?, vb.narrow(2, 0, self.len)?);
-        if store == in_dt {
-            return Ok((k, v));
-        }
-        Ok((k.to_dtype(in_dt)?, v.to_dtype(in_dt)?))
+        Ok((kb.narrow(2, 0, self.len)?, vb.narrow(2, 0, self.len)?))
     }
 
     /// A cache whose sequence `i` is a copy of sequence `rows[i]` of this one (rows may repeat): one

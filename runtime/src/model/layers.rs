@@ -290,8 +290,15 @@ impl Attention {
         let k = rope::apply(&k, &st.cos, &st.sin, ex.differentiable)?;
         let scale = 1.0 / (hd as f64).sqrt();
         let kv = match kv {
-            Kv::Cache(cache) if st.blocked && !ex.differentiable && blocked::supported(&q) => {
-                let (k, v) = cache.append(&k, &v.contiguous()?, st.pos, st.valid)?;
+            // Chunks of a long prefill, and any step over a cache stored narrower than the compute dtype (an f16
+            // cache under f32: the blocked kernel reads it as it is, block by block, where the general path
+            // would convert the whole cache at every decode step).
+            Kv::Cache(cache)
+                if (st.blocked || cache.storage_dtype().is_some_and(|d| d != q.dtype()))
+                    && !ex.differentiable
+                    && blocked::supported(&q) =>
+            {
+                let (k, v) = cache.append_stored(&k, &v.contiguous()?, st.pos, st.valid)?;
                 let keys: Vec<_> = (0..b).map(|bi| cache.keys(bi)).collect();
                 let out = blocked::attend(&q, &k, &v, st.pos, &keys, scale)?;
                 return self.o_proj.forward(&out);
