@@ -146,14 +146,8 @@ impl Default for Limits {
 
 /// log-softmax of `row` at `target`, and whether `target` is the first argmax (as `argmax` picks it).
 fn log_prob(row: &[f32], target: u32) -> (f64, bool) {
-    let (mut max, mut arg) = (f32::NEG_INFINITY, 0);
-    for (i, &x) in row.iter().enumerate() {
-        if x > max {
-            (max, arg) = (x, i);
-        }
-    }
-    let sum: f64 = row.iter().map(|&x| ((x - max) as f64).exp()).sum();
-    ((row[target as usize] - max) as f64 - sum.ln(), arg == target as usize)
+    let (lse, arg) = dlo_runtime::kernels::exp::log_sum_exp(row);
+    (row[target as usize] as f64 - lse, arg == target as usize)
 }
 
 fn host_logits(out: &ForwardOutput) -> Result<Vec<f32>> {

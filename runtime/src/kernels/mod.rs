@@ -7,6 +7,7 @@
 //! to f32 in registers, so bf16 decode reads half the bytes of f32.
 
 use half::bf16;
+pub mod exp;
 pub mod packed;
 pub mod quant;
 

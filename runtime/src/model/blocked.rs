@@ -10,6 +10,9 @@
 //! Masking is the cache's ([`super::cache::build_mask`]): query `i` sees slot `s` iff the slot is valid and its
 //! position is `≤` the query's. A query that sees no slot (only padding or packing filler can) gets zeros.
 
+use crate::kernels::exp::exp;
+#[cfg(target_arch = "x86_64")]
+use crate::kernels::exp::{simd, Simd};
 use candle_core::{bail, CpuStorage, DType, Device, Layout, Result, Storage, Tensor};
 use rayon::prelude::*;
 
@@ -256,29 +259,6 @@ fn online_softmax(row: &mut [f32], mx: &mut f32, sum: &mut f32) -> f32 {
     online_softmax_impl(row, mx, sum)
 }
 
-#[cfg(target_arch = "x86_64")]
-#[derive(Clone, Copy)]
-enum Simd {
-    Avx512,
-    Avx2,
-    None,
-}
-
-#[cfg(target_arch = "x86_64")]
-fn simd() -> Simd {
-    use std::sync::OnceLock;
-    static HAS: OnceLock<Simd> = OnceLock::new();
-    *HAS.get_or_init(|| {
-        if is_x86_feature_detected!("avx512f") {
-            Simd::Avx512
-        } else if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
-            Simd::Avx2
-        } else {
-            Simd::None
-        }
-    })
-}
-
 /// [`online_softmax_impl`] compiled for AVX-512, so that its loops vectorise 16 wide.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
@@ -332,54 +312,11 @@ fn online_softmax_impl(row: &mut [f32], mx: &mut f32, sum: &mut f32) -> f32 {
     c
 }
 
-/// `eˣ` for `x ≤ 0` (Cephes' `expf`: range reduction by `ln 2`, degree-6 polynomial; ~1 ulp), branch-free so
-/// that loops over it vectorise; 0 below −87.3 (and for −∞).
-#[inline(always)]
-fn exp(x: f32) -> f32 {
-    const LOG2E: f32 = std::f32::consts::LOG2_E;
-    const LN2_HI: f32 = 0.693_359_4;
-    const LN2_LO: f32 = -2.121_944_4e-4;
-    // Adding 1.5·2²³ rounds to the nearest integer, which then sits in the low mantissa bits.
-    const ROUND: f32 = 12_582_912.0;
-    let xc = x.max(-87.3);
-    let t = xc * LOG2E + ROUND;
-    let n = t - ROUND;
-    let r = xc - n * LN2_HI - n * LN2_LO;
-    let p = 1.987_569_1e-4;
-    let p = p * r + 1.398_199_9e-3;
-    let p = p * r + 8.333_452e-3;
-    let p = p * r + 4.166_579_6e-2;
-    let p = p * r + 1.666_666_5e-1;
-    let p = p * r + 0.5;
-    let y = p * r * r + r + 1.0;
-    let e = (t.to_bits().wrapping_sub(ROUND.to_bits()) as i32 + 127) << 23;
-    let y = y * f32::from_bits(e as u32);
-    if x < -87.3 {
-        0.0
-    } else {
-        y
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::model::cache::build_mask;
     use candle_core::D;
-
-    #[test]
-    fn exp_is_accurate() {
-        let mut worst = 0f64;
-        for i in 0..=200_000 {
-            let x = -87.0 * i as f32 / 200_000.0;
-            let (got, want) = (exp(x) as f64, (x as f64).exp());
-            worst = worst.max((got - want).abs() / want);
-        }
-        assert!(worst < 5e-7, "relative error {worst}");
-        assert_eq!(exp(-100.0), 0.0);
-        assert_eq!(exp(f32::NEG_INFINITY), 0.0);
-        assert_eq!(exp(0.0), 1.0);
-    }
 
     /// The blocked kernel against the composed form (scores, additive mask, softmax, matmul) on ragged,
     /// partly invalid key slots, strided K/V views, several query blocks and several key blocks (one sequence's
