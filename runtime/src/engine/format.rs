@@ -51,7 +51,6 @@
 //! patches the checksums into the header, syncs, and renames it into place: a failed build leaves no file.
 
 use crate::error::{Error, Result};
-use crate::kernels::quant::BlockType;
 use crate::model::weight::BlockBytes;
 use candle_core::quantized::GgmlDType;
 use candle_core::{DType, Device, Tensor};
@@ -91,9 +90,10 @@ pub enum StorageDtype {
     F16,
     /// ggml blocks of this type (one of [`crate::model::weight::QUANT_TYPES`]), ggml's row-major layout.
     Blocks(GgmlDType),
-    /// The same blocks in [`crate::kernels::packed`]'s layout, groups of eight rows interleaved (`q4_1_x8`):
-    /// the 32-element block formats, 2-D, rows a multiple of eight, the same byte count as row-major. The
-    /// packed kernels run them in place from the engine's memory map.
+    /// The same blocks in [`crate::kernels::packed`]'s layout, groups of eight rows interleaved (`q4_1_x8`,
+    /// `q4_k_x8`): the 32-element block formats, Q4_K and Q6_K; 2-D, rows a multiple of eight
+    /// ([`crate::kernels::packed::packed_len`] bytes: the row-major count except for Q4_K, whose scales are
+    /// unpacked to bytes). The packed kernels run them in place from the engine's memory map.
     Packed(GgmlDType),
 }
 
@@ -118,12 +118,14 @@ impl<'de> Deserialize<'de> for StorageDtype {
 }
 
 /// The block types with a packed storage form, and its name.
-const PACKED_NAMES: [(GgmlDType, &str); 5] = [
+const PACKED_NAMES: [(GgmlDType, &str); 7] = [
     (GgmlDType::Q4_0, "q4_0_x8"),
     (GgmlDType::Q4_1, "q4_1_x8"),
     (GgmlDType::Q5_0, "q5_0_x8"),
     (GgmlDType::Q5_1, "q5_1_x8"),
     (GgmlDType::Q8_0, "q8_0_x8"),
+    (GgmlDType::Q4K, "q4_k_x8"),
+    (GgmlDType::Q6K, "q6_k_x8"),
 ];
 
 impl StorageDtype {
@@ -146,13 +148,17 @@ impl StorageDtype {
                 }
                 if let StorageDtype::Packed(_) = self {
                     let rows = elems / cols.max(1);
-                    if shape.len() != 2 || !rows.is_multiple_of(crate::kernels::packed::ROWS as u64) {
-                        return Err(format!(
+                    return match (shape.len(), usize::try_from(rows), usize::try_from(cols)) {
+                        (2, Ok(out), Ok(inp)) => crate::kernels::packed::packed_len(t, out, inp).map(|n| n as u64),
+                        _ => None,
+                    }
+                    .ok_or_else(|| {
+                        format!(
                             "{} stores 2-D tensors whose rows are a multiple of {}",
                             self.as_str(),
                             crate::kernels::packed::ROWS
-                        ));
-                    }
+                        )
+                    });
                 }
                 (elems / block)
                     .checked_mul(t.type_size() as u64)
@@ -254,10 +260,7 @@ impl StorageDtype {
     /// otherwise.
     pub fn pack_rows(self, bytes: Vec<u8>, shape: &[usize]) -> Vec<u8> {
         match (self, shape) {
-            (StorageDtype::Packed(t), [out, inp]) => {
-                let bt = BlockType::of(t).expect("Packed holds a 32-element block type");
-                crate::kernels::packed::pack(bt, &bytes, *out, *inp)
-            }
+            (StorageDtype::Packed(t), [out, inp]) => crate::kernels::packed::pack_any(t, &bytes, *out, *inp),
             _ => bytes,
         }
     }
@@ -266,10 +269,7 @@ impl StorageDtype {
     /// they are otherwise.
     pub fn unpack_rows(self, bytes: Vec<u8>, shape: &[usize]) -> Vec<u8> {
         match (self, shape) {
-            (StorageDtype::Packed(t), [out, inp]) => {
-                let bt = BlockType::of(t).expect("Packed holds a 32-element block type");
-                crate::kernels::packed::unpack(bt, &bytes, *out, *inp)
-            }
+            (StorageDtype::Packed(t), [out, inp]) => crate::kernels::packed::unpack_any(t, &bytes, *out, *inp),
             _ => bytes,
         }
     }

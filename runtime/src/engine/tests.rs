@@ -511,7 +511,7 @@ fn quantized_engines_store_blocks_and_run_them() {
 }
 
 /// The packed storage dtypes: names, the shapes they store (2-D, whole groups of eight rows) and their byte
-/// counts (those of row-major blocks); k-quants have none.
+/// counts (those of row-major blocks, but for Q4_K); Q2_K, Q3_K and Q5_K have none.
 #[test]
 fn packed_storage_names_and_shapes() {
     use candle_core::quantized::GgmlDType as G;
@@ -531,12 +531,18 @@ fn packed_storage_names_and_shapes() {
         assert!(d.byte_len(&[2, 8, 64]).is_err());
         assert_eq!(serde_json::to_string(&d).unwrap(), format!("\"{name}\""));
     }
-    assert_eq!(StorageDtype::Blocks(G::Q4K).packed(), None);
-    let err = serde_json::from_str::<StorageDtype>("\"q4_k_x8\"")
+    // k-quants: Q4_K's packed groups are larger (scales unpacked to bytes), Q6_K's the same size.
+    let q4k = StorageDtype::parse("q4_k_x8").unwrap();
+    assert_eq!(StorageDtype::Blocks(G::Q4K).packed(), Some(q4k));
+    assert_eq!(q4k.byte_len(&[8, 256]), Ok(1184));
+    assert_eq!(StorageDtype::Blocks(G::Q4K).byte_len(&[8, 256]), Ok(8 * 144));
+    assert_eq!(StorageDtype::parse("q6_k_x8").unwrap().byte_len(&[8, 256]), Ok(8 * 210));
+    assert_eq!(StorageDtype::Blocks(G::Q5K).packed(), None);
+    let err = serde_json::from_str::<StorageDtype>("\"q5_k_x8\"")
         .unwrap_err()
         .to_string();
     assert!(
-        err.contains("unknown tensor dtype `q4_k_x8`") && err.contains("q8_0_x8"),
+        err.contains("unknown tensor dtype `q5_k_x8`") && err.contains("q4_k_x8"),
         "{err}"
     );
 }

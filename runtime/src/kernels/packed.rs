@@ -114,14 +114,49 @@ const fn element(k: usize, p: usize) -> usize {
     }
 }
 
-/// All `out` rows of packed weights back in ggml's row-major block layout (the inverse of [`pack`]), the rows
-/// split over the rayon pool.
-pub fn unpack(t: BlockType, packed: &[u8], out: usize, inp: usize) -> Vec<u8> {
-    let rb = inp / BLOCK * t.block_bytes();
+/// Bytes of a `[out, inp]` weight of ggml type `t` in its packed layout, or `None` when `t` has none or the
+/// shape is not whole groups (`out` a multiple of [`ROWS`], `inp` of the type's block).
+pub fn packed_len(t: candle_core::quantized::GgmlDType, out: usize, inp: usize) -> Option<usize> {
+    use candle_core::quantized::GgmlDType as G;
+    if !out.is_multiple_of(ROWS) || !inp.is_multiple_of(t.block_size()) {
+        return None;
+    }
+    let groups = out / ROWS * (inp / t.block_size());
+    match t {
+        G::Q4K => Some(groups * Q4K_GROUP_BLOCK),
+        G::Q6K => Some(groups * Q6K_GROUP_BLOCK),
+        _ => BlockType::of(t).map(|bt| groups * group_block_bytes(bt)),
+    }
+}
+
+/// Row-major ggml blocks of a `[out, inp]` weight in the packed layout ([`pack`], [`pack_q4k`], [`pack_q6k`]).
+/// Panics unless [`packed_len`] accepts the shape.
+pub fn pack_any(t: candle_core::quantized::GgmlDType, rows: &[u8], out: usize, inp: usize) -> Vec<u8> {
+    use candle_core::quantized::GgmlDType as G;
+    match t {
+        G::Q4K => pack_q4k(rows, out, inp),
+        G::Q6K => pack_q6k(rows, out, inp),
+        _ => pack(BlockType::of(t).expect("a type with a packed layout"), rows, out, inp),
+    }
+}
+
+/// The inverse of [`pack_any`]: packed weights back in ggml's row-major blocks, the rows split over the rayon
+/// pool.
+pub fn unpack_any(t: candle_core::quantized::GgmlDType, packed: &[u8], out: usize, inp: usize) -> Vec<u8> {
+    use candle_core::quantized::GgmlDType as G;
+    let rb = inp / t.block_size() * t.type_size();
     let mut dst = vec![0u8; out * rb];
-    dst.par_chunks_mut(rb)
-        .enumerate()
-        .for_each(|(row, d)| unpack_row(t, packed, row, inp, d));
+    dst.par_chunks_mut(rb).enumerate().for_each(|(row, d)| match t {
+        G::Q4K => unpack_row_q4k(packed, row, inp, d),
+        G::Q6K => unpack_row_q6k(packed, row, inp, d),
+        _ => unpack_row(
+            BlockType::of(t).expect("a type with a packed layout"),
+            packed,
+            row,
+            inp,
+            d,
+        ),
+    });
     dst
 }
 
@@ -737,6 +772,10 @@ mod tests {
             unpack(&packed, r, inp, &mut row);
             assert_eq!(row, bytes[r * rb..(r + 1) * rb], "{ty:?} row {r}");
         }
+        assert_eq!(pack_any(ty, &bytes, out, inp), packed);
+        assert_eq!(unpack_any(ty, &packed, out, inp), bytes, "{ty:?}: unpack inverts pack");
+        assert_eq!(packed_len(ty, out, inp), Some(packed.len()));
+        assert_eq!(packed_len(ty, out + 4, inp), None, "rows not whole groups");
         if !available() {
             return;
         }
@@ -788,12 +827,13 @@ mod tests {
     #[test]
     fn packed_products_equal_the_row_kernels() {
         let (out, inp) = (24, 96);
-        for t in [
-            BlockType::Q4_0,
-            BlockType::Q4_1,
-            BlockType::Q8_0,
-            BlockType::Q5_0,
-            BlockType::Q5_1,
+        use candle_core::quantized::GgmlDType as G;
+        for (t, g) in [
+            (BlockType::Q4_0, G::Q4_0),
+            (BlockType::Q4_1, G::Q4_1),
+            (BlockType::Q8_0, G::Q8_0),
+            (BlockType::Q5_0, G::Q5_0),
+            (BlockType::Q5_1, G::Q5_1),
         ] {
             let w = crate::testing::XorShift::new(3).symmetric_vec(out * inp, 1.0, 0.1);
             let rb = t.row_bytes(inp);
@@ -804,7 +844,9 @@ mod tests {
                 unpack_row(t, &packed, r, inp, &mut row);
                 assert_eq!(row, blocks[r * rb..(r + 1) * rb], "{t:?} row {r}");
             }
-            assert_eq!(unpack(t, &packed, out, inp), blocks, "{t:?}: unpack inverts pack");
+            assert_eq!(pack_any(g, &blocks, out, inp), packed);
+            assert_eq!(unpack_any(g, &packed, out, inp), blocks, "{t:?}: unpack inverts pack");
+            assert_eq!(packed_len(g, out, inp), Some(blocks.len()));
             if !available() {
                 continue;
             }

@@ -190,19 +190,35 @@ impl Weight {
         Ok(Self::blocks_weight(ty, bt, out, inp, bytes, false))
     }
 
-    /// A quantized weight `[out, in]` of a 32-element block type from blocks already in
-    /// [`kernels::packed`]'s layout (an engine's `q4_1_x8`): used as they are where the CPU has the packed
-    /// kernels (so a memory-mapped engine's bytes are used in place), unpacked to ggml's rows otherwise.
+    /// A quantized weight `[out, in]` of ggml type `ty` from blocks already in [`kernels::packed`]'s layout (an
+    /// engine's `q4_1_x8`, `q4_k_x8`, …): used as they are where the CPU has the packed kernels (so a
+    /// memory-mapped engine's bytes are used in place), unpacked to ggml's rows otherwise.
     pub fn from_packed(ty: GgmlDType, out: usize, inp: usize, bytes: BlockBytes) -> candle_core::Result<Self> {
-        check_blocks(ty, out, inp, bytes.len())?;
-        let bt = BlockType::of(ty)
-            .filter(|_| out.is_multiple_of(kernels::packed::ROWS))
-            .ok_or_else(|| candle_core::Error::Msg(format!("no packed {} layout for {out} rows", ggml_name(ty))))?;
-        if kernels::packed::available() {
-            return Ok(Self::blocks_weight(ty, bt, out, inp, bytes, true));
+        let want = kernels::packed::packed_len(ty, out, inp)
+            .ok_or_else(|| candle_core::Error::Msg(format!("no packed {} layout for [{out}, {inp}]", ggml_name(ty))))?;
+        if bytes.len() != want {
+            candle_core::bail!(
+                "{} bytes of packed {} blocks for shape [{out}, {inp}], which needs {want}",
+                bytes.len(),
+                ggml_name(ty)
+            );
         }
-        let rows = kernels::packed::unpack(bt, &bytes, out, inp);
-        Ok(Self::blocks_weight(ty, bt, out, inp, BlockBytes::Owned(rows), false))
+        if !kernels::packed::available() {
+            let rows = kernels::packed::unpack_any(ty, &bytes, out, inp);
+            return Self::from_blocks(ty, out, inp, BlockBytes::Owned(rows));
+        }
+        Ok(match BlockType::of(ty) {
+            Some(bt) => Self::blocks_weight(ty, bt, out, inp, bytes, true),
+            None => Weight::Quantized(QuantWeight {
+                ty,
+                out,
+                inp,
+                data: QData::PackedK {
+                    bytes: Arc::new(bytes),
+                    start: 0,
+                },
+            }),
+        })
     }
 
     fn blocks_weight(ty: GgmlDType, bt: BlockType, out: usize, inp: usize, bytes: BlockBytes, packed: bool) -> Self {
@@ -816,6 +832,37 @@ mod tests {
 
     /// A quantized product equals the dense product with the dequantized weight, up to the activations'
     /// per-row quantization (q8 blocks: ~1% relative).
+    #[test]
+    fn packed_blocks_multiply_as_their_rows_do() {
+        // Blocks already in the packed layout (an engine's `q4_1_x8`, `q4_k_x8`) give the same products, bit for
+        // bit, as the row-major blocks they came from; a wrong byte count is an error.
+        for t in [
+            GgmlDType::Q8_0,
+            GgmlDType::Q4_1,
+            GgmlDType::Q5_0,
+            GgmlDType::Q4K,
+            GgmlDType::Q6K,
+        ] {
+            let w = randn((32, 512), 3);
+            let rows = quantize(&w, t).unwrap().data().unwrap().into_owned();
+            let packed = kernels::packed::pack_any(t, &rows, 32, 512);
+            let a = Weight::from_blocks(t, 32, 512, BlockBytes::Owned(rows)).unwrap();
+            let b = Weight::from_packed(t, 32, 512, BlockBytes::Owned(packed.clone())).unwrap();
+            assert_eq!(a.kind(), b.kind());
+            for n in [1, 5] {
+                let x = randn((n, 512), 4);
+                assert_eq!(
+                    max_abs_diff(&a.matmul(&x).unwrap(), &b.matmul(&x).unwrap()),
+                    0.0,
+                    "{t:?}"
+                );
+            }
+            let short = BlockBytes::Owned(packed[..packed.len() - 1].to_vec());
+            assert!(Weight::from_packed(t, 32, 512, short).is_err(), "{t:?}");
+        }
+        assert!(Weight::from_packed(GgmlDType::Q5K, 32, 512, BlockBytes::Owned(vec![0; 32 * 176 * 2])).is_err());
+    }
+
     #[test]
     fn quantized_matmul_matches_the_dequantized_weight() {
         for t in [
