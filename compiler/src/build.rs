@@ -123,21 +123,28 @@ impl BuildPlan {
             "native" => {
                 let dtype = match a.dtype.as_deref() {
                     None => None,
-                    Some(d) => Some(StorageDtype::parse(d).ok_or_else(|| {
-                        Error::InvalidArgument(match d {
-                            "f64" => "--dtype f64: native engines store f32, bf16, f16 or ggml blocks; f64 is a \
+                    // Packed storage (`q4_1_x8`) is the builder's choice per tensor, not a --dtype.
+                    Some(d) => Some(
+                        StorageDtype::parse(d)
+                            .filter(|s| !matches!(s, StorageDtype::Packed(_)))
+                            .ok_or_else(|| {
+                                Error::InvalidArgument(match d {
+                                    "f64" => {
+                                        "--dtype f64: native engines store f32, bf16, f16 or ggml blocks; f64 is a \
                                       verification target of --target onnx"
-                                .into(),
-                            d => format!(
-                                "--dtype {d}: expected f32, bf16, f16 or one of {}",
-                                dlo_runtime::model::weight::QUANT_TYPES
-                                    .iter()
-                                    .map(|(_, n)| *n)
-                                    .collect::<Vec<_>>()
-                                    .join(", ")
-                            ),
-                        })
-                    })?),
+                                            .into()
+                                    }
+                                    d => format!(
+                                        "--dtype {d}: expected f32, bf16, f16 or one of {}",
+                                        dlo_runtime::model::weight::QUANT_TYPES
+                                            .iter()
+                                            .map(|(_, n)| *n)
+                                            .collect::<Vec<_>>()
+                                            .join(", ")
+                                    ),
+                                })
+                            })?,
+                    ),
                 };
                 (Target::Native, dtype)
             }
@@ -793,6 +800,16 @@ mod tests {
             ..args(dir.path())
         };
         assert!(BuildPlan::from_args(&a).is_err());
+        // Packed storage is chosen per tensor by the builder, not asked for.
+        let a = BuildArgs {
+            dtype: Some("q4_1_x8".into()),
+            ..args(dir.path())
+        };
+        let e = BuildPlan::from_args(&a).unwrap_err().to_string();
+        assert!(
+            e.contains("--dtype q4_1_x8: expected f32, bf16, f16 or one of") && e.contains("q4_1,"),
+            "{e}"
+        );
         // f64 is an ONNX verification type only; ONNX models are f32 or f64.
         let a = BuildArgs {
             dtype: Some("f64".into()),
