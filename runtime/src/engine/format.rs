@@ -63,6 +63,25 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, OnceLock};
 
+/// Bytes per parallel crc32 chunk when a tensor is verified (hashed while the chunk is in cache).
+const HASH_CHUNK: usize = 1 << 20;
+
+/// A crc32 hasher over one chunk.
+fn chunk_hasher(chunk: &[u8]) -> crc32fast::Hasher {
+    let mut h = crc32fast::Hasher::new();
+    h.update(chunk);
+    h
+}
+
+/// The crc32 of consecutive chunks from their hashers.
+fn combined(hashers: &[crc32fast::Hasher]) -> u32 {
+    let mut total = crc32fast::Hasher::new();
+    for h in hashers {
+        total.combine(h);
+    }
+    total.finalize()
+}
+
 /// The 8 bytes every engine starts with.
 pub const MAGIC: &[u8; 8] = b"DLOENGN\0";
 /// The format version this runtime writes; it reads versions `1..=FORMAT_VERSION`.
@@ -580,22 +599,15 @@ impl EngineFile {
     /// hashed while it is still in cache.
     fn read_and_hash(&self, offset: u64, dst: &mut [u8]) -> Result<u32> {
         use rayon::prelude::*;
-        const CHUNK: usize = 1 << 20;
         let hashers: Vec<crc32fast::Hasher> = dst
-            .par_chunks_mut(CHUNK)
+            .par_chunks_mut(HASH_CHUNK)
             .enumerate()
             .map(|(k, d)| {
-                read_at(&self.file, &self.path, offset + (k * CHUNK) as u64, d)?;
-                let mut h = crc32fast::Hasher::new();
-                h.update(d);
-                Ok(h)
+                read_at(&self.file, &self.path, offset + (k * HASH_CHUNK) as u64, d)?;
+                Ok(chunk_hasher(d))
             })
             .collect::<Result<_>>()?;
-        let mut total = crc32fast::Hasher::new();
-        for h in &hashers {
-            total.combine(h);
-        }
-        Ok(total.finalize())
+        Ok(combined(&hashers))
     }
 
     fn index_of(&self, name: &str) -> Result<usize> {
@@ -642,20 +654,8 @@ impl EngineFile {
             )
         })?;
         if !self.verified[i].load(Ordering::Relaxed) {
-            const CHUNK: usize = 1 << 20;
-            let hashers: Vec<crc32fast::Hasher> = bytes
-                .par_chunks(CHUNK)
-                .map(|c| {
-                    let mut h = crc32fast::Hasher::new();
-                    h.update(c);
-                    h
-                })
-                .collect();
-            let mut total = crc32fast::Hasher::new();
-            for h in &hashers {
-                total.combine(h);
-            }
-            self.check_crc(i, total.finalize())?;
+            let hashers: Vec<crc32fast::Hasher> = bytes.par_chunks(HASH_CHUNK).map(chunk_hasher).collect();
+            self.check_crc(i, combined(&hashers))?;
         }
         Ok((t.dtype, BlockBytes::Mapped { map, start, len }))
     }
