@@ -644,15 +644,9 @@ impl EngineFile {
         };
         let t = &self.tensors[i];
         let (start, len) = (t.offset as usize, t.length as usize);
-        let bytes = map.get(start..start + len).ok_or_else(|| {
-            Error::format(
-                &self.path,
-                format!(
-                    "the file ended before byte {}: it was truncated or replaced",
-                    start + len
-                ),
-            )
-        })?;
+        let bytes = map
+            .get(start..start + len)
+            .ok_or_else(|| ended_before(&self.path, (start + len) as u64))?;
         if !self.verified[i].load(Ordering::Relaxed) {
             let hashers: Vec<crc32fast::Hasher> = bytes.par_chunks(HASH_CHUNK).map(chunk_hasher).collect();
             self.check_crc(i, combined(&hashers))?;
@@ -772,15 +766,17 @@ fn read_at(file: &File, path: &Path, offset: u64, buf: &mut [u8]) -> Result<()> 
         Ok(())
     })();
     r.map_err(|e| match e.kind() {
-        std::io::ErrorKind::UnexpectedEof => Error::format(
-            path,
-            format!(
-                "the file ended before byte {}: it was truncated or replaced while being read",
-                offset + buf.len() as u64
-            ),
-        ),
+        std::io::ErrorKind::UnexpectedEof => ended_before(path, offset + buf.len() as u64),
         _ => Error::io(path, e),
     })
+}
+
+/// The error for an engine shorter than its tensor table says (another process truncated or replaced it).
+fn ended_before(path: &Path, byte: u64) -> Error {
+    Error::format(
+        path,
+        format!("the file ended before byte {byte}: it was truncated or replaced while being read"),
+    )
 }
 
 /// Whether bytes `from..to` of `file` are all zero (padding), read in 64 KiB pieces.

@@ -206,13 +206,13 @@ pub fn write_engine_file_as(
     })
 }
 
-/// Block storage in its packed form ([`StorageDtype::Packed`]) where the shape allows (2-D, rows a multiple of
-/// eight, a 32-element block format): then the packed kernels run the weight in place from the engine's map,
-/// with no repacking at load. The layout does not depend on the CPU; one without the packed kernels unpacks
-/// it at load.
+/// Block storage in its packed form ([`StorageDtype::Packed`]) where the type has one and the shape allows it
+/// (its [`StorageDtype::byte_len`]: 2-D, rows a multiple of eight): then the packed kernels run the weight in
+/// place from the engine's map, with no repacking at load. The layout does not depend on the CPU; one without
+/// the packed kernels unpacks it at load.
 fn packed_storage(dtype: StorageDtype, shape: &[usize]) -> StorageDtype {
-    match (dtype.packed(), shape) {
-        (Some(p), [out, _]) if out.is_multiple_of(crate::kernels::packed::ROWS) => p,
+    match dtype.packed() {
+        Some(p) if p.byte_len(shape).is_ok() => p,
         _ => dtype,
     }
 }
@@ -414,17 +414,18 @@ pub fn load_any(path: &Path, opts: &crate::RuntimeOptions) -> Result<(Opened, cr
             .unwrap_or_else(|panic| std::panic::resume_unwind(panic));
         (model, tokenizer)
     });
-    let (model, tokenizer) = (model?, tokenizer?);
-    Ok((
-        Opened {
-            config: e.config().clone(),
-            weights,
-            tokenizer,
-            plan: Some(e.plan().clone()),
-            warnings: vec![],
-        },
-        model,
-    ))
+    Ok((engine_opened(&e, weights, tokenizer?), model?))
+}
+
+/// What [`open_any`] returns for an engine.
+fn engine_opened(e: &Engine, weights: Weights, tokenizer: Option<Tokenizer>) -> Opened {
+    Opened {
+        config: e.config().clone(),
+        weights,
+        tokenizer,
+        plan: Some(e.plan().clone()),
+        warnings: vec![],
+    }
 }
 
 /// Opens `path` as an engine when it starts with the engine magic, otherwise as a checkpoint
@@ -432,13 +433,7 @@ pub fn load_any(path: &Path, opts: &crate::RuntimeOptions) -> Result<(Opened, cr
 pub fn open_any(path: &Path) -> Result<Opened> {
     if is_engine(path) {
         let e = Engine::open(path)?;
-        Ok(Opened {
-            config: e.config().clone(),
-            weights: e.weights(),
-            tokenizer: e.tokenizer()?,
-            plan: Some(e.plan().clone()),
-            warnings: vec![],
-        })
+        Ok(engine_opened(&e, e.weights(), e.tokenizer()?))
     } else {
         let c = Checkpoint::open(path)?;
         Ok(Opened {

@@ -538,6 +538,15 @@ fn packed_storage_names_and_shapes() {
     assert_eq!(StorageDtype::Blocks(G::Q4K).byte_len(&[8, 256]), Ok(8 * 144));
     assert_eq!(StorageDtype::parse("q6_k_x8").unwrap().byte_len(&[8, 256]), Ok(8 * 210));
     assert_eq!(StorageDtype::Blocks(G::Q5K).packed(), None);
+    // The storage names follow the kernels: a type has a packed dtype iff it has a packed layout, named after it.
+    for &(t, name) in crate::model::weight::QUANT_TYPES {
+        let layout = crate::kernels::packed::packed_len(t, 8, 256).is_some();
+        let packed = StorageDtype::Blocks(t).packed();
+        assert_eq!(packed.is_some(), layout, "{name}");
+        if let Some(p) = packed {
+            assert_eq!(p.as_str(), format!("{name}_x8"));
+        }
+    }
     let err = serde_json::from_str::<StorageDtype>("\"q5_k_x8\"")
         .unwrap_err()
         .to_string();
