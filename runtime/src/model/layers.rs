@@ -181,7 +181,7 @@ impl Mlp {
     }
 
     /// `x: [.., d]` → `[.., d]`.
-    pub fn forward(&self, x: &Tensor, _ex: Exec) -> candle_core::Result<Tensor> {
+    pub fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
         let (g, u) = match &self.gate_up {
             Some(f) => {
                 let y = f.forward(x)?;
@@ -397,7 +397,7 @@ impl DecoderLayer {
 
     /// The MLP's contribution `MLP(RMSNorm₂(a))` (without the residual).
     pub fn mlp_delta(&self, a: &Tensor, ex: Exec) -> candle_core::Result<Tensor> {
-        self.mlp.forward(&self.post_attention_layernorm.forward(a, ex)?, ex)
+        self.mlp.forward(&self.post_attention_layernorm.forward(a, ex)?)
     }
 }
 

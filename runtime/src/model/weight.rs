@@ -830,12 +830,10 @@ mod tests {
         Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
     }
 
-    /// A quantized product equals the dense product with the dequantized weight, up to the activations'
-    /// per-row quantization (q8 blocks: ~1% relative).
+    /// Blocks already in the packed layout (an engine's `q4_1_x8`, `q4_k_x8`) give the same products, bit for
+    /// bit, as the row-major blocks they came from; a wrong byte count is an error.
     #[test]
     fn packed_blocks_multiply_as_their_rows_do() {
-        // Blocks already in the packed layout (an engine's `q4_1_x8`, `q4_k_x8`) give the same products, bit for
-        // bit, as the row-major blocks they came from; a wrong byte count is an error.
         for t in [
             GgmlDType::Q8_0,
             GgmlDType::Q4_1,
@@ -863,6 +861,8 @@ mod tests {
         assert!(Weight::from_packed(GgmlDType::Q5K, 32, 512, BlockBytes::Owned(vec![0; 32 * 176 * 2])).is_err());
     }
 
+    /// A quantized product equals the dense product with the dequantized weight, up to the activations'
+    /// per-row quantization (q8 blocks: ~1% relative).
     #[test]
     fn quantized_matmul_matches_the_dequantized_weight() {
         for t in [
