@@ -275,6 +275,36 @@ fn errors_truncated_while_loading() {
     }
 }
 
+/// A quantized engine truncated after it was opened: mapping its blocks is the same clear error as reading them,
+/// not a fault, and building a model from it fails naming the file.
+#[test]
+fn errors_truncated_before_the_blocks_are_mapped() {
+    use candle_core::quantized::GgmlDType as G;
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = tiny_config(true);
+    let (path, _) = write_tiny(dir.path(), &cfg, StorageDtype::Blocks(G::Q4_0), "q.dlo");
+    let e = Engine::open(&path).unwrap();
+    let last = "model.layers.2.mlp.down_proj.weight";
+    let t = e.file().entry(last).unwrap().clone();
+    assert_eq!(t.dtype, StorageDtype::Packed(G::Q4_0));
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&path)
+        .unwrap()
+        .set_len(t.offset + 10)
+        .unwrap();
+    let err = e.file().tensor_mapped(last).unwrap_err().to_string();
+    assert!(
+        err.contains("q.dlo") && err.contains("truncated or replaced while being read"),
+        "{err}"
+    );
+    let err = match Model::load_opts(e.config(), &e.weights(), &crate::RuntimeOptions::default()) {
+        Ok(_) => panic!("loaded from a truncated engine"),
+        Err(err) => err.to_string(),
+    };
+    assert!(err.contains("q.dlo") && err.contains("truncated or replaced"), "{err}");
+}
+
 #[test]
 fn errors_flipped_byte_anywhere() {
     let dir = tempfile::tempdir().unwrap();
