@@ -379,6 +379,33 @@ impl<'a> Lower<'a> {
 
     // ---- prefill -------------------------------------------------------------------------------
 
+    /// The positions of the executed rows, ascending, as `[K, 1]` int64 indices for `GatherND`/`ScatterND`.
+    ///
+    /// A compaction by `TopK`, not `NonZero` (which TensorRT-RTX builds only through a CUDA plugin): each
+    /// row gets the key `exec·T − pos` (`T − pos ∈ [1, T]` when executed, `−pos ≤ 0` when skipped, all
+    /// distinct), and the largest `K = Σ exec` keys, sorted, are exactly the executed rows in order.
+    /// Keys are in the graph's float type (f32 or f64), exact for any `T < 2^24`.
+    fn executed_rows(&mut self, exec: &str, pos: &str, t: &str) -> String {
+        let to_float = attr_i("to", self.float() as i64);
+        let flat = self.reshape(exec, &[-1]); // [T]
+        let exec_f = self.op_a("Cast", &[&flat], vec![to_float.clone()]);
+        let pos_f = self.op_a("Cast", &[pos], vec![to_float.clone()]);
+        let t_f = self.op_a("Cast", &[t], vec![to_float]);
+        let scaled = self.op("Mul", &[&exec_f, &t_f]);
+        let key = self.op("Sub", &[&scaled, &pos_f]);
+        let exec_i = self.op_a("Cast", &[&flat], vec![attr_i("to", data_type::INT64 as i64)]);
+        let k = self.op_a("ReduceSum", &[&exec_i], vec![attr_i("keepdims", 1)]); // [1]
+        let values = self.b.fresh("topk_values");
+        let indices = self.b.fresh("topk_indices");
+        self.b.node(
+            "TopK",
+            &[&key, &k],
+            &[&values, &indices],
+            vec![attr_i("axis", 0), attr_i("largest", 1), attr_i("sorted", 1)],
+        );
+        self.unsqueeze(&indices, &[1]) // [K, 1]
+    }
+
     /// The prefill graph: `input_ids [1, seq]` at positions `0..seq`, no past; logits for every position,
     /// each layer's K/V (`[1, kv, seq, hd]`), and the routing of routed layers. Routed layers use the
     /// gather/scatter form, or with `masked` a dense form that computes every row and selects with `Where`
@@ -428,9 +455,7 @@ impl<'a> Lower<'a> {
                 let idx = if masked {
                     None
                 } else {
-                    let flat = self.reshape(&exec, &[-1]);
-                    let nz = self.op("NonZero", &[&flat]); // [1, K]
-                    Some(self.transpose(&nz, &[1, 0])) // [K, 1]
+                    Some(self.executed_rows(&exec, &pos, &t))
                 };
                 Some((g, exec, idx))
             };

@@ -47,8 +47,8 @@
 //!   returns `h`, K, V and the mask unchanged (`Identity`). Branch outputs have identical types and
 //!   shapes and distinct names, as TensorRT requires; skipped work is really skipped.
 //! - **prefill** (many tokens): gather/scatter ([`PrefillForm::GatherScatter`], the default; a masked dense
-//!   form, [`PrefillForm::Masked`], computes every row and selects with `Where` instead). The router runs on every row; `NonZero` gives the
-//!   executed rows; `mlp` skipping gathers their post-attention rows (`GatherND`), runs the MLP on that
+//!   form, [`PrefillForm::Masked`], computes every row and selects with `Where` instead). The router runs on every row; a `TopK`
+//!   compaction gives the executed rows in order (not `NonZero`, which TensorRT builds only as a plugin); `mlp` skipping gathers their post-attention rows (`GatherND`), runs the MLP on that
 //!   dense tile and scatters the results back (`ScatterND`). `layer` skipping gathers the executed rows
 //!   of the layer input, runs the whole layer on them (they attend only among themselves, causally by
 //!   their original positions, RoPE at those positions), scatters the outputs back, and scatters their
@@ -107,11 +107,11 @@ pub enum ExternalData {
 /// How `prefill.onnx` lowers routed layers.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub enum PrefillForm {
-    /// `NonZero` + `GatherND`/`ScatterND`: skipped rows cost nothing (data-dependent shapes).
+    /// `TopK` compaction + `GatherND`/`ScatterND`: skipped rows cost nothing (data-dependent shapes).
     #[default]
     GatherScatter,
     /// Every row computed, results selected with `Where`: static shapes, no savings; for backends without
-    /// data-dependent shapes (TensorRT-RTX without a GPU driver lacks its `NonZero` plugin).
+    /// data-dependent shapes.
     Masked,
 }
 
