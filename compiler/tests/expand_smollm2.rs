@@ -132,6 +132,9 @@ fn smollm2_dlo_engine_with_budget_capacity_follows_each_layers_capacity() {
         calibration_tokens: 4096,
         chunk_len: 128,
         runtime: Default::default(),
+        profile: None,
+        kv_profile: None,
+        trt_lib: None,
     };
     dlo_compiler::build::run(BuildPlan::from_args(&args).unwrap()).unwrap();
     let e = Engine::open(&engine).unwrap();

@@ -31,6 +31,7 @@ pub mod kernels;
 pub mod model;
 pub mod options;
 pub mod sentencepiece;
+pub mod tensorrt;
 #[doc(hidden)]
 pub mod testing;
 pub mod tokenizer;

@@ -258,6 +258,9 @@ fn budgets_follow_the_engine_plan() {
         calibration_tokens: 4096,
         chunk_len: 64,
         runtime: Default::default(),
+        profile: None,
+        kv_profile: None,
+        trt_lib: None,
     };
     crate::build::run(BuildPlan::from_args(&b).unwrap()).unwrap();
     let dense = write_model(&dir.path().join("dense"), &tiny_config(false), true);

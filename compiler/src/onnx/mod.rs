@@ -183,6 +183,162 @@ fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> OnnxError + '_ {
     }
 }
 
+/// Both graphs of a model, lowered and checked against its weights, not yet encoded: [`export_onnx`] writes
+/// them to files, [`LoweredModels::encode`] encodes one in memory with its tensors inline (for consumers that
+/// take model bytes, such as TensorRT's parser).
+pub struct LoweredModels<'a> {
+    cfg: &'a ModelConfig,
+    weights: &'a Weights,
+    reg: Registry,
+    prefill: LoweredGraph,
+    decode: LoweredGraph,
+    max_positions: usize,
+}
+
+/// One of the two graphs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum GraphKind {
+    /// `prefill.onnx`: the prompt, no past.
+    Prefill,
+    /// `decode.onnx`: one token against the caches.
+    Decode,
+}
+
+impl GraphKind {
+    /// `prefill` or `decode`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            GraphKind::Prefill => "prefill",
+            GraphKind::Decode => "decode",
+        }
+    }
+}
+
+impl<'a> LoweredModels<'a> {
+    /// Lowers both graphs for `cfg` as `opts` asks (its `external_data` is not used here) and checks every
+    /// checkpoint tensor they need against the config.
+    pub fn new(cfg: &'a ModelConfig, weights: &'a Weights, opts: &OnnxOptions) -> Result<Self, OnnxError> {
+        let max_positions = opts.max_positions.unwrap_or(cfg.max_position_embeddings);
+        if max_positions == 0 || max_positions > u32::MAX as usize {
+            return Err(OnnxError::InvalidOption(format!(
+                "max_positions must be between 1 and {}, found {max_positions}",
+                u32::MAX
+            )));
+        }
+        if let Some(t) = &opts.thresholds {
+            if t.len() != cfg.num_hidden_layers || t.iter().any(|x| x.is_nan()) {
+                return Err(OnnxError::InvalidOption(format!(
+                    "{} router thresholds (NaN-free) are needed, one per layer; found {} ({} NaN)",
+                    cfg.num_hidden_layers,
+                    t.len(),
+                    t.iter().filter(|x| x.is_nan()).count()
+                )));
+            }
+        }
+        let thresholds = opts.thresholds.as_deref();
+        let mut reg = Registry::new(opts.elem);
+        lower::register_rope_tables(cfg, &mut reg, max_positions)?;
+        let prefill = lower::Lower::new(cfg, &mut reg, thresholds).prefill(opts.prefill == PrefillForm::Masked);
+        let decode = lower::Lower::new(cfg, &mut reg, thresholds).decode();
+        for spec in &reg.specs {
+            if let Source::Checkpoint = spec.source {
+                check_tensor(weights, spec)?;
+            }
+        }
+        Ok(LoweredModels {
+            cfg,
+            weights,
+            reg,
+            prefill,
+            decode,
+            max_positions,
+        })
+    }
+
+    /// The lowered graph of that kind.
+    pub fn graph(&self, kind: GraphKind) -> &LoweredGraph {
+        match kind {
+            GraphKind::Prefill => &self.prefill,
+            GraphKind::Decode => &self.decode,
+        }
+    }
+
+    /// Bytes of tensor data (weights and RoPE tables, in the element type).
+    pub fn tensor_bytes(&self) -> u64 {
+        self.reg.total_bytes()
+    }
+
+    /// Positions the RoPE tables cover.
+    pub fn max_positions(&self) -> usize {
+        self.max_positions
+    }
+
+    /// Routed layers (each an `If` in the decode graph, a compaction in the prefill graph).
+    pub fn routed_layers(&self) -> usize {
+        (0..self.cfg.num_hidden_layers)
+            .filter(|&l| self.cfg.routed_unit(l).is_routed())
+            .count()
+    }
+
+    /// The serialized `ModelProto` of one graph with every tensor inline; an error above protobuf's 2 GiB.
+    pub fn encode(&self, kind: GraphKind) -> Result<Vec<u8>, OnnxError> {
+        if self.tensor_bytes() > PROTOBUF_LIMIT {
+            return Err(OnnxError::TooLarge {
+                path: PathBuf::from(format!("{}.onnx", kind.as_str())),
+                bytes: self.tensor_bytes(),
+            });
+        }
+        let refs = std::collections::HashMap::new();
+        Ok(self.model(self.graph(kind), &refs)?.encode_to_vec())
+    }
+
+    /// The `ModelProto` of `g`: tensors in `external_refs` point into `weights.bin`, the others are inline.
+    fn model(
+        &self,
+        g: &LoweredGraph,
+        external_refs: &std::collections::HashMap<String, (u64, u64)>,
+    ) -> Result<ModelProto, OnnxError> {
+        let reg = &self.reg;
+        let mut initializers: Vec<TensorProto> = Vec::with_capacity(g.used.len() + g.consts.len());
+        for name in &g.used {
+            let spec = reg
+                .specs
+                .iter()
+                .find(|s| &s.name == name)
+                .expect("graphs only use registered tensors");
+            let dims: Vec<i64> = spec.dims.iter().map(|&d| d as i64).collect();
+            initializers.push(match external_refs.get(name) {
+                Some(&(offset, length)) => TensorProto {
+                    dims,
+                    data_type: reg.elem.onnx(),
+                    name: name.clone(),
+                    data_location: proto::DATA_LOCATION_EXTERNAL,
+                    external_data: [
+                        ("location", WEIGHTS_FILE.to_string()),
+                        ("offset", offset.to_string()),
+                        ("length", length.to_string()),
+                    ]
+                    .into_iter()
+                    .map(|(k, v)| StringStringEntryProto {
+                        key: k.into(),
+                        value: v,
+                    })
+                    .collect(),
+                    ..Default::default()
+                },
+                None => raw_tensor(
+                    name,
+                    reg.elem.onnx(),
+                    &dims,
+                    tensor_bytes(self.weights, spec, reg.elem)?,
+                ),
+            });
+        }
+        initializers.extend(g.consts.iter().cloned());
+        Ok(model_proto(self.cfg, g, initializers))
+    }
+}
+
 /// Writes `prefill.onnx` and `decode.onnx` (and `weights.bin` in external mode) for `cfg` into `out_dir`,
 /// which is created if missing. Every tensor is checked against the config before anything is written;
 /// files are written under temporary names and renamed at the end, so a failure leaves no partial model.
@@ -192,34 +348,8 @@ pub fn export_onnx(
     out_dir: &Path,
     opts: &OnnxOptions,
 ) -> Result<OnnxReport, OnnxError> {
-    let max_pos = opts.max_positions.unwrap_or(cfg.max_position_embeddings);
-    if max_pos == 0 || max_pos > u32::MAX as usize {
-        return Err(OnnxError::InvalidOption(format!(
-            "max_positions must be between 1 and {}, found {max_pos}",
-            u32::MAX
-        )));
-    }
-    if let Some(t) = &opts.thresholds {
-        if t.len() != cfg.num_hidden_layers || t.iter().any(|x| x.is_nan()) {
-            return Err(OnnxError::InvalidOption(format!(
-                "{} router thresholds (NaN-free) are needed, one per layer; found {} ({} NaN)",
-                cfg.num_hidden_layers,
-                t.len(),
-                t.iter().filter(|x| x.is_nan()).count()
-            )));
-        }
-    }
-    let thresholds = opts.thresholds.as_deref();
-    let mut reg = Registry::new(opts.elem);
-    lower::register_rope_tables(cfg, &mut reg, max_pos)?;
-    let prefill = lower::Lower::new(cfg, &mut reg, thresholds).prefill(opts.prefill == PrefillForm::Masked);
-    let decode = lower::Lower::new(cfg, &mut reg, thresholds).decode();
-    for spec in &reg.specs {
-        if let Source::Checkpoint = spec.source {
-            check_tensor(weights, spec)?;
-        }
-    }
-    let total = reg.total_bytes();
+    let lowered = LoweredModels::new(cfg, weights, opts)?;
+    let total = lowered.tensor_bytes();
     let external = match opts.external_data {
         ExternalData::Auto => total > AUTO_EXTERNAL_BYTES,
         ExternalData::Always => true,
@@ -233,15 +363,7 @@ pub fn export_onnx(
     }
     std::fs::create_dir_all(out_dir).map_err(io_err(out_dir))?;
     let mut pending = Pending::default();
-    let result = write_all(
-        cfg,
-        weights,
-        out_dir,
-        &reg,
-        &[&prefill, &decode],
-        external,
-        &mut pending,
-    );
+    let result = write_all(&lowered, out_dir, external, &mut pending);
     if let Err(e) = result {
         pending.discard();
         return Err(e);
@@ -251,12 +373,10 @@ pub fn export_onnx(
         files,
         external_data: external,
         tensor_bytes: total,
-        prefill_nodes: prefill.node_count(),
-        decode_nodes: decode.node_count(),
-        routed_layers: (0..cfg.num_hidden_layers)
-            .filter(|&l| cfg.routed_unit(l).is_routed())
-            .count(),
-        max_positions: max_pos,
+        prefill_nodes: lowered.prefill.node_count(),
+        decode_nodes: lowered.decode.node_count(),
+        routed_layers: lowered.routed_layers(),
+        max_positions: lowered.max_positions,
     })
 }
 
@@ -328,16 +448,9 @@ impl Pending {
     }
 }
 
-fn write_all(
-    cfg: &ModelConfig,
-    weights: &Weights,
-    dir: &Path,
-    reg: &Registry,
-    graphs: &[&LoweredGraph; 2],
-    external: bool,
-    pending: &mut Pending,
-) -> Result<(), OnnxError> {
+fn write_all(lowered: &LoweredModels, dir: &Path, external: bool, pending: &mut Pending) -> Result<(), OnnxError> {
     // External mode: stream every tensor once into weights.bin; both models point into it.
+    let reg = &lowered.reg;
     let mut external_refs = std::collections::HashMap::new();
     if external {
         let tmp = pending.temp_for(dir, WEIGHTS_FILE)?;
@@ -348,7 +461,7 @@ fn write_all(
             let pad = offset.next_multiple_of(EXTERNAL_ALIGN) - offset;
             w.write_all(&vec![0u8; pad as usize]).map_err(io_err(&tmp))?;
             offset += pad;
-            let bytes = tensor_bytes(weights, spec, reg.elem)?;
+            let bytes = tensor_bytes(lowered.weights, spec, reg.elem)?;
             w.write_all(&bytes).map_err(io_err(&tmp))?;
             external_refs.insert(spec.name.clone(), (offset, bytes.len() as u64));
             offset += bytes.len() as u64;
@@ -358,40 +471,9 @@ fn write_all(
             .sync_all()
             .map_err(io_err(&tmp))?;
     }
-    for (g, file_name) in graphs.iter().zip(["prefill.onnx", "decode.onnx"]) {
-        let mut initializers: Vec<TensorProto> = Vec::with_capacity(g.used.len() + g.consts.len());
-        for name in &g.used {
-            let spec = reg
-                .specs
-                .iter()
-                .find(|s| &s.name == name)
-                .expect("graphs only use registered tensors");
-            let dims: Vec<i64> = spec.dims.iter().map(|&d| d as i64).collect();
-            initializers.push(match external_refs.get(name) {
-                Some(&(offset, length)) => TensorProto {
-                    dims,
-                    data_type: reg.elem.onnx(),
-                    name: name.clone(),
-                    data_location: proto::DATA_LOCATION_EXTERNAL,
-                    external_data: [
-                        ("location", WEIGHTS_FILE.to_string()),
-                        ("offset", offset.to_string()),
-                        ("length", length.to_string()),
-                    ]
-                    .into_iter()
-                    .map(|(k, v)| StringStringEntryProto {
-                        key: k.into(),
-                        value: v,
-                    })
-                    .collect(),
-                    ..Default::default()
-                },
-                None => raw_tensor(name, reg.elem.onnx(), &dims, tensor_bytes(weights, spec, reg.elem)?),
-            });
-        }
-        initializers.extend(g.consts.iter().cloned());
-        let model = model_proto(cfg, g, initializers);
-        let tmp = pending.temp_for(dir, file_name)?;
+    for kind in [GraphKind::Prefill, GraphKind::Decode] {
+        let model = lowered.model(lowered.graph(kind), &external_refs)?;
+        let tmp = pending.temp_for(dir, &format!("{}.onnx", kind.as_str()))?;
         let bytes = model.encode_to_vec();
         drop(model);
         std::fs::write(&tmp, bytes).map_err(io_err(&tmp))?;
