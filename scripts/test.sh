@@ -23,7 +23,7 @@ FEATURES=(--features dlo-compiler/tensorrt)
 cargo fmt --all --check
 cargo clippy --release --workspace --all-targets "${FEATURES[@]}" -- -D warnings
 # Without the feature too: the fallback that says how to get it.
-cargo clippy --release -p dlo-compiler --all-targets -- -D warnings
+cargo clippy --release -p dlo-runtime -p dlo-compiler --all-targets -- -D warnings
 cargo build --release --workspace --bins "${FEATURES[@]}"
 cargo test --release --workspace "${FEATURES[@]}"
 # C ABI: the committed header is current, the C and Python examples agree with dlo-run, valgrind is clean.

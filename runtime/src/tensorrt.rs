@@ -13,6 +13,16 @@
 //! entry per layer, the I/O tensors the routed layers imply, sane profiles) before anything is
 //! deserialized. Running the engines needs TensorRT and a GPU, neither of which this crate links.
 
+#[cfg(feature = "tensorrt")]
+mod engine;
+mod library;
+
+#[cfg(feature = "tensorrt")]
+pub use engine::Engines;
+#[cfg(feature = "tensorrt")]
+pub use library::load_library;
+pub use library::{find_library, LibDir, BUILDER_LIB, PARSER_LIB};
+
 use crate::{Error, Result};
 use dlo_passes::RoutedUnit;
 use serde::{Deserialize, Serialize};
@@ -320,6 +330,18 @@ impl Manifest {
                 ));
             }
         }
+        for i in &self.decode.inputs {
+            let Some(rest) = i.name.strip_prefix("past_") else {
+                continue;
+            };
+            let fed = self.decode.outputs.iter().find(|o| o.name == format!("present_{rest}"));
+            if fed.is_none_or(|o| o.shape != i.shape || o.dtype != i.dtype) {
+                return bad(format!(
+                    "{}: input `{}` has no output `present_{rest}` of the same dtype and shape to feed it",
+                    self.decode.file, i.name
+                ));
+            }
+        }
         let routed = self.routed_layers();
         if routed > 0 && self.prefill.profile.max > TOPK_MAX {
             return bad(format!(
@@ -408,6 +430,136 @@ impl Manifest {
         let path = dir.join(MANIFEST_FILE);
         let text = serde_json::to_string_pretty(self).map_err(|e| Error::format(&path, e.to_string()))?;
         dlo_passes::fsutil::write_atomic(&path, text.as_bytes()).map_err(|e| Error::io(&e.path, e.source))
+    }
+}
+
+/// Which engine of a deployment.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stage {
+    /// The prompt engine (dynamic `seq`).
+    Prefill,
+    /// The one-token engine (dynamic `capacity`).
+    Decode,
+}
+
+/// One I/O tensor of an engine at concrete sizes: what a driver allocates and binds by name.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Binding {
+    /// Tensor name.
+    pub name: String,
+    /// Whether the engine reads it.
+    pub input: bool,
+    /// `float32`, `int64` or `bool`.
+    pub dtype: String,
+    /// Concrete dimensions.
+    pub shape: Vec<usize>,
+    /// Bytes of a dense buffer of that shape.
+    pub bytes: usize,
+}
+
+impl Manifest {
+    /// The engine of `stage`.
+    pub fn engine(&self, stage: Stage) -> &EngineEntry {
+        match stage {
+            Stage::Prefill => &self.prefill,
+            Stage::Decode => &self.decode,
+        }
+    }
+
+    /// Every input and output of `stage`'s engine with its dynamic dimension set to `size` (prompt tokens for
+    /// prefill, cache capacity for decode); an error when the profile does not admit `size`, or a tensor has
+    /// a dtype or dimension the runtime does not know.
+    pub fn bindings(&self, stage: Stage, size: usize) -> Result<Vec<Binding>> {
+        let e = self.engine(stage);
+        if !e.profile.admits(size) {
+            return Err(Error::InvalidArgument(format!(
+                "{}: {} {size} is outside the engine's profile ({}..={})",
+                e.file, e.profile.dim, e.profile.min, e.profile.max
+            )));
+        }
+        let inputs = e.inputs.iter().map(|t| (t, true));
+        let outputs = e.outputs.iter().map(|t| (t, false));
+        inputs
+            .chain(outputs)
+            .map(|(t, input)| {
+                let elem = match t.dtype.as_str() {
+                    "float32" => 4,
+                    "int64" => 8,
+                    "bool" => 1,
+                    d => {
+                        return Err(Error::InvalidArgument(format!(
+                            "{}: `{}` has dtype `{d}`",
+                            e.file, t.name
+                        )))
+                    }
+                };
+                let shape = t
+                    .shape
+                    .iter()
+                    .map(|d| match d {
+                        Dim::Fixed(n) => Ok(*n as usize),
+                        Dim::Dynamic(name) if *name == e.profile.dim => Ok(size),
+                        Dim::Dynamic(name) => Err(Error::InvalidArgument(format!(
+                            "{}: `{}` has dimension `{name}`, not the profile's `{}`",
+                            e.file, t.name, e.profile.dim
+                        ))),
+                    })
+                    .collect::<Result<Vec<usize>>>()?;
+                Ok(Binding {
+                    bytes: elem * shape.iter().product::<usize>(),
+                    name: t.name.clone(),
+                    input,
+                    dtype: t.dtype.clone(),
+                    shape,
+                })
+            })
+            .collect()
+    }
+
+    /// The decode outputs that are the next step's inputs, as `(present, past)` name pairs: every layer's
+    /// keys and values, and the validity mask of each ragged layer. Each pair has the same dtype and shape.
+    pub fn decode_feedback(&self) -> Vec<(String, String)> {
+        self.decode
+            .outputs
+            .iter()
+            .filter_map(|o| {
+                let past = o.name.strip_prefix("present_").map(|rest| format!("past_{rest}"))?;
+                self.decode
+                    .inputs
+                    .iter()
+                    .any(|i| i.name == past && i.shape == o.shape && i.dtype == o.dtype)
+                    .then(|| (o.name.clone(), past))
+            })
+            .collect()
+    }
+}
+
+/// Whether `path` is a TensorRT deployment directory (it holds a manifest).
+pub fn is_deployment(path: &Path) -> bool {
+    path.join(MANIFEST_FILE).is_file()
+}
+
+/// Why the deployment in `dir` cannot run as a model here: its manifest or engines are wrong, the library
+/// or a GPU is missing, or (all present) this runtime does not execute TensorRT engines yet.
+pub fn cannot_run(dir: &Path) -> Error {
+    #[cfg(feature = "tensorrt")]
+    {
+        match find_library(None).and_then(|lib| Engines::open(dir, &lib)) {
+            Err(e) => e,
+            Ok(_) => Error::format(
+                dir,
+                "its TensorRT engines deserialize here, but this runtime does not execute TensorRT engines yet; \
+                 run the native engine (dlo-compile build --target native)",
+            ),
+        }
+    }
+    #[cfg(not(feature = "tensorrt"))]
+    {
+        Error::format(
+            dir.join(MANIFEST_FILE),
+            "a TensorRT deployment, but this build has no TensorRT support (cargo feature `tensorrt`); run the \
+             native engine (dlo-compile build --target native)",
+        )
     }
 }
 

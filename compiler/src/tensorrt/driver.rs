@@ -37,36 +37,11 @@ impl Collect {
 
 /// Loads the libraries in `lib` (once per process) and reports their version.
 pub(crate) fn load(lib: &LibDir) -> Result<BuildInfo, TrtError> {
-    let missing = |what: &std::path::Path, e: trtx::Error| TrtError::Library {
-        path: what.to_path_buf(),
-        problem: format!("cannot be loaded: {e}"),
-    };
-    trtx::dynamically_load_tensorrt(Some(lib.builder.clone())).map_err(|e| missing(&lib.builder, e))?;
-    trtx::dynamically_load_tensorrt_onnxparser(Some(lib.parser.clone())).map_err(|e| missing(&lib.parser, e))?;
-    // SAFETY: the library is loaded and these are plain `int32_t f(void)` C functions of its ABI.
-    let version = unsafe {
-        let l = libloading::Library::new(&lib.builder).map_err(|e| TrtError::Library {
-            path: lib.builder.clone(),
-            problem: e.to_string(),
-        })?;
-        let get = |name: &[u8]| -> Result<i32, TrtError> {
-            let f: libloading::Symbol<unsafe extern "C" fn() -> i32> = l.get(name).map_err(|e| TrtError::Library {
-                path: lib.builder.clone(),
-                problem: format!("no {}: {e}", String::from_utf8_lossy(name)),
-            })?;
-            Ok(f())
-        };
-        (
-            get(b"getInferLibMajorVersion")?,
-            get(b"getInferLibMinorVersion")?,
-            get(b"getInferLibPatchVersion")?,
-            get(b"getInferLibBuildVersion")?,
-        )
-    };
+    let (version, build) = dlo_runtime::tensorrt::load_library(lib)?;
     Ok(BuildInfo {
         library: "TensorRT-RTX".into(),
-        version: format!("{}.{}.{}", version.0, version.1, version.2),
-        build: version.3,
+        version,
+        build,
         flags: Vec::new(),
     })
 }

@@ -12,7 +12,7 @@
 //! fails the build. Building needs no GPU; running an engine does, with a TensorRT runtime matching the
 //! manifest's version.
 //!
-//! The library is found at run time: `--trt-lib DIR`, else `$DLO_TRT_LIB`, else the folder
+//! The library is found at run time ([`find_library`]): `--trt-lib DIR`, else `$DLO_TRT_LIB`, else the folder
 //! `scripts/fetch-assets.sh` installs (`$DLO_CACHE/pkgs/trt-rtx/onnxruntime_ep_nv_tensorrt_rtx`).
 
 #[cfg(feature = "tensorrt")]
@@ -22,6 +22,7 @@ mod tests;
 
 use crate::onnx::{GraphKind, LoweredModels, OnnxError, OnnxOptions};
 use dlo_passes::{ModelConfig, RoutedUnit};
+pub use dlo_runtime::tensorrt::{find_library, LibDir, BUILDER_LIB, PARSER_LIB};
 use dlo_runtime::tensorrt::{
     BuildInfo, Dim, EngineEntry, IoTensor, LayerEntry, Manifest, ModelShape, NetworkCounts, Profile, FORMAT,
     MANIFEST_FILE, TOPK_MAX, VERSION,
@@ -29,10 +30,6 @@ use dlo_runtime::tensorrt::{
 use dlo_runtime::{Tokenizer, Weights};
 use std::path::{Path, PathBuf};
 
-/// The TensorRT-RTX builder library file this build drives (the `trtx` crate's headers are 1.7).
-pub const BUILDER_LIB: &str = "libtensorrt_rtx.so.1.7.1";
-/// The matching ONNX parser library file.
-pub const PARSER_LIB: &str = "libtensorrt_onnxparser_rtx.so.1.7.1";
 /// Default prefill profile (prompt tokens), shortened to the model's context.
 pub const DEFAULT_PROFILE: [usize; 3] = [1, 64, 256];
 /// Default decode profile (KV-cache capacity), shortened to the model's context.
@@ -83,51 +80,6 @@ impl TrtOptions {
     }
 }
 
-/// Where TensorRT-RTX's libraries are.
-#[derive(Debug, Clone)]
-pub struct LibDir {
-    /// The directory.
-    pub dir: PathBuf,
-    /// Its [`BUILDER_LIB`].
-    pub builder: PathBuf,
-    /// Its [`PARSER_LIB`].
-    pub parser: PathBuf,
-}
-
-/// The library directory: `explicit` (`--trt-lib`), else `$DLO_TRT_LIB`, else the assets folder. An error
-/// names the directory searched and what it lacks.
-pub fn find_library(explicit: Option<&Path>) -> Result<LibDir, TrtError> {
-    let dir = match (explicit, std::env::var_os("DLO_TRT_LIB")) {
-        (Some(d), _) => d.to_path_buf(),
-        (None, Some(d)) => PathBuf::from(d),
-        (None, None) => dlo_cache().join("pkgs/trt-rtx/onnxruntime_ep_nv_tensorrt_rtx"),
-    };
-    let lib = LibDir {
-        builder: dir.join(BUILDER_LIB),
-        parser: dir.join(PARSER_LIB),
-        dir,
-    };
-    for f in [&lib.builder, &lib.parser] {
-        if !f.is_file() {
-            return Err(TrtError::Library {
-                path: f.clone(),
-                problem: "not found (give the directory with TensorRT-RTX 1.7.1's libraries with --trt-lib or \
-                          DLO_TRT_LIB; scripts/fetch-assets.sh installs them)"
-                    .into(),
-            });
-        }
-    }
-    Ok(lib)
-}
-
-/// `$DLO_CACHE`, default `~/.cache/dlo`.
-fn dlo_cache() -> PathBuf {
-    match std::env::var_os("DLO_CACHE") {
-        Some(d) => PathBuf::from(d),
-        None => PathBuf::from(std::env::var_os("HOME").unwrap_or_default()).join(".cache/dlo"),
-    }
-}
-
 /// Why a TensorRT build failed.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
@@ -138,14 +90,6 @@ pub enum TrtError {
          tensorrt` (needs libclang: apt-get install libclang-dev)"
     )]
     NotCompiled,
-    /// The TensorRT libraries are missing or unusable.
-    #[error("{path}: {problem}")]
-    Library {
-        /// The library file.
-        path: PathBuf,
-        /// What is wrong.
-        problem: String,
-    },
     /// TensorRT's ONNX parser refused a model.
     #[error("{engine}: TensorRT's ONNX parser refused the model: {problem}")]
     Parse {
@@ -176,7 +120,7 @@ pub enum TrtError {
     /// Lowering to ONNX failed.
     #[error(transparent)]
     Onnx(#[from] OnnxError),
-    /// Reading the model, the tokenizer, or writing the output failed.
+    /// Finding or loading the library, reading the model or the tokenizer, or writing the output failed.
     #[error(transparent)]
     Runtime(#[from] dlo_runtime::Error),
 }

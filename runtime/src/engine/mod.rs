@@ -399,6 +399,9 @@ pub fn stop_tokens(cfg: &ModelConfig, tokenizer: Option<&Tokenizer>) -> Vec<u32>
 /// [`open_any`], then builds the model with `opts`. An engine's tokenizer (SmolLM2's is 2 MB of JSON) is read on
 /// a second thread while the weights load, so that it adds nothing to the time to the first forward pass.
 pub fn load_any(path: &Path, opts: &crate::RuntimeOptions) -> Result<(Opened, crate::Model)> {
+    if crate::tensorrt::is_deployment(path) {
+        return Err(crate::tensorrt::cannot_run(path));
+    }
     if !is_engine(path) {
         let opened = open_any(path)?;
         let model = crate::Model::load_opts(&opened.config, &opened.weights, opts)?;
@@ -431,6 +434,9 @@ fn engine_opened(e: &Engine, weights: Weights, tokenizer: Option<Tokenizer>) -> 
 /// Opens `path` as an engine when it starts with the engine magic, otherwise as a checkpoint
 /// ([`Checkpoint::open`]: HF directory or GGUF).
 pub fn open_any(path: &Path) -> Result<Opened> {
+    if crate::tensorrt::is_deployment(path) {
+        return Err(crate::tensorrt::cannot_run(path));
+    }
     if is_engine(path) {
         let e = Engine::open(path)?;
         Ok(engine_opened(&e, e.weights(), e.tokenizer()?))

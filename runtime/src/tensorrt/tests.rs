@@ -37,13 +37,20 @@ fn manifest(units: &[RoutedUnit], prefill: &[u8], decode: &[u8]) -> Manifest {
     };
     for decode in [false, true] {
         let (inputs, outputs) = m.required_io(decode);
+        let dim = if decode { "capacity" } else { "seq" };
         let io = |names: Vec<String>| {
             names
                 .into_iter()
                 .map(|name| IoTensor {
+                    dtype: if name.contains("ids") { "int64" } else { "float32" }.into(),
+                    shape: match name.split('.').next().unwrap() {
+                        "present_key" | "present_value" | "past_key" | "past_value" => {
+                            vec![Dim::Fixed(1), Dim::Fixed(2), Dim::Dynamic(dim.into()), Dim::Fixed(16)]
+                        }
+                        "input_ids" | "position_ids" if decode => vec![Dim::Fixed(1), Dim::Fixed(1)],
+                        _ => vec![Dim::Fixed(1), Dim::Dynamic(dim.into())],
+                    },
                     name,
-                    dtype: "float32".into(),
-                    shape: vec![Dim::Fixed(1), Dim::Dynamic("seq".into())],
                 })
                 .collect::<Vec<_>>()
         };
@@ -159,6 +166,21 @@ fn an_inconsistent_manifest_is_refused_with_the_reason() {
             "profile of `seq`, expected `capacity`",
         ),
         (Box::new(|m| m.prefill.profile.max = 4000), "TopK takes at most 3840"),
+        (
+            Box::new(|m| m.decode.outputs.retain(|t| t.name != "present_value.1")),
+            "no I/O tensor `present_value.1`",
+        ),
+        (
+            Box::new(|m| {
+                m.decode
+                    .outputs
+                    .iter_mut()
+                    .find(|t| t.name == "present_key.0")
+                    .unwrap()
+                    .shape[1] = Dim::Fixed(3)
+            }),
+            "input `past_key.0` has no output `present_key.0` of the same dtype and shape",
+        ),
     ];
     for (edit, want) in cases {
         let mut bad = m.clone();
@@ -255,4 +277,72 @@ fn the_kv_book_tracks_which_slots_each_ragged_layer_filled() {
     let e = fresh.after_prefill(3, |_| vec![true]).unwrap_err().to_string();
     assert!(e.contains("1 validity flags for a prompt of 3"), "{e}");
     assert!(KvBook::new(&m, 2).after_prefill(3, |_| vec![true; 3]).is_err());
+}
+
+#[test]
+fn bindings_resolve_the_dynamic_dimension_and_pair_decode_outputs_with_inputs() {
+    let m = manifest(&UNITS, b"p", b"d");
+    let b = m.bindings(Stage::Decode, 128).unwrap();
+    let get = |name: &str| b.iter().find(|x| x.name == name).unwrap();
+    assert_eq!(get("past_key.1").shape, [1, 2, 128, 16]);
+    assert_eq!(get("past_key.1").bytes, 2 * 128 * 16 * 4);
+    assert!(get("past_key.1").input && !get("present_key.1").input);
+    assert_eq!(get("position_ids").shape, [1, 1]);
+    assert_eq!(get("position_ids").bytes, 8);
+    assert_eq!(get("past_valid.2").shape, [1, 128]);
+    assert_eq!(b.len(), m.decode.inputs.len() + m.decode.outputs.len());
+    let p = m.bindings(Stage::Prefill, 10).unwrap();
+    assert_eq!(
+        p.iter().find(|x| x.name == "present_value.0").unwrap().shape,
+        [1, 2, 10, 16]
+    );
+    let e = m.bindings(Stage::Prefill, 300).unwrap_err().to_string();
+    assert!(e.contains("seq 300 is outside the engine's profile (1..=256)"), "{e}");
+    let mut odd = m.clone();
+    odd.prefill.outputs[0].dtype = "float16".into();
+    assert!(odd
+        .bindings(Stage::Prefill, 4)
+        .unwrap_err()
+        .to_string()
+        .contains("dtype `float16`"));
+    odd.prefill.outputs[0].dtype = "float32".into();
+    odd.prefill.outputs[0].shape = vec![Dim::Dynamic("batch".into())];
+    assert!(odd
+        .bindings(Stage::Prefill, 4)
+        .unwrap_err()
+        .to_string()
+        .contains("dimension `batch`"));
+    // Every cache tensor feeds back: K and V of each layer, the mask of the layer-skip layer.
+    let mut fb = m.decode_feedback();
+    fb.sort();
+    let want: Vec<(String, String)> = [
+        ("present_key.0", "past_key.0"),
+        ("present_key.1", "past_key.1"),
+        ("present_key.2", "past_key.2"),
+        ("present_valid.2", "past_valid.2"),
+        ("present_value.0", "past_value.0"),
+        ("present_value.1", "past_value.1"),
+        ("present_value.2", "past_value.2"),
+    ]
+    .iter()
+    .map(|(a, b)| (a.to_string(), b.to_string()))
+    .collect();
+    assert_eq!(fb, want);
+}
+
+#[test]
+fn a_deployment_given_as_a_model_is_a_clear_error() {
+    let (dir, _) = deployment();
+    assert!(is_deployment(dir.path()));
+    assert!(!is_deployment(&dir.path().join("prefill.engine")));
+    let e = crate::engine::open_any(dir.path()).err().unwrap().to_string();
+    if cfg!(feature = "tensorrt") {
+        // The library is found (or its absence named); these engine files are not engines.
+        assert!(e.contains("prefill.engine") || e.contains(BUILDER_LIB), "{e}");
+    } else {
+        assert!(e.contains("no TensorRT support") && e.contains(MANIFEST_FILE), "{e}");
+    }
+    let opts = crate::RuntimeOptions::default();
+    let e2 = crate::engine::load_any(dir.path(), &opts).err().unwrap().to_string();
+    assert_eq!(e, e2);
 }
