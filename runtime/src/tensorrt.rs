@@ -19,9 +19,9 @@ mod library;
 
 #[cfg(feature = "tensorrt")]
 pub use engine::Engines;
-#[cfg(feature = "tensorrt")]
-pub use library::load_library;
 pub use library::{find_library, LibDir, BUILDER_LIB, PARSER_LIB};
+#[cfg(feature = "tensorrt")]
+pub use library::{load_library, ErrorLog};
 
 use crate::{Error, Result};
 use dlo_passes::RoutedUnit;

@@ -4,36 +4,10 @@
 //! GPU; only deserializing or running an engine does.
 
 use super::{Built, LibDir, TrtError};
+use dlo_runtime::tensorrt::ErrorLog;
 use dlo_runtime::tensorrt::{BuildInfo, NetworkCounts, Profile};
-use std::sync::{Arc, Mutex};
 use trtx::trtx_sys::{Dims64, LayerType};
-use trtx::{Builder, LogHandler, Logger, OnnxParser, OptProfileSelector, Severity};
-
-/// Collects TensorRT's errors and warnings (never panics: a panic in a logger callback aborts the process).
-#[derive(Clone, Default)]
-struct Collect(Arc<Mutex<Vec<String>>>);
-
-impl LogHandler for Collect {
-    fn log(&self, severity: Severity, message: &str) {
-        if matches!(severity, Severity::InternalError | Severity::Error) {
-            if let Ok(mut v) = self.0.lock() {
-                v.push(message.to_string());
-            }
-        }
-    }
-}
-
-impl Collect {
-    /// The errors logged so far, joined, or `fallback`.
-    fn errors_or(&self, fallback: String) -> String {
-        let v = self.0.lock().map(|v| v.clone()).unwrap_or_default();
-        if v.is_empty() {
-            fallback
-        } else {
-            v.join("; ")
-        }
-    }
-}
+use trtx::{Builder, Logger, OnnxParser, OptProfileSelector};
 
 /// Loads the libraries in `lib` (once per process) and reports their version.
 pub(crate) fn load(lib: &LibDir) -> Result<BuildInfo, TrtError> {
@@ -49,7 +23,7 @@ pub(crate) fn load(lib: &LibDir) -> Result<BuildInfo, TrtError> {
 /// Parses `onnx` (named `name` in errors), counts its layers, and builds an engine whose every dynamic input
 /// dimension takes `profile`.
 pub(crate) fn build(name: &str, onnx: &[u8], profile: &Profile) -> Result<Built, TrtError> {
-    let log = Collect::default();
+    let log = ErrorLog::default();
     let trt = |what: &str, e: trtx::Error| TrtError::Build {
         engine: name.to_string(),
         problem: log.errors_or(format!("{what}: {e}")),

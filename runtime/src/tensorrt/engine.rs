@@ -2,25 +2,10 @@
 //! engine needs a GPU and the TensorRT version that built it; on a machine without either this is where a
 //! driver stops, with an error naming the engine file and the reason.
 
-use super::{LibDir, Manifest, Stage};
+use super::{ErrorLog, LibDir, Manifest, Stage};
 use crate::{Error, Result};
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
-use trtx::{LogHandler, Logger, Runtime, Severity};
-
-/// Collects TensorRT's errors (never panics: a panic in a logger callback aborts the process).
-#[derive(Clone, Default)]
-struct Collect(Arc<Mutex<Vec<String>>>);
-
-impl LogHandler for Collect {
-    fn log(&self, severity: Severity, message: &str) {
-        if matches!(severity, Severity::InternalError | Severity::Error) {
-            if let Ok(mut v) = self.0.lock() {
-                v.push(message.to_string());
-            }
-        }
-    }
-}
+use trtx::{Logger, Runtime};
 
 /// A deployment whose engines TensorRT deserialized on this machine, with I/O tensors as its manifest says.
 #[derive(Debug)]
@@ -48,7 +33,7 @@ impl Engines {
                 ),
             ));
         }
-        let log = Collect::default();
+        let log = ErrorLog::default();
         let logger = Logger::new(log.clone()).map_err(|e| Error::format(&lib.builder, e.to_string()))?;
         let mut runtime = Runtime::new(&logger).map_err(|e| Error::format(&lib.builder, e.to_string()))?;
         for stage in [Stage::Prefill, Stage::Decode] {
@@ -56,13 +41,12 @@ impl Engines {
             let path = dir.join(&entry.file);
             let bytes = std::fs::read(&path).map_err(|e| Error::io(&path, e))?;
             let engine = runtime.deserialize_cuda_engine(&bytes).map_err(|e| {
-                let logged = log.0.lock().map(|v| v.join("; ")).unwrap_or_default();
                 Error::format(
                     &path,
                     format!(
                         "TensorRT could not deserialize the engine (running engines needs an NVIDIA GPU that \
-                         TensorRT-RTX supports, and its driver): {e}{}{logged}",
-                        if logged.is_empty() { "" } else { ": " }
+                         TensorRT-RTX supports, and its driver): {}",
+                        log.errors_or(e.to_string())
                     ),
                 )
             })?;

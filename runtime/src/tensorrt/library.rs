@@ -79,3 +79,33 @@ pub fn load_library(lib: &LibDir) -> Result<(String, i32)> {
         Ok((version, get("getInferLibBuildVersion")?))
     }
 }
+
+/// A TensorRT logger that keeps the errors it is given, so that they can be reported with the failure they
+/// explain (never panics: a panic in a logger callback aborts the process).
+#[cfg(feature = "tensorrt")]
+#[derive(Clone, Default)]
+pub struct ErrorLog(std::sync::Arc<std::sync::Mutex<Vec<String>>>);
+
+#[cfg(feature = "tensorrt")]
+impl trtx::LogHandler for ErrorLog {
+    fn log(&self, severity: trtx::Severity, message: &str) {
+        if matches!(severity, trtx::Severity::InternalError | trtx::Severity::Error) {
+            if let Ok(mut v) = self.0.lock() {
+                v.push(message.to_string());
+            }
+        }
+    }
+}
+
+#[cfg(feature = "tensorrt")]
+impl ErrorLog {
+    /// The errors logged so far, joined with `; `, or `fallback` when there are none.
+    pub fn errors_or(&self, fallback: String) -> String {
+        let v = self.0.lock().map(|v| v.clone()).unwrap_or_default();
+        if v.is_empty() {
+            fallback
+        } else {
+            v.join("; ")
+        }
+    }
+}
