@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # TensorRT builds: `dlo-compile build --target tensorrt` on the tiny routed fixtures, dense SmolLM2, SmolLM2
-# expanded to a 36-layer DLO model with a calibrated budget of 0.5, and (when scripts/train-smollm2-dlo.sh has
+# expanded to a 36-layer DLO model (random routers) with a calibrated budget of 0.5, and (when scripts/train-smollm2-dlo.sh has
 # run) the trained 36-layer DLO model at its trained capacities. Prints one Markdown row per model: build time,
 # peak RSS, engine sizes and the layer counts of the parsed networks (IIfConditional, TopK, scatter).
 #
@@ -16,9 +16,13 @@ WORK="$DLO_CACHE/bench-tensorrt"
 mkdir -p "$WORK"
 CAL="$CHATTERBOT/ai.yml"
 
-if [ ! -f "$WORK/smollm2-dlo36/config.json" ]; then
+if [ ! -f "$WORK/smollm2-hf/config.json" ]; then
+  rm -rf "$WORK/smollm2-hf"
   "$BIN" import "$SMOLLM2_GGUF" -o "$WORK/smollm2-hf" --dtype f32 >&2
-  "$BIN" expand "$WORK/smollm2-hf" -o "$WORK/smollm2-dlo36" --layers 36 >&2
+fi
+if [ ! -f "$WORK/smollm2-dlo36/config.json" ]; then
+  rm -rf "$WORK/smollm2-dlo36"
+  "$BIN" expand "$WORK/smollm2-hf" -o "$WORK/smollm2-dlo36" --layers 36 --router-init random >&2
 fi
 
 # row LABEL SOURCE [build args...]
@@ -48,7 +52,7 @@ echo "|---|---|---|---|---|---|---|---|---|"
 row "tiny, mlp skip (fixture)" tests/fixtures/dlo_mlp
 row "tiny, layer skip (fixture)" tests/fixtures/dlo_layer
 row "SmolLM2-135M dense (Q4_1 GGUF → f32)" "$SMOLLM2_GGUF"
-row "SmolLM2 expanded 30→36, budget 0.5" "$WORK/smollm2-dlo36" --budget 0.5 --calibration "$CAL"
+row "SmolLM2 expanded 30→36 (random routers), budget 0.5" "$WORK/smollm2-dlo36" --budget 0.5 --calibration "$CAL"
 TRAINED="$DLO_CACHE/train-smollm2-dlo/sft-dlo/final"
 if [ -f "$TRAINED/config.json" ]; then
   row "SmolLM2-DLO 36 layers, trained, budget capacity" "$TRAINED" --budget capacity --calibration "$CAL"
