@@ -39,10 +39,12 @@ trait Real:
     fn to_f64(self) -> f64;
     fn slice(s: &CpuStorage) -> Option<&[Self]>;
     fn storage(v: Vec<Self>) -> CpuStorage;
+    /// `row ← softmax(scale·row + mask)` in place.
+    fn softmax_row(row: &mut [Self], mask: Option<&[Self]>, scale: Self);
 }
 
 macro_rules! real {
-    ($t:ty, $variant:ident) => {
+    ($t:ty, $variant:ident, $softmax_row:path) => {
         impl Real for $t {
             const ZERO: Self = 0.0;
             const ONE: Self = 1.0;
@@ -67,11 +69,14 @@ macro_rules! real {
             fn storage(v: Vec<Self>) -> CpuStorage {
                 CpuStorage::$variant(v)
             }
+            fn softmax_row(row: &mut [Self], mask: Option<&[Self]>, scale: Self) {
+                $softmax_row(row, mask, scale)
+            }
         }
     };
 }
-real!(f32, F32);
-real!(f64, F64);
+real!(f32, F32, softmax_row_f32);
+real!(f64, F64, softmax_row_plain::<f64>);
 
 /// The contiguous elements of a storage/layout pair.
 fn data<'a, T: Real>(s: &'a CpuStorage, l: &Layout, op: &'static str) -> Result<&'a [T]> {
@@ -130,6 +135,116 @@ struct SoftmaxBwd {
     scale: f64,
 }
 
+/// `row ← softmax(scale·row + mask)`, exps by the type's `exp`.
+fn softmax_row_plain<T: Real>(row: &mut [T], mask: Option<&[T]>, scale: T) {
+    for (j, v) in row.iter_mut().enumerate() {
+        *v = *v * scale;
+        if let Some(m) = mask {
+            *v += m[j];
+        }
+    }
+    normalize_exp_plain(row);
+}
+
+/// `row ← exp(row − max) / Σ`, exps by the type's `exp` (NaN and ±∞ propagate as IEEE says).
+fn normalize_exp_plain<T: Real>(row: &mut [T]) {
+    let mut max = None::<T>;
+    for v in row.iter() {
+        if max.is_none_or(|mx| *v > mx) {
+            max = Some(*v);
+        }
+    }
+    let max = max.unwrap_or(T::ZERO);
+    let mut sum = T::ZERO;
+    for v in row.iter_mut() {
+        *v = (*v - max).exp();
+        sum += *v;
+    }
+    for v in row.iter_mut() {
+        *v = *v / sum;
+    }
+}
+
+/// The f32 row: the branch-free [`crate::kernels::exp`] vectorised 16 or 8 wide (masked entries, far below
+/// the maximum, cost no more than others). A row with a NaN or infinite entry takes the plain path, so that
+/// those propagate as they would there.
+fn softmax_row_f32(row: &mut [f32], mask: Option<&[f32]>, scale: f32) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        use crate::kernels::exp::{simd, Simd};
+        match simd() {
+            // SAFETY: the CPU has the features these functions are compiled for.
+            Simd::Avx512 => return unsafe { softmax_row_f32_avx512(row, mask, scale) },
+            Simd::Avx2 => return unsafe { softmax_row_f32_avx2(row, mask, scale) },
+            Simd::None => {}
+        }
+    }
+    softmax_row_f32_impl(row, mask, scale)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn softmax_row_f32_avx512(row: &mut [f32], mask: Option<&[f32]>, scale: f32) {
+    softmax_row_f32_impl(row, mask, scale)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn softmax_row_f32_avx2(row: &mut [f32], mask: Option<&[f32]>, scale: f32) {
+    softmax_row_f32_impl(row, mask, scale)
+}
+
+#[inline(always)]
+fn softmax_row_f32_impl(row: &mut [f32], mask: Option<&[f32]>, scale: f32) {
+    const LANES: usize = 16;
+    match mask {
+        Some(m) => {
+            for (v, &mv) in row.iter_mut().zip(m) {
+                *v = *v * scale + mv;
+            }
+        }
+        None => {
+            for v in row.iter_mut() {
+                *v *= scale;
+            }
+        }
+    }
+    // Lane-wise max, and a probe that is NaN iff some entry is NaN or ±∞ (x·0).
+    let mut lanes = [f32::NEG_INFINITY; LANES];
+    let mut probe = [0f32; LANES];
+    let mut it = row.chunks_exact(LANES);
+    for c in &mut it {
+        for j in 0..LANES {
+            lanes[j] = if c[j] > lanes[j] { c[j] } else { lanes[j] };
+            probe[j] += c[j] * 0.0;
+        }
+    }
+    let rest = it.remainder();
+    let probe = rest.iter().fold(probe.iter().sum::<f32>(), |a, &x| a + x * 0.0);
+    if row.is_empty() || probe.is_nan() {
+        return normalize_exp_plain(row);
+    }
+    let max = rest
+        .iter()
+        .chain(&lanes)
+        .fold(f32::NEG_INFINITY, |a, &x| if x > a { x } else { a });
+    for v in row.iter_mut() {
+        *v = crate::kernels::exp::exp(*v - max);
+    }
+    let mut acc = [0f32; LANES];
+    let mut it = row.chunks_exact(LANES);
+    for c in &mut it {
+        for j in 0..LANES {
+            acc[j] += c[j];
+        }
+    }
+    let sum = it.remainder().iter().sum::<f32>() + acc.iter().sum::<f32>();
+    let inv = 1.0 / sum;
+    for v in row.iter_mut() {
+        *v *= inv;
+    }
+}
+
 fn softmax_rows<T: Real>(x: &[T], mask: Option<(&[T], usize, usize)>, width: usize, scale: f64) -> Vec<T> {
     let scale = T::of(scale);
     let mut out = x.to_vec();
@@ -144,25 +259,7 @@ fn softmax_rows<T: Real>(x: &[T], mask: Option<(&[T], usize, usize)>, width: usi
                     let (bi, qi) = (r / per_b, r % tq);
                     &m[(bi * tq + qi) * width..(bi * tq + qi + 1) * width]
                 });
-                let mut max = None::<T>;
-                for (j, v) in row.iter_mut().enumerate() {
-                    *v = *v * scale;
-                    if let Some(m) = m {
-                        *v += m[j];
-                    }
-                    if max.is_none_or(|mx| *v > mx) {
-                        max = Some(*v);
-                    }
-                }
-                let max = max.unwrap_or(T::ZERO);
-                let mut sum = T::ZERO;
-                for v in row.iter_mut() {
-                    *v = (*v - max).exp();
-                    sum += *v;
-                }
-                for v in row.iter_mut() {
-                    *v = *v / sum;
-                }
+                T::softmax_row(row, m, scale);
             }
         });
     out
@@ -569,6 +666,42 @@ mod tests {
     fn rand(shape: &[usize], seed: u64, dt: DType) -> Tensor {
         let v = xorshift_uniform(shape.iter().product(), seed, -2.0, 2.0);
         Tensor::from_vec(v, shape, &Device::Cpu).unwrap().to_dtype(dt).unwrap()
+    }
+
+    /// The vectorised f32 row against the f64 softmax: rows of every length around the 16-lane blocks, causal
+    /// masks (−1e30, far below the row), large and small scales; and NaN/∞ propagate as in the plain form.
+    #[test]
+    fn f32_softmax_row_matches_f64_and_propagates_non_finite_values() {
+        let mut worst = 0f64;
+        for (n, seed) in (0..70).map(|n| (n, n as u64 + 1)) {
+            for scale in [0.125f32, 3.0] {
+                let x: Vec<f32> = xorshift_uniform(n, seed, -8.0, 8.0).iter().map(|&v| v as f32).collect();
+                let m: Vec<f32> = (0..n).map(|j| if j > n / 2 { -1e30 } else { 0.0 }).collect();
+                for mask in [None, Some(m.as_slice())] {
+                    let mut got = x.clone();
+                    softmax_row_f32(&mut got, mask, scale);
+                    let mut want: Vec<f64> = x.iter().map(|&v| v as f64).collect();
+                    let m64: Vec<f64> = m.iter().map(|&v| v as f64).collect();
+                    softmax_row_plain(&mut want, mask.map(|_| m64.as_slice()), scale as f64);
+                    for (g, w) in got.iter().zip(&want) {
+                        worst = worst.max((*g as f64 - w).abs() / w.abs().max(1e-30).max(1e-6));
+                    }
+                }
+            }
+        }
+        assert!(worst < 2e-6, "worst relative error {worst}");
+        for bad in [f32::NAN, f32::INFINITY] {
+            let mut row: Vec<f32> = (0..20).map(|i| i as f32 * 0.1).collect();
+            row[7] = bad;
+            let mut plain = row.clone();
+            softmax_row_f32(&mut row, None, 1.0);
+            softmax_row_plain(&mut plain, None, 1.0);
+            assert!(row.iter().any(|v| v.is_nan()), "{bad}: {row:?}");
+            assert_eq!(
+                row.iter().map(|v| v.is_nan()).collect::<Vec<_>>(),
+                plain.iter().map(|v| v.is_nan()).collect::<Vec<_>>()
+            );
+        }
     }
 
     /// Value and gradients (of the output summed against fixed random weights) of the fused and the composed

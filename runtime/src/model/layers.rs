@@ -324,9 +324,13 @@ impl Attention {
         // Query heads sharing a KV head are stacked along the row axis: no K/V repetition needed.
         let q = q.contiguous()?.reshape((b, self.n_kv, g * t, hd))?;
         let raw = q.matmul(&k.contiguous()?.t()?)?;
-        let probs = if ex.differentiable && fused::supported(&raw) {
+        let probs = if fused::supported(&raw) {
             // scale, mask and softmax in one pass (and one pass backward)
             fused::masked_softmax(&raw.reshape((b, self.n_kv, g, t, n))?, mask.as_ref(), scale)?
+        } else if !ex.differentiable && raw.device().is_cpu() {
+            // bf16/f16 inference: the same pass on the widened scores
+            let wide_raw = raw.to_dtype(wide(x.dtype()))?;
+            fused::masked_softmax(&wide_raw.reshape((b, self.n_kv, g, t, n))?, mask.as_ref(), scale)?
         } else {
             let scores = (raw * scale)?;
             let scores = scores.to_dtype(wide(x.dtype()))?.reshape((b, self.n_kv, g, t, n))?;
