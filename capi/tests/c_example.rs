@@ -43,7 +43,8 @@ pub fn build_c_example(dir: &Path) -> PathBuf {
         .arg(&exe)
         .arg(root().join("examples/c/main.c"))
         .arg(&lib)
-        .args(["-lpthread", "-ldl", "-lm"])
+        // libstdc++ only where libdlo was built with the `tensorrt` feature (its TensorRT bindings are C++)
+        .args(["-lpthread", "-ldl", "-lm", "-Wl,--as-needed", "-lstdc++"])
         .output()
         .unwrap_or_else(|e| panic!("cannot run the C compiler `{cc}`: {e}"));
     assert!(
