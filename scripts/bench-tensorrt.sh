@@ -42,7 +42,7 @@ m = json.load(open(path))
 p, d = m["prefill"], m["decode"]
 routed = sum(1 for l in m["layers"] if l["routed"] != "none")
 print(f"| {label} | {routed} | {secs:.1f} s | {kb / 1e6:.2f} GB | "
-      f"{p['bytes'] / 1e6:.1f} MB, {p['build_seconds']:.1f} s | {d['bytes'] / 1e6:.1f} MB, {d['build_seconds']:.1f} s | "
+      f"{p['bytes'] / 1e6:.1f} MB, {p['build_ms'] / 1e3:.1f} s | {d['bytes'] / 1e6:.1f} MB, {d['build_ms'] / 1e3:.1f} s | "
       f"{d['network']['conditionals']} | {p['network']['topk']} | {p['network']['scatters']} / {d['network']['scatters']} |")
 EOF
 }

@@ -137,7 +137,7 @@ fn build(args: &dlo_compiler::build::BuildArgs) -> anyhow::Result<()> {
                     e.profile.min,
                     e.profile.max,
                     e.profile.opt,
-                    e.build_seconds,
+                    e.build_ms as f64 / 1e3,
                     e.network.layers,
                     e.network.conditionals,
                     e.network.topk,

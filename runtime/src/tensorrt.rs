@@ -163,8 +163,8 @@ pub struct EngineEntry {
     pub outputs: Vec<IoTensor>,
     /// What the parsed network contained (the evidence that routing survived as conditional work).
     pub network: NetworkCounts,
-    /// Seconds the builder took.
-    pub build_seconds: f64,
+    /// Milliseconds the builder took (an integer: the manifest reads back exactly).
+    pub build_ms: u64,
 }
 
 /// An engine input or output.

@@ -182,7 +182,7 @@ pub fn build_tensorrt(
             inputs: g.inputs.iter().map(io_tensor).collect(),
             outputs: g.outputs.iter().map(io_tensor).collect(),
             network: built.counts.clone(),
-            build_seconds: built.seconds,
+            build_ms: (built.seconds * 1e3).round() as u64,
         }
     });
     let (prefill, decode) = (entries.next().expect("prefill"), entries.next().expect("decode"));

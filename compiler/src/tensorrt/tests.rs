@@ -319,9 +319,9 @@ fn smollm2_dlo_with_a_budget_builds_engines_with_one_conditional_per_routed_laye
         "SmolLM2-DLO (15 layer-skip routers, budget 0.5): prefill {:.0} MB in {:.1} s, decode {:.0} MB in {:.1} s; \
          {} IIfConditional, {} TopK; whole build {:.1} s",
         m.prefill.bytes as f64 / 1e6,
-        m.prefill.build_seconds,
+        m.prefill.build_ms as f64 / 1e3,
         m.decode.bytes as f64 / 1e6,
-        m.decode.build_seconds,
+        m.decode.build_ms as f64 / 1e3,
         m.decode.network.conditionals,
         m.prefill.network.topk,
         r.seconds

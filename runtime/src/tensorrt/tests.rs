@@ -75,7 +75,7 @@ fn entry(file: &str, bytes: &[u8], dim: &str, [min, opt, max]: [usize; 3]) -> En
         inputs: vec![],
         outputs: vec![],
         network: NetworkCounts::default(),
-        build_seconds: 0.5,
+        build_ms: 500,
     }
 }
 
