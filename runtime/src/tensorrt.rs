@@ -26,7 +26,7 @@ pub use library::{load_library, ErrorLog};
 use crate::{Error, Result};
 use dlo_passes::RoutedUnit;
 use serde::{Deserialize, Serialize};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 /// File name of the manifest in a deployment directory.
 pub const MANIFEST_FILE: &str = "manifest.json";
@@ -248,6 +248,18 @@ impl Profile {
         }
     }
 
+    /// What is wrong with this as the prefill profile of a routed model, if anything: routed prefill engines
+    /// compact the executed rows with TensorRT's `TopK`, which selects at most [`TOPK_MAX`] rows.
+    pub fn routed_prefill_problem(&self) -> Option<String> {
+        let Profile { min, opt, max, .. } = *self;
+        (max > TOPK_MAX).then(|| {
+            format!(
+                "{min},{opt},{max}: TensorRT's TopK takes at most {TOPK_MAX} rows, and a routed prefill engine \
+                 compacts its executed rows with it; use MAX ≤ {TOPK_MAX}"
+            )
+        })
+    }
+
     /// Whether the profile admits size `n`.
     pub fn admits(&self, n: usize) -> bool {
         (self.min..=self.max).contains(&n)
@@ -275,15 +287,49 @@ impl Manifest {
     /// unit, the I/O tensors each engine needs for that schedule, sane profiles, and each engine file's size
     /// and CRC-32. Errors name the file and the problem.
     pub fn read(dir: &Path) -> Result<Manifest> {
+        let m = Manifest::read_unverified(dir)?;
+        for stage in [Stage::Prefill, Stage::Decode] {
+            m.engine_bytes(dir, stage)?;
+        }
+        Ok(m)
+    }
+
+    /// [`Manifest::read`] without the engine files: the manifest parsed and checked against itself.
+    fn read_unverified(dir: &Path) -> Result<Manifest> {
         let path = dir.join(MANIFEST_FILE);
         let text = std::fs::read_to_string(&path).map_err(|e| Error::io(&path, e))?;
         let m: Manifest = serde_json::from_str(&text)
             .map_err(|e| Error::format(&path, format!("not a dlo TensorRT manifest: {e}")))?;
         m.check(&path)?;
-        for e in [&m.prefill, &m.decode] {
-            check_engine_file(dir, e)?;
-        }
         Ok(m)
+    }
+
+    /// The bytes of `stage`'s engine file in `dir`, checked against the manifest's size and CRC-32.
+    pub fn engine_bytes(&self, dir: &Path, stage: Stage) -> Result<Vec<u8>> {
+        let e = self.engine(stage);
+        let path = dir.join(&e.file);
+        let bytes = std::fs::read(&path).map_err(|err| Error::io(&path, err))?;
+        if bytes.len() as u64 != e.bytes {
+            return Err(Error::format(
+                &path,
+                format!(
+                    "{} bytes, the manifest says {}: the engine does not match its manifest",
+                    bytes.len(),
+                    e.bytes
+                ),
+            ));
+        }
+        let crc = crc32fast::hash(&bytes);
+        if crc != e.crc32 {
+            return Err(Error::format(
+                &path,
+                format!(
+                    "CRC-32 {crc:08x}, the manifest says {:08x}: the engine does not match its manifest",
+                    e.crc32
+                ),
+            ));
+        }
+        Ok(bytes)
     }
 
     /// Checks the manifest's own consistency (not its engine files); `path` names it in errors.
@@ -342,12 +388,10 @@ impl Manifest {
                 ));
             }
         }
-        let routed = self.routed_layers();
-        if routed > 0 && self.prefill.profile.max > TOPK_MAX {
-            return bad(format!(
-                "{}: routed prefill up to {} tokens, but TensorRT's TopK takes at most {TOPK_MAX}",
-                self.prefill.file, self.prefill.profile.max
-            ));
+        if self.routed_layers() > 0 {
+            if let Some(p) = self.prefill.profile.routed_prefill_problem() {
+                return bad(format!("{}: profile {p}", self.prefill.file));
+            }
         }
         Ok(())
     }
@@ -561,33 +605,6 @@ pub fn cannot_run(dir: &Path) -> Error {
              native engine (dlo-compile build --target native)",
         )
     }
-}
-
-/// Checks that an engine file exists with the manifest's size and CRC-32.
-fn check_engine_file(dir: &Path, e: &EngineEntry) -> Result<()> {
-    let path: PathBuf = dir.join(&e.file);
-    let bytes = std::fs::read(&path).map_err(|err| Error::io(&path, err))?;
-    if bytes.len() as u64 != e.bytes {
-        return Err(Error::format(
-            &path,
-            format!(
-                "{} bytes, the manifest says {}: the engine does not match its manifest",
-                bytes.len(),
-                e.bytes
-            ),
-        ));
-    }
-    let crc = crc32fast::hash(&bytes);
-    if crc != e.crc32 {
-        return Err(Error::format(
-            &path,
-            format!(
-                "CRC-32 {crc:08x}, the manifest says {:08x}: the engine does not match its manifest",
-                e.crc32
-            ),
-        ));
-    }
-    Ok(())
 }
 
 /// Host-side state of a decode KV cache: its capacity, the next position, and for each ragged layer which

@@ -25,7 +25,7 @@ use dlo_passes::{ModelConfig, RoutedUnit};
 pub use dlo_runtime::tensorrt::{find_library, LibDir, BUILDER_LIB, PARSER_LIB};
 use dlo_runtime::tensorrt::{
     BuildInfo, Dim, EngineEntry, IoTensor, LayerEntry, Manifest, ModelShape, NetworkCounts, Profile, FORMAT,
-    MANIFEST_FILE, TOPK_MAX, VERSION,
+    MANIFEST_FILE, VERSION,
 };
 use dlo_runtime::{Tokenizer, Weights};
 use std::path::{Path, PathBuf};
@@ -51,7 +51,7 @@ pub struct TrtOptions {
 impl TrtOptions {
     /// Options from `MIN,OPT,MAX` strings (`None`: the defaults, shortened to the model's context), checked
     /// against `cfg`'s context length and, for a routed model's prefill, TensorRT's TopK limit of
-    /// [`TOPK_MAX`] rows.
+    /// [`dlo_runtime::tensorrt::TOPK_MAX`] rows.
     pub fn parse(cfg: &ModelConfig, prefill: Option<&str>, decode: Option<&str>) -> Result<TrtOptions, TrtError> {
         let limit = cfg.max_position_embeddings;
         let default = |[min, opt, max]: [usize; 3]| {
@@ -64,12 +64,8 @@ impl TrtOptions {
         let prefill = Profile::parse("--profile", "seq", &prefill, limit)?;
         let decode = Profile::parse("--kv-profile", "capacity", &decode, limit)?;
         let routed = (0..cfg.num_hidden_layers).any(|l| cfg.is_routed(l));
-        if routed && prefill.max > TOPK_MAX {
-            return Err(TrtError::InvalidOption(format!(
-                "--profile {},{},{}: a routed prefill engine compacts executed rows with TensorRT's TopK, which \
-                 takes at most {TOPK_MAX} rows; use MAX ≤ {TOPK_MAX}",
-                prefill.min, prefill.opt, prefill.max
-            )));
+        if let Some(p) = prefill.routed_prefill_problem().filter(|_| routed) {
+            return Err(TrtError::InvalidOption(format!("--profile {p}")));
         }
         Ok(TrtOptions {
             prefill,
@@ -159,33 +155,31 @@ pub fn build_tensorrt(
         ..Default::default()
     };
     let lowered = LoweredModels::new(cfg, weights, &onnx_opts)?;
-    let routed = lowered.routed_layers();
     let mut engines = Vec::new();
     for (kind, profile) in [(GraphKind::Prefill, &opts.prefill), (GraphKind::Decode, &opts.decode)] {
         let onnx = lowered.encode(kind)?;
         let built = build_one(kind.as_str(), &onnx, profile)?;
         drop(onnx);
-        check_routing(kind, routed, cfg, &built.counts)?;
-        engines.push((kind, profile.clone(), built));
-    }
-    let thresholds = opts.thresholds.as_deref();
-    let layers = (0..cfg.num_hidden_layers)
-        .map(|l| LayerEntry::new(cfg.routed_unit(l), thresholds.map(|t| t[l])))
-        .collect();
-    let mut entries = engines.iter().map(|(kind, profile, built)| {
-        let g = lowered.graph(*kind);
-        EngineEntry {
+        check_routing(kind, cfg, &built.counts)?;
+        let g = lowered.graph(kind);
+        let entry = EngineEntry {
             file: format!("{}.engine", kind.as_str()),
             bytes: built.bytes.len() as u64,
             crc32: crc32fast::hash(&built.bytes),
             profile: profile.clone(),
             inputs: g.inputs.iter().map(io_tensor).collect(),
             outputs: g.outputs.iter().map(io_tensor).collect(),
-            network: built.counts.clone(),
+            network: built.counts,
             build_ms: (built.seconds * 1e3).round() as u64,
-        }
-    });
-    let (prefill, decode) = (entries.next().expect("prefill"), entries.next().expect("decode"));
+        };
+        engines.push((entry, built.bytes));
+    }
+    let [(prefill, prefill_bytes), (decode, decode_bytes)]: [(EngineEntry, Vec<u8>); 2] =
+        engines.try_into().expect("two engines");
+    let thresholds = opts.thresholds.as_deref();
+    let layers = (0..cfg.num_hidden_layers)
+        .map(|l| LayerEntry::new(cfg.routed_unit(l), thresholds.map(|t| t[l])))
+        .collect();
     let manifest = Manifest {
         format: FORMAT.into(),
         version: VERSION,
@@ -212,9 +206,9 @@ pub fn build_tensorrt(
     manifest.check(&out.join(MANIFEST_FILE))?;
     let fs = |e: dlo_passes::fsutil::FsError| TrtError::Runtime(dlo_runtime::Error::io(&e.path, e.source));
     let dir = dlo_passes::fsutil::AtomicDir::create(out).map_err(fs)?;
-    for (kind, _, built) in &engines {
-        let path = dir.path().join(format!("{}.engine", kind.as_str()));
-        std::fs::write(&path, &built.bytes).map_err(|e| dlo_runtime::Error::io(&path, e))?;
+    for (entry, bytes) in [(&manifest.prefill, prefill_bytes), (&manifest.decode, decode_bytes)] {
+        let path = dir.path().join(&entry.file);
+        std::fs::write(&path, bytes).map_err(|e| dlo_runtime::Error::io(&path, e))?;
     }
     if let Some(t) = tokenizer {
         t.write_hf_files(dir.path())?;
@@ -249,12 +243,16 @@ fn check_output(out: &Path) -> Result<(), TrtError> {
     }
 }
 
-/// The routing of `routed` layers must show in the parsed network of `kind`: one `IIfConditional` per routed
-/// layer in decode; one `TopK` compaction and at least one scatter per routed layer in prefill.
-fn check_routing(kind: GraphKind, routed: usize, cfg: &ModelConfig, c: &NetworkCounts) -> Result<(), TrtError> {
-    let layer_skip = (0..cfg.num_hidden_layers)
-        .filter(|&l| cfg.routed_unit(l) == RoutedUnit::Layer)
-        .count();
+/// The routing of `cfg`'s routed layers must show in the parsed network of `kind`: one `IIfConditional` per
+/// routed layer in decode; one `TopK` compaction and at least its scatters per routed layer in prefill.
+fn check_routing(kind: GraphKind, cfg: &ModelConfig, c: &NetworkCounts) -> Result<(), TrtError> {
+    let count = |unit: RoutedUnit| {
+        (0..cfg.num_hidden_layers)
+            .filter(|&l| cfg.routed_unit(l) == unit)
+            .count()
+    };
+    let (mlp_skip, layer_skip) = (count(RoutedUnit::Mlp), count(RoutedUnit::Layer));
+    let routed = mlp_skip + layer_skip;
     // Scatters back per routed layer: the MLP rows, or the layer's rows and its K and V.
     let scatters = routed + 2 * layer_skip;
     let problem = match kind {

@@ -91,9 +91,9 @@ fn routing_folded_into_dense_compute_fails_the_build() {
         gathers: 4,
         scatters,
     };
-    check_routing(GraphKind::Decode, 2, &mlp, &counts(2, 0, 0)).unwrap();
-    check_routing(GraphKind::Prefill, 2, &mlp, &counts(0, 2, 2)).unwrap();
-    check_routing(GraphKind::Prefill, 2, &layer, &counts(0, 2, 6)).unwrap();
+    check_routing(GraphKind::Decode, &mlp, &counts(2, 0, 0)).unwrap();
+    check_routing(GraphKind::Prefill, &mlp, &counts(0, 2, 2)).unwrap();
+    check_routing(GraphKind::Prefill, &layer, &counts(0, 2, 6)).unwrap();
     for (kind, cfg, c, want) in [
         (
             GraphKind::Decode,
@@ -109,7 +109,7 @@ fn routing_folded_into_dense_compute_fails_the_build() {
         ),
         (GraphKind::Prefill, &layer, counts(0, 2, 2), "6 scatters; found 2 and 2"),
     ] {
-        let e = check_routing(kind, 2, cfg, &c).unwrap_err();
+        let e = check_routing(kind, cfg, &c).unwrap_err();
         assert!(matches!(e, TrtError::RoutingFolded { .. }), "{e}");
         assert!(e.to_string().contains(want), "{e}");
     }

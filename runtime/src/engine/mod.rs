@@ -399,9 +399,6 @@ pub fn stop_tokens(cfg: &ModelConfig, tokenizer: Option<&Tokenizer>) -> Vec<u32>
 /// [`open_any`], then builds the model with `opts`. An engine's tokenizer (SmolLM2's is 2 MB of JSON) is read on
 /// a second thread while the weights load, so that it adds nothing to the time to the first forward pass.
 pub fn load_any(path: &Path, opts: &crate::RuntimeOptions) -> Result<(Opened, crate::Model)> {
-    if crate::tensorrt::is_deployment(path) {
-        return Err(crate::tensorrt::cannot_run(path));
-    }
     if !is_engine(path) {
         let opened = open_any(path)?;
         let model = crate::Model::load_opts(&opened.config, &opened.weights, opts)?;

@@ -18,10 +18,10 @@ pub struct Engines {
 
 impl Engines {
     /// Reads and checks `dir`'s manifest, loads the library in `lib`, refuses one whose version differs from
-    /// the one that built the engines, and deserializes both engines, checking their I/O tensors' names
-    /// against the manifest.
+    /// the one that built the engines, and deserializes both engines (each read once, checked against the
+    /// manifest's size and CRC-32), checking their I/O tensors' names against the manifest.
     pub fn open(dir: &Path, lib: &LibDir) -> Result<Engines> {
-        let manifest = Manifest::read(dir)?;
+        let manifest = Manifest::read_unverified(dir)?;
         let (version, _) = super::load_library(lib)?;
         if version != manifest.tensorrt.version {
             return Err(Error::format(
@@ -39,7 +39,7 @@ impl Engines {
         for stage in [Stage::Prefill, Stage::Decode] {
             let entry = manifest.engine(stage);
             let path = dir.join(&entry.file);
-            let bytes = std::fs::read(&path).map_err(|e| Error::io(&path, e))?;
+            let bytes = manifest.engine_bytes(dir, stage)?;
             let engine = runtime.deserialize_cuda_engine(&bytes).map_err(|e| {
                 Error::format(
                     &path,
