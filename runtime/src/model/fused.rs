@@ -231,15 +231,7 @@ fn softmax_row_f32_impl(row: &mut [f32], mask: Option<&[f32]>, scale: f32) {
     for v in row.iter_mut() {
         *v = crate::kernels::exp::exp(*v - max);
     }
-    let mut acc = [0f32; LANES];
-    let mut it = row.chunks_exact(LANES);
-    for c in &mut it {
-        for j in 0..LANES {
-            acc[j] += c[j];
-        }
-    }
-    let sum = it.remainder().iter().sum::<f32>() + acc.iter().sum::<f32>();
-    let inv = 1.0 / sum;
+    let inv = 1.0 / crate::kernels::exp::lane_sum(row);
     for v in row.iter_mut() {
         *v *= inv;
     }

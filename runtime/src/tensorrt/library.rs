@@ -27,7 +27,7 @@ pub fn find_library(explicit: Option<&Path>) -> Result<LibDir> {
     let dir = match (explicit, std::env::var_os("DLO_TRT_LIB")) {
         (Some(d), _) => d.to_path_buf(),
         (None, Some(d)) => PathBuf::from(d),
-        (None, None) => dlo_cache().join("pkgs/trt-rtx/onnxruntime_ep_nv_tensorrt_rtx"),
+        (None, None) => crate::cache_dir().join("pkgs/trt-rtx/onnxruntime_ep_nv_tensorrt_rtx"),
     };
     let lib = LibDir {
         builder: dir.join(BUILDER_LIB),
@@ -44,14 +44,6 @@ pub fn find_library(explicit: Option<&Path>) -> Result<LibDir> {
         }
     }
     Ok(lib)
-}
-
-/// `$DLO_CACHE`, default `~/.cache/dlo`.
-fn dlo_cache() -> PathBuf {
-    match std::env::var_os("DLO_CACHE") {
-        Some(d) => PathBuf::from(d),
-        None => PathBuf::from(std::env::var_os("HOME").unwrap_or_default()).join(".cache/dlo"),
-    }
 }
 
 /// The version of the TensorRT library in `lib`, as `(major.minor.patch, build)`; loads the runtime and parser
